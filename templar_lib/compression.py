@@ -1,0 +1,220 @@
+"""Chunked DCT-II + top-k compression with error feedback (DESIGN §5).
+
+The DeMo-era Templar algorithm (tplr-ai/templar v0.2.x, after Peng et al., "DeMo: Decoupled Momentum
+Optimization", 2024). Per parameter tensor with momentum m:
+
+    chunks   a 2-D tensor (R, C) is cut into (r, c) blocks, r = largest divisor of R <= target_chunk, likewise c;
+             a 1-D tensor (N,) into blocks of n = largest divisor of N <= target_chunk
+    encode   X = D_r · B · D_cᵀ per block B (orthonormal DCT-II matrices D), flattened to r·c coefficients
+    top-k    keep the k = min(topk, r·c) largest |X| per block: indices into the flattened block and values
+    decode   B = D_rᵀ · X · D_c per block (the inverse, since D is orthonormal)
+
+Aggregation: each peer's values are divided by their L2 norm over the whole parameter, all peers are scattered
+into one coefficient tensor where a coefficient chosen by several peers takes the mean over the peers that chose
+it, and the result is decoded.
+
+All chunks of a parameter are transformed with one batched matmul over a (n_chunks, r, c) view; the DCT bases
+are built once per (size, device, dtype). On CPU every operation is deterministic; on CUDA, matmul reduction
+order may differ between cards by a few ulp (the aggregator's sign() is then the only place this could matter).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+NORM_EPS = 1e-8  # vals / (||vals||_2 + NORM_EPS) in aggregate()
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Top-k DCT-II coefficients of one parameter.
+
+    idx:  (n_chunks, k) integer tensor, positions within the flattened chunk (row-major over (r, c)), each row
+          without repeats. Chunks are ordered row-major over the grid of blocks (R/r, C/c).
+    vals: (n_chunks, k) floating tensor, the coefficients at those positions.
+    shape: the parameter's shape, e.g. (4096, 1024). chunk: (r, c) for 2-D, (n,) for 1-D.
+    """
+
+    idx: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(self.shape) // math.prod(self.chunk)
+
+    @property
+    def chunk_size(self) -> int:
+        return math.prod(self.chunk)
+
+
+# ---------------------------------------------------------------------------------------------------- chunking
+def chunk_side(n: int, target_chunk: int) -> int:
+    """Largest divisor of n that is <= target_chunk (n itself when n <= target_chunk). 96 -> 48, 300 -> 60."""
+    if n <= target_chunk:
+        return n
+    for side in range(target_chunk, 0, -1):
+        if n % side == 0:
+            return side
+    return 1
+
+
+def chunk_shape(shape: Sequence[int], target_chunk: int) -> tuple[int, ...]:
+    """Chunk of a 1-D or 2-D parameter. Higher ranks are not part of the protocol (Templar raises for them)."""
+    if len(shape) not in (1, 2) or any(int(n) <= 0 for n in shape):
+        raise ValueError(f"compression handles non-empty 1-D and 2-D tensors, got shape {tuple(shape)}")
+    return tuple(chunk_side(int(n), target_chunk) for n in shape)
+
+
+@functools.lru_cache(maxsize=64)
+def dct_matrix(n: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (n, n): D[k, i] = s_k · cos(π (2i + 1) k / 2n), s_0 = √(1/n), s_k = √(2/n).
+
+    X = D @ x is the DCT-II of x, and x = Dᵀ @ X its inverse. Built in float64, then cast: cached per
+    (n, device, dtype) and never modified.
+    """
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    basis = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis.to(device=device, dtype=dtype)
+
+
+def _blocks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
+    """View a parameter as its chunks: (R, C) -> (n_chunks, r, c); (N,) -> (n_chunks, 1, n)."""
+    if x.dim() == 1:
+        return x.reshape(-1, 1, chunk[0])
+    rows, cols = x.shape
+    r, c = chunk
+    return x.reshape(rows // r, r, cols // c, c).transpose(1, 2).reshape(-1, r, c)  # (Y, r, X, c) -> (Y·X, r, c)
+
+
+def _unblocks(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of _blocks: (n_chunks, r, c) -> shape."""
+    if len(shape) == 1:
+        return blocks.reshape(shape)
+    rows, cols = shape
+    _, r, c = blocks.shape
+    return blocks.reshape(rows // r, cols // c, r, c).transpose(1, 2).reshape(rows, cols)
+
+
+def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
+    """Per-chunk 2-D DCT-II: x of the parameter's shape -> coefficients (n_chunks, chunk_size), float32."""
+    blocks = _blocks(x.float(), chunk)  # (n_chunks, r, c); r = 1 for 1-D tensors
+    _, r, c = blocks.shape
+    device = str(x.device)
+    coefficients = dct_matrix(r, device) @ blocks @ dct_matrix(c, device).T  # D_r · B · D_cᵀ
+    return coefficients.reshape(blocks.shape[0], r * c)
+
+
+def idct_chunks(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of dct_chunks: (n_chunks, chunk_size) -> tensor of `shape`, float32."""
+    r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
+    blocks = coefficients.float().reshape(-1, r, c)
+    device = str(coefficients.device)
+    values = dct_matrix(r, device).T @ blocks @ dct_matrix(c, device)  # D_rᵀ · X · D_c
+    return _unblocks(values, shape)
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def encode(tensor: torch.Tensor, topk: int = 32, target_chunk: int = 64) -> Sparse:
+    """Steps 3–4 of DESIGN §5: chunked DCT-II, then the k = min(topk, chunk size) largest |coefficients| per chunk.
+
+    tensor: (R, C) or (N,), any float dtype. Returns Sparse with idx int64 (n_chunks, k), vals float32 (n_chunks, k).
+    """
+    shape = tuple(tensor.shape)
+    chunk = chunk_shape(shape, target_chunk)
+    coefficients = dct_chunks(tensor, chunk)  # (n_chunks, chunk_size)
+    k = min(topk, coefficients.shape[1])
+    idx = coefficients.abs().topk(k, dim=1, sorted=False).indices  # (n_chunks, k)
+    return Sparse(idx=idx, vals=coefficients.gather(1, idx), shape=shape, chunk=chunk)
+
+
+def densify(sparse: Sparse) -> torch.Tensor:
+    """Scatter idx/vals into zero coefficients: (n_chunks, chunk_size) float32."""
+    dense = torch.zeros(sparse.n_chunks, sparse.chunk_size, device=sparse.vals.device, dtype=torch.float32)
+    return dense.scatter_(1, sparse.idx.long(), sparse.vals.float())
+
+
+def decode(sparse: Sparse) -> torch.Tensor:
+    """Step 5's t = IDCT(scatter(idx, vals)): a float32 tensor of sparse.shape."""
+    return idct_chunks(densify(sparse), sparse.shape, sparse.chunk)
+
+
+def normalized_vals(sparse: Sparse) -> torch.Tensor:
+    """vals / (‖vals‖₂ + 1e-8), the L2 norm taken over the whole parameter. (n_chunks, k) float32."""
+    vals = sparse.vals.float()
+    return vals / (torch.linalg.vector_norm(vals) + NORM_EPS)
+
+
+def combine(peers: Sequence[Sparse]) -> torch.Tensor:
+    """Normalised peers scattered into one coefficient tensor (n_chunks, chunk_size), float32.
+
+    A coefficient chosen by several peers takes the mean over the peers that chose it (not over all peers);
+    coefficients nobody chose are 0. Peers are reduced in the order given (callers sort by uid).
+    """
+    if not peers:
+        raise ValueError("combine() needs at least one peer")
+    first = peers[0]
+    for peer in peers[1:]:
+        if peer.shape != first.shape or peer.chunk != first.chunk:
+            raise ValueError(f"peers disagree on shape/chunk: {peer.shape}/{peer.chunk} vs {first.shape}/{first.chunk}")
+    idx = torch.cat([peer.idx.long() for peer in peers], dim=1)  # (n_chunks, sum k)
+    vals = torch.cat([normalized_vals(peer) for peer in peers], dim=1)
+    shape = (first.n_chunks, first.chunk_size)
+    total = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, vals)
+    count = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, torch.ones_like(vals))
+    return total / count.clamp_min(1.0)
+
+
+def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
+    """The combined direction before sign: IDCT(combine(peers)), a float32 tensor of the parameter's shape."""
+    return idct_chunks(combine(peers), peers[0].shape, peers[0].chunk)
+
+
+# ---------------------------------------------------------------------------------------------------- error feedback
+_VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ErrorFeedback:
+    """A miner's error-feedback momentum for a whole model, and the compression of each window's gradient.
+
+    For each parameter with gradient g (DESIGN §5 steps 2–5; step 1, weight decay, is part of the outer step that
+    every node applies to the shared θ):
+
+        m ← momentum_decay · m + lr · g
+        s = top-k(DCT(m))          (values rounded to value_dtype, the dtype sent on the wire)
+        m ← m − IDCT(s)            (what was transmitted leaves the momentum; the rest carries over)
+
+    momentum: dict name -> float32 tensor of the parameter's shape (zeros at start; state that outlives a window).
+    """
+
+    def __init__(self, momentum: Mapping[str, torch.Tensor], *, topk: int, target_chunk: int,
+                 momentum_decay: float, value_dtype: str = "float32") -> None:
+        self.momentum = {name: tensor.float() for name, tensor in momentum.items()}
+        self.topk = topk
+        self.target_chunk = target_chunk
+        self.momentum_decay = momentum_decay
+        self.value_dtype = _VALUE_DTYPES[value_dtype]
+
+    @classmethod
+    def zeros_like(cls, parameters: Mapping[str, torch.Tensor], **settings) -> ErrorFeedback:
+        return cls({name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}, **settings)
+
+    def step(self, gradients: Mapping[str, torch.Tensor], *, lr: float) -> dict[str, Sparse]:
+        """Fold this window's gradients into the momentum and return what to transmit, by parameter name."""
+        transmitted = {}
+        for name, g in gradients.items():
+            m = self.momentum[name]
+            m.mul_(self.momentum_decay).add_(g.float(), alpha=lr)
+            sparse = encode(m, self.topk, self.target_chunk)
+            sparse = Sparse(sparse.idx, sparse.vals.to(self.value_dtype), sparse.shape, sparse.chunk)
+            m.sub_(decode(sparse))
+            transmitted[name] = sparse
+        return transmitted

@@ -1,0 +1,148 @@
+"""Hyper-parameters of a templar network (DESIGN §4).
+
+Defaults are Templar's seed-era `hparams.json` (January–March 2025). One frozen `HParams` is passed explicitly
+to every function that needs it; it loads from a JSON or YAML file and takes environment overrides
+(`TEMPLAR_HP_<FIELD>`, e.g. `TEMPLAR_HP_LEARNING_RATE=1e-3`). Validation names the bad field.
+
+`protocol_hash()` fingerprints the fields every node must agree on (compression, schedule, data layout): it is
+written into every gradient file so a peer on different settings is rejected instead of silently mis-aggregated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "TEMPLAR_HP_"
+
+
+class HParamsError(ValueError):
+    """A hyper-parameter file or override is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    # --- compression (DESIGN §5) ---
+    topk_compression: int = 32  # coefficients kept per DCT chunk
+    target_chunk: int = 64  # chunk side: the largest divisor of each dimension not above this
+    momentum_decay: float = 0.999  # error-feedback decay: m <- decay*m + lr*g
+    gradient_value_dtype: str = "float32"  # dtype of transmitted values: float32 | bfloat16 | float16
+    # --- windows and data (DESIGN §2, §3) ---
+    blocks_per_window: int = 7  # chain blocks per window (12 s blocks -> 84 s windows)
+    pages_per_window: int = 6  # dataset pages each miner trains on per window
+    batch_size: int = 6  # sequences per micro-batch
+    sequence_length: int = 128  # tokens per sequence (tiny preset)
+    validator_offset: int = 2  # validators evaluate window w once the chain is in w + offset
+    # --- outer optimiser (DESIGN §5) ---
+    learning_rate: float = 4e-4
+    weight_decay: float = 0.1  # decoupled: p <- p*(1 - lr*weight_decay)
+    warmup_steps: int = 250  # linear warm-up from 0.1*lr to lr
+    t_max: int = 5000  # first cosine period T0 (restarts with T_mult = 2)
+    lr_floor_ratio: float = 0.1  # eta_min = lr_floor_ratio * learning_rate
+    checkpoint_frequency: int = 100  # windows between published checkpoints
+    # --- incentives (DESIGN §4) ---
+    openskill_beta: float = 7.0
+    openskill_tau: float = 0.1
+    binary_score_ma_alpha: float = 0.05
+    topk_peers: int = 20  # peers aggregated per window
+    max_peers: int = 256  # uids a validator considers
+    # --- limits for untrusted input ---
+    max_gradient_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = {"int": int, "float": (int, float), "str": str}[field.type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise HParamsError(f"{field.name}: expected {field.type}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HParamsError(f"{field.name}: must be finite, got {value!r}")
+        positive = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
+                    "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers",
+                    "max_gradient_bytes", "learning_rate", "openskill_beta")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("validator_offset", "warmup_steps", "weight_decay", "openskill_tau"):
+            if getattr(self, name) < 0:
+                raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
+        if self.learning_rate * self.weight_decay >= 1.0:
+            raise HParamsError("weight_decay: learning_rate * weight_decay must be < 1")
+        if self.gradient_value_dtype not in ("float32", "bfloat16", "float16"):
+            raise HParamsError(f"gradient_value_dtype: one of float32, bfloat16, float16, got "
+                               f"{self.gradient_value_dtype!r}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HParams:
+        """Build from a mapping; unknown keys are an error (a typo must not fall back to a default)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise HParamsError(f"{unknown[0]}: unknown hyper-parameter")
+        coerced = {}
+        for name, value in values.items():
+            # JSON/YAML give ints for floats written as "4" and floats like 1e3 for ints: accept exact values.
+            if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if known[name].type == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            coerced[name] = value
+        return cls(**coerced)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> HParams:
+        """Defaults <- file (JSON or YAML, optional) <- `TEMPLAR_HP_<FIELD>` entries of `environ`."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            try:
+                loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+            except (json.JSONDecodeError, yaml.YAMLError) as error:
+                raise HParamsError(f"{path}: not valid JSON/YAML ({error})") from None
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise HParamsError(f"{path}: expected a mapping of hyper-parameters")
+            values.update(loaded)
+        values.update(_environment_overrides(environ or {}))
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> HParams:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def protocol_hash(self) -> str:
+        """sha256 (16 hex digits) of the fields that change what a gradient means; order-independent."""
+        fields = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
+                  "sequence_length", "learning_rate", "weight_decay", "warmup_steps", "t_max", "lr_floor_ratio")
+        canonical = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    fields = {f.name: f.type for f in dataclasses.fields(HParams)}
+    overrides: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            raise HParamsError(f"{name}: unknown hyper-parameter (from environment {key})")
+        try:
+            overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](raw)
+        except ValueError:
+            raise HParamsError(f"{name}: cannot parse {raw!r} as {fields[name]} (from environment {key})") from None
+    return overrides
