@@ -1,0 +1,62 @@
+"""Local training primitives: the mean next-token loss over a set of sequences and its gradient.
+
+    loss(θ; X) = (1 / n) Σᵢ CE(θ; Xᵢ)      X: (n, T) int64 token ids, Xᵢ one sequence, CE averaged over T − 1 tokens
+
+Sequences are processed in micro-batches of `batch_size` rows; gradients accumulate in the parameters' .grad
+(no extra copies) with each micro-batch weighted by its share of rows, so the result is independent of the
+micro-batch size up to float rounding. On CPU the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def micro_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive row slices of tokens (n, T): (≤ batch_size, T) each."""
+    for start in range(0, tokens.shape[0], batch_size):
+        yield tokens[start:start + batch_size]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def loss_and_gradients(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, *,
+                       autocast_dtype: torch.dtype | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean loss over all rows of tokens (n, T) and its gradient: (loss, {name: float32 tensor}).
+
+    The gradients are the parameters' own .grad tensors (valid until the next backward on this model).
+    """
+    device = next(model.parameters()).device
+    model.train()
+    model.zero_grad(set_to_none=True)
+    rows = tokens.shape[0]
+    total = 0.0
+    for batch in micro_batches(tokens, batch_size):
+        batch = batch.to(device)
+        with _autocast(device, autocast_dtype):
+            loss = model(input_ids=batch, labels=batch).loss
+        (loss * (batch.shape[0] / rows)).backward()
+        total += float(loss.detach()) * batch.shape[0]
+    gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return total / rows, gradients
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, *,
+                  autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean loss over all rows of tokens (n, T), without gradients."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = 0.0
+    for batch in micro_batches(tokens, batch_size):
+        batch = batch.to(device)
+        with _autocast(device, autocast_dtype):
+            total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
+    return total / tokens.shape[0]

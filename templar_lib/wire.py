@@ -1,0 +1,228 @@
+"""Gradient files on the wire: safetensors + a JSON header, validated field by field (DESIGN §3, §8).
+
+A gradient file is a standard safetensors file (8-byte little-endian header length, JSON header, raw tensors).
+For every parameter `name` it holds two tensors:
+
+    {name}.idx    (n_chunks, k)  uint8 / int16 / int32: the smallest integer dtype that holds the chunk size
+    {name}.vals   (n_chunks, k)  float32 / bfloat16 / float16
+
+and `__metadata__["templar"]` is a JSON object:
+
+    {"format": 1, "kind": "gradient", "window": w, "uid": u, "hparams_hash": "...",
+     "params": {name: {"shape": [R, C], "chunk": [r, c]}, ...}}
+
+Everything read from a bucket is untrusted. `read_gradient` checks, before trusting a single byte: the size
+limit, the header length and JSON (no duplicate keys), the schema, the window/uid against the object key, the
+parameter set and shapes against the model, the chunking rule, dtypes, tensor sizes against the declared
+offsets, then index ranges, repeated indices and finiteness. Any failure raises `InvalidFile(reason)` with a
+one-line reason that the validator records as the uid's zero-score reason. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from templar_lib.compression import Sparse, chunk_shape
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+VALUE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+INDEX_DTYPES = {"U8": torch.uint8, "I16": torch.int16, "I32": torch.int32}
+_ITEM_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U8": 1, "I16": 2, "I32": 4}
+
+
+class InvalidFile(ValueError):
+    """A file from a bucket failed validation. str(error) is a one-line reason."""
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """One miner's compressed gradient for one window: Sparse coefficients by parameter name."""
+
+    window: int
+    uid: int
+    tensors: dict[str, Sparse]
+    hparams_hash: str = ""
+    format: int = FORMAT_VERSION
+
+
+def index_dtype(chunk_size: int) -> torch.dtype:
+    """Smallest integer dtype holding every index of a chunk: ≤256 -> uint8, ≤32768 -> int16, else int32."""
+    if chunk_size <= 1 << 8:
+        return torch.uint8
+    if chunk_size <= 1 << 15:
+        return torch.int16
+    return torch.int32
+
+
+def _index_code(chunk_size: int) -> str:
+    return {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}[index_dtype(chunk_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def write_gradient(gradient: Gradient) -> bytes:
+    """Serialise to safetensors bytes. Deterministic: the same gradient gives the same bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    params = {}
+    for name in sorted(gradient.tensors):
+        sparse = gradient.tensors[name]
+        if sparse.vals.dtype not in VALUE_DTYPES.values():
+            raise ValueError(f"{name}: values must be float32, bfloat16 or float16, not {sparse.vals.dtype}")
+        tensors[f"{name}.idx"] = sparse.idx.to(device="cpu", dtype=index_dtype(sparse.chunk_size)).contiguous()
+        tensors[f"{name}.vals"] = sparse.vals.detach().to("cpu").contiguous()
+        params[name] = {"shape": list(sparse.shape), "chunk": list(sparse.chunk)}
+    header = {"format": gradient.format, "kind": "gradient", "window": gradient.window, "uid": gradient.uid,
+              "hparams_hash": gradient.hparams_hash, "params": params}
+    return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]],
+                  topk: int | None = None, target_chunk: int = 64, hparams_hash: str | None = None,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> Gradient:
+    """Parse and validate a gradient file expected from `uid` for `window`.
+
+    shapes: the model's parameter shapes; the file must carry exactly these parameters.
+    topk: when given, every parameter must keep exactly min(topk, chunk size) coefficients per chunk.
+    hparams_hash: when given, the file's hash must match (a peer on other hyper-parameters is rejected).
+    Returns a Gradient whose Sparse tensors have int64 idx and the file's value dtype. Raises InvalidFile.
+    """
+    entries, metadata = parse_header(data, max_bytes=max_bytes)
+    header = _templar_header(metadata)
+    _expect(header.get("kind") == "gradient", f"kind is {header.get('kind')!r}, expected 'gradient'")
+    _expect(header.get("format") == FORMAT_VERSION, f"unsupported format {header.get('format')!r}")
+    _expect(_is_int(header.get("window")) and header["window"] == window,
+            f"header window {header.get('window')!r} does not match {window}")
+    _expect(_is_int(header.get("uid")) and header["uid"] == uid, f"header uid {header.get('uid')!r} does not match {uid}")
+    _expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
+    if hparams_hash is not None:
+        _expect(header["hparams_hash"] == hparams_hash,
+                f"hparams hash {header['hparams_hash']!r} differs from ours {hparams_hash!r}")
+    params = header.get("params")
+    _expect(isinstance(params, dict), "params must be an object")
+    _expect(set(params) == set(shapes), _set_difference("parameters", set(params), set(shapes)))
+    _expect(set(entries) == {f"{n}.{part}" for n in params for part in ("idx", "vals")},
+            "tensors do not match the declared parameters")
+
+    layout = {}
+    for name in sorted(params):
+        layout[name] = _check_parameter(name, params[name], entries, tuple(shapes[name]), topk, target_chunk)
+
+    try:
+        loaded = safetensors_load(data)
+    except Exception as error:  # safetensors raises SafetensorError; anything it rejects is a bad file
+        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+
+    tensors = {}
+    for name, (shape, chunk) in layout.items():
+        idx, vals = loaded[f"{name}.idx"].long(), loaded[f"{name}.vals"]
+        chunk_size = math.prod(chunk)
+        if idx.numel():
+            _expect(int(idx.min()) >= 0 and int(idx.max()) < chunk_size,
+                    f"{name}: index outside [0, {chunk_size})")
+            ordered = idx.sort(dim=1).values
+            _expect(bool((ordered[:, 1:] != ordered[:, :-1]).all()), f"{name}: repeated index within a chunk")
+        _expect(bool(torch.isfinite(vals).all()), f"{name}: non-finite value")
+        tensors[name] = Sparse(idx=idx, vals=vals, shape=shape, chunk=chunk)
+    return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"])
+
+
+def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Safetensors header of untrusted bytes, validated: (tensor entries by name, __metadata__).
+
+    Checks the size limit, header length, JSON without duplicate keys, entry schema, dtypes, that every tensor's
+    byte range matches its shape and lies inside the file, and that ranges neither overlap nor leave gaps.
+    """
+    _expect(isinstance(data, (bytes, bytearray, memoryview)), "not bytes")
+    _expect(len(data) <= max_bytes, f"file of {len(data)} bytes exceeds the limit of {max_bytes}")
+    _expect(len(data) >= 8, "file shorter than a safetensors header")
+    (header_length,) = struct.unpack("<Q", bytes(data[:8]))
+    _expect(header_length <= min(MAX_HEADER_BYTES, len(data) - 8),
+            f"declared header length {header_length} exceeds the file or the header limit")
+    try:
+        header = json.loads(bytes(data[8:8 + header_length]), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise InvalidFile(f"header is not valid JSON: {str(error)[:120]}") from None
+    _expect(isinstance(header, dict), "header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    _expect(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+            "__metadata__ must map strings to strings")
+    body = len(data) - 8 - header_length
+    spans = []
+    for name, entry in header.items():
+        _expect(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
+                f"tensor {name[:80]!r}: malformed entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        _expect(dtype in _ITEM_BYTES, f"tensor {name[:80]!r}: dtype {str(dtype)[:20]!r} not allowed")
+        _expect(isinstance(shape, list) and len(shape) <= 4 and all(_is_int(n) and n >= 0 for n in shape),
+                f"tensor {name[:80]!r}: malformed shape")
+        _expect(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= body, f"tensor {name[:80]!r}: data offsets outside the file")
+        _expect(offsets[1] - offsets[0] == math.prod(shape) * _ITEM_BYTES[dtype],
+                f"tensor {name[:80]!r}: declared size does not match its shape")
+        spans.append(tuple(offsets))
+    position = 0
+    for start, end in sorted(spans):
+        _expect(start == position, "tensor data overlaps or leaves gaps")
+        position = end
+    _expect(position == body, "trailing bytes after the tensor data")
+    return header, metadata
+
+
+def _check_parameter(name: str, declared: object, entries: dict[str, dict], shape: tuple[int, ...],
+                     topk: int | None, target_chunk: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    _expect(isinstance(declared, dict) and set(declared) == {"shape", "chunk"}, f"{name}: malformed param entry")
+    _expect(declared["shape"] == list(shape), f"{name}: shape {declared['shape']} differs from the model's {list(shape)}")
+    chunk = chunk_shape(shape, target_chunk)
+    _expect(declared["chunk"] == list(chunk), f"{name}: chunk {declared['chunk']} differs from {list(chunk)}")
+    chunk_size, n_chunks = math.prod(chunk), math.prod(shape) // math.prod(chunk)
+    idx, vals = entries[f"{name}.idx"], entries[f"{name}.vals"]
+    _expect(idx["dtype"] == _index_code(chunk_size), f"{name}: index dtype {idx['dtype']} for chunk size {chunk_size}")
+    _expect(vals["dtype"] in VALUE_DTYPES, f"{name}: value dtype {vals['dtype']} not allowed")
+    _expect(len(idx["shape"]) == 2 and idx["shape"] == vals["shape"], f"{name}: idx/vals shapes differ")
+    rows, k = idx["shape"]
+    _expect(rows == n_chunks, f"{name}: {rows} chunks, expected {n_chunks}")
+    expected_k = min(topk, chunk_size) if topk is not None else None
+    _expect(1 <= k <= chunk_size and (expected_k is None or k == expected_k),
+            f"{name}: {k} coefficients per chunk, expected {expected_k or f'1..{chunk_size}'}")
+    return shape, chunk
+
+
+def _templar_header(metadata: dict[str, str]) -> dict:
+    _expect("templar" in metadata, "no templar header in __metadata__")
+    try:
+        header = json.loads(metadata["templar"], object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, ValueError) as error:
+        raise InvalidFile(f"templar header is not valid JSON: {str(error)[:120]}") from None
+    _expect(isinstance(header, dict), "templar header is not a JSON object")
+    return header
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key in JSON object")
+    return dict(pairs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _set_difference(what: str, found: set[str], expected: set[str]) -> str:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    return f"{what} differ from the model: missing {missing[:3]}, unexpected {[e[:60] for e in extra[:3]]}"
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise InvalidFile(reason)

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from templar_lib.hparams import HParams, HParamsError
+
+
+def test_defaults_are_the_seed_era_values():
+    hp = HParams()
+    assert (hp.topk_compression, hp.target_chunk, hp.blocks_per_window, hp.pages_per_window) == (32, 64, 7, 6)
+    assert (hp.learning_rate, hp.momentum_decay, hp.weight_decay) == (4e-4, 0.999, 0.1)
+    assert (hp.warmup_steps, hp.t_max, hp.checkpoint_frequency, hp.validator_offset) == (250, 5000, 100, 2)
+    assert (hp.openskill_beta, hp.openskill_tau, hp.binary_score_ma_alpha) == (7, 0.1, 0.05)
+
+
+def test_load_json_and_yaml_then_environment_overrides(tmp_path):
+    (tmp_path / "h.json").write_text(json.dumps({"topk_compression": 16, "learning_rate": 1}))
+    (tmp_path / "h.yaml").write_text("target_chunk: 32\nweight_decay: 0.0\n")
+    from_json = HParams.load(tmp_path / "h.json", {"TEMPLAR_HP_TOPK_COMPRESSION": "8", "OTHER": "x"})
+    assert from_json.topk_compression == 8 and from_json.learning_rate == 1.0
+    assert isinstance(from_json.learning_rate, float)
+    from_yaml = HParams.load(tmp_path / "h.yaml")
+    assert from_yaml.target_chunk == 32 and from_yaml.weight_decay == 0.0 and from_yaml.topk_compression == 32
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"topk_compression": 0}, "topk_compression"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"momentum_decay": 1.5}, "momentum_decay"),
+    ({"batch_size": "6"}, "batch_size"),
+    ({"blocks_per_window": True}, "blocks_per_window"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"gradient_value_dtype": "int8"}, "gradient_value_dtype"),
+    ({"topk_compresion": 3}, "topk_compresion"),
+])
+def test_invalid_values_name_the_field(values, field):
+    with pytest.raises(HParamsError, match=f"^{field}:"):
+        HParams.from_dict(values)
+
+
+def test_bad_environment_override_names_field_and_variable():
+    with pytest.raises(HParamsError, match="^batch_size: cannot parse 'six'.*TEMPLAR_HP_BATCH_SIZE"):
+        HParams.load(environ={"TEMPLAR_HP_BATCH_SIZE": "six"})
+    with pytest.raises(HParamsError, match="^nope: unknown"):
+        HParams.load(environ={"TEMPLAR_HP_NOPE": "1"})
+
+
+def test_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(HParamsError, match="expected a mapping"):
+        HParams.load(tmp_path / "bad.yaml")
+
+
+def test_protocol_hash_tracks_protocol_fields_only():
+    base = HParams()
+    assert base.protocol_hash() == HParams().protocol_hash()
+    assert base.replace(topk_compression=16).protocol_hash() != base.protocol_hash()
+    assert base.replace(openskill_beta=5.0).protocol_hash() == base.protocol_hash()
