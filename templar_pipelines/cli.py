@@ -1,0 +1,93 @@
+"""The `templar` console script.
+
+    templar init  [--home DIR]                     tokenizer + dataset pages from the bundled corpus
+    templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
+                                                   the training core in-process (honest miners, no chain)
+
+Everything lands under --home (default: $TEMPLAR_HOME or ./.templar): `dataset/` is the local dataset bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from templar_lib.buckets import LocalBucket
+from templar_lib.data import build_dataset, read_manifest
+from templar_lib.data.pages import MANIFEST_KEY
+from templar_lib.hparams import HParams
+
+log = logging.getLogger("templar")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("TEMPLAR_HOME", ".templar")).resolve()
+
+
+def dataset_bucket(home: Path) -> LocalBucket:
+    return LocalBucket(home / "dataset")
+
+
+def init(home: Path, *, hparams: HParams, max_chars: int | None, force: bool = False) -> None:
+    bucket = dataset_bucket(home)
+    if bucket.exists(MANIFEST_KEY) and not force:
+        manifest = read_manifest(bucket)
+        print(f"dataset already built in {bucket.root}: {manifest.total_pages} pages (use --force to rebuild)")
+        return
+    started = time.perf_counter()
+    manifest = build_dataset(bucket, sequence_length=hparams.sequence_length, max_chars=max_chars)
+    print(f"built {manifest.total_pages} pages ({manifest.train_pages} for training) of "
+          f"{manifest.rows_per_page}×{manifest.sequence_length} tokens, vocab {manifest.vocab_size}, "
+          f"in {time.perf_counter() - started:.1f}s -> {bucket.root}")
+
+
+def train(home: Path, *, hparams: HParams, miners: int, windows: int, mode: str, json_path: Path | None) -> None:
+    from templar_lib.simulate import train as run  # torch/transformers import only for commands that train
+
+    bucket = dataset_bucket(home)
+    if not bucket.exists(MANIFEST_KEY):
+        sys.exit(f"no dataset in {bucket.root}: run `templar init` first")
+    print(f"{mode} training: {miners} miners, {windows} windows, tiny preset, CPU")
+    print(f"{'window':>6} {'lr':>9} {'train loss':>10} {'held-out':>9} {'bytes':>9} {'seconds':>7}")
+
+    def show(entry) -> None:
+        print(f"{entry.window:>6} {entry.lr:>9.2e} {entry.train_loss:>10.4f} {entry.held_out_loss:>9.4f} "
+              f"{entry.gradient_bytes:>9} {entry.seconds:>7.2f}", flush=True)
+
+    report = run(bucket, miners=miners, windows=windows, hparams=hparams, mode=mode, on_window=show)
+    print(f"held-out loss {report.initial_held_out_loss:.4f} -> {report.final_held_out_loss:.4f}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, default=None, help="state directory (default $TEMPLAR_HOME or .templar)")
+    parser.add_argument("--hparams", type=Path, default=None, help="JSON/YAML hyper-parameter file")
+    commands = parser.add_subparsers(dest="command", required=True)
+    init_parser = commands.add_parser("init", help="build tokenizer and dataset pages from the bundled corpus")
+    init_parser.add_argument("--max-chars", type=int, default=None, help="corpus size limit (default: all)")
+    init_parser.add_argument("--force", action="store_true", help="rebuild even if a dataset exists")
+    train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
+    train_parser.add_argument("--miners", type=int, default=4)
+    train_parser.add_argument("--windows", type=int, default=10)
+    train_parser.add_argument("--mode", choices=("compressed", "dense"), default="compressed")
+    train_parser.add_argument("--json", type=Path, default=None, help="write the per-window report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    home = (args.home or default_home()).resolve()
+    hparams = HParams.load(args.hparams, os.environ)
+    if args.command == "init":
+        init(home, hparams=hparams, max_chars=args.max_chars, force=args.force)
+    elif args.command == "train":
+        train(home, hparams=hparams, miners=args.miners, windows=args.windows, mode=args.mode, json_path=args.json)
+
+
+if __name__ == "__main__":
+    main()
