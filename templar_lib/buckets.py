@@ -3,6 +3,15 @@
 A `Bucket` is a flat key -> bytes store with five operations. Implementations are chosen by URL:
 
     file:///abs/dir     LocalBucket: a directory; atomic writes (temp file + rename), keys cannot escape it
+    s3://name[/prefix][?endpoint_url=...&region=...&profile=...]
+                        S3Bucket on boto3 (AWS S3, Cloudflare R2, MinIO, SeaweedFS). Credentials come from boto3's
+                        own chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a named profile, ...); the endpoint from
+                        `endpoint_url` or AWS_ENDPOINT_URL. A single PUT per object is atomic on S3.
+
+Errors are told apart: `ObjectMissing` (no such key), `BucketAccessDenied` (credentials refused),
+`BucketUnreachable` (endpoint down or timing out after bounded retries), `ObjectTooLarge` (over `max_bytes`, checked
+against Content-Length before the body is read and again while streaming it). Credentials never appear in a repr,
+a log line or an error message.
 
 Keys are plain names (`gradient-12-3.safetensors`, `data_7.parquet`), optionally with `/`-separated prefixes;
 they never contain `..`, backslashes, control characters or a leading `/`.
@@ -10,12 +19,15 @@ they never contain `..`, backslashes, control characters or a leading `/`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 _KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 
@@ -35,6 +47,20 @@ class ObjectTooLarge(BucketError):
     """The object is larger than the caller's `max_bytes`; nothing beyond the limit was read."""
 
 
+class BucketAccessDenied(BucketError):
+    """The store refused our credentials for this bucket or key."""
+
+
+class BucketUnreachable(BucketError):
+    """The endpoint could not be reached, or kept failing after the bounded retries."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    modified: datetime  # timezone-aware UTC: when the object was last written
+
+
 @runtime_checkable
 class Bucket(Protocol):
     url: str
@@ -48,6 +74,8 @@ class Bucket(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def stat(self, key: str) -> ObjectInfo: ...
 
 
 def validate_key(key: str) -> str:
@@ -117,12 +145,131 @@ class LocalBucket:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            status = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectMissing(f"{key}: no such object in {self.url}") from None
+        return ObjectInfo(size=status.st_size, modified=datetime.fromtimestamp(status.st_mtime, tz=timezone.utc))
 
-def open_bucket(url: str) -> Bucket:
-    """A bucket from its URL: `file:///abs/dir` (a plain path is accepted too)."""
+
+class S3Bucket:
+    """A bucket on an S3-compatible store, through boto3.
+
+    Retries: botocore's "standard" mode (exponential backoff with jitter on throttling, 5xx, connection errors and
+    timeouts), `max_attempts` in total; every request has connect/read timeouts. `prefix` scopes all keys.
+    """
+
+    def __init__(self, name: str, *, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 profile: str | None = None, client=None, max_attempts: int = 4, connect_timeout: float = 5.0,
+                 read_timeout: float = 30.0) -> None:
+        self.name = name
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        query = f"?endpoint_url={self.endpoint_url}" if self.endpoint_url else ""
+        self.url = f"s3://{name}/{self.prefix}{query}"
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"},
+                            connect_timeout=connect_timeout, read_timeout=read_timeout,
+                            signature_version="s3v4", s3={"addressing_style": "path"})
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+            client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config)
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"S3Bucket({self.url!r})"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    @contextlib.contextmanager
+    def _errors(self, key: str):
+        """Translate botocore failures into the bucket errors, naming the key but never credentials."""
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
+
+        try:
+            yield
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                raise ObjectMissing(f"{key}: no such object in {self.url}") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden") \
+                    or status == 403:
+                raise BucketAccessDenied(f"{key}: access denied by {self.url} ({code})") from None
+            if code == "NoSuchBucket":
+                raise BucketError(f"{key}: bucket {self.name!r} does not exist at the endpoint") from None
+            raise BucketUnreachable(f"{key}: {self.url} answered {code or status}") from None
+        except (ConnectionError, HTTPClientError) as error:
+            raise BucketUnreachable(f"{key}: cannot reach {self.url} ({type(error).__name__})") from None
+        except BotoCoreError as error:
+            raise BucketUnreachable(f"{key}: request to {self.url} failed ({type(error).__name__})") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._errors(key):
+            self._client.put_object(Bucket=self.name, Key=self._key(key), Body=bytes(data))
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        with self._errors(key):
+            response = self._client.get_object(Bucket=self.name, Key=self._key(key))
+            body = response["Body"]
+            try:
+                declared = response.get("ContentLength")
+                if max_bytes is not None and declared is not None and declared > max_bytes:
+                    raise ObjectTooLarge(f"{key}: {declared} bytes, larger than the limit of {max_bytes}")
+                parts, received = [], 0
+                for part in body.iter_chunks(chunk_size=1 << 20):
+                    received += len(part)
+                    if max_bytes is not None and received > max_bytes:
+                        raise ObjectTooLarge(f"{key}: larger than the limit of {max_bytes} bytes")
+                    parts.append(part)
+            finally:
+                body.close()
+            return b"".join(parts)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except ObjectMissing:
+            return False
+        return True
+
+    def stat(self, key: str) -> ObjectInfo:
+        with self._errors(key):
+            response = self._client.head_object(Bucket=self.name, Key=self._key(key))
+        return ObjectInfo(size=int(response["ContentLength"]), modified=response["LastModified"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = []
+        with self._errors(prefix or "(list)"):
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.name, Prefix=self.prefix + prefix):
+                keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.name, Key=self._key(key))
+
+
+def open_bucket(url: str, *, client=None) -> Bucket:
+    """A bucket from its URL: `file:///abs/dir` (a plain path too) or `s3://name[/prefix][?endpoint_url=..&region=..
+    &profile=..]`. `client`: an existing boto3 S3 client to use for s3:// (e.g. from dagster-aws S3Resource)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalBucket(unquote(parsed.path))
     if parsed.scheme == "" and url:
         return LocalBucket(url)
-    raise ValueError(f"unsupported bucket URL scheme {parsed.scheme!r} in {url!r} (supported: file://)")
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"s3 bucket URL without a bucket name: {url!r}")
+        options = {name: values[-1] for name, values in parse_qs(parsed.query).items()}
+        unknown = set(options) - {"endpoint_url", "region", "profile"}
+        if unknown:
+            raise ValueError(f"unknown s3 bucket URL option(s) {sorted(unknown)}")
+        return S3Bucket(parsed.netloc, prefix=unquote(parsed.path), endpoint_url=options.get("endpoint_url"),
+                        region=options.get("region"), profile=options.get("profile"), client=client)
+    raise ValueError(f"unsupported bucket URL scheme {parsed.scheme!r} (supported: file://, s3://)")

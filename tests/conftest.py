@@ -30,3 +30,39 @@ def vectors() -> dict:
 @pytest.fixture(scope="session")
 def vectors_meta() -> dict:
     return json.loads((DATA / "vectors.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 endpoint on 127.0.0.1 (moto), for the whole session: yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """Throw-away credentials for moto (it accepts any); never real ones."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def s3_bucket(moto_server, s3_env, request):
+    """A fresh S3 bucket on the moto server; yields an S3Bucket on it."""
+    import uuid
+
+    import boto3
+
+    from templar_lib.buckets import open_bucket
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return open_bucket(f"s3://{name}?endpoint_url={moto_server}")
