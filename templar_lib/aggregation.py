@@ -19,8 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
-from templar_lib.compression import Sparse, aggregate
+from templar_lib.compression import Sparse, combine, densify_combined, idct_chunks, sparsify
 from templar_lib.hparams import HParams
+from templar_lib.wire import Aggregation
 
 
 def learning_rate_at(step: int, hparams: HParams) -> float:
@@ -43,18 +44,31 @@ def learning_rate_at(step: int, hparams: HParams) -> float:
     return floor + (base - floor) * (1 + math.cos(math.pi * t_cur / period)) / 2
 
 
-def sign_direction(peers_by_uid: Mapping[int, Mapping[str, Sparse]], names: list[str]) -> dict[str, torch.Tensor]:
-    """sign(aggregate(...)) for every parameter in `names`, peers taken in ascending uid order.
+def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[int, Mapping[str, Sparse]],
+                  names: list[str], hparams_hash: str = "") -> Aggregation:
+    """The aggregation of a window: per parameter, the scatter-mean of the peers' normalised coefficients.
 
-    A parameter no peer sent gets a zero direction (it is then only weight-decayed). Returns float32 tensors in
-    {-1, 0, 1} of each parameter's shape; parameters absent from every peer are omitted.
+    Peers are reduced in ascending uid order. A parameter that no peer sent is absent (it is only weight-decayed).
     """
-    directions = {}
+    uids = sorted(gradients_by_uid)
+    tensors = {}
     for name in names:
-        peers = [peers_by_uid[uid][name] for uid in sorted(peers_by_uid) if name in peers_by_uid[uid]]
+        peers = [gradients_by_uid[uid][name] for uid in uids if name in gradients_by_uid[uid]]
         if peers:
-            directions[name] = torch.sign(aggregate(peers))
-    return directions
+            tensors[name] = sparsify(combine(peers), peers[0].shape, peers[0].chunk)
+    return Aggregation(window=window, step=step, lr=lr, peers=uids, tensors=tensors, hparams_hash=hparams_hash)
+
+
+def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:
+    """sign(IDCT(coefficients)) per parameter: float32 tensors in {-1, 0, 1} of each parameter's shape."""
+    return {name: torch.sign(idct_chunks(densify_combined(combined), combined.shape, combined.chunk))
+            for name, combined in aggregation.tensors.items()}
+
+
+def apply_aggregation_(parameters: Mapping[str, torch.Tensor], aggregation: Aggregation, *,
+                       weight_decay: float) -> None:
+    """θ_{window+1} from θ_window in place: the outer step at the aggregation's own learning rate."""
+    outer_step_(parameters, sign_directions(aggregation), lr=aggregation.lr, weight_decay=weight_decay)
 
 
 @torch.no_grad()

@@ -173,6 +173,37 @@ def combine(peers: Sequence[Sparse]) -> torch.Tensor:
     return total / count.clamp_min(1.0)
 
 
+@dataclass(frozen=True)
+class Combined:
+    """Combined coefficients of one parameter in compressed-row form (what an aggregation file carries).
+
+    counts: (n_chunks,) int64, nonzero coefficients per chunk; idx, vals: (nnz,) int64 / float32, chunk i's entries
+    at [Σ counts[:i], Σ counts[:i+1]), positions increasing within a chunk.
+    """
+
+    idx: torch.Tensor
+    vals: torch.Tensor
+    counts: torch.Tensor
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+
+
+def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> Combined:
+    """(n_chunks, chunk_size) coefficients -> Combined holding exactly their nonzeros (row-major order)."""
+    rows, positions = coefficients.nonzero(as_tuple=True)  # row-major: increasing within each row
+    counts = torch.bincount(rows, minlength=coefficients.shape[0])
+    return Combined(positions, coefficients[rows, positions].float(), counts, tuple(shape), tuple(chunk))
+
+
+def densify_combined(combined: Combined) -> torch.Tensor:
+    """Inverse of sparsify: (n_chunks, chunk_size) float32."""
+    n_chunks = combined.counts.shape[0]
+    rows = torch.repeat_interleave(torch.arange(n_chunks, device=combined.idx.device), combined.counts)
+    dense = torch.zeros(n_chunks, math.prod(combined.chunk), device=combined.vals.device)
+    dense[rows, combined.idx] = combined.vals.float()
+    return dense
+
+
 def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
     """The combined direction before sign: IDCT(combine(peers)), a float32 tensor of the parameter's shape."""
     return idct_chunks(combine(peers), peers[0].shape, peers[0].chunk)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from templar_lib.aggregation import learning_rate_at, outer_step_, sign_direction
+from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, outer_step_
 from templar_lib.buckets import Bucket
 from templar_lib.compression import ErrorFeedback
 from templar_lib.data import load_pages, pages_for, read_manifest
@@ -88,9 +88,12 @@ def train(dataset: Bucket, *, miners: int, windows: int, hparams: HParams, mode:
             sent[uid] = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
                                       target_chunk=hparams.target_chunk,
                                       hparams_hash=hparams.protocol_hash()).tensors
-        signs = sign_direction(sent, list(shapes)) if mode == "compressed" else \
-            {n: torch.sign(g) for n, g in dense_sum.items()}  # sign(mean) == sign(sum)
-        outer_step_(parameters, signs, lr=lr, weight_decay=hparams.weight_decay)
+        if mode == "compressed":
+            aggregation = combine_peers(window, window, lr, sent, list(shapes), hparams.protocol_hash())
+            apply_aggregation_(parameters, aggregation, weight_decay=hparams.weight_decay)
+        else:
+            signs = {n: torch.sign(g) for n, g in dense_sum.items()}  # sign(mean) == sign(sum)
+            outer_step_(parameters, signs, lr=lr, weight_decay=hparams.weight_decay)
         entry = WindowReport(window, lr, sum(losses) / len(losses), evaluate_loss(model, held_out, hparams.batch_size),
                              wire_bytes, time.perf_counter() - started)
         report.windows.append(entry)

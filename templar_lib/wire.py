@@ -1,5 +1,13 @@
 """Gradient files on the wire: safetensors + a JSON header, validated field by field (DESIGN §3, §8).
 
+Three kinds of file share the container and its checks:
+
+    gradient-{window}-{uid}.safetensors   a miner's top-k coefficients (below)
+    aggregation-{window}.safetensors      the aggregator's combined coefficients: per parameter {name}.idx (nnz,),
+                                          {name}.vals (nnz,) float32, {name}.counts (n_chunks,) int32, plus the peers
+                                          used, the outer step number and its learning rate
+    peers_{window}.json                   a validator's list of uids whose gradients the network uses (JSON only)
+
 A gradient file is a standard safetensors file (8-byte little-endian header length, JSON header, raw tensors).
 For every parameter `name` it holds two tensors:
 
@@ -30,7 +38,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from templar_lib.compression import Sparse, chunk_shape
+from templar_lib.compression import Combined, Sparse, chunk_shape
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -53,6 +61,48 @@ class Gradient:
     tensors: dict[str, Sparse]
     hparams_hash: str = ""
     format: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The combined update of one window: θ_{window+1} = outer_step(θ_window) with these coefficients at `lr`.
+
+    step: the outer step's index (θ_window has had `step` steps applied); peers: uids combined, ascending.
+    """
+
+    window: int
+    step: int
+    lr: float
+    peers: list[int]
+    tensors: dict[str, Combined]
+    hparams_hash: str = ""
+    format: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Peers:
+    """peers_{window}.json: the uids whose gradients a validator accepts for `window`, ascending."""
+
+    window: int
+    validator: int
+    uids: list[int]
+    format: int = FORMAT_VERSION
+
+
+def gradient_key(window: int, uid: int) -> str:
+    return f"gradient-{window}-{uid}.safetensors"
+
+
+def aggregation_key(window: int) -> str:
+    return f"aggregation-{window}.safetensors"
+
+
+def peers_key(window: int) -> str:
+    return f"peers_{window}.json"
+
+
+def evaluation_key(window: int, validator_uid: int) -> str:
+    return f"evaluation-{window}-{validator_uid}.json"
 
 
 def index_dtype(chunk_size: int) -> torch.dtype:
@@ -134,6 +184,106 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
         _expect(bool(torch.isfinite(vals).all()), f"{name}: non-finite value")
         tensors[name] = Sparse(idx=idx, vals=vals, shape=shape, chunk=chunk)
     return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"])
+
+
+def write_aggregation(aggregation: Aggregation) -> bytes:
+    """Serialise to safetensors bytes. Deterministic."""
+    tensors: dict[str, torch.Tensor] = {}
+    params = {}
+    for name in sorted(aggregation.tensors):
+        combined = aggregation.tensors[name]
+        chunk_size = math.prod(combined.chunk)
+        tensors[f"{name}.idx"] = combined.idx.to(device="cpu", dtype=index_dtype(chunk_size)).contiguous()
+        tensors[f"{name}.vals"] = combined.vals.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        tensors[f"{name}.counts"] = combined.counts.to(device="cpu", dtype=torch.int32).contiguous()
+        params[name] = {"shape": list(combined.shape), "chunk": list(combined.chunk)}
+    header = {"format": aggregation.format, "kind": "aggregation", "window": aggregation.window,
+              "step": aggregation.step, "lr": aggregation.lr, "peers": list(aggregation.peers),
+              "hparams_hash": aggregation.hparams_hash, "params": params}
+    return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
+
+
+def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]], target_chunk: int = 64,
+                     hparams_hash: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Aggregation:
+    """Parse and validate an aggregation file for `window` against the model's parameter shapes. Raises InvalidFile."""
+    entries, metadata = parse_header(data, max_bytes=max_bytes)
+    header = _templar_header(metadata)
+    _expect(header.get("kind") == "aggregation", f"kind is {header.get('kind')!r}, expected 'aggregation'")
+    _expect(header.get("format") == FORMAT_VERSION, f"unsupported format {header.get('format')!r}")
+    _expect(_is_int(header.get("window")) and header["window"] == window,
+            f"header window {header.get('window')!r} does not match {window}")
+    _expect(_is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
+    _expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
+            "lr must be a finite non-negative number")
+    peers = header.get("peers")
+    _expect(isinstance(peers, list) and all(_is_int(uid) and uid >= 0 for uid in peers)
+            and peers == sorted(set(peers)), "peers must be ascending distinct uids")
+    _expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
+    if hparams_hash is not None:
+        _expect(header["hparams_hash"] == hparams_hash,
+                f"hparams hash {header['hparams_hash']!r} differs from ours {hparams_hash!r}")
+    params = header.get("params")
+    _expect(isinstance(params, dict) and set(params) <= set(shapes),
+            "params must be an object naming model parameters")
+    _expect(set(entries) == {f"{n}.{part}" for n in params for part in ("idx", "vals", "counts")},
+            "tensors do not match the declared parameters")
+    layout = {}
+    for name in sorted(params):
+        declared = params[name]
+        shape = tuple(shapes[name])
+        chunk = chunk_shape(shape, target_chunk)
+        _expect(isinstance(declared, dict) and declared.get("shape") == list(shape)
+                and declared.get("chunk") == list(chunk), f"{name}: shape/chunk differ from the model's")
+        chunk_size, n_chunks = math.prod(chunk), math.prod(shape) // math.prod(chunk)
+        idx, vals, counts = (entries[f"{name}.{part}"] for part in ("idx", "vals", "counts"))
+        _expect(idx["dtype"] == _index_code(chunk_size) and vals["dtype"] == "F32" and counts["dtype"] == "I32",
+                f"{name}: unexpected dtypes")
+        _expect(counts["shape"] == [n_chunks], f"{name}: counts for {counts['shape']} chunks, expected {n_chunks}")
+        _expect(len(idx["shape"]) == 1 and idx["shape"] == vals["shape"], f"{name}: idx/vals shapes differ")
+        layout[name] = (shape, chunk)
+    try:
+        loaded = safetensors_load(data)
+    except Exception as error:  # anything safetensors rejects is a bad file
+        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    tensors = {}
+    for name, (shape, chunk) in layout.items():
+        idx, vals, counts = (loaded[f"{name}.{part}"].long() if part != "vals" else loaded[f"{name}.vals"]
+                             for part in ("idx", "vals", "counts"))
+        chunk_size = math.prod(chunk)
+        _expect(bool((counts >= 0).all()) and bool((counts <= chunk_size).all()) and int(counts.sum()) == idx.numel(),
+                f"{name}: counts inconsistent with the coefficients")
+        if idx.numel():
+            _expect(int(idx.min()) >= 0 and int(idx.max()) < chunk_size, f"{name}: index outside [0, {chunk_size})")
+            rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+            order = rows * chunk_size + idx  # strictly increasing iff positions rise within every chunk
+            _expect(bool((order[1:] > order[:-1]).all()), f"{name}: positions not increasing within a chunk")
+        _expect(bool(torch.isfinite(vals).all()), f"{name}: non-finite value")
+        tensors[name] = Combined(idx, vals, counts, shape, chunk)
+    return Aggregation(window=window, step=header["step"], lr=header["lr"], peers=peers, tensors=tensors,
+                       hparams_hash=header["hparams_hash"])
+
+
+def write_peers(peers: Peers) -> bytes:
+    return json.dumps({"format": peers.format, "window": peers.window, "validator": peers.validator,
+                       "uids": sorted(peers.uids)}, sort_keys=True).encode()
+
+
+def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: int = 1 << 20) -> Peers:
+    """Parse and validate peers_{window}.json. Raises InvalidFile."""
+    _expect(len(data) <= max_bytes, f"peers file of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        raw = json.loads(data, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise InvalidFile(f"peers file is not valid JSON: {str(error)[:120]}") from None
+    _expect(isinstance(raw, dict) and set(raw) == {"format", "window", "validator", "uids"},
+            "peers file must have exactly format, window, validator, uids")
+    _expect(raw["format"] == FORMAT_VERSION, f"unsupported format {raw['format']!r}")
+    _expect(_is_int(raw["window"]) and raw["window"] == window, f"peers window {raw['window']!r} does not match {window}")
+    _expect(_is_int(raw["validator"]) and raw["validator"] >= 0, "validator must be a uid")
+    uids = raw["uids"]
+    _expect(isinstance(uids, list) and len(uids) <= max_uids and all(_is_int(u) and 0 <= u < max_uids for u in uids)
+            and uids == sorted(set(uids)), "uids must be ascending distinct uids")
+    return Peers(window=window, validator=raw["validator"], uids=uids)
 
 
 def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[str, str]]:

@@ -1,0 +1,189 @@
+"""Checkpoints of the shared model state, and catch-up by replaying published aggregations (DESIGN §2, §3).
+
+    checkpoint-{window}.safetensors   θ_window: every parameter, in its training dtype
+    checkpoint-{window}.json          manifest: format, window, step, sha256 and size of the tensor file,
+                                      parameter shapes/dtypes, the hyper-parameters in force
+
+`window` names the state at the *start* of that window: the aggregator that finishes window w writes
+checkpoint-{w+1}. `step` counts the outer steps applied so far, which fixes the learning rate of the next one
+(the whole optimiser state: the outer optimiser is stateless SGD on a sign, the schedule a function of step).
+
+Saving writes the tensor file first and the manifest last, each atomically (temp + rename, or one PUT), so a
+process killed at any point leaves either no manifest or a manifest whose hash does not match: a reader trusts
+only a checkpoint whose manifest validates and whose tensor file hashes to it, and falls back to an older one.
+
+Catch-up: θ_target = replay of aggregation-{w} for w = checkpoint window .. target − 1, through the same
+`apply_aggregation_` the aggregator used live, so on CPU the result is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from templar_lib.aggregation import apply_aggregation_
+from templar_lib.buckets import Bucket, BucketError
+from templar_lib.hparams import HParams
+from templar_lib.wire import InvalidFile, aggregation_key, parse_header, read_aggregation
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024 * 1024
+_MANIFEST_KEY = re.compile(r"^checkpoint-(\d{1,12})\.json$")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class CatchUpError(RuntimeError):
+    """The published aggregations do not reach the target window (one is missing or invalid)."""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """θ at the start of `window`, after `step` outer steps. parameters: name -> tensor (CPU or device)."""
+
+    window: int
+    step: int
+    parameters: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    window: int
+    step: int
+    sha256: str
+    bytes: int
+    key: str
+
+
+def tensors_key(window: int) -> str:
+    return f"checkpoint-{window}.safetensors"
+
+
+def manifest_key(window: int) -> str:
+    return f"checkpoint-{window}.json"
+
+
+def state_bytes(state: ModelState) -> bytes:
+    """The checkpoint tensor file of a state: deterministic safetensors bytes."""
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in sorted(state.parameters.items())}
+    # one metadata key: safetensors keeps metadata in a hash map whose order (and so the bytes) varies with several
+    header = json.dumps({"kind": "checkpoint", "window": state.window, "step": state.step}, sort_keys=True)
+    return safetensors_save(tensors, metadata={"templar": header})
+
+
+def state_sha256(state: ModelState) -> str:
+    return hashlib.sha256(state_bytes(state)).hexdigest()
+
+
+def save_checkpoint(bucket: Bucket, state: ModelState, hparams: HParams) -> CheckpointInfo:
+    """Write checkpoint-{window}: tensor file first, then the manifest that makes it visible."""
+    data = state_bytes(state)
+    digest = hashlib.sha256(data).hexdigest()
+    manifest = {
+        "format": FORMAT_VERSION, "window": state.window, "step": state.step, "sha256": digest, "bytes": len(data),
+        "tensors": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+                    for name, p in sorted(state.parameters.items())},
+        "hparams": hparams.to_dict(),
+    }
+    bucket.put(tensors_key(state.window), data)
+    bucket.put(manifest_key(state.window), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return CheckpointInfo(state.window, state.step, digest, len(data), tensors_key(state.window))
+
+
+def read_manifest(bucket: Bucket, window: int) -> dict:
+    """The validated manifest of checkpoint-{window}. Raises InvalidFile or a BucketError."""
+    try:
+        manifest = json.loads(bucket.get(manifest_key(window), max_bytes=MAX_MANIFEST_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidFile(f"checkpoint-{window}.json: not JSON ({str(error)[:80]})") from None
+    fields = {"format": int, "window": int, "step": int, "sha256": str, "bytes": int, "tensors": dict, "hparams": dict}
+    if not isinstance(manifest, dict) or set(manifest) != set(fields):
+        raise InvalidFile(f"checkpoint-{window}.json: expected exactly the fields {sorted(fields)}")
+    for name, kind in fields.items():
+        if not isinstance(manifest[name], kind) or isinstance(manifest[name], bool):
+            raise InvalidFile(f"checkpoint-{window}.json: {name} must be {kind.__name__}")
+    if manifest["format"] != FORMAT_VERSION or manifest["window"] != window or manifest["step"] < 0:
+        raise InvalidFile(f"checkpoint-{window}.json: format/window/step do not match")
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest["sha256"]) or not 0 < manifest["bytes"] <= MAX_CHECKPOINT_BYTES:
+        raise InvalidFile(f"checkpoint-{window}.json: malformed sha256 or size")
+    return manifest
+
+
+def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> ModelState:
+    """θ_window from checkpoint-{window}, after checking the manifest, the sha256 and (if given) the shapes."""
+    manifest = read_manifest(bucket, window)
+    data = bucket.get(tensors_key(window), max_bytes=manifest["bytes"])
+    if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise InvalidFile(f"checkpoint-{window}: tensor file does not match its manifest's sha256")
+    entries, _ = parse_header(data, max_bytes=manifest["bytes"])
+    declared = {name: (entry["shape"], entry["dtype"]) for name, entry in entries.items()}
+    expected = {name: (item.get("shape"), _dtype_code(item.get("dtype"))) for name, item in manifest["tensors"].items()}
+    if declared != expected:
+        raise InvalidFile(f"checkpoint-{window}: tensors differ from the manifest")
+    if shapes is not None and {n: list(s) for n, s in shapes.items()} != {n: s for n, (s, _) in declared.items()}:
+        raise InvalidFile(f"checkpoint-{window}: parameters differ from the model")
+    parameters = safetensors_load(data)
+    for name, tensor in parameters.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidFile(f"checkpoint-{window}: {name} has non-finite values")
+    return ModelState(window=window, step=manifest["step"], parameters=parameters)
+
+
+def checkpoint_windows(bucket: Bucket) -> list[int]:
+    """Windows that have a checkpoint manifest, newest first."""
+    windows = []
+    for key in bucket.list("checkpoint-"):
+        match = _MANIFEST_KEY.match(key)
+        if match:
+            windows.append(int(match.group(1)))
+    return sorted(windows, reverse=True)
+
+
+def latest_checkpoint(bucket: Bucket, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                      at_most: int | None = None) -> ModelState | None:
+    """The newest checkpoint (not after `at_most`) that validates; broken or half-written ones are skipped."""
+    for window in checkpoint_windows(bucket):
+        if at_most is not None and window > at_most:
+            continue
+        try:
+            return load_checkpoint(bucket, window, shapes=shapes)
+        except (InvalidFile, BucketError) as error:
+            log.warning("skipping checkpoint-%d: %s", window, error)
+    return None
+
+
+def catch_up(state: ModelState, aggregations: Bucket, target_window: int, *, hparams: HParams) -> ModelState:
+    """Replay aggregation-{w} for w in [state.window, target_window) onto a copy of state; returns θ_target."""
+    if target_window < state.window:
+        raise ValueError(f"cannot catch up backwards from window {state.window} to {target_window}")
+    parameters = {name: p.clone() for name, p in state.parameters.items()}
+    shapes = {name: tuple(p.shape) for name, p in parameters.items()}
+    step = state.step
+    for window in range(state.window, target_window):
+        try:
+            aggregation = read_aggregation(aggregations.get(aggregation_key(window), max_bytes=hparams.max_gradient_bytes),
+                                           window=window, shapes=shapes, target_chunk=hparams.target_chunk)
+        except (InvalidFile, BucketError) as error:
+            raise CatchUpError(f"cannot replay window {window}: {error}") from None
+        if aggregation.step != step:
+            raise CatchUpError(f"aggregation-{window} is outer step {aggregation.step}, expected {step}")
+        apply_aggregation_(parameters, aggregation, weight_decay=hparams.weight_decay)
+        step += 1
+    return ModelState(window=target_window, step=step, parameters=parameters)
+
+
+def _dtype_code(name: object) -> str | None:
+    for code, dtype in _DTYPES.items():
+        if name == str(dtype).removeprefix("torch."):
+            return code
+    return None

@@ -1,0 +1,151 @@
+"""Checkpoints: integrity, atomicity under SIGKILL, and bit-identical catch-up from published aggregations."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at
+from templar_lib.buckets import LocalBucket
+from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
+                                     manifest_key, save_checkpoint, state_sha256, tensors_key)
+from templar_lib.compression import ErrorFeedback
+from templar_lib.hparams import HParams
+from templar_lib.model import build_model
+from templar_lib.wire import (Aggregation, InvalidFile, aggregation_key, read_aggregation, write_aggregation)
+
+HPARAMS = HParams()
+
+
+def tiny_state(window=0, step=0) -> ModelState:
+    model = build_model("tiny", seed=0)
+    return ModelState(window, step, {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    state = tiny_state(window=5, step=5)
+    info = save_checkpoint(bucket, state, HPARAMS)
+    loaded = load_checkpoint(bucket, 5, shapes={n: tuple(p.shape) for n, p in state.parameters.items()})
+    assert (loaded.window, loaded.step) == (5, 5) and info.sha256 == state_sha256(state)
+    assert all(torch.equal(loaded.parameters[n], p) for n, p in state.parameters.items())
+
+
+def test_tampered_checkpoint_is_rejected_and_latest_falls_back(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    save_checkpoint(bucket, tiny_state(window=3, step=3), HPARAMS)
+    newer = tiny_state(window=6, step=6)
+    save_checkpoint(bucket, newer, HPARAMS)
+    data = bytearray(bucket.get(tensors_key(6)))
+    data[-1] ^= 0x01  # flip one bit of one weight
+    bucket.put(tensors_key(6), bytes(data))
+    with pytest.raises(InvalidFile, match="sha256"):
+        load_checkpoint(bucket, 6)
+    assert latest_checkpoint(bucket).window == 3
+    bucket.put(manifest_key(7), b'{"format": 1}')  # a manifest without data: ignored
+    assert latest_checkpoint(bucket).window == 3
+    assert latest_checkpoint(bucket, at_most=2) is None
+
+
+def test_wrong_model_shapes_are_rejected(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    save_checkpoint(bucket, tiny_state(), HPARAMS)
+    with pytest.raises(InvalidFile, match="differ from the model"):
+        load_checkpoint(bucket, 0, shapes={"model.norm.weight": (128,)})
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from templar_lib.buckets import LocalBucket
+    from templar_lib.checkpoints import ModelState, save_checkpoint
+    from templar_lib.hparams import HParams
+    bucket = LocalBucket(sys.argv[1])
+    small = {"w": torch.full((4, 4), 1.0)}
+    save_checkpoint(bucket, ModelState(1, 1, small), HParams())
+    print("saved", flush=True)
+    big = {f"w{i}": torch.full((4096, 4096), float(i)) for i in range(12)}   # ~0.8 GB: slow enough to be killed
+    save_checkpoint(bucket, ModelState(2, 2, big), HParams())
+    print("finished", flush=True)
+""")
+
+
+def test_sigkill_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
+    bucket_dir = tmp_path / "aggregator"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(bucket_dir)], stdout=subprocess.PIPE, text=True,
+                               env=os.environ | {"PYTHONPATH": os.getcwd()})
+    assert process.stdout.readline().strip() == "saved"
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".tmp-") for p in bucket_dir.iterdir()):  # the big write is in progress
+        assert time.monotonic() < deadline and process.poll() is None, "writer never started the second save"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL  # it really died mid-save
+    bucket = LocalBucket(bucket_dir)
+    assert not bucket.exists(manifest_key(2))
+    state = latest_checkpoint(bucket)
+    assert state.window == 1 and torch.equal(state.parameters["w"], torch.full((4, 4), 1.0))
+
+
+def make_aggregations(state: ModelState, windows: int, miners: int = 3):
+    """Run `windows` outer steps live from `state` with random miner gradients; yield each Aggregation and θ."""
+    shapes = {n: tuple(p.shape) for n, p in state.parameters.items()}
+    feedback = [ErrorFeedback.zeros_like(state.parameters, topk=32, target_chunk=64, momentum_decay=0.999)
+                for _ in range(miners)]
+    parameters = {n: p.clone() for n, p in state.parameters.items()}
+    for window in range(state.window, state.window + windows):
+        step = state.step + window - state.window
+        lr = learning_rate_at(step, HPARAMS)
+        generator = torch.Generator().manual_seed(window)
+        sent = {uid: feedback[uid].step({n: torch.randn(s, generator=generator) for n, s in shapes.items()}, lr=lr)
+                for uid in range(miners)}
+        aggregation = combine_peers(window, step, lr, sent, list(shapes), HPARAMS.protocol_hash())
+        apply_aggregation_(parameters, aggregation, weight_decay=HPARAMS.weight_decay)
+        yield aggregation, {n: p.clone() for n, p in parameters.items()}
+
+
+def test_catch_up_from_checkpoint_is_bit_identical_to_live_node(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    live = {}
+    for aggregation, parameters in make_aggregations(tiny_state(), windows=7):
+        bucket.put(aggregation_key(aggregation.window), write_aggregation(aggregation))
+        live[aggregation.window + 1] = parameters
+        if aggregation.window + 1 == 5:
+            save_checkpoint(bucket, ModelState(5, 5, parameters), HPARAMS)
+    start = latest_checkpoint(bucket)
+    assert start.window == 5
+    caught_up = catch_up(start, bucket, 7, hparams=HPARAMS)
+    assert (caught_up.window, caught_up.step) == (7, 7)
+    assert all(torch.equal(caught_up.parameters[n], p) for n, p in live[7].items())
+    assert not torch.equal(caught_up.parameters["model.norm.weight"], start.parameters["model.norm.weight"])
+    with pytest.raises(CatchUpError, match="cannot replay window 7"):
+        catch_up(start, bucket, 8, hparams=HPARAMS)
+
+
+def test_aggregation_file_round_trip_and_validation():
+    aggregation, _ = next(make_aggregations(tiny_state(), windows=1))
+    shapes = {n: c.shape for n, c in aggregation.tensors.items()}
+    data = write_aggregation(aggregation)
+    back = read_aggregation(data, window=0, shapes=shapes)
+    assert (back.step, back.lr, back.peers) == (aggregation.step, aggregation.lr, aggregation.peers)
+    for name, combined in aggregation.tensors.items():
+        assert torch.equal(back.tensors[name].idx, combined.idx)
+        assert torch.equal(back.tensors[name].vals, combined.vals)
+        assert torch.equal(back.tensors[name].counts, combined.counts)
+    with pytest.raises(InvalidFile, match="window"):
+        read_aggregation(data, window=1, shapes=shapes)
+    broken = Aggregation(0, 0, 1e-3, [2, 1], aggregation.tensors)
+    with pytest.raises(InvalidFile, match="peers"):
+        read_aggregation(write_aggregation(broken), window=0, shapes=shapes)
+    name = "model.norm.weight"
+    combined = aggregation.tensors[name]
+    reversed_positions = type(combined)(combined.idx.flip(0), combined.vals, combined.counts, combined.shape,
+                                        combined.chunk)
+    bad = Aggregation(0, 0, 1e-3, [0], aggregation.tensors | {name: reversed_positions})
+    with pytest.raises(InvalidFile, match="not increasing"):
+        read_aggregation(write_aggregation(bad), window=0, shapes=shapes)
