@@ -161,8 +161,8 @@ class S3Bucket:
     """
 
     def __init__(self, name: str, *, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-                 profile: str | None = None, client=None, max_attempts: int = 4, connect_timeout: float = 5.0,
-                 read_timeout: float = 30.0) -> None:
+                 profile: str | None = None, credentials: tuple[str, str] | None = None, client=None,
+                 max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 30.0) -> None:
         self.name = name
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
@@ -175,7 +175,10 @@ class S3Bucket:
             config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"},
                             connect_timeout=connect_timeout, read_timeout=read_timeout,
                             signature_version="s3v4", s3={"addressing_style": "path"})
-            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+            if credentials is not None:  # explicit (e.g. a peer's published read-only keys)
+                session = boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
+            else:  # boto3's own chain: environment, named profile, instance role
+                session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
             client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config)
         self._client = client
 
@@ -255,9 +258,10 @@ class S3Bucket:
             self._client.delete_object(Bucket=self.name, Key=self._key(key))
 
 
-def open_bucket(url: str, *, client=None) -> Bucket:
+def open_bucket(url: str, *, client=None, credentials: tuple[str, str] | None = None) -> Bucket:
     """A bucket from its URL: `file:///abs/dir` (a plain path too) or `s3://name[/prefix][?endpoint_url=..&region=..
-    &profile=..]`. `client`: an existing boto3 S3 client to use for s3:// (e.g. from dagster-aws S3Resource)."""
+    &profile=..]`. For s3://, `client` is an existing boto3 S3 client (e.g. from dagster-aws S3Resource) and
+    `credentials` an explicit (access key id, secret) pair; by default boto3's credential chain is used."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalBucket(unquote(parsed.path))
@@ -271,5 +275,6 @@ def open_bucket(url: str, *, client=None) -> Bucket:
         if unknown:
             raise ValueError(f"unknown s3 bucket URL option(s) {sorted(unknown)}")
         return S3Bucket(parsed.netloc, prefix=unquote(parsed.path), endpoint_url=options.get("endpoint_url"),
-                        region=options.get("region"), profile=options.get("profile"), client=client)
+                        region=options.get("region"), profile=options.get("profile"), credentials=credentials,
+                        client=client)
     raise ValueError(f"unsupported bucket URL scheme {parsed.scheme!r} (supported: file://, s3://)")

@@ -1,0 +1,113 @@
+"""gather(): valid, missing, oversized, corrupt, late, slow and uncommitted peers, on local and S3 buckets."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import torch
+
+from templar_lib.buckets import LocalBucket, S3Bucket
+from templar_lib.compression import encode
+from templar_lib.gather import (BucketCommitment, fetch_peers, gather, parse_commitment, peer_buckets,
+                                publish_peers)
+from templar_lib.hparams import HParams
+from templar_lib.wire import Gradient, InvalidFile, Peers, gradient_key, peers_key, write_gradient
+from tests.s3 import FaultProxy
+
+SHAPES = {"w": (64, 128), "b": (60,)}
+HPARAMS = HParams(max_gradient_bytes=64 * 1024)
+WINDOW = 4
+
+
+def gradient_bytes(uid: int, window: int = WINDOW, scale: float = 1.0) -> bytes:
+    generator = torch.Generator().manual_seed(uid)
+    tensors = {n: encode(torch.randn(s, generator=generator) * scale, 32, 64) for n, s in SHAPES.items()}
+    return write_gradient(Gradient(window, uid, tensors, HPARAMS.protocol_hash()))
+
+
+@pytest.fixture(params=["local", "s3"])
+def make_bucket(request, tmp_path):
+    if request.param == "local":
+        return lambda uid: LocalBucket(tmp_path / f"uid{uid}")
+    shared = request.getfixturevalue("s3_bucket")
+    return lambda uid: shared  # all peers in one S3 bucket: keys differ by uid
+
+
+def test_gather_sorts_valid_from_skipped_with_reasons(make_bucket):
+    buckets = {uid: make_bucket(uid) for uid in range(6)}
+    buckets[0].put(gradient_key(WINDOW, 0), gradient_bytes(0))
+    buckets[1].put(gradient_key(WINDOW, 1), gradient_bytes(1))
+    # uid 2 uploads nothing
+    buckets[3].put(gradient_key(WINDOW, 3), b"\0" * (HPARAMS.max_gradient_bytes + 1))
+    buckets[4].put(gradient_key(WINDOW, 4), gradient_bytes(4)[:-10])  # truncated file
+    buckets[5].put(gradient_key(WINDOW, 5), gradient_bytes(5, window=WINDOW - 1))  # replayed from another window
+    result = gather(WINDOW, range(7), buckets, shapes=SHAPES, hparams=HPARAMS, timeout=30)
+    assert sorted(result.gradients) == [0, 1]
+    assert torch.equal(result.gradients[1].tensors["w"].idx, encode(
+        torch.randn(SHAPES["w"], generator=torch.Generator().manual_seed(1)), 32, 64).idx)
+    reasons = result.skipped
+    assert reasons[2].startswith("missing")
+    assert reasons[3].startswith("too big")
+    assert reasons[4].startswith("invalid:")
+    assert reasons[5].startswith("invalid: header window 3")
+    assert reasons[6].startswith("no bucket")
+    assert set(result.gradients) | set(result.skipped) == set(range(7))
+
+
+def test_gather_checks_upload_time_against_the_window(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
+    now = datetime.now(timezone.utc)
+    on_time = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+                     time_range=(now - timedelta(minutes=1), now + timedelta(minutes=1)))
+    assert list(on_time.gradients) == [0]
+    late = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+                  time_range=(now - timedelta(minutes=10), now - timedelta(minutes=5)))
+    assert late.skipped[0].startswith("late: uploaded")
+    early = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+                   time_range=(now + timedelta(minutes=5), now + timedelta(minutes=10)))
+    assert early.skipped[0].startswith("early")
+
+
+def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(moto_server, s3_bucket):
+    proxy = FaultProxy(int(moto_server.rsplit(":", 1)[1]))
+    try:
+        slow = S3Bucket(s3_bucket.name, endpoint_url=proxy.url, read_timeout=30)
+        s3_bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
+        s3_bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
+        proxy.inject("delay", 1, 5.0)
+        result = gather(WINDOW, [0, 1], {0: s3_bucket, 1: slow}, shapes=SHAPES, hparams=HPARAMS, timeout=2.0)
+        assert list(result.gradients) == [0]
+        assert result.skipped[1].startswith("timeout") and result.seconds < 4.0
+        assert proxy.faults_fired == 1
+    finally:
+        proxy.close()
+
+
+def test_commitments_are_validated_and_opened(tmp_path):
+    good = BucketCommitment(url=tmp_path.as_uri()).encode()
+    s3 = BucketCommitment(url="s3://grads?endpoint_url=https://acct.r2.cloudflarestorage.com",
+                          access_key_id="read-id", secret_access_key="read-secret")
+    assert "read-secret" not in repr(s3)
+    assert parse_commitment(s3.encode()) == s3
+    buckets, reasons = peer_buckets({
+        1: good, 2: s3.encode(), 3: "not json", 4: '{"v": 1, "gradients": "s3://x?endpoint_url=http://10.0.0.1"}',
+        5: "x" * 5000, 6: '{"v": 1, "gradients": "ftp://x"}', 7: good,
+    }, allow_local=False)
+    assert sorted(buckets) == [2]
+    assert reasons[1].endswith("only accepted on a local network") and "not JSON" in reasons[3]
+    assert "https" in reasons[4] and "at most" in reasons[5] and "unsupported" in reasons[6]
+    local, _ = peer_buckets({1: good}, allow_local=True)
+    assert isinstance(local[1], LocalBucket)
+
+
+def test_peers_list_round_trip_and_validation(tmp_path):
+    bucket = LocalBucket(tmp_path)
+    assert fetch_peers(bucket, 3) is None
+    publish_peers(bucket, Peers(window=3, validator=0, uids=[5, 1, 2]))
+    assert fetch_peers(bucket, 3) == Peers(window=3, validator=0, uids=[1, 2, 5])
+    for bad in (b'{"format":1,"window":3,"validator":0,"uids":[2,2]}', b'{"format":1,"window":4,"validator":0,"uids":[]}',
+                b'{"format":1,"window":3,"validator":0,"uids":[-1]}', b"[]", b"\xff",
+                b'{"format":1,"window":3,"validator":0,"uids":[1],"uids":[2]}'):
+        bucket.put(peers_key(3), bad)
+        with pytest.raises(InvalidFile):
+            fetch_peers(bucket, 3)
