@@ -52,9 +52,13 @@ class FaultProxy:
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 headers["Host"] = f"127.0.0.1:{proxy.upstream_port}"
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                payload = response.read()
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    payload = response.read()
+                except OSError:  # upstream gone (e.g. a delayed request outliving its test): a gateway error
+                    self.send_error(502)
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -67,7 +71,10 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 if self.command != "HEAD":
-                    self.wfile.write(payload)
+                    try:
+                        self.wfile.write(payload)
+                    except OSError:  # the client gave up (its timeout fired): nothing to deliver to
+                        self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

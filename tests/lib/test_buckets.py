@@ -154,3 +154,15 @@ class socket_closed_port:
 
     def __exit__(self, *args) -> None:
         pass
+
+
+def test_node_buckets_from_urls_and_local_default(tmp_path, s3_env):
+    from templar_lib.buckets import Buckets
+
+    local = Buckets.local(tmp_path)
+    local.gradients.put("g", b"1")
+    assert (tmp_path / "gradients" / "g").read_bytes() == b"1"
+    assert {type(b) for b in (local.dataset, local.aggregator)} == {LocalBucket}
+    mixed = Buckets.from_urls(gradients="s3://grads?endpoint_url=https://acct.r2.cloudflarestorage.com",
+                              dataset=(tmp_path / "d").as_uri(), aggregator="s3://agg/run-1")
+    assert isinstance(mixed.gradients, S3Bucket) and mixed.aggregator.prefix == "run-1/"
