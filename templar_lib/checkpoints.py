@@ -85,6 +85,20 @@ def state_sha256(state: ModelState) -> str:
     return hashlib.sha256(state_bytes(state)).hexdigest()
 
 
+def model_fingerprint(parameters: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (32 hex digits) over every parameter's name and raw bytes, in name order: equal iff θ is bit-identical.
+
+    Miners put it in their gradient header; a validator whose own θ_window differs rejects the gradient as trained
+    on a stale (or diverged) model.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        tensor = parameters[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + b"\0")
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def save_checkpoint(bucket: Bucket, state: ModelState, hparams: HParams) -> CheckpointInfo:
     """Write checkpoint-{window}: tensor file first, then the manifest that makes it visible."""
     data = state_bytes(state)

@@ -106,6 +106,7 @@ class GatherResult:
     skipped: dict[int, str]  # uid -> one-line reason
     bytes: dict[int, int]  # downloaded bytes by uid (valid or not)
     seconds: float
+    uploaded: dict[int, datetime] = field(default_factory=dict)  # when each valid file was written
 
 
 def gather(window: int, uids: Iterable[int], buckets: Mapping[int, Bucket], *,
@@ -122,20 +123,24 @@ def gather(window: int, uids: Iterable[int], buckets: Mapping[int, Bucket], *,
     skipped: dict[int, str] = {}
     sizes: dict[int, int] = {}
 
+    uploaded: dict[int, datetime] = {}
+
     def fetch(uid: int) -> tuple[Gradient | None, str | None, int]:
         bucket = buckets.get(uid)
         if bucket is None:
             return None, "no bucket: the uid has no usable bucket commitment", 0
         key = gradient_key(window, uid)
         try:
-            if time_range is not None:
-                reason = _upload_time_reason(bucket.stat(key).modified, time_range)
-                if reason:
-                    return None, reason, 0
+            modified = bucket.stat(key).modified
+            reason = _upload_time_reason(modified, time_range) if time_range is not None else None
+            if reason:
+                return None, reason, 0
             data = bucket.get(key, max_bytes=hparams.max_gradient_bytes)
-            return read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
-                                 target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                                 max_bytes=hparams.max_gradient_bytes), None, len(data)
+            gradient = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
+                                     target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
+                                     max_bytes=hparams.max_gradient_bytes)
+            uploaded[uid] = modified
+            return gradient, None, len(data)
         except ObjectMissing:
             return None, f"missing: no {key}", 0
         except ObjectTooLarge as error:
@@ -167,7 +172,7 @@ def gather(window: int, uids: Iterable[int], buckets: Mapping[int, Bucket], *,
     for uid, reason in sorted(skipped.items()):
         log.info("window %d: skipping uid %d: %s", window, uid, reason)
     return GatherResult(window, dict(sorted(gradients.items())), dict(sorted(skipped.items())), sizes,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, {uid: uploaded[uid] for uid in sorted(gradients)})
 
 
 def _upload_time_reason(modified: datetime, time_range: tuple[datetime, datetime]) -> str | None:

@@ -62,6 +62,22 @@ def build_model(preset: str, *, seed: int = 0, vocab_size: int | None = None, de
     return model.to(dtype=dtype)
 
 
+def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters by name (the live tensors, not copies)."""
+    return {name: p for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def load_parameters_(model: torch.nn.Module, parameters: dict[str, torch.Tensor]) -> None:
+    """Copy `parameters` into the model's own tensors in place; the names must match exactly."""
+    own = parameters_of(model)
+    if set(own) != set(parameters):
+        raise ValueError(f"parameter names differ: missing {sorted(set(own) - set(parameters))[:3]}, "
+                         f"unexpected {sorted(set(parameters) - set(own))[:3]}")
+    for name, tensor in own.items():
+        tensor.copy_(parameters[name])
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -60,6 +60,7 @@ class Gradient:
     uid: int
     tensors: dict[str, Sparse]
     hparams_hash: str = ""
+    model_hash: str = ""  # fingerprint of the θ_window the miner trained on (checkpoints.model_fingerprint)
     format: int = FORMAT_VERSION
 
 
@@ -131,7 +132,7 @@ def write_gradient(gradient: Gradient) -> bytes:
         tensors[f"{name}.vals"] = sparse.vals.detach().to("cpu").contiguous()
         params[name] = {"shape": list(sparse.shape), "chunk": list(sparse.chunk)}
     header = {"format": gradient.format, "kind": "gradient", "window": gradient.window, "uid": gradient.uid,
-              "hparams_hash": gradient.hparams_hash, "params": params}
+              "hparams_hash": gradient.hparams_hash, "model_hash": gradient.model_hash, "params": params}
     return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
 
 
@@ -156,7 +157,9 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     _expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
     if hparams_hash is not None:
         _expect(header["hparams_hash"] == hparams_hash,
-                f"hparams hash {header['hparams_hash']!r} differs from ours {hparams_hash!r}")
+                f"hparams hash {header['hparams_hash'][:32]!r} differs from ours {hparams_hash!r}")
+    model_hash = header.get("model_hash", "")
+    _expect(isinstance(model_hash, str) and len(model_hash) <= 64, "model_hash must be a short string")
     params = header.get("params")
     _expect(isinstance(params, dict), "params must be an object")
     _expect(set(params) == set(shapes), _set_difference("parameters", set(params), set(shapes)))
@@ -183,7 +186,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
             _expect(bool((ordered[:, 1:] != ordered[:, :-1]).all()), f"{name}: repeated index within a chunk")
         _expect(bool(torch.isfinite(vals).all()), f"{name}: non-finite value")
         tensors[name] = Sparse(idx=idx, vals=vals, shape=shape, chunk=chunk)
-    return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"])
+    return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"], model_hash=model_hash)
 
 
 def write_aggregation(aggregation: Aggregation) -> bytes:

@@ -1,0 +1,60 @@
+"""Miner window step (DESIGN §2, §5): train on the window's own pages, compress, upload."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from templar_lib.aggregation import learning_rate_at
+from templar_lib.buckets import Bucket
+from templar_lib.checkpoints import model_fingerprint
+from templar_lib.compression import ErrorFeedback
+from templar_lib.data import Manifest, load_pages, pages_for
+from templar_lib.hparams import HParams
+from templar_lib.model import parameters_of
+from templar_lib.training import loss_and_gradients
+from templar_lib.wire import Gradient, gradient_key, write_gradient
+
+
+@dataclass(frozen=True)
+class MinerResult:
+    window: int
+    uid: int
+    loss: float  # mean loss of θ_w on the uid's pages
+    tokens: int
+    bytes: int  # size of the uploaded file
+    compression_ratio: float  # dense float32 gradient bytes / uploaded bytes
+    pages: list[int]
+    key: str
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
+                     tokens: torch.Tensor, hparams: HParams) -> tuple[float, Gradient]:
+    """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place."""
+    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size)
+    sparse = feedback.step(gradients, lr=learning_rate_at(step, hparams))
+    return loss, Gradient(window, uid, sparse, hparams.protocol_hash(), model_fingerprint(parameters_of(model)))
+
+
+def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
+               dataset: Bucket, manifest: Manifest, gradients: Bucket, hparams: HParams) -> MinerResult:
+    """One window of mining on θ_w (the model's current weights, outer step `step`)."""
+    started = time.perf_counter()
+    pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
+    tokens = load_pages(dataset, manifest, pages)
+    loss, gradient = compute_gradient(window, uid, model=model, step=step, feedback=feedback, tokens=tokens,
+                                      hparams=hparams)
+    data = write_gradient(gradient)
+    key = gradient_key(window, uid)
+    gradients.put(key, data)
+    dense_bytes = sum(math.prod(s.shape) for s in gradient.tensors.values()) * 4
+    return MinerResult(window, uid, loss, tokens.numel(), len(data), dense_bytes / len(data), pages, key,
+                       time.perf_counter() - started)

@@ -1,0 +1,146 @@
+"""Validator window step (DESIGN §2; Templar v0.2 incentive mechanism with later countermeasures).
+
+For window w, on the same θ_w the miners trained on:
+1. gather every other uid's gradient (validated files, upload time inside the window), then screen them
+   (stale model, norm outliers, copies: screening.py). Everything else scores 0 with its reason.
+2. losses on the validator's random pages for θ_w, once.
+3. per valid uid, in ascending uid order, on one scratch copy of the model: load θ_w, loss on the uid's own pages,
+   apply the uid's gradient alone with the window's outer step (sign, lr, weight decay), loss on its own pages
+   and on the random pages again. Memory is two models; time is three evaluations per uid, so a single GPU
+   scores dozens of uids per 84 s window on the 1b preset with pages of a few thousand tokens.
+4. scores and indicators (scoring.py) -> OpenSkill ratings and binary moving averages (ratings.py)
+   -> weights (weights.py), set on the chain; `peers_{w}.json` (valid uids with a positive score, best first,
+   at most topk_peers) and `evaluation-{w}-{validator}.json` written to the validator's gradients bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+
+from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at
+from templar_lib.buckets import Bucket
+from templar_lib.chain import Chain, ChainError, window_time_range
+from templar_lib.checkpoints import model_fingerprint
+from templar_lib.data import Manifest, load_pages, pages_for, random_pages
+from templar_lib.gather import gather, publish_peers
+from templar_lib.hparams import HParams
+from templar_lib.model import load_parameters_, parameters_of
+from templar_lib.ratings import Ratings, update_ratings
+from templar_lib.scoring import Losses, Score, score_losses, zero_score
+from templar_lib.screening import screen
+from templar_lib.training import evaluate_loss
+from templar_lib.weights import normalised_weights
+from templar_lib.wire import Gradient, Peers, evaluation_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidatorResult:
+    window: int
+    validator_uid: int
+    scores: dict[int, Score]  # every uid considered, valid or not
+    ratings: Ratings
+    weights: dict[int, float] | None  # what was submitted (None: nothing positive to set)
+    weights_status: str  # "set", or why not
+    peers: list[int]
+    random_loss: float  # θ_w on the validator's random pages
+    keys: list[str]  # bucket keys written
+    seconds: float
+
+    @property
+    def valid_uids(self) -> list[int]:
+        return [uid for uid, score in self.scores.items() if not score.reason]
+
+
+def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor], gradient: Gradient, *,
+                      window: int, step: int, own: torch.Tensor, random: torch.Tensor, random_before: float,
+                      hparams: HParams) -> Losses:
+    """Losses of θ_w and of θ_w + this uid's update alone, on its own and the random pages (scratch is reused)."""
+    load_parameters_(scratch, dict(theta))
+    own_before = evaluate_loss(scratch, own, hparams.batch_size)
+    single = combine_peers(window, step, learning_rate_at(step, hparams), {gradient.uid: gradient.tensors},
+                           list(theta))
+    apply_aggregation_(parameters_of(scratch), single, weight_decay=hparams.weight_decay)
+    return Losses(own_before=own_before, own_after=evaluate_loss(scratch, own, hparams.batch_size),
+                  random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size))
+
+
+def validator_step(window: int, *, validator_uid: int, chain: Chain, model: torch.nn.Module, step: int,
+                   dataset: Bucket, manifest: Manifest, peer_buckets: Mapping[int, Bucket], own_bucket: Bucket,
+                   ratings: Ratings, hparams: HParams, random_page_count: int | None = None,
+                   gather_timeout: float = 60.0, skipped_commitments: Mapping[int, str] | None = None,
+                   check_upload_time: bool = True) -> ValidatorResult:
+    """Score window `window` with θ_w held by `model` (outer step `step`); returns the result and new ratings."""
+    started = time.perf_counter()
+    graph = chain.metagraph()
+    uids = [uid for uid in graph.uids if uid != validator_uid][: hparams.max_peers]
+    theta = {name: p.detach() for name, p in parameters_of(model).items()}
+    shapes = {name: tuple(p.shape) for name, p in theta.items()}
+
+    gathered = gather(window, uids, peer_buckets, shapes=shapes, hparams=hparams, timeout=gather_timeout,
+                      time_range=window_time_range(chain, window) if check_upload_time else None)
+    rejected = screen(gathered.gradients, model_hash=model_fingerprint(theta), upload_times=gathered.uploaded)
+    reasons = {**(skipped_commitments or {}), **gathered.skipped, **rejected}
+
+    random_ids = random_pages(window, validator_uid, random_page_count or hparams.pages_per_window,
+                              manifest.train_pages)
+    random = load_pages(dataset, manifest, random_ids)
+    scratch = copy.deepcopy(model)
+    random_before = evaluate_loss(model, random, hparams.batch_size)
+    scores: dict[int, Score] = {}
+    for uid in uids:
+        if uid in reasons or uid not in gathered.gradients:
+            scores[uid] = zero_score(uid, reasons.get(uid, "missing"))
+            continue
+        own = load_pages(dataset, manifest, pages_for(window, uid, hparams.pages_per_window, manifest.train_pages))
+        losses = evaluate_gradient(scratch, theta, gathered.gradients[uid], window=window, step=step, own=own,
+                                   random=random, random_before=random_before, hparams=hparams)
+        scores[uid] = score_losses(uid, losses)
+    del scratch
+
+    hotkeys = {neuron.uid: neuron.hotkey for neuron in graph.neurons}
+    new_ratings = update_ratings(ratings, window, {u: s.score for u, s in scores.items()},
+                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams)
+    weights = normalised_weights(new_ratings.final_scores(), graph.uids)
+    status = "no uid has a positive final score: weights left unchanged"
+    if weights is not None:
+        try:
+            chain.set_weights(weights)
+            status = "set"
+        except ChainError as error:  # rate limit or chain refusal: the window's evaluation still stands
+            status = f"not set: {error}"
+    log.info("validator %d window %d: weights %s", validator_uid, window, status)
+
+    positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
+                      key=lambda uid: (-scores[uid].score, uid))
+    peers = sorted(positive[: hparams.topk_peers])
+    keys = [publish_peers(own_bucket, Peers(window=window, validator=validator_uid, uids=peers))]
+    report = evaluation_report(window, validator_uid, step, scores, new_ratings, weights, status, peers, random_before)
+    keys.append(evaluation_key(window, validator_uid))
+    own_bucket.put(keys[-1], report)
+    return ValidatorResult(window, validator_uid, scores, new_ratings, weights, status, peers, random_before, keys,
+                           time.perf_counter() - started)
+
+
+def evaluation_report(window: int, validator_uid: int, step: int, scores: Mapping[int, Score], ratings: Ratings,
+                      weights: Mapping[int, float] | None, status: str, peers: list[int], random_loss: float) -> bytes:
+    """evaluation-{window}-{validator}.json: what was measured and decided, per uid (stable, sorted JSON)."""
+    rows = {}
+    for uid, score in sorted(scores.items()):
+        row = asdict(score)
+        row.pop("uid")
+        rating = ratings.by_uid.get(uid)
+        row |= {"ordinal": rating.ordinal if rating else None, "binary_ma": rating.binary_ma if rating else None,
+                "final": rating.final if rating else 0.0, "weight": (weights or {}).get(uid, 0.0)}
+        rows[str(uid)] = row
+    return json.dumps({"format": 1, "window": window, "validator": validator_uid, "step": step,
+                       "random_loss": random_loss, "weights_status": status, "peers": peers, "uids": rows},
+                      sort_keys=True, indent=1).encode()
