@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/templar --home $(DEMO_HOME) init
-	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/demo-hparams.yaml train --miners 4 --windows $(DEMO_WINDOWS)
+	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml simulate --miners 4 --windows $(DEMO_WINDOWS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -3,6 +3,9 @@
     templar init  [--home DIR]                     tokenizer + dataset pages from the bundled corpus
     templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
                                                    the training core in-process (honest miners, no chain)
+    templar simulate --miners N --windows W [--adversaries KIND:COUNT,...] [--seed S] [--json FILE]
+                                                   a whole network in-process: validator, aggregator, LocalChain,
+                                                   honest and cheating miners; prints weights per uid
 
 Everything lands under --home (default: $TEMPLAR_HOME or ./.templar): `dataset/` is the local dataset bucket.
 """
@@ -66,6 +69,42 @@ def train(home: Path, *, hparams: HParams, miners: int, windows: int, mode: str,
         json_path.write_text(json.dumps(dataclasses.asdict(report), indent=1))
 
 
+def simulate(home: Path, *, hparams: HParams, miners: int, windows: int, adversaries: str, seed: int,
+             json_path: Path | None) -> None:
+    import shutil
+    import tempfile
+
+    from templar_lib.simulate import parse_adversaries, run_network
+
+    bucket = dataset_bucket(home)
+    if not bucket.exists(MANIFEST_KEY):
+        sys.exit(f"no dataset in {bucket.root}: run `templar init` first")
+    counts = parse_adversaries(adversaries)
+    print(f"network: 1 validator, 1 aggregator, {miners} miners"
+          + (f" ({', '.join(f'{k}×{n}' for k, n in counts.items())})" if counts else "") + f", {windows} windows")
+    print(f"{'window':>6} {'miner loss':>10} {'random-page loss':>16} {'peers':<24} {'seconds':>7}")
+
+    def show(entry) -> None:
+        print(f"{entry.window:>6} {entry.miner_loss:>10.4f} {entry.random_loss:>16.4f} "
+              f"{','.join(map(str, entry.peers)):<24} {entry.seconds:>7.2f}", flush=True)
+
+    run_home = Path(tempfile.mkdtemp(prefix="network-", dir=home))
+    try:
+        report = run_network(bucket, run_home, miners=miners, windows=windows, adversaries=counts, hparams=hparams,
+                             seed=seed, on_window=show)
+    finally:
+        shutil.rmtree(run_home, ignore_errors=True)
+    last = report.windows[-1]
+    ranked = sorted(report.roles, key=lambda uid: (-last.final.get(uid, 0.0), uid))
+    print(f"\n{'rank':>4} {'uid':>4} {'role':<11} {'final score':>11} {'weight':>7}  last reason")
+    for rank, uid in enumerate(ranked, 1):
+        print(f"{rank:>4} {uid:>4} {report.roles[uid]:<11} {last.final.get(uid, 0.0):>11.3f} "
+              f"{last.weights.get(uid, 0.0):>7.3f}  {last.reasons.get(uid, '')[:60]}")
+    if json_path is not None:
+        json_path.write_text(report.to_json())
+        print(f"report written to {json_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, default=None, help="state directory (default $TEMPLAR_HOME or .templar)")
@@ -79,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--windows", type=int, default=10)
     train_parser.add_argument("--mode", choices=("compressed", "dense"), default="compressed")
     train_parser.add_argument("--json", type=Path, default=None, help="write the per-window report here")
+    simulate_parser = commands.add_parser("simulate", help="a whole network in-process, with cheating miners")
+    simulate_parser.add_argument("--miners", type=int, default=5)
+    simulate_parser.add_argument("--windows", type=int, default=10)
+    simulate_parser.add_argument("--adversaries", default="", help="KIND:COUNT,... e.g. sign_flip:1,copy:1")
+    simulate_parser.add_argument("--seed", type=int, default=0)
+    simulate_parser.add_argument("--json", type=Path, default=None, help="write the per-window report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     home = (args.home or default_home()).resolve()
@@ -87,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         init(home, hparams=hparams, max_chars=args.max_chars, force=args.force)
     elif args.command == "train":
         train(home, hparams=hparams, miners=args.miners, windows=args.windows, mode=args.mode, json_path=args.json)
+    elif args.command == "simulate":
+        simulate(home, hparams=hparams, miners=args.miners, windows=args.windows, adversaries=args.adversaries,
+                 seed=args.seed, json_path=args.json)
 
 
 if __name__ == "__main__":
