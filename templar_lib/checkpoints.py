@@ -81,6 +81,13 @@ def state_bytes(state: ModelState) -> bytes:
     return safetensors_save(tensors, metadata={"templar": header})
 
 
+def state_from_bytes(data: bytes) -> ModelState:
+    """Inverse of state_bytes (for files this node wrote itself; bucket files go through load_checkpoint)."""
+    _, metadata = parse_header(data, max_bytes=len(data))
+    header = json.loads(metadata["templar"])
+    return ModelState(window=int(header["window"]), step=int(header["step"]), parameters=safetensors_load(data))
+
+
 def state_sha256(state: ModelState) -> str:
     return hashlib.sha256(state_bytes(state)).hexdigest()
 

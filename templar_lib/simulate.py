@@ -238,14 +238,15 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         if not all(torch.equal(state.parameters[n], following.parameters[n]) for n in state.parameters):
             raise RuntimeError(f"window {window}: replayed θ differs from the aggregator's")
         load_parameters_(model, state.parameters)
+        evaluation = validation.evaluation
         entry = NetworkWindow(
             window=window, miner_loss=sum(honest_losses) / max(1, len(honest_losses)),
-            random_loss=validation.random_loss,
-            scores={u: s.score for u, s in validation.scores.items()},
-            reasons={u: s.reason for u, s in validation.scores.items() if s.reason},
+            random_loss=evaluation.random_loss,
+            scores={u: s.score for u, s in evaluation.scores.items()},
+            reasons={u: s.reason for u, s in evaluation.scores.items() if s.reason},
             ordinals={u: r.ordinal for u, r in ratings.by_uid.items()},
             binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()},
-            final=ratings.final_scores(), weights=dict(validation.weights or {}), peers=validation.peers,
+            final=ratings.final_scores(), weights=dict(validation.weights or {}), peers=evaluation.peers,
             seconds=time.perf_counter() - started)
         report.append(entry)
         log.info("network window %d: miner loss %.4f, peers %s, %.1fs", window, entry.miner_loss, entry.peers,

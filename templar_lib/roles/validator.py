@@ -43,13 +43,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ValidatorResult:
+class WindowEvaluation:
+    """Steps 1–3 of a validator's window: every uid's score (valid or not) and the peers list."""
+
     window: int
     validator_uid: int
-    scores: dict[int, Score]  # every uid considered, valid or not
-    ratings: Ratings
-    weights: dict[int, float] | None  # what was submitted (None: nothing positive to set)
-    weights_status: str  # "set", or why not
+    step: int
+    scores: dict[int, Score]
     peers: list[int]
     random_loss: float  # θ_w on the validator's random pages
     keys: list[str]  # bucket keys written
@@ -58,6 +58,14 @@ class ValidatorResult:
     @property
     def valid_uids(self) -> list[int]:
         return [uid for uid, score in self.scores.items() if not score.reason]
+
+
+@dataclass(frozen=True)
+class ValidatorResult:
+    evaluation: WindowEvaluation
+    ratings: Ratings
+    weights: dict[int, float] | None  # what was submitted (None: nothing positive to set)
+    weights_status: str  # "set", or why not
 
 
 def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor], gradient: Gradient, *,
@@ -73,15 +81,15 @@ def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor
                   random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size))
 
 
-def validator_step(window: int, *, validator_uid: int, chain: Chain, model: torch.nn.Module, step: int,
-                   dataset: Bucket, manifest: Manifest, peer_buckets: Mapping[int, Bucket], own_bucket: Bucket,
-                   ratings: Ratings, hparams: HParams, random_page_count: int | None = None,
-                   gather_timeout: float = 60.0, skipped_commitments: Mapping[int, str] | None = None,
-                   check_upload_time: bool = True) -> ValidatorResult:
-    """Score window `window` with θ_w held by `model` (outer step `step`); returns the result and new ratings."""
+def evaluate_window(window: int, *, validator_uid: int, chain: Chain, model: torch.nn.Module, step: int,
+                    dataset: Bucket, manifest: Manifest, peer_buckets: Mapping[int, Bucket], own_bucket: Bucket,
+                    hparams: HParams, random_page_count: int | None = None, gather_timeout: float = 60.0,
+                    skipped_commitments: Mapping[int, str] | None = None,
+                    check_upload_time: bool = True) -> WindowEvaluation:
+    """Score every other uid's gradient for `window` on θ_w held by `model` (outer step `step`); writes
+    peers_{w}.json and evaluation-{w}-{validator}.json to `own_bucket`."""
     started = time.perf_counter()
-    graph = chain.metagraph()
-    uids = [uid for uid in graph.uids if uid != validator_uid][: hparams.max_peers]
+    uids = [uid for uid in chain.metagraph().uids if uid != validator_uid][: hparams.max_peers]
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
@@ -106,41 +114,57 @@ def validator_step(window: int, *, validator_uid: int, chain: Chain, model: torc
         scores[uid] = score_losses(uid, losses)
     del scratch
 
-    hotkeys = {neuron.uid: neuron.hotkey for neuron in graph.neurons}
-    new_ratings = update_ratings(ratings, window, {u: s.score for u, s in scores.items()},
-                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams)
-    weights = normalised_weights(new_ratings.final_scores(), graph.uids)
-    status = "no uid has a positive final score: weights left unchanged"
-    if weights is not None:
-        try:
-            chain.set_weights(weights)
-            status = "set"
-        except ChainError as error:  # rate limit or chain refusal: the window's evaluation still stands
-            status = f"not set: {error}"
-    log.info("validator %d window %d: weights %s", validator_uid, window, status)
-
     positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
                       key=lambda uid: (-scores[uid].score, uid))
     peers = sorted(positive[: hparams.topk_peers])
-    keys = [publish_peers(own_bucket, Peers(window=window, validator=validator_uid, uids=peers))]
-    report = evaluation_report(window, validator_uid, step, scores, new_ratings, weights, status, peers, random_before)
-    keys.append(evaluation_key(window, validator_uid))
-    own_bucket.put(keys[-1], report)
-    return ValidatorResult(window, validator_uid, scores, new_ratings, weights, status, peers, random_before, keys,
-                           time.perf_counter() - started)
+    keys = [publish_peers(own_bucket, Peers(window=window, validator=validator_uid, uids=peers)),
+            evaluation_key(window, validator_uid)]
+    own_bucket.put(keys[-1], evaluation_report(window, validator_uid, step, scores, peers, random_before))
+    return WindowEvaluation(window, validator_uid, step, scores, peers, random_before, keys,
+                            time.perf_counter() - started)
 
 
-def evaluation_report(window: int, validator_uid: int, step: int, scores: Mapping[int, Score], ratings: Ratings,
-                      weights: Mapping[int, float] | None, status: str, peers: list[int], random_loss: float) -> bytes:
-    """evaluation-{window}-{validator}.json: what was measured and decided, per uid (stable, sorted JSON)."""
+def rate_window(evaluation: WindowEvaluation, ratings: Ratings, hotkeys: Mapping[int, str],
+                hparams: HParams) -> tuple[Ratings, dict[int, float] | None]:
+    """Step 4: fold the window's scores into the ratings; the weights they give (None: nothing positive)."""
+    scores = evaluation.scores
+    new_ratings = update_ratings(ratings, evaluation.window, {u: s.score for u, s in scores.items()},
+                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams)
+    return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
+
+
+def submit_weights(chain: Chain, weights: dict[int, float] | None) -> str:
+    """Set weights on the chain; returns "set" or why they were not (a refusal never fails the window)."""
+    if weights is None:
+        return "no uid has a positive final score: weights left unchanged"
+    try:
+        chain.set_weights(weights)
+    except ChainError as error:  # rate limit or chain refusal: the window's evaluation still stands
+        return f"not set: {error}"
+    return "set"
+
+
+def validator_step(window: int, *, validator_uid: int, chain: Chain, model: torch.nn.Module, step: int,
+                   dataset: Bucket, manifest: Manifest, peer_buckets: Mapping[int, Bucket], own_bucket: Bucket,
+                   ratings: Ratings, hparams: HParams, **options) -> ValidatorResult:
+    """The whole validator window: evaluate, rate, set weights. `options` go to evaluate_window."""
+    evaluation = evaluate_window(window, validator_uid=validator_uid, chain=chain, model=model, step=step,
+                                 dataset=dataset, manifest=manifest, peer_buckets=peer_buckets,
+                                 own_bucket=own_bucket, hparams=hparams, **options)
+    hotkeys = {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons}
+    new_ratings, weights = rate_window(evaluation, ratings, hotkeys, hparams)
+    status = submit_weights(chain, weights)
+    log.info("validator %d window %d: weights %s", validator_uid, window, status)
+    return ValidatorResult(evaluation, new_ratings, weights, status)
+
+
+def evaluation_report(window: int, validator_uid: int, step: int, scores: Mapping[int, Score], peers: list[int],
+                      random_loss: float) -> bytes:
+    """evaluation-{window}-{validator}.json: what was measured, per uid (stable, sorted JSON)."""
     rows = {}
     for uid, score in sorted(scores.items()):
         row = asdict(score)
         row.pop("uid")
-        rating = ratings.by_uid.get(uid)
-        row |= {"ordinal": rating.ordinal if rating else None, "binary_ma": rating.binary_ma if rating else None,
-                "final": rating.final if rating else 0.0, "weight": (weights or {}).get(uid, 0.0)}
         rows[str(uid)] = row
     return json.dumps({"format": 1, "window": window, "validator": validator_uid, "step": step,
-                       "random_loss": random_loss, "weights_status": status, "peers": peers, "uids": rows},
-                      sort_keys=True, indent=1).encode()
+                       "random_loss": random_loss, "peers": peers, "uids": rows}, sort_keys=True, indent=1).encode()

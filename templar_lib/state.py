@@ -1,0 +1,74 @@
+"""Node-local state that outlives a run: θ_w, each miner's error-feedback momentum, the validator's ratings.
+
+    <root>/model-{window}.safetensors            θ at the start of `window` (+ outer step count)
+    <root>/momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
+    <root>/ratings-{window}.json                 validator ratings after window `window`
+
+Every file is keyed by the window it belongs to and written atomically (LocalBucket: temp file + rename), so
+re-running window w reads the w − 1 files and rewrites the w files with the same bytes: runs are idempotent, and a
+killed run leaves the previous state intact. Tensors are read with safetensors' zero-copy loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_lib.checkpoints import ModelState, state_bytes, state_from_bytes
+from templar_lib.ratings import Ratings
+
+
+class StateMissing(LookupError):
+    """The state a window needs was never produced (an earlier window has not run)."""
+
+
+class StateStore:
+    def __init__(self, root: str | Path) -> None:
+        self.bucket = LocalBucket(root)
+        self.root = self.bucket.root
+
+    # ------------------------------------------------------------------ θ
+    def save_model(self, state: ModelState) -> None:
+        self.bucket.put(f"model-{state.window}.safetensors", state_bytes(state))
+
+    def has_model(self, window: int) -> bool:
+        return self.bucket.exists(f"model-{window}.safetensors")
+
+    def load_model(self, window: int) -> ModelState:
+        try:
+            data = self.bucket.get(f"model-{window}.safetensors")
+        except ObjectMissing:
+            raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
+                               f"and checkpointed here (run the windows in order, or catch up from a checkpoint)"
+                               ) from None
+        return state_from_bytes(data)
+
+    def model_windows(self) -> list[int]:
+        return sorted(int(key[len("model-"):-len(".safetensors")]) for key in self.bucket.list("model-"))
+
+    # ------------------------------------------------------------------ momentum
+    def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
+        tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
+        self.bucket.put(f"momentum-{uid}-{window}.safetensors", safetensors_save(tensors))
+
+    def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
+        """Momentum after `window`, or None when the miner has no state there (it starts from zeros)."""
+        try:
+            return safetensors_load(self.bucket.get(f"momentum-{uid}-{window}.safetensors"))
+        except ObjectMissing:
+            return None
+
+    # ------------------------------------------------------------------ ratings
+    def save_ratings(self, ratings: Ratings) -> None:
+        self.bucket.put(f"ratings-{ratings.window}.json", ratings.to_json())
+
+    def load_ratings(self, window: int) -> Ratings:
+        """Ratings after `window`; fresh ratings when there are none (before the first evaluated window)."""
+        try:
+            return Ratings.from_json(self.bucket.get(f"ratings-{window}.json"))
+        except ObjectMissing:
+            return Ratings()
