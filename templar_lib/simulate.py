@@ -169,6 +169,18 @@ class _Miner:
         self.history: list[dict] = []  # lagging: θ of past windows
 
 
+def register_local_network(chain, miners: int, gradients_url: str) -> tuple[int, list[int]]:
+    """Register a validator (with permit) and `miners` miners on a LocalChain, each miner committing the local
+    gradients bucket; idempotent (hotkeys are fixed names). Returns (validator uid, miner uids)."""
+    from templar_lib.gather import BucketCommitment
+
+    validator_uid = chain.register(hotkey="validator", stake=1000.0, validator_permit=True)
+    uids = [chain.register(hotkey=f"miner-{index}") for index in range(miners)]
+    for uid in uids:
+        chain.as_uid(uid).commit(BucketCommitment(gradients_url).encode())
+    return validator_uid, uids
+
+
 def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries: dict[str, int] | None = None,
                 hparams: HParams, seed: int = 0, preset: str = "tiny", random_page_count: int | None = None,
                 on_window: Callable[[NetworkWindow], None] | None = None) -> NetworkReport:
@@ -179,7 +191,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
     from templar_lib.buckets import LocalBucket
     from templar_lib.chain import LocalChain
     from templar_lib.checkpoints import ModelState, catch_up
-    from templar_lib.gather import BucketCommitment, peer_buckets
+    from templar_lib.gather import peer_buckets
     from templar_lib.model import load_parameters_, parameters_of
     from templar_lib.ratings import Ratings
     from templar_lib.roles import aggregator_step, miner_step, validator_step
@@ -193,10 +205,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
     manifest = read_manifest(dataset)
     gradients, aggregator = LocalBucket(home / "gradients"), LocalBucket(home / "aggregator")
     chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=hparams.blocks_per_window)
-    validator_uid = chain.register(hotkey="validator", stake=1000.0, validator_permit=True)
-    uids = [chain.register(hotkey=f"miner-{index}") for index in range(miners)]
-    for uid in uids:
-        chain.as_uid(uid).commit(BucketCommitment(gradients.url).encode())
+    validator_uid, uids = register_local_network(chain, miners, gradients.url)
     kinds = ["honest"] * (miners - sum(adversaries.values()))
     for kind, count in sorted(adversaries.items()):
         kinds += [kind] * count

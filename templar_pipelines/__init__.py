@@ -1,1 +1,5 @@
-"""Thin Dagster definitions over templar_lib (the pipeline issue builds them); `templar` CLI lives in cli.py."""
+"""Thin Dagster definitions over templar_lib; `python -m templar_pipelines` / `-m templar_pipelines` loads `defs`."""
+
+from templar_pipelines.definitions import defs
+
+__all__ = ["defs"]

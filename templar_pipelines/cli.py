@@ -1,6 +1,10 @@
 """The `templar` console script.
 
-    templar init  [--home DIR]                     tokenizer + dataset pages from the bundled corpus
+    templar init  [--home DIR] [--miners N]        tokenizer + dataset pages from the bundled corpus, a LocalChain
+                                                   with a validator and N miners, θ_0, the Dagster instance
+    templar local-network --miners N --windows W   run windows of the local network through Dagster (the same
+                                                   runs `dagster dev` shows, on the instance under --home)
+    templar audit [--window W]                     audit the newest (or given) published checkpoint
     templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
                                                    the training core in-process (honest miners, no chain)
     templar simulate --miners N --windows W [--adversaries KIND:COUNT,...] [--seed S] [--json FILE]
@@ -37,17 +41,36 @@ def dataset_bucket(home: Path) -> LocalBucket:
     return LocalBucket(home / "dataset")
 
 
-def init(home: Path, *, hparams: HParams, max_chars: int | None, force: bool = False) -> None:
+def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4, preset: str = "tiny",
+         seed: int = 0, force: bool = False) -> None:
+    """Everything a local network needs under `home`; idempotent (existing pieces are kept unless --force)."""
+    from templar_lib.chain import LocalChain
+    from templar_lib.checkpoints import ModelState
+    from templar_lib.model import build_model
+    from templar_lib.simulate import register_local_network
+    from templar_lib.state import StateStore
+
     bucket = dataset_bucket(home)
     if bucket.exists(MANIFEST_KEY) and not force:
         manifest = read_manifest(bucket)
-        print(f"dataset already built in {bucket.root}: {manifest.total_pages} pages (use --force to rebuild)")
-        return
-    started = time.perf_counter()
-    manifest = build_dataset(bucket, sequence_length=hparams.sequence_length, max_chars=max_chars)
-    print(f"built {manifest.total_pages} pages ({manifest.train_pages} for training) of "
-          f"{manifest.rows_per_page}×{manifest.sequence_length} tokens, vocab {manifest.vocab_size}, "
-          f"in {time.perf_counter() - started:.1f}s -> {bucket.root}")
+        print(f"dataset: {manifest.total_pages} pages already in {bucket.root} (use --force to rebuild)")
+    else:
+        started = time.perf_counter()
+        manifest = build_dataset(bucket, sequence_length=hparams.sequence_length, max_chars=max_chars)
+        print(f"dataset: built {manifest.total_pages} pages ({manifest.train_pages} for training) of "
+              f"{manifest.rows_per_page}×{manifest.sequence_length} tokens, vocab {manifest.vocab_size}, "
+              f"in {time.perf_counter() - started:.1f}s -> {bucket.root}")
+    chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=hparams.blocks_per_window)
+    validator, uids = register_local_network(chain, miners, (home / "gradients").as_uri())
+    print(f"chain: {chain.path} at block {chain.block()}, validator uid {validator}, miner uids {uids}")
+    store = StateStore(home / "state")
+    if not store.model_windows():
+        model = build_model(preset, seed=seed, vocab_size=manifest.vocab_size)
+        store.save_model(ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        print(f"state: θ_0 of the {preset} preset (seed {seed}) -> {store.root}")
+    from templar_pipelines.instance import prepare_dagster_home
+
+    print(f"dagster: instance in {prepare_dagster_home(home / 'dagster', os.environ)}")
 
 
 def train(home: Path, *, hparams: HParams, miners: int, windows: int, mode: str, json_path: Path | None) -> None:
@@ -105,6 +128,32 @@ def simulate(home: Path, *, hparams: HParams, miners: int, windows: int, adversa
         print(f"report written to {json_path}")
 
 
+def local_network(home: Path, *, windows: int, json_path: Path | None) -> None:
+    """Run `windows` more windows of the local network, one local_network_job run per window."""
+    from templar_pipelines.local import run_local_network
+
+    reports = run_local_network(home, windows=windows, on_window=print)
+    if json_path is not None:
+        json_path.write_text(json.dumps(reports, indent=1))
+    print(f"\nthe runs are in the Dagster instance under {home / 'dagster'}; to browse them:\n"
+          f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home} .venv/bin/dagster dev -m templar_pipelines")
+
+
+def audit(home: Path, *, window: int | None) -> None:
+    from templar_lib.audit import audit_checkpoint
+    from templar_lib.buckets import Buckets
+
+    buckets = Buckets.local(home)
+    hparams = HParams.load(os.environ.get("TEMPLAR_HPARAMS_FILE"), os.environ)
+    result = audit_checkpoint(buckets.aggregator, hparams=hparams, preset="tiny", dataset=buckets.dataset,
+                              manifest=read_manifest(buckets.dataset), window=window)
+    print(f"checkpoint-{result.window}: loads {result.loads}, replay matches {result.replay_matches}, "
+          f"held-out loss {result.held_out_loss} (previous {result.previous_held_out_loss}), sha256 {result.sha256}")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    sys.exit(0 if result.passed else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, default=None, help="state directory (default $TEMPLAR_HOME or .templar)")
@@ -113,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     init_parser = commands.add_parser("init", help="build tokenizer and dataset pages from the bundled corpus")
     init_parser.add_argument("--max-chars", type=int, default=None, help="corpus size limit (default: all)")
     init_parser.add_argument("--force", action="store_true", help="rebuild even if a dataset exists")
+    init_parser.add_argument("--miners", type=int, default=4, help="miners to register on the local chain")
+    network_parser = commands.add_parser("local-network", help="run windows of the local network through Dagster")
+    network_parser.add_argument("--miners", type=int, default=4)
+    network_parser.add_argument("--windows", type=int, default=5)
+    network_parser.add_argument("--json", type=Path, default=None, help="write per-window results here")
+    audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint")
+    audit_parser.add_argument("--window", type=int, default=None)
     train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
     train_parser.add_argument("--miners", type=int, default=4)
     train_parser.add_argument("--windows", type=int, default=10)
@@ -129,7 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     home = (args.home or default_home()).resolve()
     hparams = HParams.load(args.hparams, os.environ)
     if args.command == "init":
-        init(home, hparams=hparams, max_chars=args.max_chars, force=args.force)
+        init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force)
+    elif args.command == "local-network":
+        if args.hparams is not None:
+            os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
+        init(home, hparams=hparams, max_chars=None, miners=args.miners)
+        local_network(home, windows=args.windows, json_path=args.json)
+    elif args.command == "audit":
+        audit(home, window=args.window)
     elif args.command == "train":
         train(home, hparams=hparams, miners=args.miners, windows=args.windows, mode=args.mode, json_path=args.json)
     elif args.command == "simulate":

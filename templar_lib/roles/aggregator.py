@@ -46,8 +46,10 @@ class AggregatorResult:
 def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer_buckets: Mapping[int, Bucket],
                     aggregator: Bucket, hparams: HParams, peers_bucket: Bucket | None = None,
                     time_range: tuple[datetime, datetime] | None = None, gather_timeout: float = 60.0,
-                    skipped_commitments: Mapping[int, str] | None = None) -> tuple[AggregatorResult, ModelState]:
-    """Advance θ_w (state.window must equal `window`) by one outer step; returns the result and θ_{w+1}."""
+                    skipped_commitments: Mapping[int, str] | None = None,
+                    publish_checkpoint: bool = True) -> tuple[AggregatorResult, ModelState]:
+    """Advance θ_w (state.window must equal `window`) by one outer step; returns the result and θ_{w+1}.
+    publish_checkpoint=False leaves checkpoints to the caller (the Dagster `checkpoint` asset)."""
     if state.window != window:
         raise ValueError(f"aggregator holds θ_{state.window}, cannot aggregate window {window}")
     started = time.perf_counter()
@@ -80,7 +82,7 @@ def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer
     following = ModelState(window + 1, state.step + 1, parameters)
     update = torch.sqrt(sum((parameters[n].float() - state.parameters[n].float()).pow(2).sum() for n in parameters))
     checkpoint = None
-    if following.window % hparams.checkpoint_frequency == 0:
+    if publish_checkpoint and following.window % hparams.checkpoint_frequency == 0:
         checkpoint = save_checkpoint(aggregator, following, hparams)
     result = AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(skipped.items())), float(update),
                               aggregation_key(window), len(data), checkpoint, time.perf_counter() - started)

@@ -58,3 +58,21 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feed
     dense_bytes = sum(math.prod(s.shape) for s in gradient.tensors.values()) * 4
     return MinerResult(window, uid, loss, tokens.numel(), len(data), dense_bytes / len(data), pages, key,
                        time.perf_counter() - started)
+
+
+def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store, dataset: Bucket,
+                manifest: Manifest, gradients: Bucket, hparams: HParams) -> list[MinerResult]:
+    """miner_step for every uid this node serves, each from its momentum after window − 1 (zeros if none) in the
+    node's StateStore, saving the momentum after `window`: re-running a window reproduces the same files."""
+    results = []
+    parameters = parameters_of(model)
+    settings = dict(topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
+                    momentum_decay=hparams.momentum_decay, value_dtype=hparams.gradient_value_dtype)
+    for uid in sorted(uids):
+        momentum = store.load_momentum(uid, window - 1)
+        feedback = ErrorFeedback(momentum, **settings) if momentum is not None else \
+            ErrorFeedback.zeros_like(parameters, **settings)
+        results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
+                                  manifest=manifest, gradients=gradients, hparams=hparams))
+        store.save_momentum(uid, window, feedback.momentum)
+    return results

@@ -168,3 +168,27 @@ def evaluation_report(window: int, validator_uid: int, step: int, scores: Mappin
         rows[str(uid)] = row
     return json.dumps({"format": 1, "window": window, "validator": validator_uid, "step": step,
                        "random_loss": random_loss, "peers": peers, "uids": rows}, sort_keys=True, indent=1).encode()
+
+
+def read_evaluation(data: bytes, *, window: int, validator_uid: int) -> WindowEvaluation:
+    """Parse evaluation-{window}-{validator}.json (as written by evaluation_report), validating its schema.
+    Raises InvalidFile."""
+    from templar_lib.wire import InvalidFile
+
+    try:
+        raw = json.loads(data)
+        if raw["format"] != 1 or raw["window"] != window or raw["validator"] != validator_uid:
+            raise InvalidFile("evaluation file is for another window or validator")
+        scores = {}
+        for key, row in raw["uids"].items():
+            losses = Losses(**row["losses"]) if row["losses"] is not None else None
+            scores[int(key)] = Score(uid=int(key), score=float(row["score"]), indicator=int(row["indicator"]),
+                                     improvement_own=row["improvement_own"], improvement_random=row["improvement_random"],
+                                     losses=losses, reason=str(row["reason"]))
+        peers = [int(uid) for uid in raw["peers"]]
+        return WindowEvaluation(window, validator_uid, int(raw["step"]), dict(sorted(scores.items())), peers,
+                                float(raw["random_loss"]), [], 0.0)
+    except InvalidFile:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InvalidFile(f"evaluation file malformed: {type(error).__name__}: {str(error)[:80]}") from None

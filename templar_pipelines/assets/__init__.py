@@ -1,0 +1,1 @@
+"""Window assets grouped by role: data, miner, validator, aggregator, chain."""

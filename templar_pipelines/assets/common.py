@@ -1,0 +1,6 @@
+"""Settings shared by the asset modules."""
+
+# GPU-bound steps ask Kubernetes for one GPU when run by the dagster-k8s run launcher / k8s_job_executor.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1},
+                                                                       "requests": {"nvidia.com/gpu": 1}}}}}
+MODEL_STATE_POOL = "model_state"  # runs that advance θ or a miner's momentum are serialised through this pool

@@ -1,0 +1,64 @@
+"""The Dagster instance a node runs on: SQLite under DAGSTER_HOME by default, PostgreSQL in production.
+
+`prepare_dagster_home(path, environ)` writes DAGSTER_HOME/dagster.yaml: the repository's `dagster.yaml` (SQLite
+storage, the `model_state` pool limited to one run) or, when TEMPLAR_PG_URL or DAGSTER_PG_HOST is set, the same
+with run/event/schedule storage on dagster-postgres. The URL is not written to the file: Dagster reads it from the
+environment at start-up (`env:`), so credentials stay out of files and the UI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+SQLITE_YAML = """\
+# Dagster instance settings for a templar node (written by `templar`; the repository's dagster.yaml is the same).
+# Storage: SQLite under DAGSTER_HOME. Set TEMPLAR_PG_URL to run on PostgreSQL instead.
+telemetry:
+  enabled: false
+
+# Runs that advance the model state (θ_w -> θ_{w+1}, miner momentum) are serialised through this pool.
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+POSTGRES_URL_YAML = """\
+storage:
+  postgres:
+    postgres_url:
+      env: TEMPLAR_PG_URL
+"""
+
+POSTGRES_PARTS_YAML = """\
+storage:
+  postgres:
+    postgres_db:
+      hostname:
+        env: DAGSTER_PG_HOST
+      username:
+        env: DAGSTER_PG_USER
+      password:
+        env: DAGSTER_PG_PASSWORD
+      db_name:
+        env: DAGSTER_PG_DB
+      port: 5432
+"""
+
+
+def instance_yaml(environ: Mapping[str, str]) -> str:
+    if environ.get("TEMPLAR_PG_URL"):
+        return SQLITE_YAML + POSTGRES_URL_YAML
+    if environ.get("DAGSTER_PG_HOST"):
+        return SQLITE_YAML + POSTGRES_PARTS_YAML
+    return SQLITE_YAML
+
+
+def prepare_dagster_home(path: str | Path, environ: Mapping[str, str]) -> Path:
+    home = Path(path).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    text = instance_yaml(environ)
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    return home
