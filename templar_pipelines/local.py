@@ -34,7 +34,7 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
     hparams = resources["training"].hparams()
     chain = LocalChain(home / "chain.sqlite", blocks_per_window=hparams.blocks_per_window)
     start = max(StateStore(home / "state").model_windows())
-    job = defs.get_job_def("local_network_job")
+    job = defs.resolve_job_def("local_network_job")
     summaries = []
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
         for window in range(start, start + windows):

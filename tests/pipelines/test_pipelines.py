@@ -1,0 +1,131 @@
+"""The Dagster code location on real resources pointed at temporary directories."""
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from templar_lib.chain import LocalChain
+from templar_lib.checkpoints import tensors_key
+from templar_pipelines import defs
+from templar_pipelines.instance import SQLITE_YAML
+from templar_pipelines.local import run_local_network
+from templar_pipelines.resources import resources_from_env
+from templar_pipelines.sensors import new_block_sensor
+from tests.pipelines.conftest import ROOT
+
+WINDOW_ASSETS = ["dataset_pages", "gradients", "evaluations", "ratings", "chain_weights", "aggregation", "checkpoint"]
+
+
+def test_definitions_load_and_jobs_resolve():
+    dg.Definitions.validate_loadable(defs)
+    for job in ("miner_job", "validator_job", "aggregator_job", "sync_job", "local_network_job", "audit_job"):
+        assert defs.resolve_job_def(job) is not None
+    assert (ROOT / "dagster.yaml").read_text() == SQLITE_YAML  # the checked-in instance file is the default one
+
+
+def materialization(instance, asset: str, partition: str):
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=10).records
+    assert records, f"{asset} has no materialization for window {partition}"
+    assert event is not None
+    return records[0].asset_materialization
+
+
+def test_two_windows_materialise_every_asset_with_metadata(network_home, network_env):
+    summaries = run_local_network(network_home, windows=2, environ=network_env)
+    assert [s["window"] for s in summaries] == [0, 1]
+    assert summaries[1]["checkpoint.held_out_loss"] < summaries[0]["checkpoint.held_out_loss"] + 0.5
+    with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
+        for window in ("0", "1"):
+            for asset in WINDOW_ASSETS:
+                assert materialization(instance, asset, window).metadata, asset
+        gradients = materialization(instance, "gradients", "1").metadata
+        assert gradients["miners"].value.records[0].data["uid"] == 1 and gradients["bytes"].value > 0
+        evaluations = materialization(instance, "evaluations", "1").metadata
+        assert evaluations["valid_gradients"].value == 3
+        assert "final_scores" in materialization(instance, "ratings", "1").metadata
+        assert materialization(instance, "chain_weights", "1").metadata["status"].value == "set"
+    assert LocalChain(network_home / "chain.sqlite").weights()[0]  # the validator's weights are on the chain
+
+
+def test_backfill_of_past_windows_reproduces_the_live_hashes(network_home, network_env):
+    live = run_local_network(network_home, windows=2, environ=network_env)
+    aggregations = {w: (network_home / "aggregator" / f"aggregation-{w}.safetensors").read_bytes() for w in (0, 1)}
+    job = defs.resolve_job_def("local_network_job")
+    resources = resources_from_env(network_env)
+    with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
+        for window in ("0", "1"):  # a backfill over past windows applies them in order
+            result = job.execute_in_process(instance=instance, partition_key=window, resources=resources)
+            sha = result.asset_materializations_for_node("checkpoint")[0].metadata["sha256"].value
+            assert sha == live[int(window)]["checkpoint.sha256"]
+    for window, data in aggregations.items():
+        assert (network_home / "aggregator" / f"aggregation-{window}.safetensors").read_bytes() == data
+
+
+def test_a_window_without_its_previous_state_fails_clearly(network_home, network_env):
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("window", ["5"])
+        result = defs.resolve_job_def("miner_job").execute_in_process(
+            instance=instance, partition_key="5", resources=resources_from_env(network_env), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "θ_5 is not in" in str(failure.event_specific_data.error.message) + str(
+        failure.event_specific_data.user_failure_data)
+
+
+def test_new_block_sensor_requests_each_window_once(network_home, network_env):
+    chain = LocalChain(network_home / "chain.sqlite")
+    chain.advance_to_block(5 * 7)  # the chain is in window 5
+    resources = resources_from_env(network_env)
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(cursor=json.dumps({"mined": 3, "closed": 1}), resources=resources,
+                                     instance=instance) as context:
+            result = new_block_sensor(context)
+        keys = [r.run_key for r in result.run_requests]
+        assert keys == ["miner_job:4", "miner_job:5", "validator_job:2", "aggregator_job:2", "validator_job:3",
+                        "aggregator_job:3"]
+        assert json.loads(result.cursor) == {"mined": 5, "closed": 3}
+        assert result.dynamic_partitions_requests[0].partition_keys == ["2", "3", "4", "5"]
+        with dg.build_sensor_context(cursor=result.cursor, resources=resources, instance=instance) as context:
+            again = new_block_sensor(context)
+        assert not again.run_requests and "nothing new" in again.skip_reason.skip_message
+        with dg.build_sensor_context(resources=resources, instance=instance) as context:
+            first = new_block_sensor(context)
+        assert [r.run_key for r in first.run_requests] == ["miner_job:5", "validator_job:3", "aggregator_job:3"]
+
+
+def test_checkpoint_audit_passes_then_fails_on_tampering(network_home, network_env):
+    run_local_network(network_home, windows=2, environ=network_env)  # checkpoint_frequency 1: θ_1 and θ_2 published
+    job = defs.resolve_job_def("audit_job")
+    resources = resources_from_env(network_env)
+    with dg.instance_for_test() as instance:
+        good = job.execute_in_process(instance=instance, resources=resources)
+        verdicts = {e.check_name: e.passed for e in good.get_asset_check_evaluations()}
+        assert verdicts == {"checkpoint_matches_manifest": True, "checkpoint_replays_from_previous": True,
+                            "held_out_loss_within_threshold": True}
+        path = network_home / "aggregator" / tensors_key(2)
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x40
+        path.write_bytes(bytes(data))
+        bad = job.execute_in_process(instance=instance, resources=resources, raise_on_error=False)
+        verdicts = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
+        assert verdicts["checkpoint_matches_manifest"] is False
+
+
+def test_dagster_job_execute_runs_the_miner_job_for_one_window(network_home, network_env, tmp_path):
+    dagster_home = network_home / "dagster"
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        instance.add_dynamic_partitions("window", ["0"])
+    env = {**os.environ, **network_env, "DAGSTER_HOME": str(dagster_home)}
+    command = [str(ROOT / ".venv" / "bin" / "dagster") if (ROOT / ".venv" / "bin" / "dagster").exists() else "dagster",
+               "job", "execute", "-m", "templar_pipelines", "-j", "miner_job", "--tags", '{"dagster/partition": "0"}']
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    for uid in (1, 2, 3):
+        assert (network_home / "gradients" / f"gradient-0-{uid}.safetensors").exists()
+    assert sys.executable  # the subprocess used the project's dagster entry point
