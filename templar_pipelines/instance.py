@@ -18,9 +18,17 @@ telemetry:
   enabled: false
 
 # Runs that advance the model state (θ_w -> θ_{w+1}, miner momentum) are serialised through this pool.
+# Queued runs start one at a time, oldest first: a backfill over windows applies them in order (window w + 1
+# needs the θ that window w's run writes).
 concurrency:
   pools:
     default_limit: 1
+  runs:
+    max_concurrent_runs: 1
+
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
 """
 
 POSTGRES_URL_YAML = """\
