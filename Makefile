@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_HOME ?= .templar
-DEMO_WINDOWS ?= 12
+DEMO_WINDOWS ?= 8
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench ui clean
 
 venv: $(STAMP)
 
@@ -17,14 +17,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/templar --home $(DEMO_HOME) init
-	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml simulate --miners 4 --windows $(DEMO_WINDOWS)
+	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/window.py
+
+ui: $(STAMP)
+	DAGSTER_HOME=$(abspath $(DEMO_HOME))/dagster TEMPLAR_HOME=$(abspath $(DEMO_HOME)) \
+	  TEMPLAR_HPARAMS_FILE=$(abspath deploy/simulate-hparams.yaml) $(BIN)/dagster dev -m templar_pipelines
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -135,8 +135,11 @@ def local_network(home: Path, *, windows: int, json_path: Path | None) -> None:
     reports = run_local_network(home, windows=windows, on_window=print)
     if json_path is not None:
         json_path.write_text(json.dumps(reports, indent=1))
-    print(f"\nthe runs are in the Dagster instance under {home / 'dagster'}; to browse them:\n"
-          f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home} .venv/bin/dagster dev -m templar_pipelines")
+    hparams_file = os.environ.get("TEMPLAR_HPARAMS_FILE")
+    print(f"\nthe runs are in the Dagster instance under {home / 'dagster'}; to browse them: make ui, or\n"
+          f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home}"
+          + (f" TEMPLAR_HPARAMS_FILE={hparams_file}" if hparams_file else "")
+          + " .venv/bin/dagster dev -m templar_pipelines")
 
 
 def audit(home: Path, *, window: int | None) -> None:

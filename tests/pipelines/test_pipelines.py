@@ -129,3 +129,11 @@ def test_dagster_job_execute_runs_the_miner_job_for_one_window(network_home, net
     for uid in (1, 2, 3):
         assert (network_home / "gradients" / f"gradient-0-{uid}.safetensors").exists()
     assert sys.executable  # the subprocess used the project's dagster entry point
+
+
+def test_dagster_definitions_validate_cli(network_env):
+    dagster = ROOT / ".venv" / "bin" / "dagster"
+    finished = subprocess.run([str(dagster) if dagster.exists() else "dagster", "definitions", "validate", "-m",
+                               "templar_pipelines"], cwd=ROOT, env={**os.environ, **network_env},
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
