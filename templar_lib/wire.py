@@ -147,12 +147,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     hparams_hash: when given, the file's hash must match (a peer on other hyper-parameters is rejected).
     Returns a Gradient whose Sparse tensors have int64 idx and the file's value dtype. Raises InvalidFile.
     """
-    entries, metadata = parse_header(data, max_bytes=max_bytes)
-    header = _templar_header(metadata)
-    _expect(header.get("kind") == "gradient", f"kind is {header.get('kind')!r}, expected 'gradient'")
-    _expect(header.get("format") == FORMAT_VERSION, f"unsupported format {header.get('format')!r}")
-    _expect(_is_int(header.get("window")) and header["window"] == window,
-            f"header window {header.get('window')!r} does not match {window}")
+    entries, header = _parse_templar_file(data, kind="gradient", window=window, max_bytes=max_bytes)
     _expect(_is_int(header.get("uid")) and header["uid"] == uid, f"header uid {header.get('uid')!r} does not match {uid}")
     _expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
     if hparams_hash is not None:
@@ -209,12 +204,7 @@ def write_aggregation(aggregation: Aggregation) -> bytes:
 def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]], target_chunk: int = 64,
                      hparams_hash: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Aggregation:
     """Parse and validate an aggregation file for `window` against the model's parameter shapes. Raises InvalidFile."""
-    entries, metadata = parse_header(data, max_bytes=max_bytes)
-    header = _templar_header(metadata)
-    _expect(header.get("kind") == "aggregation", f"kind is {header.get('kind')!r}, expected 'aggregation'")
-    _expect(header.get("format") == FORMAT_VERSION, f"unsupported format {header.get('format')!r}")
-    _expect(_is_int(header.get("window")) and header["window"] == window,
-            f"header window {header.get('window')!r} does not match {window}")
+    entries, header = _parse_templar_file(data, kind="aggregation", window=window, max_bytes=max_bytes)
     _expect(_is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
     _expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
             "lr must be a finite non-negative number")
@@ -348,6 +338,17 @@ def _check_parameter(name: str, declared: object, entries: dict[str, dict], shap
     _expect(1 <= k <= chunk_size and (expected_k is None or k == expected_k),
             f"{name}: {k} coefficients per chunk, expected {expected_k or f'1..{chunk_size}'}")
     return shape, chunk
+
+
+def _parse_templar_file(data: bytes, *, kind: str, window: int, max_bytes: int) -> tuple[dict[str, dict], dict]:
+    """Container checks shared by every templar file: safetensors header, then kind, format and window."""
+    entries, metadata = parse_header(data, max_bytes=max_bytes)
+    header = _templar_header(metadata)
+    _expect(header.get("kind") == kind, f"kind is {str(header.get('kind'))[:40]!r}, expected {kind!r}")
+    _expect(header.get("format") == FORMAT_VERSION, f"unsupported format {str(header.get('format'))[:20]!r}")
+    _expect(_is_int(header.get("window")) and header["window"] == window,
+            f"header window {str(header.get('window'))[:20]} does not match {window}")
+    return entries, header
 
 
 def _templar_header(metadata: dict[str, str]) -> dict:
