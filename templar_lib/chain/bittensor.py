@@ -6,7 +6,8 @@ Reads go through `bittensor.Subtensor` (the typed metagraph in one runtime-API c
 Commitments pallet, weights rows, block numbers and timestamps). Writes are signed by the wallet's hotkey:
 `set_weights` goes through the SDK's `SetWeights` intent, which preflights registration and the rate limit,
 clips to the subnet's max weight, quantises to u16 and picks plain or commit-reveal submission;
-`commit` submits `Commitments.set_commitment` with the data as one raw field.
+`commit` submits `Commitments.set_commitment` with the data in up to three raw fields of 128 bytes (the SDK
+concatenates raw fields when it reads a commitment back).
 
 The wallet's key material never leaves the SDK: this class only holds the Wallet object and never logs it.
 A `subtensor` (or `substrate`) can be injected; the tests inject a fake substrate backend so the adapter's real
@@ -22,7 +23,9 @@ from templar_lib.chain.base import ChainError, Metagraph, Neuron, RateLimited, w
 
 log = logging.getLogger(__name__)
 
-MAX_COMMITMENT_BYTES = 128  # the Commitments pallet's largest raw field (Raw0..Raw128)
+RAW_FIELD_BYTES = 128  # the Commitments pallet's largest raw field (Raw0..Raw128)
+MAX_FIELDS = 3  # fields per commitment the pallet accepts (MaxFields)
+MAX_COMMITMENT_BYTES = RAW_FIELD_BYTES * MAX_FIELDS
 
 
 class BittensorChain:
@@ -104,8 +107,9 @@ class BittensorChain:
         raw = data.encode()
         if len(raw) > MAX_COMMITMENT_BYTES:
             raise ChainError(f"commitment of {len(raw)} bytes exceeds the chain's {MAX_COMMITMENT_BYTES}")
-        call = bittensor.calls.Commitments.set_commitment(
-            netuid=self.netuid, info={"fields": [{f"Raw{len(raw)}": raw}]})  # BoundedVec<Data>, Data::RawN
+        parts = [raw[start:start + RAW_FIELD_BYTES] for start in range(0, len(raw), RAW_FIELD_BYTES)] or [b""]
+        fields = [{f"Raw{len(part)}": part} for part in parts]  # BoundedVec<Data>, Data::RawN
+        call = bittensor.calls.Commitments.set_commitment(netuid=self.netuid, info={"fields": fields})
         result = self.subtensor.submit_call(call, self.wallet, signer="hotkey")
         self._raise_for(result, "commit")
 

@@ -56,8 +56,13 @@ def test_commit_builds_the_commitments_extrinsic_and_reads_back(wallets, substra
     assert call.params["netuid"] == NETUID
     assert chain_for(wallets[0], substrate).commitments() == {1: '{"v":1,"gradients":"s3://miner1"}',
                                                               2: '{"v":1,"gradients":"s3://miner2"}'}
+    long = '{"v":1,"gradients":"s3://grads?endpoint_url=https://acct.r2.cloudflarestorage.com",' \
+           '"access_key_id":"' + "k" * 32 + '","secret_access_key":"' + "s" * 64 + '"}'
+    chain_for(wallets[2], substrate).commit(long)  # > 128 bytes: split over raw fields, read back whole
+    assert [list(f)[0] for f in substrate.submitted[-1].params["info"]["fields"]] == ["Raw128", f"Raw{len(long) - 128}"]
+    assert chain_for(wallets[0], substrate).commitments()[2] == long
     with pytest.raises(ChainError, match="exceeds"):
-        chain_for(wallets[1], substrate).commit("x" * 200)
+        chain_for(wallets[1], substrate).commit("x" * 400)
 
 
 def test_set_weights_submits_u16_weights_signed_by_the_hotkey(wallets, substrate):
