@@ -123,9 +123,14 @@ def save_checkpoint(bucket: Bucket, state: ModelState, hparams: HParams) -> Chec
 
 def read_manifest(bucket: Bucket, window: int) -> dict:
     """The validated manifest of checkpoint-{window}. Raises InvalidFile or a BucketError."""
+    return parse_manifest(bucket.get(manifest_key(window), max_bytes=MAX_MANIFEST_BYTES), window)
+
+
+def parse_manifest(data: bytes, window: int) -> dict:
+    """Validate the bytes of checkpoint-{window}.json. Raises InvalidFile."""
     try:
-        manifest = json.loads(bucket.get(manifest_key(window), max_bytes=MAX_MANIFEST_BYTES))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise InvalidFile(f"checkpoint-{window}.json: not JSON ({str(error)[:80]})") from None
     fields = {"format": int, "window": int, "step": int, "sha256": str, "bytes": int, "tensors": dict, "hparams": dict}
     if not isinstance(manifest, dict) or set(manifest) != set(fields):
@@ -137,6 +142,10 @@ def read_manifest(bucket: Bucket, window: int) -> dict:
         raise InvalidFile(f"checkpoint-{window}.json: format/window/step do not match")
     if not re.fullmatch(r"[0-9a-f]{64}", manifest["sha256"]) or not 0 < manifest["bytes"] <= MAX_CHECKPOINT_BYTES:
         raise InvalidFile(f"checkpoint-{window}.json: malformed sha256 or size")
+    for name, item in manifest["tensors"].items():
+        if not (isinstance(item, dict) and set(item) == {"shape", "dtype"} and isinstance(item["dtype"], str)
+                and isinstance(item["shape"], list) and all(type(n) is int and n >= 0 for n in item["shape"])):
+            raise InvalidFile(f"checkpoint-{window}.json: malformed entry for tensor {name[:60]!r}")
     return manifest
 
 
@@ -148,7 +157,7 @@ def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[i
         raise InvalidFile(f"checkpoint-{window}: tensor file does not match its manifest's sha256")
     entries, _ = parse_header(data, max_bytes=manifest["bytes"])
     declared = {name: (entry["shape"], entry["dtype"]) for name, entry in entries.items()}
-    expected = {name: (item.get("shape"), _dtype_code(item.get("dtype"))) for name, item in manifest["tensors"].items()}
+    expected = {name: (item["shape"], _dtype_code(item["dtype"])) for name, item in manifest["tensors"].items()}
     if declared != expected:
         raise InvalidFile(f"checkpoint-{window}: tensors differ from the manifest")
     if shapes is not None and {n: list(s) for n, s in shapes.items()} != {n: s for n, (s, _) in declared.items()}:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,7 @@ from templar_lib.wire import (Gradient, InvalidFile, Peers, gradient_key, peers_
 log = logging.getLogger(__name__)
 
 MAX_COMMITMENT_BYTES = 1024
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -66,12 +68,22 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> BucketCommit
     if (key_id is None) != (secret is None) or not all(v is None or isinstance(v, str) for v in (key_id, secret)):
         raise InvalidFile("commitment credentials must be a pair of strings")
     url = raw["gradients"]
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+        options = parse_qs(parsed.query, strict_parsing=bool(parsed.query))
+    except ValueError:
+        raise InvalidFile("bucket URL does not parse") from None
     if parsed.scheme == "file":
         if not allow_local:
             raise InvalidFile("file:// buckets are only accepted on a local network")
+        if not parsed.path.startswith("/") or parsed.netloc or parsed.query:
+            raise InvalidFile("file:// bucket must be an absolute path")
     elif parsed.scheme == "s3":
-        endpoint = parse_qs(parsed.query).get("endpoint_url", [""])[-1]
+        if not _S3_BUCKET.fullmatch(parsed.netloc):
+            raise InvalidFile("s3 bucket name is not valid")
+        if set(options) - {"endpoint_url", "region"}:
+            raise InvalidFile("s3 bucket URL has unknown options")
+        endpoint = options.get("endpoint_url", [""])[-1]
         endpoint_scheme = urlparse(endpoint).scheme if endpoint else "https"
         if endpoint_scheme != "https" and not (allow_local and endpoint_scheme == "http"):
             raise InvalidFile("s3 endpoint must be https")

@@ -37,6 +37,7 @@ TOKENIZER_KEY = "tokenizer.json"
 FORMAT_VERSION = 1
 MAX_PAGE_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_PAGE_EXPANSION = 4  # a page's decoded column data may be at most this many times its int32 token bytes
 
 
 class InvalidPage(ValueError):
@@ -156,10 +157,30 @@ def load_page(bucket: Bucket, manifest: Manifest, page: int) -> torch.Tensor:
 
 def parse_page(data: bytes, manifest: Manifest) -> torch.Tensor:
     """Validate and decode the parquet bytes of a page: (rows_per_page, sequence_length) int64."""
+    expected_values = manifest.rows_per_page * manifest.sequence_length
     try:
-        frame = pd.read_parquet(io.BytesIO(data), columns=["tokens"])
-        rows = [list(row) for row in frame["tokens"]]
-        tokens = torch.tensor(rows, dtype=torch.int64)
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        metadata = parquet.metadata
+        # decompression bomb guard: the footer says how much the column chunks expand to; refuse before decoding
+        expanded = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        values = sum(metadata.row_group(i).column(j).num_values for i in range(metadata.num_row_groups)
+                     for j in range(metadata.num_columns) if metadata.row_group(i).column(j).path_in_schema
+                     .startswith("tokens"))
+    except Exception as error:  # pyarrow raises many types for corrupt input; all mean "not a page"
+        raise InvalidPage(f"page: unreadable parquet ({type(error).__name__})") from None
+    if metadata.num_rows != manifest.rows_per_page:
+        raise InvalidPage(f"page: {metadata.num_rows} rows, expected {manifest.rows_per_page}")
+    if values != expected_values:
+        raise InvalidPage(f"page: {values} token values declared, expected {expected_values}")
+    if expanded > MAX_PAGE_EXPANSION * (expected_values * 4 + 64 * 1024):
+        raise InvalidPage(f"page: decompresses to {expanded} bytes, far more than a page holds")
+    try:
+        column = parquet.read(columns=["tokens"]).column("tokens")
+        if sum(len(value) for value in column.to_pylist()) != expected_values:
+            raise InvalidPage(f"page: expected {expected_values} token ids")
+        tokens = torch.tensor(column.to_pylist(), dtype=torch.int64)
+    except InvalidPage:
+        raise
     except Exception as error:  # pyarrow raises many types for corrupt input; all mean "not a page"
         raise InvalidPage(f"page: unreadable parquet ({type(error).__name__})") from None
     if tuple(tokens.shape) != (manifest.rows_per_page, manifest.sequence_length):

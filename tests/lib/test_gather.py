@@ -90,7 +90,7 @@ def test_commitments_are_validated_and_opened(tmp_path):
     assert "read-secret" not in repr(s3)
     assert parse_commitment(s3.encode()) == s3
     buckets, reasons = peer_buckets({
-        1: good, 2: s3.encode(), 3: "not json", 4: '{"v": 1, "gradients": "s3://x?endpoint_url=http://10.0.0.1"}',
+        1: good, 2: s3.encode(), 3: "not json", 4: '{"v": 1, "gradients": "s3://xyz?endpoint_url=http://10.0.0.1"}',
         5: "x" * 5000, 6: '{"v": 1, "gradients": "ftp://x"}', 7: good,
     }, allow_local=False)
     assert sorted(buckets) == [2]
