@@ -72,3 +72,32 @@ class StateStore:
             return Ratings.from_json(self.bucket.get(f"ratings-{window}.json"))
         except ObjectMissing:
             return Ratings()
+
+
+def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelState:
+    """θ_window for this node, resyncing when it is behind (a late joiner, or a node that missed windows).
+
+    Start from the newest of: the node's own θ at or before `window`, and the newest valid published checkpoint at or
+    before `window`; replay the published aggregations up to `window` (bit-identical to a node that ran them all
+    live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
+    needed for the replay is missing or invalid.
+    """
+    from templar_lib.checkpoints import CatchUpError, catch_up, latest_checkpoint
+
+    if store.has_model(window):
+        return store.load_model(window)
+    local = [w for w in store.model_windows() if w <= window]
+    published = latest_checkpoint(aggregator, at_most=window)
+    if local and (published is None or local[-1] >= published.window):
+        start = store.load_model(local[-1])
+    elif published is not None:
+        start = published
+    else:
+        raise StateMissing(f"θ_{window} is not in {store.root} and no checkpoint at or before window {window} is "
+                           f"published: run the earlier windows, or wait for a checkpoint")
+    try:
+        state = catch_up(start, aggregator, window, hparams=hparams)
+    except CatchUpError as error:
+        raise StateMissing(f"θ_{window}: cannot resync from window {start.window}: {error}") from None
+    store.save_model(state)
+    return state

@@ -18,6 +18,7 @@ from templar_lib.state import StateStore
 from templar_pipelines.instance import prepare_dagster_home
 from templar_pipelines.resources import resources_from_env
 
+PID_TAG = "templar/pid"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the runs' events stay in the instance
 SUMMARY = {"gradients": ("loss", "bytes"), "evaluations": ("valid_gradients", "peers"),
            "chain_weights": ("status",), "checkpoint": ("held_out_loss", "sha256")}
@@ -37,11 +38,13 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
     job = defs.resolve_job_def("local_network_job")
     summaries = []
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
+        recover_dead_runs(instance)
         for window in range(start, start + windows):
             instance.add_dynamic_partitions("window", [str(window)])
             chain.advance_to_block((window + 1) * hparams.blocks_per_window)
             result = job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
-                                            run_config=QUIET, tags={"templar/source": "templar local-network"})
+                                            run_config=QUIET, tags={"templar/source": "templar local-network",
+                                                                    PID_TAG: str(os.getpid())})
             summary = {"window": window, "run_id": result.run_id}
             for node, keys in SUMMARY.items():
                 metadata = result.asset_materializations_for_node(node)[0].metadata
@@ -50,6 +53,36 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
             if on_window is not None:
                 on_window(format_summary(summary))
     return summaries
+
+
+def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark runs of a killed `templar local-network` process as failed and free their pool slots.
+
+    A process killed mid-run (SIGKILL, OOM, power loss) leaves its run STARTED and its `model_state` pool slot
+    claimed, which would block the next run forever. Without a daemon to monitor runs, the next invocation checks
+    the process id each run recorded and releases what a dead process held. Returns the run ids recovered.
+    """
+    recovered = []
+    in_flight = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+                              tags={"templar/source": "templar local-network"})
+    for run in instance.get_runs(filters=in_flight):
+        pid = int(run.tags.get(PID_TAG, "0"))
+        if pid and _alive(pid):
+            continue
+        instance.report_run_failed(run, "the process running it died (found by the next templar local-network)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        recovered.append(run.run_id)
+    return recovered
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def format_summary(summary: dict) -> str:

@@ -25,7 +25,7 @@ from templar_lib.buckets import Bucket, open_bucket
 from templar_lib.chain import Chain, open_chain
 from templar_lib.data import Manifest, read_manifest
 from templar_lib.hparams import HParams
-from templar_lib.state import StateMissing, StateStore
+from templar_lib.state import StateMissing, StateStore, sync_to
 
 
 class ChainResource(dg.ConfigurableResource):
@@ -85,18 +85,19 @@ class TrainingResource(dg.ConfigurableResource):
     def store(self) -> StateStore:
         return StateStore(self.state_dir)
 
-    def state_at(self, window: int):
-        """θ_window from the state store; dg.Failure with a clear message when it is missing."""
+    def state_at(self, window: int, buckets: BucketsResource):
+        """θ_window from the state store, resynced from published checkpoints and aggregations when this node is
+        behind; dg.Failure with a clear message when neither has it."""
         try:
-            return self.store().load_model(window)
+            return sync_to(self.store(), buckets.aggregator(), window, hparams=self.hparams())
         except StateMissing as missing:
             raise dg.Failure(description=str(missing)) from None
 
-    def model_at(self, window: int, manifest: Manifest):
+    def model_at(self, window: int, buckets: BucketsResource, manifest: Manifest):
         """(model holding θ_window, its ModelState)."""
         from templar_lib.model import build_model, load_parameters_
 
-        state = self.state_at(window)
+        state = self.state_at(window, buckets)
         model = build_model(self.preset, vocab_size=manifest.vocab_size, device=self.device)
         load_parameters_(model, state.parameters)
         return model, state

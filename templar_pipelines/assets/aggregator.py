@@ -16,7 +16,7 @@ def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets
                 training: TrainingResource) -> dg.MaterializeResult:
     """aggregation-{window}: the accepted gradients (those in peers_{window}.json) combined into one update."""
     window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
-    state = training.state_at(window)
+    state = training.state_at(window, buckets)
     live_chain = chain.open()
     peers, bad_commitments = peer_buckets(live_chain.commitments(), allow_local=buckets.allow_local_peers)
     result, _ = aggregator_step(window, state=state, uids=training.miners(live_chain), peer_buckets=peers,
@@ -32,11 +32,11 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, trai
     """θ_{window+1}: the published aggregation replayed onto θ_window (every node computes the same bits); published
     as checkpoint-{window+1} every checkpoint_frequency windows."""
     window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
-    following = catch_up(training.state_at(window), buckets.aggregator(), window + 1, hparams=hparams)
-    training.store().save_model(following)
+    following = catch_up(training.state_at(window, buckets), buckets.aggregator(), window + 1, hparams=hparams)
     published = following.window % hparams.checkpoint_frequency == 0
-    if published:
+    if published:  # before the local save: a run killed in between redoes this window and publishes again
         save_checkpoint(buckets.aggregator(), following, hparams)
+    training.store().save_model(following)
     loss = held_out_loss(following, preset=training.preset, dataset=buckets.dataset(), manifest=manifest,
                          hparams=hparams)
     wandb.log("aggregator", window, {"held_out_loss": loss})

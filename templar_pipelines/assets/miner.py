@@ -14,7 +14,7 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
               training: TrainingResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid} (compressed momentum)."""
     window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
-    model, state = training.model_at(window, manifest)
+    model, state = training.model_at(window, buckets, manifest)
     results = mine_window(window, training.miners(chain.open()), model=model, step=state.step,
                           store=training.store(), dataset=buckets.dataset(), manifest=manifest,
                           gradients=buckets.gradients(), hparams=hparams)

@@ -17,7 +17,7 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     """Loss before/after each miner's gradient on θ_w; invalid, late or missing gradients score 0 with a reason."""
     window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
     validator_chain = chain.open_as(training.validator(chain.open()))
-    model, state = training.model_at(window, manifest)
+    model, state = training.model_at(window, buckets, manifest)
     peers, bad_commitments = peer_buckets(validator_chain.commitments(), allow_local=buckets.allow_local_peers)
     evaluation = evaluate_window(window, validator_uid=validator_chain.uid, chain=validator_chain, model=model,
                                  step=state.step, dataset=buckets.dataset(), manifest=manifest, peer_buckets=peers,

@@ -1,0 +1,133 @@
+"""Late joiners, stale nodes and killed runs: every path back ends on the same bits as an always-on node."""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from templar_lib.buckets import LocalBucket
+from templar_lib.checkpoints import checkpoint_windows, model_fingerprint, state_sha256
+from templar_lib.hparams import HParams
+from templar_lib.state import StateMissing, StateStore, sync_to
+from templar_lib.wire import read_gradient
+from templar_pipelines import defs
+from templar_pipelines.cli import init
+from templar_pipelines.local import run_local_network
+from templar_pipelines.resources import resources_from_env
+from tests.pipelines.conftest import FAST_HPARAMS, ROOT
+
+import dagster as dg
+
+
+def make_home(path, dataset):
+    shutil.copytree(dataset.root, path / "dataset")
+    init(path, hparams=HParams.load(FAST_HPARAMS), max_chars=None, miners=3)
+    return path
+
+
+def env_for(frequency: int) -> dict[str, str]:
+    return {"TEMPLAR_HPARAMS_FILE": str(FAST_HPARAMS), "TEMPLAR_WANDB_MODE": "disabled",
+            "TEMPLAR_HP_CHECKPOINT_FREQUENCY": str(frequency)}
+
+
+@pytest.fixture(scope="module")
+def always_on(tmp_path_factory, dataset):
+    """A node that ran windows 0..6 live, publishing a checkpoint every 5 windows: θ_7, checkpoint-5."""
+    home = make_home(tmp_path_factory.mktemp("always-on"), dataset)
+    run_local_network(home, windows=7, environ=env_for(5))
+    return home
+
+
+def test_late_joiner_catches_up_from_the_checkpoint_bit_identically(always_on, tmp_path):
+    aggregator = LocalBucket(tmp_path / "aggregator")
+    for key in LocalBucket(always_on / "aggregator").list():
+        if not key.startswith(("aggregation-0", "aggregation-1", "aggregation-2", "aggregation-3", "aggregation-4")):
+            aggregator.put(key, LocalBucket(always_on / "aggregator").get(key))  # only what a late joiner needs
+    assert checkpoint_windows(aggregator) == [5]
+    joiner = StateStore(tmp_path / "state")
+    hparams = HParams.load(FAST_HPARAMS).replace(checkpoint_frequency=5)
+    caught_up = sync_to(joiner, aggregator, 7, hparams=hparams)
+    live = StateStore(always_on / "state").load_model(7)
+    assert caught_up.window == 7 and caught_up.step == live.step
+    assert all(torch.equal(caught_up.parameters[n], live.parameters[n]) for n in live.parameters)
+    assert joiner.model_windows() == [7]  # saved: the next window starts from here
+    with pytest.raises(StateMissing, match="no checkpoint at or before window 4"):
+        sync_to(StateStore(tmp_path / "empty"), aggregator, 4, hparams=hparams)
+
+
+def test_stale_node_resyncs_before_mining_and_uploads_gradients_on_the_current_model(always_on, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(always_on, stale, ignore=shutil.ignore_patterns("model-[4-9].safetensors", "dagster"))
+    assert StateStore(stale / "state").model_windows() == [0, 1, 2, 3]
+    env = {**env_for(5), "TEMPLAR_HOME": str(stale), "TEMPLAR_AGGREGATOR_URL": (always_on / "aggregator").as_uri(),
+           "TEMPLAR_GRADIENTS_URL": (tmp_path / "uploads").as_uri()}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("window", ["7"])
+        result = defs.resolve_job_def("miner_job").execute_in_process(instance=instance, partition_key="7",
+                                                                      resources=resources_from_env(env))
+    assert result.success
+    live = StateStore(always_on / "state").load_model(7)
+    shapes = {n: tuple(p.shape) for n, p in live.parameters.items()}
+    gradient = read_gradient(LocalBucket(tmp_path / "uploads").get("gradient-7-1.safetensors"), window=7, uid=1,
+                             shapes=shapes)
+    assert gradient.model_hash == model_fingerprint(live.parameters)  # trained on θ_7, not the stale θ_3
+    assert 7 in StateStore(stale / "state").model_windows()
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from templar_lib.buckets import LocalBucket
+    target = sys.argv[1]
+    original = LocalBucket.put
+    def put(self, key, data):
+        if key == target:  # die in the middle of this write: half the bytes in a temporary file, never renamed
+            (self.root / f".tmp-killed.part").write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, key, data)
+    LocalBucket.put = put
+    from templar_pipelines.cli import main
+    main(sys.argv[2:])
+""")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, dataset):
+    home = make_home(tmp_path_factory.mktemp("uninterrupted"), dataset)
+    run_local_network(home, windows=3, environ=env_for(1))
+    return {key: LocalBucket(home / "aggregator").get(key) for key in LocalBucket(home / "aggregator").list()}, \
+        state_sha256(StateStore(home / "state").load_model(3))
+
+
+@pytest.mark.parametrize("target", ["gradient-1-2.safetensors", "aggregation-1.safetensors",
+                                   "checkpoint-2.safetensors", "model-2.safetensors"],
+                         ids=["gradient upload", "aggregation", "checkpoint publish", "state save"])
+def test_sigkill_mid_write_then_rerun_gives_identical_hashes(target, uninterrupted, tmp_path, dataset):
+    expected_objects, expected_sha = uninterrupted
+    home = make_home(tmp_path / "node", dataset)
+    env = {**os.environ, **env_for(1), "TEMPLAR_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    argv = ["--home", str(home), "--hparams", str(FAST_HPARAMS), "local-network", "--miners", "3", "--windows", "3"]
+    log = tmp_path / "killed.log"
+    with log.open("w") as output:
+        killed = subprocess.Popen([sys.executable, "-c", KILLER, target, *argv], env=env, cwd=ROOT, stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed.wait(timeout=240)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(killed.pid, signal.SIGKILL)  # anything it left behind
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]  # the fault really happened
+    store = StateStore(home / "state")
+    done = max(store.model_windows())
+    assert done < 3
+    rerun = subprocess.run([sys.executable, "-m", "templar_pipelines.cli", *argv[:-1], str(3 - done)], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert state_sha256(store.load_model(3)) == expected_sha
+    aggregator = LocalBucket(home / "aggregator")
+    assert {key: aggregator.get(key) for key in aggregator.list()} == expected_objects  # byte-identical, no leftovers
