@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from templar_lib.buckets import LocalBucket
 from templar_lib.data import build_dataset
+from templar_lib.hparams import HParams
 
 DATA = Path(__file__).parent / "data"
 
@@ -66,3 +68,26 @@ def s3_bucket(moto_server, s3_env, request):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
     return open_bucket(f"s3://{name}?endpoint_url={moto_server}")
+
+
+# ---------------------------------------------------------------------------------------------------- local network
+ROOT = Path(__file__).resolve().parents[1]
+FAST_HPARAMS = ROOT / "deploy" / "simulate-hparams.yaml"
+
+
+@pytest.fixture
+def network_home(tmp_path, dataset) -> Path:
+    """A local network home: dataset (copied from the session fixture), LocalChain with a validator and three
+    miners, θ_0 in the state store."""
+    from templar_pipelines.cli import init
+
+    home = tmp_path / "templar"
+    shutil.copytree(dataset.root, home / "dataset")
+    init(home, hparams=HParams.load(FAST_HPARAMS), max_chars=None, miners=3)
+    return home
+
+
+@pytest.fixture
+def network_env(network_home) -> dict[str, str]:
+    return {"TEMPLAR_HOME": str(network_home), "TEMPLAR_HPARAMS_FILE": str(FAST_HPARAMS),
+            "TEMPLAR_WANDB_MODE": "disabled", "TEMPLAR_HP_CHECKPOINT_FREQUENCY": "1"}

@@ -15,7 +15,7 @@ from templar_pipelines.instance import SQLITE_YAML
 from templar_pipelines.local import run_local_network
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import new_block_sensor
-from tests.pipelines.conftest import ROOT
+from tests.conftest import ROOT
 
 WINDOW_ASSETS = ["dataset_pages", "gradients", "evaluations", "ratings", "chain_weights", "aggregation", "checkpoint"]
 

@@ -15,7 +15,7 @@ from templar_pipelines.instance import prepare_dagster_home
 from templar_pipelines.local import run_local_network
 from templar_lib.hparams import HParams
 from templar_pipelines.cli import init
-from tests.pipelines.conftest import FAST_HPARAMS, ROOT
+from tests.conftest import FAST_HPARAMS, ROOT
 
 LIST_ASSETS = "{ assetNodes { assetKey { path } } }"
 REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"

@@ -20,7 +20,7 @@ from templar_pipelines import defs
 from templar_pipelines.cli import init
 from templar_pipelines.local import run_local_network
 from templar_pipelines.resources import resources_from_env
-from tests.pipelines.conftest import FAST_HPARAMS, ROOT
+from tests.conftest import FAST_HPARAMS, ROOT
 
 import dagster as dg
 
