@@ -98,6 +98,7 @@ def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelStat
     try:
         state = catch_up(start, aggregator, window, hparams=hparams)
     except CatchUpError as error:
-        raise StateMissing(f"θ_{window}: cannot resync from window {start.window}: {error}") from None
+        raise StateMissing(f"θ_{window} is not in {store.root} and resyncing from window {start.window} failed: "
+                           f"{error} (run the earlier windows first)") from None
     store.save_model(state)
     return state

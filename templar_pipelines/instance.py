@@ -29,6 +29,11 @@ concurrency:
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
+
+# A run that failed (e.g. its node restarted) is retried once from the failed step: every step is idempotent.
+run_retries:
+  enabled: true
+  max_retries: 1
 """
 
 POSTGRES_URL_YAML = """\

@@ -90,8 +90,8 @@ class TrainingResource(dg.ConfigurableResource):
         behind; dg.Failure with a clear message when neither has it."""
         try:
             return sync_to(self.store(), buckets.aggregator(), window, hparams=self.hparams())
-        except StateMissing as missing:
-            raise dg.Failure(description=str(missing)) from None
+        except StateMissing as missing:  # retrying cannot help: the previous window must run first
+            raise dg.Failure(description=str(missing), allow_retries=False) from None
 
     def model_at(self, window: int, buckets: BucketsResource, manifest: Manifest):
         """(model holding θ_window, its ModelState)."""

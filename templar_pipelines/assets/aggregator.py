@@ -4,14 +4,15 @@ from templar_lib.audit import held_out_loss
 from templar_lib.checkpoints import catch_up, checkpoint_windows, save_checkpoint, state_sha256
 from templar_lib.gather import peer_buckets
 from templar_lib.roles import aggregator_step
-from templar_pipelines.assets.common import MODEL_STATE_POOL
+from templar_pipelines.assets.common import MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.validator import evaluations
 from templar_pipelines.metadata import aggregation_metadata
 from templar_pipelines.partitions import window_of, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, TrainingResource, WandbResource
 
 
-@dg.asset(partitions_def=window_partitions, group_name="aggregator", kinds={"pytorch", "s3"}, deps=[evaluations])
+@dg.asset(partitions_def=window_partitions, group_name="aggregator", kinds={"pytorch", "s3"}, deps=[evaluations],
+          retry_policy=NETWORK_RETRY)
 def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
                 training: TrainingResource) -> dg.MaterializeResult:
     """aggregation-{window}: the accepted gradients (those in peers_{window}.json) combined into one update."""

@@ -4,3 +4,9 @@
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1},
                                                                        "requests": {"nvidia.com/gpu": 1}}}}}
 MODEL_STATE_POOL = "model_state"  # runs that advance θ or a miner's momentum are serialised through this pool
+
+import dagster as dg  # noqa: E402
+
+# Steps that read peers' buckets or upload may meet a flaky network; they are idempotent (a rerun rewrites the same
+# bytes), so they retry. Missing θ fails without retrying (dg.Failure(allow_retries=False) in resources.py).
+NETWORK_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)

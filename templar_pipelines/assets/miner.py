@@ -1,7 +1,7 @@
 import dagster as dg
 
 from templar_lib.roles.miner import mine_window
-from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL
+from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata
 from templar_pipelines.partitions import window_of, window_partitions
@@ -9,7 +9,7 @@ from templar_pipelines.resources import BucketsResource, ChainResource, Training
 
 
 @dg.asset(partitions_def=window_partitions, group_name="miner", kinds={"pytorch", "s3"}, deps=[dataset_pages],
-          pool=MODEL_STATE_POOL, op_tags=GPU_TAGS)
+          pool=MODEL_STATE_POOL, op_tags=GPU_TAGS, retry_policy=NETWORK_RETRY)
 def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
               training: TrainingResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid} (compressed momentum)."""

@@ -3,7 +3,7 @@ import dagster as dg
 from templar_lib.gather import peer_buckets
 from templar_lib.roles.validator import evaluate_window, rate_window, read_evaluation
 from templar_lib.wire import evaluation_key
-from templar_pipelines.assets.common import GPU_TAGS
+from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
 from templar_pipelines.assets.miner import gradients
 from templar_pipelines.metadata import evaluations_metadata, ratings_metadata
 from templar_pipelines.partitions import window_of, window_partitions
@@ -11,7 +11,7 @@ from templar_pipelines.resources import BucketsResource, ChainResource, Training
 
 
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"pytorch"}, deps=[gradients],
-          op_tags=GPU_TAGS)
+          op_tags=GPU_TAGS, retry_policy=NETWORK_RETRY)
 def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
                 training: TrainingResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Loss before/after each miner's gradient on θ_w; invalid, late or missing gradients score 0 with a reason."""

@@ -53,9 +53,9 @@ def test_two_windows_materialise_every_asset_with_metadata(network_home, network
     assert LocalChain(network_home / "chain.sqlite").weights()[0]  # the validator's weights are on the chain
 
 
-def test_backfill_of_past_windows_reproduces_the_live_hashes(network_home, network_env):
+def test_backfill_of_past_windows_reproduces_every_object_and_hash(network_home, network_env):
     live = run_local_network(network_home, windows=2, environ=network_env)
-    aggregations = {w: (network_home / "aggregator" / f"aggregation-{w}.safetensors").read_bytes() for w in (0, 1)}
+    before = snapshot(network_home)
     job = defs.resolve_job_def("local_network_job")
     resources = resources_from_env(network_env)
     with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
@@ -63,8 +63,16 @@ def test_backfill_of_past_windows_reproduces_the_live_hashes(network_home, netwo
             result = job.execute_in_process(instance=instance, partition_key=window, resources=resources)
             sha = result.asset_materializations_for_node("checkpoint")[0].metadata["sha256"].value
             assert sha == live[int(window)]["checkpoint.sha256"]
-    for window, data in aggregations.items():
-        assert (network_home / "aggregator" / f"aggregation-{window}.safetensors").read_bytes() == data
+    after = snapshot(network_home)
+    assert after.keys() == before.keys() and len(before) > 20
+    assert [key for key in before if before[key] != after[key]] == []  # every object byte-identical
+
+
+def snapshot(home) -> dict[str, bytes]:
+    """Every bucket object and state file a window writes (gradients, peers, evaluations, aggregations,
+    checkpoints, θ, momentum, ratings)."""
+    return {str(path.relative_to(home)): path.read_bytes() for folder in ("gradients", "aggregator", "state")
+            for path in sorted((home / folder).rglob("*")) if path.is_file()}
 
 
 def test_a_window_without_its_previous_state_fails_clearly(network_home, network_env):
