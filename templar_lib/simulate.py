@@ -229,7 +229,8 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
                 if node.kind == "honest":
                     honest_losses.append(result.loss)
                     honest_sent[uid] = gradients.get(gradient_key(window, uid))
-            node.history.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            if node.kind == "lagging":  # it trains on θ three windows old: keep the last four
+                node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
         for uid in sorted(nodes):
             _misbehave(nodes[uid], window, model=model, state=state, dataset=dataset, manifest=manifest,
                        gradients=gradients, hparams=hparams, honest_sent=honest_sent, compute=compute_gradient)
