@@ -210,7 +210,26 @@ def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- error feedback
-_VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
+
+
+def quantize_int8(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-parameter absmax int8: q = round(vals / scale), scale = max|vals| / 127. Returns (q int8, scale (1,) f32)."""
+    vals = vals.detach().float()
+    scale = (vals.abs().max() / 127.0).clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    return torch.round(vals / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q · scale as float32: what a receiver reconstructs (and so what the sender's error feedback subtracts)."""
+    return q.float() * scale.float()
+
+
+def round_values(vals: torch.Tensor, value_dtype: str) -> torch.Tensor:
+    """Values as the wire will carry them: cast to the dtype, or int8-quantised and reconstructed."""
+    if value_dtype == "int8":
+        return dequantize_int8(*quantize_int8(vals))
+    return vals.to(_VALUE_DTYPES[value_dtype])
 
 
 class ErrorFeedback:
@@ -220,7 +239,7 @@ class ErrorFeedback:
     every node applies to the shared θ):
 
         m ← momentum_decay · m + lr · g
-        s = top-k(DCT(m))          (values rounded to value_dtype, the dtype sent on the wire)
+        s = top-k(DCT(m))          (values rounded as the wire carries them: value_dtype, or int8 per-parameter)
         m ← m − IDCT(s)            (what was transmitted leaves the momentum; the rest carries over)
 
     momentum: dict name -> float32 tensor of the parameter's shape (zeros at start; state that outlives a window).
@@ -232,7 +251,9 @@ class ErrorFeedback:
         self.topk = topk
         self.target_chunk = target_chunk
         self.momentum_decay = momentum_decay
-        self.value_dtype = _VALUE_DTYPES[value_dtype]
+        if value_dtype not in _VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
+        self.value_dtype = value_dtype
 
     @classmethod
     def zeros_like(cls, parameters: Mapping[str, torch.Tensor], **settings) -> ErrorFeedback:
@@ -245,7 +266,7 @@ class ErrorFeedback:
             m = self.momentum[name]
             m.mul_(self.momentum_decay).add_(g.float(), alpha=lr)
             sparse = encode(m, self.topk, self.target_chunk)
-            sparse = Sparse(sparse.idx, sparse.vals.to(self.value_dtype), sparse.shape, sparse.chunk)
+            sparse = Sparse(sparse.idx, round_values(sparse.vals, self.value_dtype), sparse.shape, sparse.chunk)
             m.sub_(decode(sparse))
             transmitted[name] = sparse
         return transmitted

@@ -33,7 +33,8 @@ class HParams:
     topk_compression: int = 32  # coefficients kept per DCT chunk
     target_chunk: int = 64  # chunk side: the largest divisor of each dimension not above this
     momentum_decay: float = 0.999  # error-feedback decay: m <- decay*m + lr*g
-    gradient_value_dtype: str = "float32"  # dtype of transmitted values: float32 | bfloat16 | float16
+    gradient_value_dtype: str = "float32"  # transmitted values: float32 | bfloat16 | float16 | int8 (format 2)
+    gradient_format: int = 1  # wire format of gradient files: 1 (int idx + values) or 2 (Rice-coded idx)
     # --- windows and data (DESIGN §2, §3) ---
     blocks_per_window: int = 7  # chain blocks per window (12 s blocks -> 84 s windows)
     pages_per_window: int = 6  # dataset pages each miner trains on per window
@@ -78,9 +79,13 @@ class HParams:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:
             raise HParamsError("weight_decay: learning_rate * weight_decay must be < 1")
-        if self.gradient_value_dtype not in ("float32", "bfloat16", "float16"):
-            raise HParamsError(f"gradient_value_dtype: one of float32, bfloat16, float16, got "
+        if self.gradient_value_dtype not in ("float32", "bfloat16", "float16", "int8"):
+            raise HParamsError(f"gradient_value_dtype: one of float32, bfloat16, float16, int8, got "
                                f"{self.gradient_value_dtype!r}")
+        if self.gradient_format not in (1, 2):
+            raise HParamsError(f"gradient_format: 1 or 2, got {self.gradient_format!r}")
+        if self.gradient_value_dtype == "int8" and self.gradient_format != 2:
+            raise HParamsError("gradient_value_dtype: int8 values need gradient_format 2")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -126,7 +131,7 @@ class HParams:
 
     def protocol_hash(self) -> str:
         """sha256 (16 hex digits) of the fields that change what a gradient means; order-independent."""
-        fields = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
+        fields = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window", "pages_per_window", "batch_size",
                   "sequence_length", "learning_rate", "weight_decay", "warmup_steps", "t_max", "lr_floor_ratio")
         canonical = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

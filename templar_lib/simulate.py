@@ -83,7 +83,8 @@ def train(dataset: Bucket, *, miners: int, windows: int, hparams: HParams, mode:
                     {n: dense_sum[n].add_(g) for n, g in gradients.items()}
                 continue
             data = write_gradient(Gradient(window, uid, feedback[uid].step(gradients, lr=lr),
-                                           hparams.protocol_hash()))
+                                           hparams.protocol_hash()), version=hparams.gradient_format,
+                                  values=hparams.gradient_value_dtype)
             wire_bytes += len(data)
             sent[uid] = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
                                       target_chunk=hparams.target_chunk,

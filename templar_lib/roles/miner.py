@@ -52,7 +52,7 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feed
     tokens = load_pages(dataset, manifest, pages)
     loss, gradient = compute_gradient(window, uid, model=model, step=step, feedback=feedback, tokens=tokens,
                                       hparams=hparams)
-    data = write_gradient(gradient)
+    data = write_gradient(gradient, version=hparams.gradient_format, values=hparams.gradient_value_dtype)
     key = gradient_key(window, uid)
     gradients.put(key, data)
     dense_bytes = sum(math.prod(s.shape) for s in gradient.tensors.values()) * 4

@@ -160,3 +160,63 @@ def test_size_limit_is_checked_before_parsing():
 def test_wrong_model_shapes_are_rejected():
     with pytest.raises(InvalidFile, match="parameters differ"):
         read(write_gradient(make_gradient()), shapes=SHAPES | {"new.weight": (4, 4)})
+
+
+# ---------------------------------------------------------------------------------------------------- format 2
+@pytest.mark.parametrize("values, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_compact_format_round_trip_is_exact_up_to_row_order(values, dtype):
+    gradient = make_gradient(dtype)
+    back = read(write_gradient(gradient, version=2, values=values))
+    assert back.format == 2
+    for name, sparse in gradient.tensors.items():
+        order = sparse.idx.argsort(dim=1)
+        assert torch.equal(back.tensors[name].idx, sparse.idx.gather(1, order))
+        assert torch.equal(back.tensors[name].vals, sparse.vals.gather(1, order))
+        # the decoded tensor does not depend on the order coefficients are listed in
+        from templar_lib.compression import decode
+        assert torch.equal(decode(back.tensors[name]), decode(sparse))
+
+
+def test_compact_format_is_smaller_and_int8_matches_error_feedback():
+    from templar_lib.compression import ErrorFeedback, decode
+
+    generator = torch.Generator().manual_seed(3)
+    gradients = {"w": torch.randn(1024, 2048, generator=generator), "b": torch.randn(3000, generator=generator)}
+    shapes = {n: tuple(g.shape) for n, g in gradients.items()}
+    sizes = {}
+    for values in ("bfloat16", "int8"):
+        feedback = ErrorFeedback.zeros_like(gradients, topk=32, target_chunk=64, momentum_decay=0.9,
+                                            value_dtype=values)
+        sent = feedback.step(gradients, lr=1.0)
+        data = write_gradient(Gradient(1, 2, sent, "h"), version=2, values=values)
+        back = read_gradient(data, window=1, uid=2, shapes=shapes, topk=32)
+        for name in gradients:  # what the receiver decodes is exactly what the sender took out of its momentum
+            assert torch.equal(decode(back.tensors[name]), decode(sent[name]))
+            torch.testing.assert_close(decode(sent[name]) + feedback.momentum[name], gradients[name], atol=1e-5,
+                                       rtol=0)
+        sizes[values] = len(data)
+    baseline = sum(s.idx.numel() for s in sent.values()) * 4  # int16 index + bf16 value per kept coefficient
+    assert sizes["bfloat16"] <= 0.8 * baseline and sizes["int8"] <= 0.55 * baseline
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda t, h: t | {"w.unary": t["w.unary"][:-3]}, "index streams invalid"),
+    (lambda t, h: t | {"w.rem": t["w.rem"][:-1]}, "index streams invalid"),
+    (lambda t, h: t | {"w.unary": torch.zeros_like(t["w.unary"])}, "index streams invalid"),
+    (lambda t, h: t | {"w.scale": torch.tensor([float("nan")])}, "bad scale"),
+    (lambda t, h: t | {"w.scale": torch.tensor([-1.0])}, "bad scale"),
+    (lambda t, h: {k: v for k, v in t.items() if k != "w.scale"}, "scale mismatch"),
+])
+def test_compact_format_hostile_streams_are_rejected(damage, reason):
+    generator = torch.Generator().manual_seed(4)
+    sent = {"w": encode(torch.randn(64, 128, generator=generator), 32, 64)}
+    data = write_gradient(Gradient(1, 2, sent, "h"), version=2, values="int8")
+    tensors, header = tensors_and_header_raw(data)
+    with pytest.raises(InvalidFile, match=reason):
+        read_gradient(rebuild(damage(tensors, header), header), window=1, uid=2, shapes={"w": (64, 128)}, topk=32)
+
+
+def tensors_and_header_raw(data: bytes):
+    from safetensors.torch import load
+    (length,) = struct.unpack("<Q", data[:8])
+    return load(data), json.loads(json.loads(data[8:8 + length])["__metadata__"]["templar"])
