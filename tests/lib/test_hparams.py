@@ -30,7 +30,9 @@ def test_load_json_and_yaml_then_environment_overrides(tmp_path):
     ({"batch_size": "6"}, "batch_size"),
     ({"blocks_per_window": True}, "blocks_per_window"),
     ({"learning_rate": float("nan")}, "learning_rate"),
-    ({"gradient_value_dtype": "int8"}, "gradient_value_dtype"),
+    ({"gradient_value_dtype": "int4"}, "gradient_value_dtype"),
+    ({"gradient_value_dtype": "int8", "gradient_format": 1}, "gradient_value_dtype"),
+    ({"gradient_format": 3}, "gradient_format"),
     ({"topk_compresion": 3}, "topk_compresion"),
 ])
 def test_invalid_values_name_the_field(values, field):
