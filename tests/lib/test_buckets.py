@@ -166,3 +166,11 @@ def test_node_buckets_from_urls_and_local_default(tmp_path, s3_env):
     mixed = Buckets.from_urls(gradients="s3://grads?endpoint_url=https://acct.r2.cloudflarestorage.com",
                               dataset=(tmp_path / "d").as_uri(), aggregator="s3://agg/run-1")
     assert isinstance(mixed.gradients, S3Bucket) and mixed.aggregator.prefix == "run-1/"
+
+
+def test_s3_connection_resets_are_retried(proxied):
+    proxy, bucket = proxied
+    bucket.put("k", b"payload" * 100)
+    proxy.inject("reset", 2)  # the connection is torn down mid-request, twice
+    assert bucket.get("k") == b"payload" * 100
+    assert proxy.faults_fired == 2

@@ -1,0 +1,95 @@
+"""Aggregation of P peers' compressed gradients into the sign update, against a straightforward reference,
+and against one local training step (the work it must stay small next to).
+
+    reference: per parameter, densify each normalised peer, sum and count in dense (n_chunks, chunk) tensors,
+               divide, inverse DCT with einsum, sign — a loop over peers as Templar's batch_decompress does.
+    ours:      templar_lib.aggregation.combine_peers + sign_directions (one scatter_add over all peers, batched
+               inverse DCT).
+
+    python bench/aggregation.py [--preset tiny] [--peers 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from templar_lib.aggregation import combine_peers, sign_directions  # noqa: E402
+from templar_lib.compression import dct_matrix, encode, normalized_vals  # noqa: E402
+from templar_lib.model import build_model  # noqa: E402
+from templar_lib.training import loss_and_gradients  # noqa: E402
+
+
+def reference_direction(peers, shape, chunk):
+    r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
+    n_chunks = peers[0].idx.shape[0]
+    total = torch.zeros(n_chunks, r * c, device=peers[0].vals.device)
+    count = torch.zeros_like(total)
+    for peer in peers:
+        dense = torch.zeros_like(total).scatter_(1, peer.idx.long(), normalized_vals(peer))
+        total += dense
+        count += torch.zeros_like(total).scatter_(1, peer.idx.long(), torch.ones_like(peer.vals.float()))
+    coefficients = (total / count.clamp_min(1)).reshape(n_chunks, r, c)
+    device = str(total.device)
+    blocks = torch.einsum("nij,ik,jl->nkl", coefficients, dct_matrix(r, device), dct_matrix(c, device))
+    if len(shape) == 1:
+        return torch.sign(blocks.reshape(shape))
+    rows, cols = shape
+    return torch.sign(blocks.reshape(rows // r, cols // c, r, c).permute(0, 2, 1, 3).reshape(shape))
+
+
+def timed(function, device: str, repeats: int = 3) -> float:
+    function()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--peers", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    model = build_model(args.preset, device=args.device)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    peers = {uid: {n: encode(torch.randn(s, generator=generator, device=args.device), 32, 64)
+                   for n, s in shapes.items()} for uid in range(args.peers)}
+
+    def ours():
+        return sign_directions(combine_peers(0, 0, 1e-3, peers, list(shapes)))
+
+    def reference():
+        return {n: reference_direction([peers[u][n] for u in sorted(peers)], s, peers[0][n].chunk)
+                for n, s in shapes.items()}
+
+    t_ours, t_reference = timed(ours, args.device), timed(reference, args.device)
+    agree = sum(int((ours()[n] == reference()[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
+                                                                                for s in shapes.values())
+    print(f"{args.preset} on {args.device} ({platform.processor() or platform.machine()}): {args.peers} peers, "
+          f"{sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.1f} M parameters")
+    print(f"  reference (dense per peer): {t_reference * 1e3:9.1f} ms")
+    print(f"  ours (one scatter, batched): {t_ours * 1e3:9.1f} ms   ratio {t_reference / t_ours:.2f}x  "
+          f"(sign agreement {100 * agree:.4f} %)")
+    if args.preset in ("tiny", "small") and args.device == "cpu":
+        tokens = torch.randint(0, model.config.vocab_size, (12, 128), generator=torch.Generator().manual_seed(1))
+        step = timed(lambda: loss_and_gradients(model, tokens, 6), args.device)
+        print(f"  one miner training step (12 × 128 tokens): {step * 1e3:.1f} ms -> aggregation is "
+              f"{100 * t_ours / step:.0f} % of it")
+
+
+if __name__ == "__main__":
+    main()
