@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,18 +43,6 @@ def reference_direction(peers, shape, chunk):
         return torch.sign(blocks.reshape(shape))
     rows, cols = shape
     return torch.sign(blocks.reshape(rows // r, cols // c, r, c).permute(0, 2, 1, 3).reshape(shape))
-
-
-def timed(function, device: str, repeats: int = 3) -> float:
-    function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
+from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 
 from templar_lib.compression import ErrorFeedback, chunk_shape, dct_matrix
 from templar_lib.model import build_model
@@ -57,18 +57,6 @@ def shapes_of(preset: str, device: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def timed(function, repeats: int, device: str) -> float:
-    function()  # warm-up (bases, allocator)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
-
-
 def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
     shapes = shapes_of(preset, device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -85,8 +73,8 @@ def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
     def optimised():
         ours.step(gradients, lr=lr)
 
-    t_reference = timed(reference, repeats, device)
-    t_ours = timed(optimised, repeats, device)
+    t_reference = timed(reference, device, repeats)
+    t_ours = timed(optimised, device, repeats)
     worst = max((ours.momentum[n] - reference_momentum[n]).abs().max().item() for n in shapes)
     elements = sum(g.numel() for g in gradients.values())
     # bytes touched at least once: read g, read+write m (fp32) for the fold, read m for encode, read+write m on subtract
