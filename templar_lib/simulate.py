@@ -1,4 +1,7 @@
-"""In-process network of honest miners: the training core end to end, without chain or Dagster.
+"""In-process networks, without Dagster: the bare training core (`train`) and a whole network with cheating
+miners on a LocalChain (`run_network`, used by `templar simulate` and the adversary suite).
+
+`train`, the training core:
 
 Each window w, with lr = learning_rate_at(w):
     every miner u:  X_u = pages_for(w, u)  ->  (loss, g_u) on θ_w
@@ -7,7 +10,11 @@ Each window w, with lr = learning_rate_at(w):
     dense:          θ_{w+1} = outer_step(θ_w, sign(mean_u g_u))         (baseline: no compression, same optimiser)
 and the held-out loss of θ_{w+1} is measured on the dataset's held-out pages.
 
-Used by the convergence smoke test and, until the Dagster pipeline runs the roles, by `templar demo`.
+Used by the convergence smoke test and `templar train` (`--mode dense` is the uncompressed baseline).
+
+`run_network`: a validator (uid 0), N miners and an aggregator running the real role functions over local buckets
+and a LocalChain with a manual clock, with adversaries of the kinds in ADVERSARIES; every honest node replays the
+published aggregation and the replay is checked against the aggregator's θ every window.
 """
 
 from __future__ import annotations
