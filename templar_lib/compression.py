@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -166,7 +166,12 @@ def combine(peers: Sequence[Sparse]) -> torch.Tensor:
         if peer.shape != first.shape or peer.chunk != first.chunk:
             raise ValueError(f"peers disagree on shape/chunk: {peer.shape}/{peer.chunk} vs {first.shape}/{first.chunk}")
     idx = torch.cat([peer.idx.long() for peer in peers], dim=1)  # (n_chunks, sum k)
-    vals = torch.cat([normalized_vals(peer) for peer in peers], dim=1)
+    if all(peer.vals.shape == first.vals.shape for peer in peers):  # one norm per peer, in a single reduction
+        stacked = torch.stack([peer.vals.float() for peer in peers])  # (P, n_chunks, k)
+        norms = torch.linalg.vector_norm(stacked.reshape(len(peers), -1), dim=1) + NORM_EPS
+        vals = (stacked / norms[:, None, None]).permute(1, 0, 2).reshape(first.n_chunks, -1)
+    else:
+        vals = torch.cat([normalized_vals(peer) for peer in peers], dim=1)
     shape = (first.n_chunks, first.chunk_size)
     total = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, vals)
     count = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, torch.ones_like(vals))
@@ -186,17 +191,21 @@ class Combined:
     counts: torch.Tensor
     shape: tuple[int, ...]
     chunk: tuple[int, ...]
+    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the coefficients it came from
 
 
 def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> Combined:
     """(n_chunks, chunk_size) coefficients -> Combined holding exactly their nonzeros (row-major order)."""
     rows, positions = coefficients.nonzero(as_tuple=True)  # row-major: increasing within each row
     counts = torch.bincount(rows, minlength=coefficients.shape[0])
-    return Combined(positions, coefficients[rows, positions].float(), counts, tuple(shape), tuple(chunk))
+    return Combined(positions, coefficients[rows, positions].float(), counts, tuple(shape), tuple(chunk),
+                    dense=coefficients.float())
 
 
 def densify_combined(combined: Combined) -> torch.Tensor:
-    """Inverse of sparsify: (n_chunks, chunk_size) float32."""
+    """Inverse of sparsify: (n_chunks, chunk_size) float32 (the kept original when sparsify built it: same bits)."""
+    if combined.dense is not None:
+        return combined.dense
     n_chunks = combined.counts.shape[0]
     rows = torch.repeat_interleave(torch.arange(n_chunks, device=combined.idx.device), combined.counts)
     dense = torch.zeros(n_chunks, math.prod(combined.chunk), device=combined.vals.device)
