@@ -91,20 +91,25 @@ def test_new_block_sensor_requests_each_window_once(network_home, network_env):
     chain.advance_to_block(5 * 7)  # the chain is in window 5
     resources = resources_from_env(network_env)
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(cursor=json.dumps({"mined": 3, "closed": 1}), resources=resources,
-                                     instance=instance) as context:
+        with dg.build_sensor_context(cursor=json.dumps({"aggregated": 2, "mined": 3, "validated": 1}),
+                                     resources=resources, instance=instance) as context:
             result = new_block_sensor(context)
         keys = [r.run_key for r in result.run_requests]
-        assert keys == ["miner_job:4", "miner_job:5", "validator_job:2", "aggregator_job:2", "validator_job:3",
-                        "aggregator_job:3"]
-        assert json.loads(result.cursor) == {"mined": 5, "closed": 3}
+        # θ_{w+1} is aggregated before anyone mines window w + 1; validators wait validator_offset (2) windows
+        assert keys == ["aggregator_job:3", "aggregator_job:4", "miner_job:4", "miner_job:5", "validator_job:2",
+                        "validator_job:3"]
+        assert json.loads(result.cursor) == {"aggregated": 4, "mined": 5, "validated": 3}
         assert result.dynamic_partitions_requests[0].partition_keys == ["2", "3", "4", "5"]
         with dg.build_sensor_context(cursor=result.cursor, resources=resources, instance=instance) as context:
             again = new_block_sensor(context)
         assert not again.run_requests and "nothing new" in again.skip_reason.skip_message
         with dg.build_sensor_context(resources=resources, instance=instance) as context:
             first = new_block_sensor(context)
-        assert [r.run_key for r in first.run_requests] == ["miner_job:5", "validator_job:3", "aggregator_job:3"]
+        assert [r.run_key for r in first.run_requests] == ["aggregator_job:4", "miner_job:5", "validator_job:3"]
+        chain.advance(7)  # window 6 opens
+        with dg.build_sensor_context(cursor=first.cursor, resources=resources, instance=instance) as context:
+            later = new_block_sensor(context)
+        assert [r.run_key for r in later.run_requests] == ["aggregator_job:5", "miner_job:6", "validator_job:4"]
 
 
 def test_checkpoint_audit_passes_then_fails_on_tampering(network_home, network_env):

@@ -51,12 +51,12 @@ def test_window_sensor_and_backfill_on_postgres(network_home, network_env, postg
         assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
         assert instance.get_dynamic_partitions("window") == ["0"]
         LocalChain(network_home / "chain.sqlite").advance_to_block(4 * 7)
-        with dg.build_sensor_context(cursor=json.dumps({"mined": 1, "closed": 0}), resources=resources,
-                                     instance=instance) as context:
+        with dg.build_sensor_context(cursor=json.dumps({"aggregated": 0, "mined": 1, "validated": 0}),
+                                     resources=resources, instance=instance) as context:
             tick = new_block_sensor(context)
-        assert [r.run_key for r in tick.run_requests] == ["miner_job:2", "miner_job:3", "miner_job:4",
-                                                          "validator_job:1", "aggregator_job:1",
-                                                          "validator_job:2", "aggregator_job:2"]
+        assert [r.run_key for r in tick.run_requests] == ["aggregator_job:1", "aggregator_job:2", "aggregator_job:3",
+                                                          "miner_job:2", "miner_job:3", "miner_job:4",
+                                                          "validator_job:1", "validator_job:2"]
         backfill = defs.resolve_job_def("local_network_job").execute_in_process(
             instance=instance, partition_key="0", resources=resources)
         sha = backfill.asset_materializations_for_node("checkpoint")[0].metadata["sha256"].value
