@@ -11,6 +11,7 @@ killed run leaves the previous state intact. Tensors are read with safetensors' 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -61,6 +62,16 @@ class StateStore:
             return safetensors_load(self.bucket.get(f"momentum-{uid}-{window}.safetensors"))
         except ObjectMissing:
             return None
+
+    # ------------------------------------------------------------------ metrics
+    def record_held_out_loss(self, window: int, loss: float) -> None:
+        """Held-out loss of θ_window, kept for the loss-over-windows chart (one small file per window)."""
+        self.bucket.put(f"held-out-{window}.json", json.dumps({"window": window, "loss": loss}).encode())
+
+    def held_out_losses(self, last: int = 30) -> dict[int, float]:
+        """The most recent `last` recorded held-out losses by window."""
+        windows = sorted(int(key[len("held-out-"):-len(".json")]) for key in self.bucket.list("held-out-"))[-last:]
+        return {w: float(json.loads(self.bucket.get(f"held-out-{w}.json"))["loss"]) for w in windows}
 
     # ------------------------------------------------------------------ ratings
     def save_ratings(self, ratings: Ratings) -> None:

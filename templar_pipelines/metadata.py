@@ -18,12 +18,13 @@ def _table(columns: list[tuple[str, str]], rows: list[dict]) -> dg.TableMetadata
     return dg.MetadataValue.table(records=[dg.TableRecord(row) for row in rows], schema=schema)
 
 
-def bar_chart(title: str, values: Mapping[int, float], unit: str = "") -> dg.MarkdownMetadataValue:
-    """A text bar chart (the UI renders markdown), one bar per uid."""
-    top = max((abs(v) for v in values.values()), default=0.0) or 1.0
+def bar_chart(title: str, values: Mapping[int, float], unit: str = "", label: str = "uid",
+              floor: float = 0.0) -> dg.MarkdownMetadataValue:
+    """A text bar chart (the UI renders markdown), one bar per key; bars measure value − floor."""
+    top = max((abs(v - floor) for v in values.values()), default=0.0) or 1.0
     lines = [f"**{title}**", "", "```"]
-    for uid, value in sorted(values.items()):
-        lines.append(f"uid {uid:>4} {'█' * max(0, round(20 * value / top)):<20} {value:.4g}{unit}")
+    for key, value in sorted(values.items()):
+        lines.append(f"{label} {key:>4} {'█' * max(0, round(20 * (value - floor) / top)):<20} {value:.4g}{unit}")
     return dg.MetadataValue.md("\n".join(lines + ["```"]))
 
 
@@ -87,3 +88,9 @@ def aggregation_metadata(result: AggregatorResult) -> dict:
             "update_norm": result.update_norm, "lr": result.lr, "step": result.step, "bytes": result.bytes,
             "key": result.key,
             "skipped": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in result.skipped.items()) or "none")}
+
+
+def loss_chart(losses: Mapping[int, float]) -> dg.MarkdownMetadataValue:
+    """Held-out loss over the recent windows (bars above the lowest value, so the trend is visible)."""
+    floor = min(losses.values(), default=0.0) * 0.98
+    return bar_chart("held-out loss of θ after each window", losses, label="θ_", floor=floor)

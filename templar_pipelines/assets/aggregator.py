@@ -6,7 +6,7 @@ from templar_lib.gather import peer_buckets
 from templar_lib.roles import aggregator_step
 from templar_pipelines.assets.common import MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.validator import evaluations
-from templar_pipelines.metadata import aggregation_metadata
+from templar_pipelines.metadata import aggregation_metadata, loss_chart
 from templar_pipelines.partitions import window_of, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, TrainingResource, WandbResource
 
@@ -40,10 +40,13 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, trai
     training.store().save_model(following)
     loss = held_out_loss(following, preset=training.preset, dataset=buckets.dataset(), manifest=manifest,
                          hparams=hparams)
+    store = training.store()
+    store.record_held_out_loss(following.window, loss)
     wandb.log("aggregator", window, {"held_out_loss": loss})
     return dg.MaterializeResult(metadata={"sha256": state_sha256(following), "held_out_loss": loss,
                                           "model_window": following.window, "step": following.step,
-                                          "published": published})
+                                          "published": published,
+                                          "held_out_loss_over_windows": loss_chart(store.held_out_losses())})
 
 
 @dg.asset(group_name="aggregator", kinds={"safetensors"})

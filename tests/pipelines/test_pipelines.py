@@ -49,6 +49,8 @@ def test_two_windows_materialise_every_asset_with_metadata(network_home, network
         evaluations = materialization(instance, "evaluations", "1").metadata
         assert evaluations["valid_gradients"].value == 3
         assert "final_scores" in materialization(instance, "ratings", "1").metadata
+        chart = materialization(instance, "checkpoint", "1").metadata["held_out_loss_over_windows"].value
+        assert "θ_    1" in chart and "θ_    2" in chart  # one bar per window so far
         assert materialization(instance, "chain_weights", "1").metadata["status"].value == "set"
     assert LocalChain(network_home / "chain.sqlite").weights()[0]  # the validator's weights are on the chain
 
