@@ -41,7 +41,8 @@ class FaultProxy:
                     message = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
-                    self.wfile.write(message)
+                    if self.command != "HEAD":  # a HEAD response carries no body, or the connection desyncs
+                        self.wfile.write(message)
                     return
                 if fault and fault[0] == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
