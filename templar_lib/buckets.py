@@ -122,9 +122,7 @@ class LocalBucket:
                 if max_bytes is None:
                     return handle.read()
                 data = handle.read(max_bytes + 1)
-        except FileNotFoundError:
-            raise ObjectMissing(f"{key}: no such object in {self.url}") from None
-        except IsADirectoryError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ObjectMissing(f"{key}: no such object in {self.url}") from None
         if len(data) > max_bytes:
             raise ObjectTooLarge(f"{key}: larger than the limit of {max_bytes} bytes")

@@ -28,10 +28,10 @@ import torch
 
 from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, outer_step_
 from templar_lib.buckets import Bucket
-from templar_lib.compression import ErrorFeedback
 from templar_lib.data import load_pages, pages_for, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
+from templar_lib.roles.miner import new_feedback
 from templar_lib.training import evaluate_loss, loss_and_gradients
 from templar_lib.wire import Gradient, read_gradient, write_gradient
 
@@ -70,11 +70,7 @@ def train(dataset: Bucket, *, miners: int, windows: int, hparams: HParams, mode:
     parameters = dict(model.named_parameters())
     shapes = {name: tuple(p.shape) for name, p in parameters.items()}
     held_out = load_pages(dataset, manifest, manifest.held_out[:held_out_pages])
-    feedback = {uid: ErrorFeedback.zeros_like(parameters, topk=hparams.topk_compression,
-                                              target_chunk=hparams.target_chunk,
-                                              momentum_decay=hparams.momentum_decay,
-                                              value_dtype=hparams.gradient_value_dtype)
-                for uid in range(miners)}
+    feedback = {uid: new_feedback(parameters, hparams) for uid in range(miners)}
     report = TrainingReport(mode, evaluate_loss(model, held_out, hparams.batch_size))
     for window in range(windows):
         started = time.perf_counter()
@@ -169,10 +165,7 @@ class _Miner:
 
     def __init__(self, uid: int, kind: str, parameters, hparams: HParams) -> None:
         self.uid, self.kind = uid, kind
-        self.feedback = ErrorFeedback.zeros_like(parameters, topk=hparams.topk_compression,
-                                                 target_chunk=hparams.target_chunk,
-                                                 momentum_decay=hparams.momentum_decay,
-                                                 value_dtype=hparams.gradient_value_dtype)
+        self.feedback = new_feedback(parameters, hparams)
         self.kept: Gradient | None = None  # replay: the one gradient it keeps re-sending
         self.history: list[dict] = []  # lagging: θ of past windows
 

@@ -234,13 +234,9 @@ def _read_compact(data: bytes, entries: dict[str, dict], params: dict, shapes: M
     expected_entries = set()
     for name in sorted(params):
         declared = params[name]
-        _expect(isinstance(declared, dict) and set(declared) == {"shape", "chunk", "k", "rice", "values"},
-                f"{name}: malformed param entry")
         shape = tuple(shapes[name])
-        _expect(declared["shape"] == list(shape), f"{name}: shape {declared['shape']} differs from the model's")
-        chunk = chunk_shape(shape, target_chunk)
-        _expect(declared["chunk"] == list(chunk), f"{name}: chunk {declared['chunk']} differs from {list(chunk)}")
-        chunk_size, n_chunks = math.prod(chunk), math.prod(shape) // math.prod(chunk)
+        chunk, chunk_size, n_chunks = _declared_layout(name, declared, {"shape", "chunk", "k", "rice", "values"},
+                                                       shape, target_chunk)
         k, rice, values = declared["k"], declared["rice"], declared["values"]
         _expect(_is_int(k) and 1 <= k <= chunk_size and (topk is None or k == min(topk, chunk_size)),
                 f"{name}: {k!r} coefficients per chunk")
@@ -317,12 +313,8 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
             "tensors do not match the declared parameters")
     layout = {}
     for name in sorted(params):
-        declared = params[name]
         shape = tuple(shapes[name])
-        chunk = chunk_shape(shape, target_chunk)
-        _expect(isinstance(declared, dict) and declared.get("shape") == list(shape)
-                and declared.get("chunk") == list(chunk), f"{name}: shape/chunk differ from the model's")
-        chunk_size, n_chunks = math.prod(chunk), math.prod(shape) // math.prod(chunk)
+        chunk, chunk_size, n_chunks = _declared_layout(name, params[name], {"shape", "chunk"}, shape, target_chunk)
         idx, vals, counts = (entries[f"{name}.{part}"] for part in ("idx", "vals", "counts"))
         _expect(idx["dtype"] == _index_code(chunk_size) and vals["dtype"] == "F32" and counts["dtype"] == "I32",
                 f"{name}: unexpected dtypes")
@@ -416,13 +408,20 @@ def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[
     return header, metadata
 
 
+def _declared_layout(name: str, declared: object, fields: set[str], shape: tuple[int, ...],
+                     target_chunk: int) -> tuple[tuple[int, ...], int, int]:
+    """Check a header's param entry (exactly `fields`) against the model: (chunk, chunk size, number of chunks)."""
+    _expect(isinstance(declared, dict) and set(declared) == fields, f"{name}: malformed param entry")
+    _expect(declared["shape"] == list(shape), f"{name}: shape {str(declared['shape'])[:40]} differs from the model's "
+                                              f"{list(shape)}")
+    chunk = chunk_shape(shape, target_chunk)
+    _expect(declared["chunk"] == list(chunk), f"{name}: chunk {str(declared['chunk'])[:40]} differs from {list(chunk)}")
+    return chunk, math.prod(chunk), math.prod(shape) // math.prod(chunk)
+
+
 def _check_parameter(name: str, declared: object, entries: dict[str, dict], shape: tuple[int, ...],
                      topk: int | None, target_chunk: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    _expect(isinstance(declared, dict) and set(declared) == {"shape", "chunk"}, f"{name}: malformed param entry")
-    _expect(declared["shape"] == list(shape), f"{name}: shape {declared['shape']} differs from the model's {list(shape)}")
-    chunk = chunk_shape(shape, target_chunk)
-    _expect(declared["chunk"] == list(chunk), f"{name}: chunk {declared['chunk']} differs from {list(chunk)}")
-    chunk_size, n_chunks = math.prod(chunk), math.prod(shape) // math.prod(chunk)
+    chunk, chunk_size, n_chunks = _declared_layout(name, declared, {"shape", "chunk"}, shape, target_chunk)
     idx, vals = entries[f"{name}.idx"], entries[f"{name}.vals"]
     _expect(idx["dtype"] == _index_code(chunk_size), f"{name}: index dtype {idx['dtype']} for chunk size {chunk_size}")
     _expect(vals["dtype"] in VALUE_DTYPES, f"{name}: value dtype {vals['dtype']} not allowed")

@@ -36,6 +36,14 @@ class MinerResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor] | None = None) -> ErrorFeedback:
+    """A miner's error feedback under these hyper-parameters: from `momentum`, or zeros shaped like `parameters`."""
+    settings = dict(topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
+                    momentum_decay=hparams.momentum_decay, value_dtype=hparams.gradient_value_dtype)
+    return ErrorFeedback(momentum, **settings) if momentum is not None else \
+        ErrorFeedback.zeros_like(parameters, **settings)
+
+
 def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
                      tokens: torch.Tensor, hparams: HParams) -> tuple[float, Gradient]:
     """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place."""
@@ -66,12 +74,8 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     node's StateStore, saving the momentum after `window`: re-running a window reproduces the same files."""
     results = []
     parameters = parameters_of(model)
-    settings = dict(topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
-                    momentum_decay=hparams.momentum_decay, value_dtype=hparams.gradient_value_dtype)
     for uid in sorted(uids):
-        momentum = store.load_momentum(uid, window - 1)
-        feedback = ErrorFeedback(momentum, **settings) if momentum is not None else \
-            ErrorFeedback.zeros_like(parameters, **settings)
+        feedback = new_feedback(parameters, hparams, momentum=store.load_momentum(uid, window - 1))
         results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
                                   manifest=manifest, gradients=gradients, hparams=hparams))
         store.save_momentum(uid, window, feedback.momentum)
