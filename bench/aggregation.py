@@ -4,7 +4,8 @@ and against one local training step (the work it must stay small next to).
     reference: per parameter, densify each normalised peer, sum and count in dense (n_chunks, chunk) tensors,
                divide, inverse DCT with einsum, sign — a loop over peers as Templar's batch_decompress does.
     ours:      templar_lib.aggregation.combine_peers + sign_directions (one scatter_add over all peers, batched
-               inverse DCT).
+               inverse DCT). Writing aggregation-{window} (the scan for nonzeros into compressed rows + safetensors)
+               is timed on its own: the sign update does not need it.
 
     python bench/aggregation.py [--preset tiny] [--peers 20] [--device cpu]
 """
@@ -12,6 +13,7 @@ and against one local training step (the work it must stay small next to).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -22,9 +24,10 @@ from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from templar_lib.aggregation import combine_peers, sign_directions  # noqa: E402
-from templar_lib.compression import dct_matrix, encode, normalized_vals  # noqa: E402
+from templar_lib.compression import dct_matrix, encode, normalized_vals, sparsify  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.training import loss_and_gradients  # noqa: E402
+from templar_lib.wire import write_aggregation  # noqa: E402
 
 
 def reference_direction(peers, shape, chunk):
@@ -65,6 +68,13 @@ def main() -> None:
                 for n, s in shapes.items()}
 
     t_ours, t_reference = timed(ours, args.device), timed(reference, args.device)
+    aggregation = combine_peers(0, 0, 1e-3, peers, list(shapes))
+
+    def write_file():  # fresh Combined objects each call: the nonzero scan is timed every time
+        tensors = {n: sparsify(c.dense, c.shape, c.chunk) for n, c in aggregation.tensors.items()}
+        return write_aggregation(dataclasses.replace(aggregation, tensors=tensors))
+
+    t_file = timed(write_file, args.device)
     agree = sum(int((ours()[n] == reference()[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
                                                                                 for s in shapes.values())
     print(f"{args.preset} on {args.device} ({platform.processor() or platform.machine()}): {args.peers} peers, "
@@ -72,6 +82,8 @@ def main() -> None:
     print(f"  reference (dense per peer): {t_reference * 1e3:9.1f} ms")
     print(f"  ours (one scatter, batched): {t_ours * 1e3:9.1f} ms   ratio {t_reference / t_ours:.2f}x  "
           f"(sign agreement {100 * agree:.4f} %)")
+    print(f"  writing aggregation-{{window}} (nonzero scan + safetensors): {t_file * 1e3:.1f} ms, "
+          f"after the sign update, not on its path")
     if args.preset in ("tiny", "small") and args.device == "cpu":
         tokens = torch.randint(0, model.config.vocab_size, (12, 128), generator=torch.Generator().manual_seed(1))
         step = timed(lambda: loss_and_gradients(model, tokens, 6), args.device)

@@ -1,21 +1,25 @@
-"""Shared timing helper for the bench scripts: warm-up once, then the mean of `repeats` timed calls."""
+"""Shared timing helper for the bench scripts: warm-up once, then the median of `repeats` timed calls."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 
-def timed(function: Callable[[], object], device: str, repeats: int = 3) -> float:
-    """Seconds per call, synchronising CUDA around the timed loop."""
+def timed(function: Callable[[], object], device: str, repeats: int = 5) -> float:
+    """Seconds per call: the median over `repeats` calls (robust to a noisy neighbour on a shared machine),
+    synchronising CUDA around each call."""
     function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+    durations = []
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from templar_lib.compression import Sparse, combine, densify_combined, idct_chunks, sparsify
+from templar_lib.compression import Sparse, combine_many, densify_combined, idct_many, sparsify
 from templar_lib.hparams import HParams
 from templar_lib.wire import Aggregation
 
@@ -51,18 +51,21 @@ def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[i
     Peers are reduced in ascending uid order. A parameter that no peer sent is absent (it is only weight-decayed).
     """
     uids = sorted(gradients_by_uid)
-    tensors = {}
-    for name in names:
-        peers = [gradients_by_uid[uid][name] for uid in uids if name in gradients_by_uid[uid]]
-        if peers:
-            tensors[name] = sparsify(combine(peers), peers[0].shape, peers[0].chunk)
+    peers_by_name = {name: [gradients_by_uid[uid][name] for uid in uids if name in gradients_by_uid[uid]]
+                     for name in names}
+    peers_by_name = {name: peers for name, peers in peers_by_name.items() if peers}
+    coefficients = combine_many(list(peers_by_name.values()))  # parameters of one layout combined together
+    tensors = {name: sparsify(combined, peers[0].shape, peers[0].chunk)
+               for (name, peers), combined in zip(peers_by_name.items(), coefficients)}
     return Aggregation(window=window, step=step, lr=lr, peers=uids, tensors=tensors, hparams_hash=hparams_hash)
 
 
 def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:
     """sign(IDCT(coefficients)) per parameter: float32 tensors in {-1, 0, 1} of each parameter's shape."""
-    return {name: torch.sign(idct_chunks(densify_combined(combined), combined.shape, combined.chunk))
-            for name, combined in aggregation.tensors.items()}
+    tensors = aggregation.tensors.values()
+    directions = idct_many([densify_combined(combined) for combined in tensors], [combined.shape for combined in tensors],
+                           [combined.chunk for combined in tensors])
+    return {name: torch.sign(direction) for name, direction in zip(aggregation.tensors, directions)}
 
 
 def apply_aggregation_(parameters: Mapping[str, torch.Tensor], aggregation: Aggregation, *,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -115,11 +115,35 @@ def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
 
 def idct_chunks(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> torch.Tensor:
     """Inverse of dct_chunks: (n_chunks, chunk_size) -> tensor of `shape`, float32."""
-    r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
-    blocks = coefficients.float().reshape(-1, r, c)
-    device = str(coefficients.device)
-    values = dct_matrix(r, device).T @ blocks @ dct_matrix(c, device)  # D_rᵀ · X · D_c
-    return _unblocks(values, shape)
+    return idct_many([coefficients], [shape], [chunk])[0]
+
+
+def idct_many(coefficients: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
+              chunks: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """idct_chunks for many parameters: those of one (shape, chunk) go through one pair of batched matmuls.
+
+    G tensors (n_chunks, r·c) of one layout are stacked into (G·n_chunks, r, c), decoded as D_rᵀ · X · D_c, and
+    cut back into G tensors of the parameter's shape (views into one (G, R, C) result).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for position, (shape, chunk) in enumerate(zip(shapes, chunks)):
+        groups.setdefault((tuple(shape), tuple(chunk)), []).append(position)
+    decoded: list[torch.Tensor | None] = [None] * len(coefficients)
+    for (shape, chunk), positions in groups.items():
+        r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
+        stacked = torch.stack([coefficients[position].float() for position in positions])  # (G, n_chunks, r·c)
+        device = str(stacked.device)
+        values = dct_matrix(r, device).T @ stacked.reshape(-1, r, c) @ dct_matrix(c, device)  # D_rᵀ · X · D_c
+        values = values.reshape(len(positions), -1, r, c)
+        if len(shape) == 1:
+            tensors = values.reshape(len(positions), *shape)
+        else:
+            rows, cols = shape
+            tensors = (values.reshape(len(positions), rows // r, cols // c, r, c).transpose(2, 3)
+                       .reshape(len(positions), rows, cols))
+        for position, tensor in zip(positions, tensors.unbind(0)):
+            decoded[position] = tensor
+    return decoded
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -159,58 +183,139 @@ def combine(peers: Sequence[Sparse]) -> torch.Tensor:
     A coefficient chosen by several peers takes the mean over the peers that chose it (not over all peers);
     coefficients nobody chose are 0. Peers are reduced in the order given (callers sort by uid).
     """
-    if not peers:
-        raise ValueError("combine() needs at least one peer")
+    return combine_many([peers])[0]
+
+
+def combine_many(parameters: Sequence[Sequence[Sparse]]) -> list[torch.Tensor]:
+    """combine() for many parameters at once: one list of peers per parameter -> one coefficient tensor each.
+
+    Parameters with the same layout (shape, chunk, number of peers, k) are combined together: their peers'
+    values stacked into (G, P, n_chunks, k), one norm per (parameter, peer), one scatter-mean into
+    (G, n_chunks, chunk_size). The result for each parameter is a view into its group's tensor. Per coefficient
+    the sum still runs over the peers in the order given, so grouping does not change a single bit.
+    """
+    for peers in parameters:
+        if not peers:
+            raise ValueError("combine() needs at least one peer")
+        first = peers[0]
+        for peer in peers[1:]:
+            if peer.shape != first.shape or peer.chunk != first.chunk:
+                raise ValueError(f"peers disagree on shape/chunk: {peer.shape}/{peer.chunk} vs "
+                                 f"{first.shape}/{first.chunk}")
+    groups: dict[tuple, list[int]] = {}
+    for position, peers in enumerate(parameters):
+        if all(peer.vals.shape == peers[0].vals.shape == peer.idx.shape for peer in peers):
+            layout = (peers[0].shape, peers[0].chunk, len(peers), tuple(peers[0].vals.shape))
+        else:  # a ragged parameter (not from a validated file) is combined on its own
+            layout = ("ragged", position)
+        groups.setdefault(layout, []).append(position)
+    combined: list[torch.Tensor | None] = [None] * len(parameters)
+    for layout, positions in groups.items():
+        group = [parameters[position] for position in positions]
+        tensors = _combine_ragged(group[0]) if layout[0] == "ragged" else _combine_group(group)
+        for position, tensor in zip(positions, tensors.unbind(0)):
+            combined[position] = tensor
+    return combined
+
+
+def _combine_group(group: Sequence[Sequence[Sparse]]) -> torch.Tensor:
+    """G parameters of one layout, P peers each, (n_chunks, k) idx/vals -> (G, n_chunks, chunk_size)."""
+    first = group[0][0]
+    (n_chunks, k), parameters, peers = first.vals.shape, len(group), len(group[0])
+    idx = torch.stack([peer.idx.long() for peers in group for peer in peers])  # (G·P, n_chunks, k)
+    vals = torch.stack([peer.vals.float() for peers in group for peer in peers])
+    norms = torch.linalg.vector_norm(vals.reshape(parameters * peers, -1), dim=1) + NORM_EPS  # (G·P,)
+    vals = vals / norms[:, None, None]
+    # (G, P, n_chunks, k) -> (G, n_chunks, P·k): every chunk's candidates, peer by peer
+    idx = idx.reshape(parameters, peers, n_chunks, k).transpose(1, 2).reshape(parameters, n_chunks, peers * k)
+    vals = vals.reshape(parameters, peers, n_chunks, k).transpose(1, 2).reshape(parameters, n_chunks, peers * k)
+    shape = (parameters, n_chunks, first.chunk_size)
+    total = torch.zeros(shape, device=vals.device).scatter_add_(2, idx, vals)
+    ones = torch.ones(1, device=vals.device).expand_as(vals)  # a stride-0 view: no (G, n_chunks, P·k) buffer
+    count = torch.zeros(shape, device=vals.device).scatter_add_(2, idx, ones)
+    return total.div_(count.clamp_min_(1.0))
+
+
+def _combine_ragged(peers: Sequence[Sparse]) -> torch.Tensor:
+    """One parameter whose peers keep different numbers of values per chunk -> (1, n_chunks, chunk_size)."""
     first = peers[0]
-    for peer in peers[1:]:
-        if peer.shape != first.shape or peer.chunk != first.chunk:
-            raise ValueError(f"peers disagree on shape/chunk: {peer.shape}/{peer.chunk} vs {first.shape}/{first.chunk}")
     idx = torch.cat([peer.idx.long() for peer in peers], dim=1)  # (n_chunks, sum k)
-    if all(peer.vals.shape == first.vals.shape for peer in peers):  # one norm per peer, in a single reduction
-        stacked = torch.stack([peer.vals.float() for peer in peers])  # (P, n_chunks, k)
-        norms = torch.linalg.vector_norm(stacked.reshape(len(peers), -1), dim=1) + NORM_EPS
-        vals = (stacked / norms[:, None, None]).permute(1, 0, 2).reshape(first.n_chunks, -1)
-    else:
-        vals = torch.cat([normalized_vals(peer) for peer in peers], dim=1)
+    vals = torch.cat([normalized_vals(peer) for peer in peers], dim=1)
     shape = (first.n_chunks, first.chunk_size)
     total = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, vals)
     count = torch.zeros(shape, device=vals.device).scatter_add_(1, idx, torch.ones_like(vals))
-    return total / count.clamp_min(1.0)
+    return total.div_(count.clamp_min_(1.0))[None]
 
 
-@dataclass(frozen=True)
 class Combined:
-    """Combined coefficients of one parameter in compressed-row form (what an aggregation file carries).
+    """Combined coefficients of one parameter: dense (what the sign update decodes) and in compressed-row form
+    (what an aggregation file carries). Either form is derived from the other on first use, then kept.
 
+    dense:  (n_chunks, chunk_size) float32, zero where no peer chose a coefficient.
     counts: (n_chunks,) int64, nonzero coefficients per chunk; idx, vals: (nnz,) int64 / float32, chunk i's entries
-    at [Σ counts[:i], Σ counts[:i+1]), positions increasing within a chunk.
+            at [Σ counts[:i], Σ counts[:i+1]), positions increasing within a chunk.
+
+    `Combined(idx, vals, counts, shape, chunk)` is the compressed-row form (a file read back);
+    `Combined.of_dense(coefficients, shape, chunk)` the aggregator's (sparsify). The aggregator's sign update never
+    needs the compressed rows, so the scan for nonzeros runs only when the file is written.
     """
 
-    idx: torch.Tensor
-    vals: torch.Tensor
-    counts: torch.Tensor
-    shape: tuple[int, ...]
-    chunk: tuple[int, ...]
-    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the coefficients it came from
+    def __init__(self, idx: torch.Tensor, vals: torch.Tensor, counts: torch.Tensor, shape: Sequence[int],
+                 chunk: Sequence[int]) -> None:
+        self.shape, self.chunk = tuple(shape), tuple(chunk)
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (idx, vals, counts)
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def of_dense(cls, coefficients: torch.Tensor, shape: Sequence[int], chunk: Sequence[int]) -> Combined:
+        combined = cls.__new__(cls)
+        combined.shape, combined.chunk = tuple(shape), tuple(chunk)
+        combined._rows, combined._dense = None, coefficients.float()
+        return combined
+
+    @property
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            idx, vals, counts = self._rows
+            rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=idx.device), counts)
+            dense = torch.zeros(counts.shape[0], math.prod(self.chunk), device=vals.device)
+            dense[rows, idx] = vals.float()
+            self._dense = dense
+        return self._dense
+
+    def _compressed_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            dense = self._dense
+            flat = (dense != 0).reshape(-1).nonzero().reshape(-1)  # row-major: increasing within each chunk
+            chunk_size = dense.shape[1]
+            counts = torch.bincount(flat // chunk_size, minlength=dense.shape[0])
+            self._rows = (flat % chunk_size, dense.reshape(-1)[flat], counts)
+        return self._rows
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self._compressed_rows()[0]
+
+    @property
+    def vals(self) -> torch.Tensor:
+        return self._compressed_rows()[1]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._compressed_rows()[2]
+
+    def __repr__(self) -> str:
+        return f"Combined(shape={self.shape}, chunk={self.chunk})"
 
 
 def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> Combined:
-    """(n_chunks, chunk_size) coefficients -> Combined holding exactly their nonzeros (row-major order)."""
-    rows, positions = coefficients.nonzero(as_tuple=True)  # row-major: increasing within each row
-    counts = torch.bincount(rows, minlength=coefficients.shape[0])
-    return Combined(positions, coefficients[rows, positions].float(), counts, tuple(shape), tuple(chunk),
-                    dense=coefficients.float())
+    """(n_chunks, chunk_size) coefficients -> Combined holding exactly their nonzeros (rows computed when read)."""
+    return Combined.of_dense(coefficients, shape, chunk)
 
 
 def densify_combined(combined: Combined) -> torch.Tensor:
-    """Inverse of sparsify: (n_chunks, chunk_size) float32 (the kept original when sparsify built it: same bits)."""
-    if combined.dense is not None:
-        return combined.dense
-    n_chunks = combined.counts.shape[0]
-    rows = torch.repeat_interleave(torch.arange(n_chunks, device=combined.idx.device), combined.counts)
-    dense = torch.zeros(n_chunks, math.prod(combined.chunk), device=combined.vals.device)
-    dense[rows, combined.idx] = combined.vals.float()
-    return dense
+    """(n_chunks, chunk_size) float32 coefficients of a Combined (the aggregator's own tensor: same bits)."""
+    return combined.dense
 
 
 def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from templar_lib.aggregation import learning_rate_at, outer_step_
-from templar_lib.compression import (ErrorFeedback, Sparse, aggregate, chunk_shape, chunk_side, dct_matrix, decode,
-                                     encode)
+from templar_lib.compression import (Combined, ErrorFeedback, Sparse, aggregate, chunk_shape, chunk_side, combine,
+                                     dct_matrix, decode, encode)
 from templar_lib.hparams import HParams
 
 ATOL, RTOL = 1e-6, 1e-5  # fp32: the reference differs from us in summation order only
@@ -109,6 +109,20 @@ def test_aggregate_takes_the_mean_over_peers_that_chose_a_coefficient():
     coefficients = torch.tensor([0.6, (0.8 + 0.0) / 2, 1.0, 0.0])  # idx 1 chosen by both: mean over the two
     expected = dct_matrix(4).T @ coefficients
     torch.testing.assert_close(aggregate([a, b]), expected, atol=1e-6, rtol=0)
+
+
+def test_combined_rows_and_dense_form_are_the_same_coefficients():
+    generator = torch.Generator().manual_seed(3)
+    peers = [encode(torch.randn(96, 128, generator=generator), 8, 64) for _ in range(3)]
+    coefficients = combine(peers)  # (4 chunks, 48·64)
+    coefficients[1, coefficients[1].nonzero()[0]] = 0.0  # an exact zero is not a stored coefficient
+    combined = Combined.of_dense(coefficients, (96, 128), (48, 64))
+    assert combined.dense is coefficients  # the aggregator decodes its own tensor: no scan, same bits
+    nonzero = coefficients.nonzero()
+    assert combined.counts.tolist() == torch.bincount(nonzero[:, 0], minlength=4).tolist()
+    assert torch.equal(combined.idx, nonzero[:, 1]) and torch.equal(combined.vals, coefficients[coefficients != 0])
+    back = Combined(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))  # as a file reader builds it
+    assert torch.equal(back.dense, coefficients)
 
 
 def test_three_dimensional_tensors_are_not_part_of_the_protocol():
