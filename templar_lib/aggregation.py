@@ -82,3 +82,8 @@ def outer_step_(parameters: Mapping[str, torch.Tensor], signs: Mapping[str, torc
         p.mul_(1.0 - lr * weight_decay)
         if name in signs:
             p.add_(signs[name].to(device=p.device, dtype=p.dtype), alpha=-lr)
+
+
+def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """‖θ_after − θ_before‖₂ over every parameter, in float32 (a number people read, not part of the protocol)."""
+    return float(torch.sqrt(sum((after[n].float() - before[n].float()).pow(2).sum() for n in before)))

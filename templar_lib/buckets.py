@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,18 +103,30 @@ class LocalBucket:
         return self.root / validate_key(key)
 
     def put(self, key: str, data: bytes) -> None:
+        self.put_file(key, lambda path: path.write_bytes(data))
+
+    def put_file(self, key: str, write: Callable[[Path], None]) -> None:
+        """Like put, for objects too large to hold in memory twice: write(path) fills a temporary file in place
+        (e.g. safetensors' save_file), which is then fsynced and renamed over the key."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        os.close(descriptor)
         try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                handle.flush()
+            write(Path(temporary))
+            with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def local_path(self, key: str) -> Path:
+        """The file holding `key` (for memory-mapped reads); ObjectMissing when there is none."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectMissing(f"{key}: no such object in {self.url}")
+        return path
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self._path(key)

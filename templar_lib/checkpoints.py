@@ -21,11 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -73,19 +77,27 @@ def manifest_key(window: int) -> str:
     return f"checkpoint-{window}.json"
 
 
-def state_bytes(state: ModelState) -> bytes:
-    """The checkpoint tensor file of a state: deterministic safetensors bytes."""
+def state_file_contents(state: ModelState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the checkpoint tensor file of a state holds: (CPU tensors in name order, safetensors metadata)."""
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sorted(state.parameters.items())}
     # one metadata key: safetensors keeps metadata in a hash map whose order (and so the bytes) varies with several
     header = json.dumps({"kind": "checkpoint", "window": state.window, "step": state.step}, sort_keys=True)
-    return safetensors_save(tensors, metadata={"templar": header})
+    return tensors, {"templar": header}
 
 
-def state_from_bytes(data: bytes) -> ModelState:
-    """Inverse of state_bytes (for files this node wrote itself; bucket files go through load_checkpoint)."""
-    _, metadata = parse_header(data, max_bytes=len(data))
-    header = json.loads(metadata["templar"])
-    return ModelState(window=int(header["window"]), step=int(header["step"]), parameters=safetensors_load(data))
+def state_bytes(state: ModelState) -> bytes:
+    """The checkpoint tensor file of a state: deterministic safetensors bytes."""
+    tensors, metadata = state_file_contents(state)
+    return safetensors_save(tensors, metadata=metadata)
+
+
+def state_from_file(path: Path) -> ModelState:
+    """Inverse of state_bytes for a file this node wrote itself, read through safetensors' mmap (no whole-file
+    buffer in memory). Files from a bucket go through load_checkpoint."""
+    with safe_open(path, framework="pt") as handle:
+        header = json.loads(handle.metadata()["templar"])
+        parameters = {name: handle.get_tensor(name) for name in handle.keys()}
+    return ModelState(window=int(header["window"]), step=int(header["step"]), parameters=parameters)
 
 
 def state_sha256(state: ModelState) -> str:
@@ -93,16 +105,25 @@ def state_sha256(state: ModelState) -> str:
 
 
 def model_fingerprint(parameters: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (32 hex digits) over every parameter's name and raw bytes, in name order: equal iff θ is bit-identical.
+    """Equal iff θ is bit-identical: sha256 over, in name order, each parameter's name, dtype and sha256 of its raw
+    bytes; 32 hex digits.
 
     Miners put it in their gradient header; a validator whose own θ_window differs rejects the gradient as trained
-    on a stale (or diverged) model.
+    on a stale (or diverged) model. Every node computes it every window, so the per-parameter digests run in threads
+    (hashlib releases the GIL) straight over the tensors' memory: for the 1b preset that is ≈ 5 GB hashed in parallel
+    instead of copied and hashed on one core.
     """
-    digest = hashlib.sha256()
-    for name in sorted(parameters):
+    names = sorted(parameters)
+
+    def digest_of(name: str) -> bytes:
         tensor = parameters[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + b"\0")
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        return hashlib.sha256(tensor.view(torch.uint8).numpy()).digest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest_of, names))
+    digest = hashlib.sha256()
+    for name, tensor_digest in zip(names, digests):
+        digest.update(name.encode() + b"\0" + str(parameters[name].dtype).encode() + b"\0" + tensor_digest)
     return digest.hexdigest()[:32]
 
 

@@ -6,20 +6,21 @@
 
 Every file is keyed by the window it belongs to and written atomically (LocalBucket: temp file + rename), so
 re-running window w reads the w − 1 files and rewrites the w files with the same bytes: runs are idempotent, and a
-killed run leaves the previous state intact. Tensors are read with safetensors' zero-copy loader.
+killed run leaves the previous state intact. Files are written by safetensors straight to the temporary file and
+read through its mmap loader: a 5 GB state is never held in memory as one more buffer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from safetensors.torch import load_file, save_file
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
-from templar_lib.checkpoints import ModelState, state_bytes, state_from_bytes
+from templar_lib.checkpoints import ModelState, state_file_contents, state_from_file
 from templar_lib.ratings import Ratings
 
 
@@ -33,20 +34,25 @@ class StateStore:
         self.root = self.bucket.root
 
     # ------------------------------------------------------------------ θ
-    def save_model(self, state: ModelState) -> None:
-        self.bucket.put(f"model-{state.window}.safetensors", state_bytes(state))
+    def save_model(self, state: ModelState) -> str:
+        """Save θ_{state.window}; returns the sha256 of the file (= checkpoints.state_sha256(state))."""
+        key = f"model-{state.window}.safetensors"
+        tensors, metadata = state_file_contents(state)
+        self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
+        with self.bucket.local_path(key).open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def has_model(self, window: int) -> bool:
         return self.bucket.exists(f"model-{window}.safetensors")
 
     def load_model(self, window: int) -> ModelState:
         try:
-            data = self.bucket.get(f"model-{window}.safetensors")
+            path = self.bucket.local_path(f"model-{window}.safetensors")
         except ObjectMissing:
             raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
                                f"and checkpointed here (run the windows in order, or catch up from a checkpoint)"
                                ) from None
-        return state_from_bytes(data)
+        return state_from_file(path)
 
     def model_windows(self) -> list[int]:
         return sorted(int(key[len("model-"):-len(".safetensors")]) for key in self.bucket.list("model-"))
@@ -54,12 +60,12 @@ class StateStore:
     # ------------------------------------------------------------------ momentum
     def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
-        self.bucket.put(f"momentum-{uid}-{window}.safetensors", safetensors_save(tensors))
+        self.bucket.put_file(f"momentum-{uid}-{window}.safetensors", lambda path: save_file(tensors, path))
 
     def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
         """Momentum after `window`, or None when the miner has no state there (it starts from zeros)."""
         try:
-            return safetensors_load(self.bucket.get(f"momentum-{uid}-{window}.safetensors"))
+            return load_file(self.bucket.local_path(f"momentum-{uid}-{window}.safetensors"))
         except ObjectMissing:
             return None
 

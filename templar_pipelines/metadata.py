@@ -85,9 +85,10 @@ def weights_metadata(weights: Mapping[int, float] | None, status: str, block: in
 
 def aggregation_metadata(result: AggregatorResult) -> dict:
     return {"peers_used": ",".join(map(str, result.peers)) or "(none)", "peer_count": len(result.peers),
-            "update_norm": result.update_norm, "lr": result.lr, "step": result.step, "bytes": result.bytes,
+            "lr": result.lr, "step": result.step, "bytes": result.bytes,
             "key": result.key,
-            "skipped": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in result.skipped.items()) or "none")}
+            "skipped": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in result.skipped.items()) or "none"),
+            **({"update_norm": result.update_norm} if result.update_norm is not None else {})}
 
 
 def loss_chart(losses: Mapping[int, float]) -> dg.MarkdownMetadataValue:

@@ -16,9 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-import torch
-
-from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at
+from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, update_norm
 from templar_lib.buckets import Bucket
 from templar_lib.checkpoints import CheckpointInfo, ModelState, model_fingerprint, save_checkpoint
 from templar_lib.gather import fetch_peers, gather
@@ -36,7 +34,7 @@ class AggregatorResult:
     lr: float
     peers: list[int]  # uids combined
     skipped: dict[int, str]  # uid -> reason it was left out
-    update_norm: float  # ‖θ_{w+1} − θ_w‖₂
+    update_norm: float | None  # ‖θ_{w+1} − θ_w‖₂ (None when the step did not advance θ)
     key: str
     bytes: int
     checkpoint: CheckpointInfo | None
@@ -47,9 +45,10 @@ def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer
                     aggregator: Bucket, hparams: HParams, peers_bucket: Bucket | None = None,
                     time_range: tuple[datetime, datetime] | None = None, gather_timeout: float = 60.0,
                     skipped_commitments: Mapping[int, str] | None = None,
-                    publish_checkpoint: bool = True) -> tuple[AggregatorResult, ModelState]:
-    """Advance θ_w (state.window must equal `window`) by one outer step; returns the result and θ_{w+1}.
-    publish_checkpoint=False leaves checkpoints to the caller (the Dagster `checkpoint` asset)."""
+                    advance: bool = True) -> tuple[AggregatorResult, ModelState | None]:
+    """Publish aggregation-{window} and advance θ_w (state.window must equal `window`) by one outer step; returns
+    the result and θ_{w+1}. advance=False stops after publishing (returns None for θ): the Dagster `checkpoint` asset
+    then computes θ_{w+1} once, by replaying the published file as every other node does, and checkpoints it."""
     if state.window != window:
         raise ValueError(f"aggregator holds θ_{state.window}, cannot aggregate window {window}")
     started = time.perf_counter()
@@ -77,13 +76,14 @@ def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer
     data = write_aggregation(aggregation)
     aggregator.put(aggregation_key(window), data)
 
-    parameters = {name: p.clone() for name, p in state.parameters.items()}
-    apply_aggregation_(parameters, aggregation, weight_decay=hparams.weight_decay)
-    following = ModelState(window + 1, state.step + 1, parameters)
-    update = torch.sqrt(sum((parameters[n].float() - state.parameters[n].float()).pow(2).sum() for n in parameters))
-    checkpoint = None
-    if publish_checkpoint and following.window % hparams.checkpoint_frequency == 0:
-        checkpoint = save_checkpoint(aggregator, following, hparams)
-    result = AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(skipped.items())), float(update),
+    following, update, checkpoint = None, None, None
+    if advance:
+        parameters = {name: p.clone() for name, p in state.parameters.items()}
+        apply_aggregation_(parameters, aggregation, weight_decay=hparams.weight_decay)
+        following = ModelState(window + 1, state.step + 1, parameters)
+        update = update_norm(state.parameters, parameters)
+        if following.window % hparams.checkpoint_frequency == 0:
+            checkpoint = save_checkpoint(aggregator, following, hparams)
+    result = AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(skipped.items())), update,
                               aggregation_key(window), len(data), checkpoint, time.perf_counter() - started)
     return result, following

@@ -45,21 +45,24 @@ def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor]
 
 
 def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
-                     tokens: torch.Tensor, hparams: HParams) -> tuple[float, Gradient]:
-    """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place."""
+                     tokens: torch.Tensor, hparams: HParams, model_hash: str | None = None) -> tuple[float, Gradient]:
+    """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place.
+    model_hash: θ_w's fingerprint when the caller already has it (one per window, however many uids it mines)."""
     loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size)
     sparse = feedback.step(gradients, lr=learning_rate_at(step, hparams))
-    return loss, Gradient(window, uid, sparse, hparams.protocol_hash(), model_fingerprint(parameters_of(model)))
+    model_hash = model_hash or model_fingerprint(parameters_of(model))
+    return loss, Gradient(window, uid, sparse, hparams.protocol_hash(), model_hash)
 
 
 def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
-               dataset: Bucket, manifest: Manifest, gradients: Bucket, hparams: HParams) -> MinerResult:
-    """One window of mining on θ_w (the model's current weights, outer step `step`)."""
+               dataset: Bucket, manifest: Manifest, gradients: Bucket, hparams: HParams,
+               model_hash: str | None = None) -> MinerResult:
+    """One window of mining on θ_w (the model's current weights, outer step `step`; model_hash its fingerprint)."""
     started = time.perf_counter()
     pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
     tokens = load_pages(dataset, manifest, pages)
     loss, gradient = compute_gradient(window, uid, model=model, step=step, feedback=feedback, tokens=tokens,
-                                      hparams=hparams)
+                                      hparams=hparams, model_hash=model_hash)
     data = write_gradient(gradient, version=hparams.gradient_format, values=hparams.gradient_value_dtype)
     key = gradient_key(window, uid)
     gradients.put(key, data)
@@ -74,9 +77,10 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     node's StateStore, saving the momentum after `window`: re-running a window reproduces the same files."""
     results = []
     parameters = parameters_of(model)
+    model_hash = model_fingerprint(parameters)  # θ_w is the same for every uid of this node
     for uid in sorted(uids):
         feedback = new_feedback(parameters, hparams, momentum=store.load_momentum(uid, window - 1))
         results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
-                                  manifest=manifest, gradients=gradients, hparams=hparams))
+                                  manifest=manifest, gradients=gradients, hparams=hparams, model_hash=model_hash))
         store.save_momentum(uid, window, feedback.momentum)
     return results

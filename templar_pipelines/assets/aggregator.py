@@ -1,7 +1,8 @@
 import dagster as dg
 
+from templar_lib.aggregation import update_norm
 from templar_lib.audit import held_out_loss
-from templar_lib.checkpoints import catch_up, checkpoint_windows, save_checkpoint, state_sha256
+from templar_lib.checkpoints import catch_up, checkpoint_windows, save_checkpoint
 from templar_lib.gather import peer_buckets
 from templar_lib.roles import aggregator_step
 from templar_pipelines.assets.common import MODEL_STATE_POOL, NETWORK_RETRY
@@ -22,7 +23,7 @@ def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     peers, bad_commitments = peer_buckets(live_chain.commitments(), allow_local=buckets.allow_local_peers)
     result, _ = aggregator_step(window, state=state, uids=training.miners(live_chain), peer_buckets=peers,
                                 aggregator=buckets.aggregator(), hparams=hparams, peers_bucket=buckets.gradients(),
-                                skipped_commitments=bad_commitments, publish_checkpoint=False)
+                                skipped_commitments=bad_commitments, advance=False)
     return dg.MaterializeResult(metadata=aggregation_metadata(result))
 
 
@@ -33,18 +34,20 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, trai
     """θ_{window+1}: the published aggregation replayed onto θ_window (every node computes the same bits); published
     as checkpoint-{window+1} every checkpoint_frequency windows."""
     window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
-    following = catch_up(training.state_at(window, buckets), buckets.aggregator(), window + 1, hparams=hparams)
+    state = training.state_at(window, buckets)
+    following = catch_up(state, buckets.aggregator(), window + 1, hparams=hparams)
     published = following.window % hparams.checkpoint_frequency == 0
     if published:  # before the local save: a run killed in between redoes this window and publishes again
         save_checkpoint(buckets.aggregator(), following, hparams)
-    training.store().save_model(following)
+    sha256 = training.store().save_model(following)  # the file's digest: no second serialisation
     loss = held_out_loss(following, preset=training.preset, dataset=buckets.dataset(), manifest=manifest,
                          hparams=hparams)
     store = training.store()
     store.record_held_out_loss(following.window, loss)
     wandb.log("aggregator", window, {"held_out_loss": loss})
-    return dg.MaterializeResult(metadata={"sha256": state_sha256(following), "held_out_loss": loss,
+    return dg.MaterializeResult(metadata={"sha256": sha256, "held_out_loss": loss,
                                           "model_window": following.window, "step": following.step,
+                                          "update_norm": update_norm(state.parameters, following.parameters),
                                           "published": published,
                                           "held_out_loss_over_windows": loss_chart(store.held_out_losses())})
 

@@ -13,10 +13,12 @@ import torch
 from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at
 from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
-                                     manifest_key, save_checkpoint, state_sha256, tensors_key)
+                                     manifest_key, model_fingerprint, save_checkpoint, state_bytes, state_sha256,
+                                     tensors_key)
 from templar_lib.compression import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
+from templar_lib.state import StateStore
 from templar_lib.wire import (Aggregation, InvalidFile, aggregation_key, read_aggregation, write_aggregation)
 
 HPARAMS = HParams()
@@ -34,6 +36,34 @@ def test_save_load_round_trip_is_exact(tmp_path):
     loaded = load_checkpoint(bucket, 5, shapes={n: tuple(p.shape) for n, p in state.parameters.items()})
     assert (loaded.window, loaded.step) == (5, 5) and info.sha256 == state_sha256(state)
     assert all(torch.equal(loaded.parameters[n], p) for n, p in state.parameters.items())
+
+
+def test_state_store_streams_the_checkpoint_bytes_and_maps_them_back_read_only(tmp_path):
+    store, state = StateStore(tmp_path), tiny_state(window=4, step=4)
+    assert store.save_model(state) == state_sha256(state)  # the digest of the file it wrote
+    assert (tmp_path / "model-4.safetensors").read_bytes() == state_bytes(state)
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    loaded = store.load_model(4)
+    assert (loaded.window, loaded.step) == (4, 4) and model_fingerprint(loaded.parameters) == model_fingerprint(
+        state.parameters)
+    store.save_momentum(2, 4, {"m": torch.ones(3, 4)})
+    momentum = store.load_momentum(2, 4)
+    loaded.parameters["model.norm.weight"].add_(1.0)  # in-place updates (error feedback) stay in this process
+    momentum["m"].mul_(0.5)
+    assert torch.equal(store.load_model(4).parameters["model.norm.weight"], state.parameters["model.norm.weight"])
+    assert torch.equal(store.load_momentum(2, 4)["m"], torch.ones(3, 4))
+    assert store.load_momentum(2, 5) is None
+
+
+def test_model_fingerprint_changes_with_any_bit_name_or_dtype():
+    parameters = tiny_state().parameters
+    fingerprint = model_fingerprint(parameters)
+    assert fingerprint == model_fingerprint({n: p.clone() for n, p in reversed(parameters.items())})
+    flipped = {n: p.clone() for n, p in parameters.items()}
+    flipped["model.norm.weight"].view(torch.int32)[3] ^= 1  # one bit of one value
+    renamed = {("x." + n if n == "lm_head.weight" else n): p for n, p in parameters.items()}
+    halved = parameters | {"model.norm.weight": parameters["model.norm.weight"].bfloat16()}
+    assert len({fingerprint, model_fingerprint(flipped), model_fingerprint(renamed), model_fingerprint(halved)}) == 4
 
 
 def test_tampered_checkpoint_is_rejected_and_latest_falls_back(tmp_path):

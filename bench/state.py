@@ -1,0 +1,104 @@
+"""Per-window state cost of a node: θ_w and one miner's error-feedback momentum through the node's state store,
+plus the θ fingerprint every miner, validator and aggregator computes each window (DESIGN §6: "measure it, then
+make it cheap"). Side by side in one run:
+
+    reference   whole-file bytes: safetensors save() into memory, write; read the whole file, load() from bytes;
+                fingerprint over tensor.numpy().tobytes() copies, one parameter after another
+    ours        templar_lib.state.StateStore (safetensors written straight to a temp file then renamed; read through
+                safetensors' mmap) and checkpoints.model_fingerprint (per-parameter digests in threads, no copies)
+
+Each operation is timed with the file in the page cache (a node reads what it wrote one window earlier).
+
+    python bench/state.py [--preset small]     (--preset 1b: ≈ 5 GB per state file, 20 GB of RAM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from timing import timed  # bench/timing.py (the script's folder is on sys.path)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from templar_lib.buckets import LocalBucket  # noqa: E402
+from templar_lib.checkpoints import ModelState, model_fingerprint  # noqa: E402
+from templar_lib.model import build_model  # noqa: E402
+from templar_lib.state import StateStore  # noqa: E402
+
+
+def reference_fingerprint(parameters):
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        tensor = parameters[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + b"\0")
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    shapes = {n: tuple(p.shape) for n, p in build_model(args.preset, device="meta").named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    parameters = {n: torch.empty(s).uniform_(-0.1, 0.1, generator=generator) for n, s in shapes.items()}
+    size = sum(p.numel() * 4 for p in parameters.values())
+    state = ModelState(window=7, step=7, parameters=parameters)
+    work = Path(tempfile.mkdtemp(prefix="bench-state-"))
+    try:
+        store, plain = StateStore(work / "ours"), LocalBucket(work / "reference")
+        header = {"templar": json.dumps({"kind": "checkpoint", "window": 7, "step": 7}, sort_keys=True)}
+
+        def reference_save():
+            plain.put("model-7.safetensors", safetensors_save(dict(sorted(parameters.items())), metadata=header))
+
+        def reference_load():
+            return safetensors_load(plain.get("model-7.safetensors"))
+
+        store.save_momentum(3, 7, parameters)
+        plain.put("momentum-3-7.safetensors", safetensors_save(dict(sorted(parameters.items()))))
+
+        def touched(tensors):  # a lazily mapped file costs its page faults when first read: read every byte
+            return sum(float(t.sum()) for t in tensors.values())
+
+        rows = [("save θ", timed(reference_save, "cpu", args.repeats),
+                 timed(lambda: store.save_model(state), "cpu", args.repeats)),
+                ("load θ + fingerprint", timed(lambda: reference_fingerprint(reference_load()), "cpu", args.repeats),
+                 timed(lambda: model_fingerprint(store.load_model(7).parameters), "cpu", args.repeats)),
+                ("load momentum", timed(lambda: touched(safetensors_load(plain.get("momentum-3-7.safetensors"))),
+                                        "cpu", args.repeats),
+                 timed(lambda: touched(store.load_momentum(3, 7)), "cpu", args.repeats)),
+                ("save momentum", timed(lambda: plain.put("momentum-3-7.safetensors", safetensors_save(
+                    dict(sorted(parameters.items())))), "cpu", args.repeats),
+                 timed(lambda: store.save_momentum(3, 7, parameters), "cpu", args.repeats))]
+        assert model_fingerprint(store.load_model(7).parameters) == model_fingerprint(parameters)
+        same_bytes = (work / "ours" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.preset}: {len(shapes)} tensors, {size / 2**30:.2f} GiB per state file (float32); "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; files byte-identical: {same_bytes}")
+    for label, reference, ours in rows:
+        print(f"  {label:<21} reference {reference:7.3f} s   ours {ours:7.3f} s   ratio {reference / ours:5.2f}x   "
+              f"({size / ours / 2**30:.2f} GiB/s)")
+    miner = [1, 2, 3]  # a miner's window: θ in and fingerprinted, its momentum in and out (the aggregator saves θ)
+    reference, ours = (sum(rows[i][column] for i in miner) for column in (1, 2))
+    print(f"  a miner's window (load θ + fingerprint, load + save momentum): reference {reference:.2f} s, ours "
+          f"{ours:.2f} s = {100 * ours / 84:.1f} % of an 84 s window; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
