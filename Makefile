@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/aggregation.py
+	$(BIN)/python bench/wire.py --windows 0
+	$(BIN)/python bench/miner_step.py
+	$(BIN)/python bench/state.py
 	$(BIN)/python bench/window.py
 
 ui: $(STAMP)

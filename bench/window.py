@@ -1,7 +1,8 @@
 """Dagster overhead per window: the same local network windows run (a) by the library alone (`run_network`, state
-kept in memory) and (b) through Dagster (`local_network_job` in-process on a SQLite instance, θ and momentum
-loaded from and saved to the node's state store every window), side by side in one run; plus the process
-start-up of `dagster job execute` (what a GPU node pays per window when each window is a fresh process).
+kept in memory), (b) through Dagster (`local_network_job` in-process on a SQLite instance, θ and momentum
+loaded from and saved to the node's state store every window) and (c) by a resident `templar node` (the sensor's
+three role runs per window, each a Dagster run in the node's process), side by side in one run; plus the process
+start-up of `dagster job execute` (what a node pays per run when each run is a fresh process: three per window).
 
     python bench/window.py [--miners 4] [--windows 4]
 """
@@ -22,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from templar_lib.buckets import LocalBucket  # noqa: E402
+from templar_lib.chain import LocalChain  # noqa: E402
 from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from templar_pipelines.cli import init  # noqa: E402
 from templar_pipelines.local import run_local_network  # noqa: E402
+from templar_pipelines.node import run_node  # noqa: E402
 
 HPARAMS_FILE = ROOT / "deploy" / "simulate-hparams.yaml"
 
@@ -55,6 +58,17 @@ def main() -> None:
         run_local_network(home, windows=args.windows, environ=env)
         dagster = (time.perf_counter() - started) / args.windows
 
+        resident_home = work / "resident-node"
+        shutil.copytree(work / "dataset", resident_home / "dataset")
+        init(resident_home, hparams=hparams, max_chars=None, miners=args.miners)
+        chain = LocalChain(resident_home / "chain.sqlite")
+        run_node(resident_home, until_window=0, environ=env, wait=lambda _: chain.advance(hparams.blocks_per_window))
+        started = time.perf_counter()
+        runs = run_node(resident_home, until_window=args.windows, environ=env,
+                        wait=lambda _: chain.advance(hparams.blocks_per_window))
+        resident = (time.perf_counter() - started) / args.windows
+        assert all(run.success for run in runs), [run for run in runs if not run.success]
+
         dagster_bin = ROOT / ".venv" / "bin" / "dagster"
         started = time.perf_counter()
         subprocess.run([str(dagster_bin), "definitions", "validate", "-m", "templar_pipelines"], cwd=ROOT,
@@ -70,8 +84,12 @@ def main() -> None:
     print(f"  Dagster local_network_job (state store): {dagster:6.2f} s/window")
     print(f"  overhead ratio dagster/library:           {dagster / library:6.2f}x  "
           f"(+{dagster - library:.2f} s/window)")
-    print(f"  Python + Dagster process start-up (code location load): {startup:.2f} s")
-    print(f"  start-up as a share of an 84 s window: {100 * startup / 84:.1f} %")
+    print(f"  resident templar node (3 runs/window):   {resident:6.2f} s/window   ratio to library "
+          f"{resident / library:.2f}x (+{resident - library:.2f} s/window, {100 * (resident - library) / 84:.1f} % of "
+          f"an 84 s window)")
+    print(f"  Python + Dagster process start-up (code location load): {startup:.2f} s per run; a fresh process per "
+          f"role run pays {3 * startup:.1f} s/window ({100 * 3 * startup / 84:.1f} % of an 84 s window), a resident "
+          f"node once")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
                                                    with a validator and N miners, θ_0, the Dagster instance
     templar local-network --miners N --windows W   run windows of the local network through Dagster (the same
                                                    runs `dagster dev` shows, on the instance under --home)
+    templar node [--jobs miner_job,…] [--until-window W]
+                                                   a resident node: follow the chain and run this node's role jobs
+                                                   in this process (no process start-up per window; GPU nodes)
     templar audit [--window W]                     audit the newest (or given) published checkpoint
     templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
                                                    the training core in-process (honest miners, no chain)
@@ -142,6 +145,20 @@ def local_network(home: Path, *, windows: int, json_path: Path | None) -> None:
           + " .venv/bin/dagster dev -m templar_pipelines")
 
 
+def node(home: Path, *, jobs: list[str], until_window: int | None, poll_seconds: float) -> None:
+    """Follow the chain and run this node's role jobs in this process (a resident node: see templar_pipelines.node)."""
+    from templar_pipelines.node import run_node
+
+    def show(run) -> None:
+        print(f"{run.job} window {run.window}: {'ok' if run.success else 'FAILED'} in {run.seconds:.1f} s "
+              f"(run {run.run_id})", flush=True)
+
+    try:
+        run_node(home, jobs=jobs, until_window=until_window, poll_seconds=poll_seconds, on_run=show)
+    except KeyboardInterrupt:
+        print("stopped; the next start goes on from state/node-cursor.json")
+
+
 def audit(home: Path, *, window: int | None) -> None:
     from templar_lib.audit import audit_checkpoint
     from templar_lib.buckets import Buckets
@@ -170,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     network_parser.add_argument("--miners", type=int, default=4)
     network_parser.add_argument("--windows", type=int, default=5)
     network_parser.add_argument("--json", type=Path, default=None, help="write per-window results here")
+    node_parser = commands.add_parser("node", help="a resident node: follow the chain, run role jobs in-process")
+    node_parser.add_argument("--jobs", default="aggregator_job,miner_job,validator_job",
+                             help="comma-separated role jobs this node runs")
+    node_parser.add_argument("--until-window", type=int, default=None, help="stop after this window (default: never)")
+    node_parser.add_argument("--poll", type=float, default=2.0, help="seconds between chain polls when idle")
     audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint")
     audit_parser.add_argument("--window", type=int, default=None)
     train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
@@ -194,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
         init(home, hparams=hparams, max_chars=None, miners=args.miners)
         local_network(home, windows=args.windows, json_path=args.json)
+    elif args.command == "node":
+        if args.hparams is not None:
+            os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
+        node(home, jobs=[job for job in args.jobs.split(",") if job], until_window=args.until_window,
+             poll_seconds=args.poll)
     elif args.command == "audit":
         audit(home, window=args.window)
     elif args.command == "train":

@@ -19,6 +19,25 @@ from templar_pipelines.partitions import window_partitions
 from templar_pipelines.resources import ChainResource, TrainingResource
 
 MAX_WINDOWS_PER_TICK = 4  # catching up after downtime happens over several ticks, oldest first
+ROLE_JOBS = {"aggregated": "aggregator_job", "mined": "miner_job", "validated": "validator_job"}
+
+
+def initial_cursor(current: int, offset: int) -> dict[str, int]:
+    """Start from the chain's present: nothing before the window in progress is requested."""
+    return {"aggregated": current - 2, "mined": current - 1, "validated": current - offset - 1}
+
+
+def due_windows(current: int, offset: int, cursor: dict[str, int]) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """The role runs due with the chain in window `current`: ([(job name, window), …] in launch order, new cursor).
+
+    Aggregate every completed window (w < current), then mine up to the window in progress, then validate windows
+    whose uploads are final (w <= current − offset); at most MAX_WINDOWS_PER_TICK of each, oldest first, never a
+    window before 0.
+    """
+    last = {"aggregated": current - 1, "mined": current, "validated": current - offset}
+    due = {role: list(range(max(cursor[role] + 1, 0), last[role] + 1))[:MAX_WINDOWS_PER_TICK] for role in ROLE_JOBS}
+    requests = [(ROLE_JOBS[role], window) for role in ROLE_JOBS for window in due[role]]
+    return requests, {role: (due[role] or [cursor[role]])[-1] for role in ROLE_JOBS}
 
 
 @dg.sensor(jobs=[miner_job, validator_job, aggregator_job], minimum_interval_seconds=12,
@@ -27,22 +46,13 @@ def new_block_sensor(context: dg.SensorEvaluationContext, chain: ChainResource,
                      training: TrainingResource) -> dg.SensorResult:
     current = chain.open().window()
     offset = training.hparams().validator_offset
-    cursor = json.loads(context.cursor) if context.cursor else \
-        {"aggregated": current - 2, "mined": current - 1, "validated": current - offset - 1}
-    to_aggregate = list(range(cursor["aggregated"] + 1, current))[:MAX_WINDOWS_PER_TICK]
-    to_mine = list(range(cursor["mined"] + 1, current + 1))[:MAX_WINDOWS_PER_TICK]
-    to_validate = list(range(cursor["validated"] + 1, current - offset + 1))[:MAX_WINDOWS_PER_TICK]
-    if not (to_aggregate or to_mine or to_validate):
+    cursor = json.loads(context.cursor) if context.cursor else initial_cursor(current, offset)
+    requests, new_cursor = due_windows(current, offset, cursor)
+    if not requests:
         return dg.SensorResult(skip_reason=f"chain in window {current}: nothing new "
                                            f"(validators wait {offset} windows for uploads to be final)")
-    requests = [dg.RunRequest(run_key=f"aggregator_job:{w}", job_name="aggregator_job", partition_key=str(w))
-                for w in to_aggregate]
-    requests += [dg.RunRequest(run_key=f"miner_job:{w}", job_name="miner_job", partition_key=str(w)) for w in to_mine]
-    requests += [dg.RunRequest(run_key=f"validator_job:{w}", job_name="validator_job", partition_key=str(w))
-                 for w in to_validate]
-    keys = sorted({str(w) for w in to_aggregate + to_mine + to_validate}, key=int)
-    new_cursor = {"aggregated": (to_aggregate or [cursor["aggregated"]])[-1],
-                  "mined": (to_mine or [cursor["mined"]])[-1],
-                  "validated": (to_validate or [cursor["validated"]])[-1]}
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor),
+    keys = sorted({str(window) for _, window in requests}, key=int)
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"{job}:{window}", job_name=job,
+                                                       partition_key=str(window)) for job, window in requests],
+                           cursor=json.dumps(new_cursor),
                            dynamic_partitions_requests=[window_partitions.build_add_request(keys)])

@@ -1,0 +1,106 @@
+"""A resident node: one long-lived process that follows the chain and runs this node's role jobs in-process.
+
+The daemon + `new_block_sensor` path launches every run as a fresh process: ≈ 5–6 s of imports before any work,
+and θ (≈ 5 GB for the 1b preset) loaded again and put on the GPU again, every 84 s window. `templar node` plans the
+same runs with the same rules (`sensors.due_windows`), but executes them in its own process against the node's
+Dagster instance, so the runs, their materialisations and metadata are in the UI as usual, while the Python process,
+the imported libraries and the built model (see `resources.cached_model`) stay warm between windows. Files are still
+written every window exactly as in a fresh-process run, so any window can be re-run or backfilled from the UI.
+
+Run either the sensor or `templar node` for a role, not both: each keeps its own cursor.
+The node's cursor is `<home>/state/node-cursor.json` (written atomically after every run), so a restarted node
+goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_pipelines.instance import prepare_dagster_home
+from templar_pipelines.local import PID_TAG, QUIET, recover_dead_runs
+from templar_pipelines.resources import resources_from_env
+from templar_pipelines.sensors import ROLE_JOBS, due_windows, initial_cursor
+
+log = logging.getLogger(__name__)
+CURSOR_KEY = "node-cursor.json"
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    job: str
+    window: int
+    run_id: str
+    success: bool
+    seconds: float
+
+
+def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()), until_window: int | None = None,
+             poll_seconds: float = 2.0, environ: Mapping[str, str] | None = None,
+             wait: Callable[[float], None] = time.sleep, on_run: Callable[[NodeRun], None] | None = None
+             ) -> list[NodeRun]:
+    """Follow the chain and run `jobs` for every due window, in this process; returns the runs made.
+
+    until_window: stop once every selected role has handled this window (None: run until interrupted).
+    wait(seconds) is called when nothing is due (tests advance a manual chain clock there). A failed run is
+    retried on the next poll; the roles after it in that tick wait, so windows still run in order.
+    """
+    from templar_pipelines.definitions import defs
+
+    unknown = set(jobs) - set(ROLE_JOBS.values())
+    if unknown:
+        raise ValueError(f"unknown jobs {sorted(unknown)}: choose from {sorted(ROLE_JOBS.values())}")
+    home = Path(home).resolve()
+    environ = {**(environ if environ is not None else os.environ), "TEMPLAR_HOME": str(home)}
+    resources = resources_from_env(environ)
+    chain = resources["chain"].open()
+    offset = resources["training"].hparams().validator_offset
+    state = LocalBucket(home / "state")
+    try:
+        cursor = json.loads(state.get(CURSOR_KEY))
+    except ObjectMissing:
+        cursor = initial_cursor(chain.window(), offset)
+    runs: list[NodeRun] = []
+    with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
+        recover_dead_runs(instance)
+        while until_window is None or min(cursor[role] for role, job in ROLE_JOBS.items() if job in jobs) < until_window:
+            requests, _ = due_windows(chain.window(), offset, cursor)
+            if until_window is not None:
+                requests = [(job, window) for job, window in requests if window <= until_window]
+            if not requests:
+                wait(poll_seconds)
+                continue
+            for job_name, window in requests:
+                role = next(role for role, job in ROLE_JOBS.items() if job == job_name)
+                if job_name in jobs:
+                    run = _execute(defs.resolve_job_def(job_name), window, instance=instance, resources=resources)
+                    runs.append(run)
+                    if on_run is not None:
+                        on_run(run)
+                    if not run.success:
+                        wait(poll_seconds)
+                        break
+                cursor = cursor | {role: window}  # other roles' runs (the sensor's, another node's) are skipped
+                state.put(CURSOR_KEY, json.dumps(cursor, sort_keys=True).encode())
+    return runs
+
+
+def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict) -> NodeRun:
+    instance.add_dynamic_partitions("window", [str(window)])
+    started = time.perf_counter()
+    result = job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
+                                    run_config=QUIET, raise_on_error=False,
+                                    tags={"templar/source": "templar node", "templar/run_key": f"{job.name}:{window}",
+                                          PID_TAG: str(os.getpid())})
+    run = NodeRun(job.name, window, result.run_id, result.success, time.perf_counter() - started)
+    if not run.success:
+        log.warning("%s for window %d failed (run %s); retrying at the next poll", job.name, window, result.run_id)
+    return run

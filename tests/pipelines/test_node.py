@@ -1,0 +1,49 @@
+"""templar node: a resident process plans the sensor's runs and executes them in-process, in window order."""
+
+import json
+
+import pytest
+
+from templar_lib.chain import LocalChain
+from templar_lib.state import StateStore
+from templar_pipelines.node import run_node
+from templar_pipelines.sensors import due_windows, initial_cursor
+import dagster as dg
+
+
+def test_due_windows_never_plans_a_window_before_zero():
+    requests, cursor = due_windows(0, 2, initial_cursor(0, 2))
+    assert requests == [("miner_job", 0)] and cursor == {"aggregated": -2, "mined": 0, "validated": -3}
+    requests, cursor = due_windows(2, 2, cursor)
+    assert requests == [("aggregator_job", 0), ("aggregator_job", 1), ("miner_job", 1), ("miner_job", 2),
+                        ("validator_job", 0)]
+
+
+def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(network_home, network_env):
+    chain = LocalChain(network_home / "chain.sqlite")
+    blocks = 7
+
+    def next_window(_seconds):  # instead of sleeping: the chain's block clock moves on one window
+        chain.advance(blocks)
+
+    runs = run_node(network_home, until_window=1, environ=network_env, wait=next_window)
+    assert all(run.success for run in runs)
+    # θ_{w+1} is aggregated as soon as w completes, before mining w + 1; validators wait validator_offset (2)
+    assert [(run.job, run.window) for run in runs] == [
+        ("miner_job", 0), ("aggregator_job", 0), ("miner_job", 1), ("aggregator_job", 1), ("validator_job", 0),
+        ("validator_job", 1)]
+    assert StateStore(network_home / "state").model_windows()[-1] == 2  # θ_2 after aggregating windows 0 and 1
+    cursor = json.loads((network_home / "state" / "node-cursor.json").read_text())
+    assert cursor == {"aggregated": 1, "mined": 1, "validated": 1}
+    with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
+        recorded = instance.get_run_records(dg.RunsFilter(tags={"templar/source": "templar node"}))
+        assert sorted(record.dagster_run.tags["templar/run_key"] for record in recorded) == sorted(
+            f"{run.job}:{run.window}" for run in runs)
+    # a restarted node goes on from its cursor: nothing is run twice, a miner-only node mines the next window
+    again = run_node(network_home, jobs=["miner_job"], until_window=2, environ=network_env, wait=next_window)
+    assert [(run.job, run.window) for run in again] == [("miner_job", 2)] and again[0].success
+
+
+def test_unknown_jobs_are_refused(network_home, network_env):
+    with pytest.raises(ValueError, match="unknown jobs"):
+        run_node(network_home, jobs=["audit_job"], environ=network_env)
