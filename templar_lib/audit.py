@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from templar_lib.buckets import Bucket, BucketError
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, checkpoint_windows, load_checkpoint,
                                      state_sha256)
@@ -39,8 +41,10 @@ class Audit:
 
 
 def held_out_loss(state: ModelState, *, preset: str, dataset: Bucket, manifest: Manifest, hparams: HParams,
-                  pages: int = 8) -> float:
-    model = build_model(preset, vocab_size=manifest.vocab_size)
+                  pages: int = 8, model: torch.nn.Module | None = None) -> float:
+    """Mean loss of θ (state) on the first `pages` held-out pages; in `model` (overwritten) when given, else in a
+    CPU model built for the preset."""
+    model = model if model is not None else build_model(preset, vocab_size=manifest.vocab_size)
     load_parameters_(model, state.parameters)
     return evaluate_loss(model, load_pages(dataset, manifest, manifest.held_out[:pages]), hparams.batch_size)
 

@@ -45,8 +45,10 @@ def dataset_bucket(home: Path) -> LocalBucket:
 
 
 def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4, preset: str = "tiny",
-         seed: int = 0, force: bool = False) -> None:
-    """Everything a local network needs under `home`; idempotent (existing pieces are kept unless --force)."""
+         seed: int = 0, force: bool = False, clock: str = "manual", seconds_per_block: float = 12.0) -> None:
+    """Everything a local network needs under `home`; idempotent (existing pieces are kept unless --force).
+    clock: the LocalChain's block clock, "manual" (moved by `templar local-network`) or "wall" (blocks follow real
+    time at seconds_per_block, for `templar node`)."""
     from templar_lib.chain import LocalChain
     from templar_lib.checkpoints import ModelState
     from templar_lib.model import build_model
@@ -63,7 +65,8 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
         print(f"dataset: built {manifest.total_pages} pages ({manifest.train_pages} for training) of "
               f"{manifest.rows_per_page}×{manifest.sequence_length} tokens, vocab {manifest.vocab_size}, "
               f"in {time.perf_counter() - started:.1f}s -> {bucket.root}")
-    chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=hparams.blocks_per_window)
+    chain = LocalChain(home / "chain.sqlite", clock=clock, seconds_per_block=seconds_per_block,
+                       blocks_per_window=hparams.blocks_per_window)
     validator, uids = register_local_network(chain, miners, (home / "gradients").as_uri())
     print(f"chain: {chain.path} at block {chain.block()}, validator uid {validator}, miner uids {uids}")
     store = StateStore(home / "state")
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     init_parser.add_argument("--max-chars", type=int, default=None, help="corpus size limit (default: all)")
     init_parser.add_argument("--force", action="store_true", help="rebuild even if a dataset exists")
     init_parser.add_argument("--miners", type=int, default=4, help="miners to register on the local chain")
+    init_parser.add_argument("--clock", choices=("manual", "wall"), default="manual",
+                             help="local chain block clock: manual (local-network) or wall (templar node)")
+    init_parser.add_argument("--seconds-per-block", type=float, default=12.0)
     network_parser = commands.add_parser("local-network", help="run windows of the local network through Dagster")
     network_parser.add_argument("--miners", type=int, default=4)
     network_parser.add_argument("--windows", type=int, default=5)
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     home = (args.home or default_home()).resolve()
     hparams = HParams.load(args.hparams, os.environ)
     if args.command == "init":
-        init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force)
+        init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force,
+             clock=args.clock, seconds_per_block=args.seconds_per_block)
     elif args.command == "local-network":
         if args.hparams is not None:
             os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())

@@ -99,9 +99,13 @@ class TrainingResource(dg.ConfigurableResource):
         from templar_lib.model import load_parameters_
 
         state = self.state_at(window, buckets)
-        model = cached_model(self.preset, manifest.vocab_size, self.device)
+        model = self.model(manifest)
         load_parameters_(model, state.parameters)
         return model, state
+
+    def model(self, manifest: Manifest):
+        """This node's model object (preset, device), whatever θ it last held: callers load the θ they need."""
+        return cached_model(self.preset, manifest.vocab_size, self.device)
 
     def manifest(self, buckets: BucketsResource) -> Manifest:
         return read_manifest(buckets.dataset())

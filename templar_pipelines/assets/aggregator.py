@@ -41,7 +41,7 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, trai
         save_checkpoint(buckets.aggregator(), following, hparams)
     sha256 = training.store().save_model(following)  # the file's digest: no second serialisation
     loss = held_out_loss(following, preset=training.preset, dataset=buckets.dataset(), manifest=manifest,
-                         hparams=hparams)
+                         hparams=hparams, model=training.model(manifest))  # on the node's device: 1b is GPU-only
     store = training.store()
     store.record_held_out_loss(following.window, loss)
     wandb.log("aggregator", window, {"held_out_loss": loss})

@@ -5,7 +5,7 @@ import torch
 
 from templar_lib.aggregation import learning_rate_at, outer_step_
 from templar_lib.compression import (Combined, ErrorFeedback, Sparse, aggregate, chunk_shape, chunk_side, combine,
-                                     dct_matrix, decode, encode)
+                                     combine_many, dct_matrix, decode, encode, idct_chunks, idct_many)
 from templar_lib.hparams import HParams
 
 ATOL, RTOL = 1e-6, 1e-5  # fp32: the reference differs from us in summation order only
@@ -123,6 +123,25 @@ def test_combined_rows_and_dense_form_are_the_same_coefficients():
     assert torch.equal(combined.idx, nonzero[:, 1]) and torch.equal(combined.vals, coefficients[coefficients != 0])
     back = Combined(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))  # as a file reader builds it
     assert torch.equal(back.dense, coefficients)
+
+
+def test_combining_parameters_together_changes_no_bit():
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(128, 64), (128, 64), (64,), (96, 128), (128, 64), (64,)]  # two layouts repeat, as across layers
+    parameters = []
+    for shape in shapes:
+        peers = [encode(torch.randn(shape, generator=generator), 8, 32) for _ in range(5)]
+        peers[1] = Sparse(peers[1].idx.int(), peers[1].vals.bfloat16(), peers[1].shape, peers[1].chunk)  # as read
+        parameters.append(peers)
+    parameters[4] = parameters[4][:3]  # a parameter some peers did not send is grouped apart
+    ragged = parameters[3][0]
+    parameters[3][0] = Sparse(ragged.idx[:, :4], ragged.vals[:, :4], ragged.shape, ragged.chunk)  # fewer values
+    together = combine_many(parameters)
+    for peers, coefficients in zip(parameters, together):
+        assert torch.equal(coefficients, combine(peers))
+    chunks = [peers[0].chunk for peers in parameters]
+    for coefficients, shape, chunk, decoded in zip(together, shapes, chunks, idct_many(together, shapes, chunks)):
+        assert decoded.shape == shape and torch.equal(decoded, idct_chunks(coefficients, shape, chunk))
 
 
 def test_three_dimensional_tensors_are_not_part_of_the_protocol():
