@@ -4,6 +4,11 @@
     <root>/momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
     <root>/ratings-{window}.json                 validator ratings after window `window`
 
+With `keep_windows` = K, saving θ_w deletes θ files of windows ≤ w − K, and saving a uid's momentum after w deletes
+its momentum files of windows ≤ w − K (for the 1b preset each is ≈ 5 GB: a node must not keep every window). An
+older θ is rebuilt from published checkpoints by `sync_to`; an older window's momentum is gone, so re-running a miner
+window more than K windows back starts that miner from zeros.
+
 Every file is keyed by the window it belongs to and written atomically (LocalBucket: temp file + rename), so
 re-running window w reads the w − 1 files and rewrites the w files with the same bytes: runs are idempotent, and a
 killed run leaves the previous state intact. Files are written by safetensors straight to the temporary file and
@@ -29,9 +34,21 @@ class StateMissing(LookupError):
 
 
 class StateStore:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, keep_windows: int | None = None) -> None:
+        if keep_windows is not None and keep_windows < 1:
+            raise ValueError(f"keep_windows must be >= 1 or None, got {keep_windows}")
         self.bucket = LocalBucket(root)
         self.root = self.bucket.root
+        self.keep_windows = keep_windows
+
+    def _prune(self, prefix: str, window: int) -> None:
+        """Delete `{prefix}{v}.safetensors` for v <= window − keep_windows (nothing when keep_windows is None)."""
+        if self.keep_windows is None:
+            return
+        for key in self.bucket.list(prefix):
+            number = key[len(prefix):-len(".safetensors")]
+            if key.endswith(".safetensors") and number.isdigit() and int(number) <= window - self.keep_windows:
+                self.bucket.delete(key)
 
     # ------------------------------------------------------------------ θ
     def save_model(self, state: ModelState) -> str:
@@ -39,6 +56,7 @@ class StateStore:
         key = f"model-{state.window}.safetensors"
         tensors, metadata = state_file_contents(state)
         self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
+        self._prune("model-", state.window)
         with self.bucket.local_path(key).open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -61,6 +79,7 @@ class StateStore:
     def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
         self.bucket.put_file(f"momentum-{uid}-{window}.safetensors", lambda path: save_file(tensors, path))
+        self._prune(f"momentum-{uid}-", window)
 
     def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
         """Momentum after `window`, or None when the miner has no state there (it starts from zeros)."""

@@ -78,12 +78,14 @@ class TrainingResource(dg.ConfigurableResource):
     seed: int = Field(default=0, description="seed of θ_0")
     miner_uids: list[int] = Field(default_factory=list, description="uids this node mines for")
     validator_uid: int | None = Field(default=None, description="uid this node validates as")
+    keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store (≈ 5 GB "
+                                                      "each for the 1b preset); older θ is rebuilt from checkpoints")
 
     def hparams(self) -> HParams:
         return HParams.load(self.hparams_file, self.hparams_overrides)
 
     def store(self) -> StateStore:
-        return StateStore(self.state_dir)
+        return StateStore(self.state_dir, keep_windows=self.keep_windows)
 
     def state_at(self, window: int, buckets: BucketsResource):
         """θ_window from the state store, resynced from published checkpoints and aggregations when this node is
@@ -184,7 +186,8 @@ def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableR
         preset=environ.get("TEMPLAR_PRESET", "tiny"), device=environ.get("TEMPLAR_DEVICE", "cpu"),
         hparams_file=environ.get("TEMPLAR_HPARAMS_FILE"), state_dir=str(home / "state"),
         hparams_overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")},
-        miner_uids=miner_uids, validator_uid=int(validator) if validator else None)
+        miner_uids=miner_uids, validator_uid=int(validator) if validator else None,
+        keep_windows=int(environ.get("TEMPLAR_STATE_KEEP_WINDOWS", "4")))
     wandb = WandbResource(mode=environ.get("TEMPLAR_WANDB_MODE", "offline"), directory=str(home / "wandb"),
                           api_key=dg.EnvVar("WANDB_API_KEY") if "WANDB_API_KEY" in environ else None)
     return {"chain": chain, "buckets": buckets, "training": training, "wandb": wandb}

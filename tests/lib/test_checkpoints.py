@@ -55,6 +55,25 @@ def test_state_store_streams_the_checkpoint_bytes_and_maps_them_back_read_only(t
     assert store.load_momentum(2, 5) is None
 
 
+def test_state_store_keeps_only_the_last_windows_it_is_told_to(tmp_path):
+    store, state = StateStore(tmp_path, keep_windows=2), tiny_state()
+    for window in range(5):
+        store.save_model(ModelState(window, window, state.parameters))
+        for uid in (1, 2):
+            store.save_momentum(uid, window, {"m": torch.full((2,), float(window))})
+    assert store.model_windows() == [3, 4]
+    assert sorted(path.name for path in tmp_path.glob("momentum-*")) == [
+        "momentum-1-3.safetensors", "momentum-1-4.safetensors", "momentum-2-3.safetensors", "momentum-2-4.safetensors"]
+    store.save_model(ModelState(1, 1, state.parameters))  # re-running an old window never deletes newer state
+    assert store.model_windows() == [1, 3, 4]
+    everything = StateStore(tmp_path / "all")
+    for window in range(5):
+        everything.save_model(ModelState(window, window, state.parameters))
+    assert everything.model_windows() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="keep_windows"):
+        StateStore(tmp_path, keep_windows=0)
+
+
 def test_model_fingerprint_changes_with_any_bit_name_or_dtype():
     parameters = tiny_state().parameters
     fingerprint = model_fingerprint(parameters)
