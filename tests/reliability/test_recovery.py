@@ -90,7 +90,14 @@ KILLER = textwrap.dedent("""
             (self.root / f".tmp-killed.part").write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, key, data)
+    original_file = LocalBucket.put_file
+    def put_file(self, key, write):  # large state files are written through put_file
+        if key == target:  # die after filling the temporary file, before the rename
+            write(self.root / ".tmp-killed.part")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_file(self, key, write)
     LocalBucket.put = put
+    LocalBucket.put_file = put_file
     from templar_pipelines.cli import main
     main(sys.argv[2:])
 """)
