@@ -15,8 +15,9 @@ it, and the result is decoded.
 
 All chunks of a parameter are transformed with one batched matmul over a (n_chunks, r, c) view; when combining
 peers and decoding the result, parameters of the same layout (every layer's q_proj, say) go through one scatter
-and one matmul together. The DCT bases are built once per (size, device, dtype). On CPU every operation is deterministic; on CUDA, matmul reduction
-order may differ between cards by a few ulp (the aggregator's sign() is then the only place this could matter).
+and one matmul together. The DCT bases are built once per (size, device, dtype). On CPU every operation is
+deterministic; on CUDA, matmul reduction order may differ between cards by a few ulp (the aggregator's sign() is
+then the only place this could matter).
 """
 
 from __future__ import annotations
