@@ -133,7 +133,8 @@ def idct_many(coefficients: Sequence[torch.Tensor], shapes: Sequence[tuple[int, 
     decoded: list[torch.Tensor | None] = [None] * len(coefficients)
     for (shape, chunk), positions in groups.items():
         r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
-        stacked = torch.stack([coefficients[position].float() for position in positions])  # (G, n_chunks, r·c)
+        group = [coefficients[position].float() for position in positions]
+        stacked = group[0][None] if len(group) == 1 else torch.stack(group)  # (G, n_chunks, r·c); no copy of one
         device = str(stacked.device)
         values = dct_matrix(r, device).T @ stacked.reshape(-1, r, c) @ dct_matrix(c, device)  # D_rᵀ · X · D_c
         values = values.reshape(len(positions), -1, r, c)
