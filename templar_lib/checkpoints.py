@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,11 +53,13 @@ class CatchUpError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelState:
-    """θ at the start of `window`, after `step` outer steps. parameters: name -> tensor (CPU or device)."""
+    """θ at the start of `window`, after `step` outer steps. parameters: name -> tensor (CPU or device).
+    fingerprint: model_fingerprint(parameters) when already known (the node's state store keeps it beside θ)."""
 
     window: int
     step: int
     parameters: dict[str, torch.Tensor]
+    fingerprint: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """Node-local state that outlives a run: θ_w, each miner's error-feedback momentum, the validator's ratings.
 
     <root>/model-{window}.safetensors            θ at the start of `window` (+ outer step count)
+    <root>/fingerprint-{window}.json             model_fingerprint(θ_window), recorded when θ_window was saved:
+                                                 θ is hashed once per window, not once per role (≈ 5 GB for 1b).
+                                                 Deleted before the θ file is replaced and written after it, so it
+                                                 never describes another θ (a killed save leaves none)
     <root>/momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
     <root>/ratings-{window}.json                 validator ratings after window `window`
 
@@ -17,6 +21,7 @@ read through its mmap loader: a 5 GB state is never held in memory as one more b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
-from templar_lib.checkpoints import ModelState, state_file_contents, state_from_file
+from templar_lib.checkpoints import ModelState, model_fingerprint, state_file_contents, state_from_file
 from templar_lib.ratings import Ratings
 
 
@@ -41,13 +46,13 @@ class StateStore:
         self.root = self.bucket.root
         self.keep_windows = keep_windows
 
-    def _prune(self, prefix: str, window: int) -> None:
-        """Delete `{prefix}{v}.safetensors` for v <= window − keep_windows (nothing when keep_windows is None)."""
+    def _prune(self, prefix: str, window: int, suffix: str = ".safetensors") -> None:
+        """Delete `{prefix}{v}{suffix}` for v <= window − keep_windows (nothing when keep_windows is None)."""
         if self.keep_windows is None:
             return
         for key in self.bucket.list(prefix):
-            number = key[len(prefix):-len(".safetensors")]
-            if key.endswith(".safetensors") and number.isdigit() and int(number) <= window - self.keep_windows:
+            number = key[len(prefix):-len(suffix)]
+            if key.endswith(suffix) and number.isdigit() and int(number) <= window - self.keep_windows:
                 self.bucket.delete(key)
 
     # ------------------------------------------------------------------ θ
@@ -55,10 +60,24 @@ class StateStore:
         """Save θ_{state.window}; returns the sha256 of the file (= checkpoints.state_sha256(state))."""
         key = f"model-{state.window}.safetensors"
         tensors, metadata = state_file_contents(state)
+        record = f"fingerprint-{state.window}.json"
+        self.bucket.delete(record)
         self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
+        fingerprint = state.fingerprint or model_fingerprint(state.parameters)
+        self.bucket.put(record, json.dumps({"window": state.window, "fingerprint": fingerprint}).encode())
         self._prune("model-", state.window)
+        self._prune("fingerprint-", state.window, ".json")
         with self.bucket.local_path(key).open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    def _fingerprint(self, window: int) -> str | None:
+        """The fingerprint recorded when θ_window was saved; None when there is none (callers compute it)."""
+        try:
+            record = json.loads(self.bucket.get(f"fingerprint-{window}.json"))
+        except (ObjectMissing, ValueError):
+            return None
+        fingerprint = record.get("fingerprint") if isinstance(record, dict) and record.get("window") == window else None
+        return fingerprint if isinstance(fingerprint, str) else None
 
     def has_model(self, window: int) -> bool:
         return self.bucket.exists(f"model-{window}.safetensors")
@@ -70,7 +89,7 @@ class StateStore:
             raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
                                f"and checkpointed here (run the windows in order, or catch up from a checkpoint)"
                                ) from None
-        return state_from_file(path)
+        return dataclasses.replace(state_from_file(path), fingerprint=self._fingerprint(window))
 
     def model_windows(self) -> list[int]:
         return sorted(int(key[len("model-"):-len(".safetensors")]) for key in self.bucket.list("model-"))
@@ -137,4 +156,4 @@ def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelStat
         raise StateMissing(f"θ_{window} is not in {store.root} and resyncing from window {start.window} failed: "
                            f"{error} (run the earlier windows first)") from None
     store.save_model(state)
-    return state
+    return store.load_model(window)  # with the fingerprint the save recorded

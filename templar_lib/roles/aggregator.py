@@ -56,7 +56,7 @@ def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer
     gathered = gather(window, uids, peer_buckets, shapes=shapes, hparams=hparams, timeout=gather_timeout,
                       time_range=time_range)
     skipped = {**(skipped_commitments or {}), **gathered.skipped,
-               **screen(gathered.gradients, model_hash=model_fingerprint(state.parameters),
+               **screen(gathered.gradients, model_hash=state.fingerprint or model_fingerprint(state.parameters),
                         upload_times=gathered.uploaded)}
     accepted = {uid: g for uid, g in gathered.gradients.items() if uid not in skipped}
     if peers_bucket is not None:

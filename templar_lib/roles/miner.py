@@ -72,12 +72,13 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feed
 
 
 def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store, dataset: Bucket,
-                manifest: Manifest, gradients: Bucket, hparams: HParams) -> list[MinerResult]:
+                manifest: Manifest, gradients: Bucket, hparams: HParams,
+                model_hash: str | None = None) -> list[MinerResult]:
     """miner_step for every uid this node serves, each from its momentum after window − 1 (zeros if none) in the
     node's StateStore, saving the momentum after `window`: re-running a window reproduces the same files."""
     results = []
     parameters = parameters_of(model)
-    model_hash = model_fingerprint(parameters)  # θ_w is the same for every uid of this node
+    model_hash = model_hash or model_fingerprint(parameters)  # θ_w is the same for every uid of this node
     for uid in sorted(uids):
         feedback = new_feedback(parameters, hparams, momentum=store.load_momentum(uid, window - 1))
         results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,

@@ -85,9 +85,9 @@ def evaluate_window(window: int, *, validator_uid: int, chain: Chain, model: tor
                     dataset: Bucket, manifest: Manifest, peer_buckets: Mapping[int, Bucket], own_bucket: Bucket,
                     hparams: HParams, random_page_count: int | None = None, gather_timeout: float = 60.0,
                     skipped_commitments: Mapping[int, str] | None = None,
-                    check_upload_time: bool = True) -> WindowEvaluation:
-    """Score every other uid's gradient for `window` on θ_w held by `model` (outer step `step`); writes
-    peers_{w}.json and evaluation-{w}-{validator}.json to `own_bucket`."""
+                    check_upload_time: bool = True, model_hash: str | None = None) -> WindowEvaluation:
+    """Score every other uid's gradient for `window` on θ_w held by `model` (outer step `step`; model_hash its
+    fingerprint when known); writes peers_{w}.json and evaluation-{w}-{validator}.json to `own_bucket`."""
     started = time.perf_counter()
     uids = [uid for uid in chain.metagraph().uids if uid != validator_uid][: hparams.max_peers]
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
@@ -95,7 +95,8 @@ def evaluate_window(window: int, *, validator_uid: int, chain: Chain, model: tor
 
     gathered = gather(window, uids, peer_buckets, shapes=shapes, hparams=hparams, timeout=gather_timeout,
                       time_range=window_time_range(chain, window) if check_upload_time else None)
-    rejected = screen(gathered.gradients, model_hash=model_fingerprint(theta), upload_times=gathered.uploaded)
+    rejected = screen(gathered.gradients, model_hash=model_hash or model_fingerprint(theta),
+                      upload_times=gathered.uploaded)
     reasons = {**(skipped_commitments or {}), **gathered.skipped, **rejected}
 
     random_ids = random_pages(window, validator_uid, random_page_count or hparams.pages_per_window,

@@ -17,7 +17,7 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     model, state = training.model_at(window, buckets, manifest)
     results = mine_window(window, training.miners(chain.open()), model=model, step=state.step,
                           store=training.store(), dataset=buckets.dataset(), manifest=manifest,
-                          gradients=buckets.gradients(), hparams=hparams)
+                          gradients=buckets.gradients(), hparams=hparams, model_hash=state.fingerprint)
     metadata = gradients_metadata(results)
     wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

@@ -22,7 +22,7 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     evaluation = evaluate_window(window, validator_uid=validator_chain.uid, chain=validator_chain, model=model,
                                  step=state.step, dataset=buckets.dataset(), manifest=manifest, peer_buckets=peers,
                                  own_bucket=buckets.gradients(), hparams=hparams, skipped_commitments=bad_commitments,
-                                 check_upload_time=buckets.enforce_upload_window)
+                                 check_upload_time=buckets.enforce_upload_window, model_hash=state.fingerprint)
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation))
 

@@ -46,11 +46,17 @@ def test_state_store_streams_the_checkpoint_bytes_and_maps_them_back_read_only(t
     loaded = store.load_model(4)
     assert (loaded.window, loaded.step) == (4, 4) and model_fingerprint(loaded.parameters) == model_fingerprint(
         state.parameters)
+    assert loaded.fingerprint == model_fingerprint(state.parameters)  # recorded beside θ: no second hashing
+    other = ModelState(4, 4, {n: p + 1 for n, p in state.parameters.items()})
+    store.save_model(other)  # θ_4 replaced (a resync): its record follows it
+    assert store.load_model(4).fingerprint == model_fingerprint(other.parameters) != loaded.fingerprint
+    (tmp_path / "fingerprint-4.json").unlink()  # as after a save killed between the θ file and its record
+    assert store.load_model(4).fingerprint is None
     store.save_momentum(2, 4, {"m": torch.ones(3, 4)})
     momentum = store.load_momentum(2, 4)
-    loaded.parameters["model.norm.weight"].add_(1.0)  # in-place updates (error feedback) stay in this process
+    store.load_model(4).parameters["model.norm.weight"].add_(1.0)  # in-place updates stay in this process
     momentum["m"].mul_(0.5)
-    assert torch.equal(store.load_model(4).parameters["model.norm.weight"], state.parameters["model.norm.weight"])
+    assert torch.equal(store.load_model(4).parameters["model.norm.weight"], other.parameters["model.norm.weight"])
     assert torch.equal(store.load_momentum(2, 4)["m"], torch.ones(3, 4))
     assert store.load_momentum(2, 5) is None
 
@@ -62,6 +68,7 @@ def test_state_store_keeps_only_the_last_windows_it_is_told_to(tmp_path):
         for uid in (1, 2):
             store.save_momentum(uid, window, {"m": torch.full((2,), float(window))})
     assert store.model_windows() == [3, 4]
+    assert sorted(path.name for path in tmp_path.glob("fingerprint-*")) == ["fingerprint-3.json", "fingerprint-4.json"]
     assert sorted(path.name for path in tmp_path.glob("momentum-*")) == [
         "momentum-1-3.safetensors", "momentum-1-4.safetensors", "momentum-2-3.safetensors", "momentum-2-4.safetensors"]
     store.save_model(ModelState(1, 1, state.parameters))  # re-running an old window never deletes newer state
