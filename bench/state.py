@@ -5,7 +5,8 @@ make it cheap"). Side by side in one run:
     reference   whole-file bytes: safetensors save() into memory, write; read the whole file, load() from bytes;
                 fingerprint over tensor.numpy().tobytes() copies, one parameter after another
     ours        templar_lib.state.StateStore (safetensors written straight to a temp file then renamed; read through
-                safetensors' mmap) and checkpoints.model_fingerprint (per-parameter digests in threads, no copies)
+                safetensors' mmap; θ's fingerprint computed once when θ is saved, per-parameter digests in threads
+                with no copies, and recorded beside it, so every role that loads θ that window reads it back)
 
 Each operation is timed with the file in the page cache (a node reads what it wrote one window earlier).
 
@@ -71,20 +72,23 @@ def main() -> None:
         store.save_momentum(3, 7, parameters)
         plain.put("momentum-3-7.safetensors", safetensors_save(dict(sorted(parameters.items()))))
 
+        def fingerprint_as_roles_do(loaded):  # the record save_model wrote, else hash θ
+            return loaded.fingerprint or model_fingerprint(loaded.parameters)
+
         def touched(tensors):  # a lazily mapped file costs its page faults when first read: read every byte
             return sum(float(t.sum()) for t in tensors.values())
 
         rows = [("save θ", timed(reference_save, "cpu", args.repeats),
                  timed(lambda: store.save_model(state), "cpu", args.repeats)),
                 ("load θ + fingerprint", timed(lambda: reference_fingerprint(reference_load()), "cpu", args.repeats),
-                 timed(lambda: model_fingerprint(store.load_model(7).parameters), "cpu", args.repeats)),
+                 timed(lambda: fingerprint_as_roles_do(store.load_model(7)), "cpu", args.repeats)),
                 ("load momentum", timed(lambda: touched(safetensors_load(plain.get("momentum-3-7.safetensors"))),
                                         "cpu", args.repeats),
                  timed(lambda: touched(store.load_momentum(3, 7)), "cpu", args.repeats)),
                 ("save momentum", timed(lambda: plain.put("momentum-3-7.safetensors", safetensors_save(
                     dict(sorted(parameters.items())))), "cpu", args.repeats),
                  timed(lambda: store.save_momentum(3, 7, parameters), "cpu", args.repeats))]
-        assert model_fingerprint(store.load_model(7).parameters) == model_fingerprint(parameters)
+        assert store.load_model(7).fingerprint == model_fingerprint(parameters)  # the record matches θ
         same_bytes = (work / "ours" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")
     finally:
         shutil.rmtree(work, ignore_errors=True)

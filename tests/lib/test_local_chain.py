@@ -67,7 +67,8 @@ def test_wall_clock_follows_time(tmp_path):
     assert chain.block() >= first + 4
     block = chain.block()
     assert chain.block_time(block + 100) is None
-    assert chain.block_time(2) - chain.block_time(0) == timedelta(seconds=0.1)
+    # datetimes hold whole microseconds: genesis + 2 × 0.05 s can round either way by one
+    assert abs(chain.block_time(2) - chain.block_time(0) - timedelta(seconds=0.1)) <= timedelta(microseconds=1)
     with pytest.raises(ChainError, match="manual clock"):
         chain.advance()
     # another process opening the same file sees the same clock without repeating its settings

@@ -33,7 +33,8 @@ def make_home(path, dataset):
 
 def env_for(frequency: int) -> dict[str, str]:
     return {"TEMPLAR_HPARAMS_FILE": str(FAST_HPARAMS), "TEMPLAR_WANDB_MODE": "disabled",
-            "TEMPLAR_HP_CHECKPOINT_FREQUENCY": str(frequency)}
+            "TEMPLAR_HP_CHECKPOINT_FREQUENCY": str(frequency),
+            "TEMPLAR_STATE_KEEP_WINDOWS": "100"}  # these tests make stale nodes from the always-on node's history
 
 
 @pytest.fixture(scope="module")
