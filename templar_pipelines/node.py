@@ -25,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_lib.chain import ChainError
 from templar_pipelines.instance import prepare_dagster_home
 from templar_pipelines.local import PID_TAG, QUIET, recover_dead_runs
 from templar_pipelines.resources import resources_from_env
@@ -56,8 +57,8 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()
     from templar_pipelines.definitions import defs
 
     unknown = set(jobs) - set(ROLE_JOBS.values())
-    if unknown:
-        raise ValueError(f"unknown jobs {sorted(unknown)}: choose from {sorted(ROLE_JOBS.values())}")
+    if unknown or not jobs:
+        raise ValueError(f"unknown jobs {sorted(unknown)}: choose one or more of {sorted(ROLE_JOBS.values())}")
     home = Path(home).resolve()
     environ = {**(environ if environ is not None else os.environ), "TEMPLAR_HOME": str(home)}
     resources = resources_from_env(environ)
@@ -67,12 +68,20 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()
     try:
         cursor = json.loads(state.get(CURSOR_KEY))
     except ObjectMissing:
-        cursor = initial_cursor(chain.window(), offset)
+        cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
         recover_dead_runs(instance)
-        while until_window is None or min(cursor[role] for role, job in ROLE_JOBS.items() if job in jobs) < until_window:
-            requests, _ = due_windows(chain.window(), offset, cursor)
+        while cursor is None or until_window is None or min(
+                cursor[role] for role, job in ROLE_JOBS.items() if job in jobs) < until_window:
+            try:
+                current = chain.window()
+            except ChainError as error:  # a node outlives a chain endpoint's bad minute
+                log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
+                wait(poll_seconds)
+                continue
+            cursor = cursor if cursor is not None else initial_cursor(current, offset)
+            requests, _ = due_windows(current, offset, cursor)
             if until_window is not None:
                 requests = [(job, window) for job, window in requests if window <= until_window]
             if not requests:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from templar_lib.chain import LocalChain
+from templar_lib.chain import ChainError, LocalChain
 from templar_lib.state import StateStore
 from templar_pipelines.node import run_node
 from templar_pipelines.sensors import due_windows, initial_cursor
@@ -45,5 +45,24 @@ def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(netwo
 
 
 def test_unknown_jobs_are_refused(network_home, network_env):
-    with pytest.raises(ValueError, match="unknown jobs"):
-        run_node(network_home, jobs=["audit_job"], environ=network_env)
+    for jobs in (["audit_job"], []):
+        with pytest.raises(ValueError, match="unknown jobs"):
+            run_node(network_home, jobs=jobs, environ=network_env)
+
+
+def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_env, monkeypatch):
+    answers = iter([ChainError("endpoint down"), ChainError("endpoint down")])
+
+    def flaky_window(self):
+        error = next(answers, None)
+        if error is not None:
+            raise error
+        return self._block_window()
+
+    monkeypatch.setattr(LocalChain, "_block_window", LocalChain.window, raising=False)
+    monkeypatch.setattr(LocalChain, "window", flaky_window)
+    waits = []
+    runs = run_node(network_home, jobs=["miner_job"], until_window=0, environ=network_env,
+                    wait=waits.append)
+    assert [(run.job, run.window, run.success) for run in runs] == [("miner_job", 0, True)]
+    assert len(waits) == 2  # one poll interval per failed chain read, then it went on
