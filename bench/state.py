@@ -8,7 +8,9 @@ make it cheap"). Side by side in one run:
                 safetensors' mmap; θ's fingerprint computed once when θ is saved, per-parameter digests in threads
                 with no copies, and recorded beside it, so every role that loads θ that window reads it back)
 
-Each operation is timed with the file in the page cache (a node reads what it wrote one window earlier).
+Each operation is timed with the file in the page cache (a node reads what it wrote one window earlier), and every
+load reads all of θ or the momentum (as copying it into the model or folding the gradient in does). Our θ save
+includes computing the fingerprint it records (once per window, by the node that produces θ).
 
     python bench/state.py [--preset small]     (--preset 1b: ≈ 5 GB per state file, 20 GB of RAM)
 """
@@ -72,15 +74,18 @@ def main() -> None:
         store.save_momentum(3, 7, parameters)
         plain.put("momentum-3-7.safetensors", safetensors_save(dict(sorted(parameters.items()))))
 
-        def fingerprint_as_roles_do(loaded):  # the record save_model wrote, else hash θ
-            return loaded.fingerprint or model_fingerprint(loaded.parameters)
+        def fingerprint_as_roles_do(loaded):  # the record save_model wrote (else hash θ), then θ read in full
+            return loaded.fingerprint or model_fingerprint(loaded.parameters), touched(loaded.parameters)
 
         def touched(tensors):  # a lazily mapped file costs its page faults when first read: read every byte
             return sum(float(t.sum()) for t in tensors.values())
 
+        def touched_fingerprint(tensors):  # the same work for the reference: fingerprint, then θ read in full
+            return reference_fingerprint(tensors), touched(tensors)
+
         rows = [("save θ", timed(reference_save, "cpu", args.repeats),
                  timed(lambda: store.save_model(state), "cpu", args.repeats)),
-                ("load θ + fingerprint", timed(lambda: reference_fingerprint(reference_load()), "cpu", args.repeats),
+                ("load θ + fingerprint", timed(lambda: touched_fingerprint(reference_load()), "cpu", args.repeats),
                  timed(lambda: fingerprint_as_roles_do(store.load_model(7)), "cpu", args.repeats)),
                 ("load momentum", timed(lambda: touched(safetensors_load(plain.get("momentum-3-7.safetensors"))),
                                         "cpu", args.repeats),
