@@ -125,7 +125,9 @@ def idct_many(coefficients: Sequence[torch.Tensor], shapes: Sequence[tuple[int, 
     """idct_chunks for many parameters: those of one (shape, chunk) go through one pair of batched matmuls.
 
     G tensors (n_chunks, r·c) of one layout are stacked into (G·n_chunks, r, c), decoded as D_rᵀ · X · D_c, and
-    cut back into G tensors of the parameter's shape (views into one (G, R, C) result).
+    cut back into G tensors of the parameter's shape (views into one (G, R, C) result). The same math as one
+    idct_chunks per tensor; a BLAS may sum a larger batch in another order (last-bit differences), so every node
+    decodes an aggregation with this same grouping (sign_directions), and replays agree bit for bit.
     """
     groups: dict[tuple, list[int]] = {}
     for position, (shape, chunk) in enumerate(zip(shapes, chunks)):
