@@ -7,8 +7,9 @@ materialisations and metadata are stored in the same instance `dagster dev` open
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -37,14 +38,11 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
     start = max(StateStore(home / "state").model_windows())
     job = defs.resolve_job_def("local_network_job")
     summaries = []
-    with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
-        recover_dead_runs(instance)
+    with node_instance(home, environ) as instance:
         for window in range(start, start + windows):
-            instance.add_dynamic_partitions("window", [str(window)])
             chain.advance_to_block((window + 1) * hparams.blocks_per_window)
-            result = job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
-                                            run_config=QUIET, tags={"templar/source": "templar local-network",
-                                                                    PID_TAG: str(os.getpid())})
+            result = execute_window(job, window, instance=instance, resources=resources,
+                                    source="templar local-network")
             summary = {"window": window, "run_id": result.run_id}
             for node, keys in SUMMARY.items():
                 metadata = result.asset_materializations_for_node(node)[0].metadata
@@ -55,21 +53,41 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
     return summaries
 
 
+@contextlib.contextmanager
+def node_instance(home: Path, environ: Mapping[str, str]) -> Iterator[dg.DagsterInstance]:
+    """The node's Dagster instance (under home/dagster), with the runs of any dead in-process runner recovered."""
+    with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
+        recover_dead_runs(instance)
+        yield instance
+
+
+def execute_window(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict,
+                   source: str, tags: Mapping[str, str] | None = None,
+                   raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    """One run of `job` for `window` in this process (the partition registered first), tagged with its source and
+    this process's id so that recover_dead_runs can release it if the process dies."""
+    instance.add_dynamic_partitions("window", [str(window)])
+    return job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
+                                  run_config=QUIET, raise_on_error=raise_on_error,
+                                  tags={"templar/source": source, PID_TAG: str(os.getpid()), **(tags or {})})
+
+
 def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark runs of a killed `templar local-network` process as failed and free their pool slots.
+    """Mark runs of a killed in-process runner (`templar local-network`, `templar node`) as failed and free their
+    pool slots.
 
     A process killed mid-run (SIGKILL, OOM, power loss) leaves its run STARTED and its `model_state` pool slot
     claimed, which would block the next run forever. Without a daemon to monitor runs, the next invocation checks
     the process id each run recorded and releases what a dead process held. Returns the run ids recovered.
     """
     recovered = []
-    in_flight = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
-                              tags={"templar/source": "templar local-network"})
+    in_flight = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
     for run in instance.get_runs(filters=in_flight):
-        pid = int(run.tags.get(PID_TAG, "0"))
-        if pid and _alive(pid):
+        pid = int(run.tags.get(PID_TAG, "0"))  # runs a daemon launched record none: its run monitoring owns them
+        if not pid or _alive(pid):
             continue
-        instance.report_run_failed(run, "the process running it died (found by the next templar local-network)")
+        instance.report_run_failed(run, f"the process running it died (found by the next "
+                                        f"{run.tags.get('templar/source', 'in-process runner')})")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         recovered.append(run.run_id)
     return recovered

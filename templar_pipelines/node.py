@@ -26,8 +26,7 @@ import dagster as dg
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.chain import ChainError
-from templar_pipelines.instance import prepare_dagster_home
-from templar_pipelines.local import PID_TAG, QUIET, recover_dead_runs
+from templar_pipelines.local import execute_window, node_instance
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import ROLE_JOBS, due_windows, initial_cursor
 
@@ -70,8 +69,7 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()
     except ObjectMissing:
         cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
-    with dg.DagsterInstance.from_config(str(prepare_dagster_home(home / "dagster", environ))) as instance:
-        recover_dead_runs(instance)
+    with node_instance(home, environ) as instance:
         while cursor is None or until_window is None or min(
                 cursor[role] for role, job in ROLE_JOBS.items() if job in jobs) < until_window:
             try:
@@ -103,12 +101,9 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()
 
 
 def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict) -> NodeRun:
-    instance.add_dynamic_partitions("window", [str(window)])
     started = time.perf_counter()
-    result = job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
-                                    run_config=QUIET, raise_on_error=False,
-                                    tags={"templar/source": "templar node", "templar/run_key": f"{job.name}:{window}",
-                                          PID_TAG: str(os.getpid())})
+    result = execute_window(job, window, instance=instance, resources=resources, source="templar node",
+                            tags={"templar/run_key": f"{job.name}:{window}"}, raise_on_error=False)
     run = NodeRun(job.name, window, result.run_id, result.success, time.perf_counter() - started)
     if not run.success:
         log.warning("%s for window %d failed (run %s); retrying at the next poll", job.name, window, result.run_id)

@@ -66,3 +66,18 @@ def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_en
                     wait=waits.append)
     assert [(run.job, run.window, run.success) for run in runs] == [("miner_job", 0, True)]
     assert len(waits) == 2  # one poll interval per failed chain read, then it went on
+
+
+def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
+    from templar_pipelines.local import PID_TAG, recover_dead_runs
+
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    with dg.instance_for_test() as instance:
+        for run_id, tags in (("node-run", {"templar/source": "templar node", PID_TAG: str(dead)}),
+                             ("network-run", {"templar/source": "templar local-network", PID_TAG: str(dead)}),
+                             ("daemon-run", {})):  # a daemon-launched run is the daemon's to monitor
+            instance.add_run(dg.DagsterRun(job_name="miner_job", run_id=run_id, status=dg.DagsterRunStatus.STARTED,
+                                           tags=tags))
+        assert sorted(recover_dead_runs(instance)) == ["network-run", "node-run"]
+        assert instance.get_run_by_id("daemon-run").status == dg.DagsterRunStatus.STARTED
+        assert instance.get_run_by_id("node-run").status == dg.DagsterRunStatus.FAILURE
