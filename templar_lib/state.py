@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
-from templar_lib.checkpoints import ModelState, model_fingerprint, state_file_contents, state_from_file
+from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, model_fingerprint,
+                                     state_file_contents, state_from_file)
 from templar_lib.ratings import Ratings
 
 
@@ -137,8 +138,6 @@ def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelStat
     live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
     needed for the replay is missing or invalid.
     """
-    from templar_lib.checkpoints import CatchUpError, catch_up, latest_checkpoint
-
     if store.has_model(window):
         return store.load_model(window)
     local = [w for w in store.model_windows() if w <= window]

@@ -39,10 +39,10 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, trai
     published = following.window % hparams.checkpoint_frequency == 0
     if published:  # before the local save: a run killed in between redoes this window and publishes again
         save_checkpoint(buckets.aggregator(), following, hparams)
-    sha256 = training.store().save_model(following)  # the file's digest: no second serialisation
+    store = training.store()
+    sha256 = store.save_model(following)  # the file's digest: no second serialisation
     loss = held_out_loss(following, preset=training.preset, dataset=buckets.dataset(), manifest=manifest,
                          hparams=hparams, model=training.model(manifest))  # on the node's device: 1b is GPU-only
-    store = training.store()
     store.record_held_out_loss(following.window, loss)
     wandb.log("aggregator", window, {"held_out_loss": loss})
     return dg.MaterializeResult(metadata={"sha256": sha256, "held_out_loss": loss,
