@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from templar_lib.compression import Sparse, combine_many, densify_combined, idct_many, sparsify
+from templar_lib.compression import Sparse, combine_many, idct_many, sparsify
 from templar_lib.hparams import HParams
 from templar_lib.wire import Aggregation
 
@@ -63,7 +63,7 @@ def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[i
 def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:
     """sign(IDCT(coefficients)) per parameter: float32 tensors in {-1, 0, 1} of each parameter's shape."""
     tensors = list(aggregation.tensors.values())  # parameters of one layout are decoded together
-    directions = idct_many([densify_combined(combined) for combined in tensors],
+    directions = idct_many([combined.dense for combined in tensors],
                            [combined.shape for combined in tensors], [combined.chunk for combined in tensors])
     return {name: torch.sign(direction) for name, direction in zip(aggregation.tensors, directions)}
 

@@ -318,11 +318,6 @@ def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[in
     return Combined.of_dense(coefficients, shape, chunk)
 
 
-def densify_combined(combined: Combined) -> torch.Tensor:
-    """(n_chunks, chunk_size) float32 coefficients of a Combined (the aggregator's own tensor: same bits)."""
-    return combined.dense
-
-
 def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
     """The combined direction before sign: IDCT(combine(peers)), a float32 tensor of the parameter's shape."""
     return idct_chunks(combine(peers), peers[0].shape, peers[0].chunk)

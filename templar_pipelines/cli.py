@@ -215,17 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     home = (args.home or default_home()).resolve()
     hparams = HParams.load(args.hparams, os.environ)
+    if args.hparams is not None:  # the Dagster resources (local-network, node) and audit read it from the environment
+        os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
     if args.command == "init":
         init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force,
              clock=args.clock, seconds_per_block=args.seconds_per_block)
     elif args.command == "local-network":
-        if args.hparams is not None:
-            os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
         init(home, hparams=hparams, max_chars=None, miners=args.miners)
         local_network(home, windows=args.windows, json_path=args.json)
     elif args.command == "node":
-        if args.hparams is not None:
-            os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
         node(home, jobs=[job for job in args.jobs.split(",") if job], until_window=args.until_window,
              poll_seconds=args.poll)
     elif args.command == "audit":
