@@ -62,10 +62,13 @@ def main() -> None:
         shutil.copytree(work / "dataset", resident_home / "dataset")
         init(resident_home, hparams=hparams, max_chars=None, miners=args.miners)
         chain = LocalChain(resident_home / "chain.sqlite")
-        run_node(resident_home, until_window=0, environ=env, wait=lambda _: chain.advance(hparams.blocks_per_window))
+
+        def next_window(_seconds):  # instead of waiting for the chain: move its manual clock one window on
+            chain.advance(hparams.blocks_per_window)
+
+        run_node(resident_home, until_window=0, environ=env, wait=next_window)  # warm-up, as for (b)
         started = time.perf_counter()
-        runs = run_node(resident_home, until_window=args.windows, environ=env,
-                        wait=lambda _: chain.advance(hparams.blocks_per_window))
+        runs = run_node(resident_home, until_window=args.windows, environ=env, wait=next_window)
         resident = (time.perf_counter() - started) / args.windows
         assert all(run.success for run in runs), [run for run in runs if not run.success]
 
