@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -14,9 +15,12 @@ from templar_lib.checkpoints import model_fingerprint
 from templar_lib.compression import ErrorFeedback
 from templar_lib.data import Manifest, load_pages, pages_for
 from templar_lib.hparams import HParams
-from templar_lib.model import parameters_of
+from templar_lib.model import load_parameters_, parameters_of
+from templar_lib.state import MomentumLost, StateMissing, StateStore
 from templar_lib.training import loss_and_gradients
 from templar_lib.wire import Gradient, gradient_key, write_gradient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,14 @@ class MinerResult:
 
 
 def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor] | None = None) -> ErrorFeedback:
-    """A miner's error feedback under these hyper-parameters: from `momentum`, or zeros shaped like `parameters`."""
+    """A miner's error feedback under these hyper-parameters: from `momentum` (moved to the parameters' device:
+    a state file loads on the CPU), or zeros shaped like `parameters`."""
     settings = dict(topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
                     momentum_decay=hparams.momentum_decay, value_dtype=hparams.gradient_value_dtype)
-    return ErrorFeedback(momentum, **settings) if momentum is not None else \
-        ErrorFeedback.zeros_like(parameters, **settings)
+    if momentum is None:
+        return ErrorFeedback.zeros_like(parameters, **settings)
+    return ErrorFeedback({name: m.to(parameters[name].device) if name in parameters else m
+                          for name, m in momentum.items()}, **settings)
 
 
 def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
@@ -80,8 +87,40 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     parameters = parameters_of(model)
     model_hash = model_hash or model_fingerprint(parameters)  # θ_w is the same for every uid of this node
     for uid in sorted(uids):
-        feedback = new_feedback(parameters, hparams, momentum=store.load_momentum(uid, window - 1))
+        try:
+            momentum = store.load_momentum(uid, window - 1)
+        except MomentumLost as lost:
+            momentum = recompute_momentum(lost, model=model, store=store, dataset=dataset, manifest=manifest,
+                                          hparams=hparams)
+        feedback = new_feedback(parameters, hparams, momentum=momentum)
         results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
                                   manifest=manifest, gradients=gradients, hparams=hparams, model_hash=model_hash))
         store.save_momentum(uid, window, feedback.momentum)
     return results
+
+
+def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Bucket,
+                       manifest: Manifest, hparams: HParams) -> dict[str, torch.Tensor] | None:
+    """The momentum a write behind lost, computed again: fold the lost window's gradient of θ_window on the uid's
+    pages into the momentum before it, exactly as that window did (mining is deterministic given θ, pages, step and
+    momentum), save it synchronously and return it. The model is restored to the θ it held. Falls back to None
+    (zeros) only when θ_window is no longer in the store either; the warning says so."""
+    uid, window = lost.uid, lost.window
+    try:
+        state = store.load_model(window)
+        before = store.load_momentum(uid, window - 1)
+    except StateMissing as missing:
+        log.warning("%s; it cannot be recomputed (%s): uid %d starts again from zero momentum", lost, missing, uid)
+        return None
+    log.warning("%s; recomputing it from θ_%d and the uid's pages", lost, window)
+    current = {name: p.detach().clone() for name, p in parameters_of(model).items()}
+    try:
+        load_parameters_(model, state.parameters)
+        feedback = new_feedback(parameters_of(model), hparams, momentum=before)
+        pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
+        _, gradients = loss_and_gradients(model, load_pages(dataset, manifest, pages), hparams.batch_size)
+        feedback.step(gradients, lr=learning_rate_at(state.step, hparams))
+    finally:
+        load_parameters_(model, current)
+    store.save_momentum(uid, window, feedback.momentum, behind=False)
+    return feedback.momentum

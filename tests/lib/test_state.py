@@ -1,0 +1,150 @@
+"""The node's state store writing behind (a resident node), and a miner recovering momentum a write behind lost."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from templar_lib.buckets import LocalBucket
+from templar_lib.checkpoints import ModelState, model_fingerprint
+from templar_lib.data import read_manifest
+from templar_lib.hparams import HParams
+from templar_lib.model import build_model
+from templar_lib.roles.miner import mine_window, new_feedback
+from templar_lib.state import MomentumLost, StateStore, WriteBehind
+
+FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)
+UIDS = [1, 2]
+
+
+def files(root) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(root.iterdir()) if path.is_file()}
+
+
+def theta(model, window: int) -> ModelState:
+    """A distinct θ per window from the built model's θ_0 (recomputing a window must use that window's own θ)."""
+    return ModelState(window, window, {n: p + 1e-3 * window for n, p in model.theta_0.items()})
+
+
+def mine(store: StateStore, windows, *, model, dataset, gradients) -> None:
+    manifest = read_manifest(dataset)
+    for window in windows:
+        state = theta(model, window)
+        store.save_model(state, behind=True)
+        state = store.load_model(window)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state.parameters[name])
+        mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=dataset, manifest=manifest,
+                    gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def model(dataset):
+    model = build_model("tiny", vocab_size=read_manifest(dataset).vocab_size)
+    model.theta_0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, model, tmp_path_factory):
+    """Three windows mined with every state file written synchronously: the bytes a write behind must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    mine(StateStore(root / "state"), range(3), model=model, dataset=dataset, gradients=LocalBucket(root / "gradients"))
+    return root
+
+
+def test_write_behind_writes_the_same_files_and_hands_state_over_in_memory(dataset, model, reference, tmp_path):
+    writer = WriteBehind()
+    store = StateStore(tmp_path / "state", behind=writer)
+    mine(store, range(3), model=model, dataset=dataset, gradients=LocalBucket(tmp_path / "gradients"))
+    held = writer.momentum[1][1]
+    assert store.load_momentum(1, 2) is held and 1 not in writer.momentum  # handed over once, after it landed
+    assert store.load_model(2) is writer.model and writer.model.fingerprint == model_fingerprint(
+        writer.model.parameters)
+    writer.flush()
+    assert files(tmp_path / "gradients") == files(reference / "gradients")
+    assert files(tmp_path / "state") == files(reference / "state")  # no .pending marker is left either
+    fresh = StateStore(tmp_path / "state")  # a new process reads the same state from disk
+    assert torch.equal(fresh.load_momentum(1, 2)["model.norm.weight"], held["model.norm.weight"])
+
+
+def test_a_queued_write_is_marked_until_it_lands_and_loads_wait_for_it(tmp_path):
+    writer, release = WriteBehind(), threading.Event()
+    writer.submit("gate", lambda: release.wait(10))  # holds the writer's thread: the next write queues behind it
+    store = StateStore(tmp_path, behind=writer)
+    store.save_momentum(3, 5, {"m": torch.ones(4)})
+    assert (tmp_path / "momentum-3-5.pending").exists() and not (tmp_path / "momentum-3-5.safetensors").exists()
+    assert StateStore(tmp_path).has_model(5) is False
+    with pytest.raises(MomentumLost, match="uid 3 after window 5"):
+        StateStore(tmp_path).load_momentum(3, 5)  # another process, as after a kill: the write is not there
+    loaded = []
+    reader = threading.Thread(target=lambda: loaded.append(store.load_momentum(3, 5)))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive()  # the miner would update it in place: it waits for the file first
+    release.set()
+    reader.join(10)
+    assert torch.equal(loaded[0]["m"], torch.ones(4))
+    assert (tmp_path / "momentum-3-5.safetensors").exists() and not (tmp_path / "momentum-3-5.pending").exists()
+
+
+def test_a_failed_write_behind_is_written_again_at_its_barrier_or_raised(tmp_path, monkeypatch, caplog):
+    writer = WriteBehind()
+    store = StateStore(tmp_path, behind=writer)
+    original, failures = LocalBucket.put_file, iter([OSError("disk full")])
+
+    def flaky(bucket, key, write):
+        error = next(failures, None) if key.endswith(".safetensors") else None
+        if error is not None:
+            raise error
+        original(bucket, key, write)
+
+    monkeypatch.setattr(LocalBucket, "put_file", flaky)
+    store.save_momentum(3, 5, {"m": torch.ones(4)})
+    with caplog.at_level(logging.WARNING, logger="templar_lib.state"):
+        writer.flush()
+    assert "writing momentum-3-5.safetensors behind failed (OSError: disk full)" in caplog.text
+    assert torch.equal(StateStore(tmp_path).load_momentum(3, 5)["m"], torch.ones(4))
+
+    failures = iter([OSError("disk full"), OSError("still full")])
+    store.save_momentum(3, 6, {"m": torch.ones(4)})
+    with pytest.raises(OSError, match="still full"):
+        store.load_momentum(3, 6)
+
+
+def test_a_lost_momentum_write_is_recomputed_to_the_same_bytes(dataset, model, reference, tmp_path, caplog):
+    writer = WriteBehind()
+    store = StateStore(tmp_path / "state", behind=writer)
+    gradients = LocalBucket(tmp_path / "gradients")
+    mine(store, range(2), model=model, dataset=dataset, gradients=gradients)
+    writer.flush()
+    (tmp_path / "state" / "momentum-1-1.safetensors").unlink()  # uid 1's write of window 1 never landed ...
+    (tmp_path / "state" / "momentum-1-1.pending").write_bytes(b"")  # ... when the node was killed
+    restarted = StateStore(tmp_path / "state", behind=WriteBehind())
+    with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
+        mine(restarted, [2], model=model, dataset=dataset, gradients=gradients)
+    restarted.behind.flush()
+    assert "momentum of uid 1 after window 1 was being written behind" in caplog.text
+    assert "recomputing it from θ_1" in caplog.text
+    assert files(tmp_path / "gradients") == files(reference / "gradients")
+    assert files(tmp_path / "state") == files(reference / "state")
+    assert all(torch.equal(p, theta(model, 2).parameters[n]) for n, p in model.named_parameters())  # θ_2 restored
+
+
+def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, model, tmp_path, caplog):
+    store = StateStore(tmp_path / "state")
+    (tmp_path / "state" / "momentum-1-6.pending").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
+        mine(store, [7], model=model, dataset=dataset, gradients=LocalBucket(tmp_path / "gradients"))
+    assert "cannot be recomputed" in caplog.text and "starts again from zero momentum" in caplog.text
+    assert (tmp_path / "state" / "momentum-1-7.safetensors").exists()
+
+
+def test_momentum_from_a_state_file_moves_to_the_parameters_device():
+    parameters = {"w": torch.empty(2, 3, device="meta")}
+    feedback = new_feedback(parameters, FAST, momentum={"w": torch.ones(2, 3)})
+    assert feedback.momentum["w"].device.type == "meta"
+    assert new_feedback(parameters, FAST).momentum["w"].device.type == "meta"
+
