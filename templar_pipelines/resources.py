@@ -25,7 +25,7 @@ from templar_lib.buckets import Bucket, open_bucket
 from templar_lib.chain import Chain, open_chain
 from templar_lib.data import Manifest, read_manifest
 from templar_lib.hparams import HParams
-from templar_lib.state import StateMissing, StateStore, sync_to
+from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 
 
 class ChainResource(dg.ConfigurableResource):
@@ -80,12 +80,15 @@ class TrainingResource(dg.ConfigurableResource):
     validator_uid: int | None = Field(default=None, description="uid this node validates as")
     keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store (≈ 5 GB "
                                                       "each for the 1b preset); older θ is rebuilt from checkpoints")
+    write_behind: bool = Field(default=False, description="keep θ and momentum in memory for the next window and "
+                                                          "write their files in the background (a resident node)")
 
     def hparams(self) -> HParams:
         return HParams.load(self.hparams_file, self.hparams_overrides)
 
     def store(self) -> StateStore:
-        return StateStore(self.state_dir, keep_windows=self.keep_windows)
+        behind = state_writer(self.state_dir) if self.write_behind else None
+        return StateStore(self.state_dir, keep_windows=self.keep_windows, behind=behind)
 
     def state_at(self, window: int, buckets: BucketsResource):
         """θ_window from the state store, resynced from published checkpoints and aggregations when this node is
@@ -187,7 +190,8 @@ def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableR
         hparams_file=environ.get("TEMPLAR_HPARAMS_FILE"), state_dir=str(home / "state"),
         hparams_overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")},
         miner_uids=miner_uids, validator_uid=int(validator) if validator else None,
-        keep_windows=int(environ.get("TEMPLAR_STATE_KEEP_WINDOWS", "4")))
+        keep_windows=int(environ.get("TEMPLAR_STATE_KEEP_WINDOWS", "4")),
+        write_behind=environ.get("TEMPLAR_STATE_WRITE_BEHIND", "0") == "1")
     wandb = WandbResource(mode=environ.get("TEMPLAR_WANDB_MODE", "offline"), directory=str(home / "wandb"),
                           api_key=dg.EnvVar("WANDB_API_KEY") if "WANDB_API_KEY" in environ else None)
     return {"chain": chain, "buckets": buckets, "training": training, "wandb": wandb}
@@ -210,3 +214,22 @@ def cached_model(preset: str, vocab_size: int, device: str):
         _MODELS.clear()  # one model per process: a different preset or device replaces it
         _MODELS[key] = build_model(preset, vocab_size=vocab_size, device=device)
     return _MODELS[key]
+
+
+_WRITERS: dict[str, WriteBehind] = {}
+
+
+def state_writer(state_dir: str) -> WriteBehind:
+    """The process's WriteBehind for a state directory: shared by every run this process executes, so one window
+    hands θ and momentum to the next in memory. Only a resident process (`templar node`) turns it on, and it calls
+    flush_state_writers before it exits."""
+    key = str(Path(state_dir).resolve())
+    if key not in _WRITERS:
+        _WRITERS[key] = WriteBehind()
+    return _WRITERS[key]
+
+
+def flush_state_writers() -> None:
+    """Wait until every state file this process wrote behind has landed (raises the first write that failed)."""
+    for writer in list(_WRITERS.values()):
+        writer.flush()

@@ -1,6 +1,7 @@
 """Late joiners, stale nodes and killed runs: every path back ends on the same bits as an always-on node."""
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -139,3 +140,57 @@ def test_sigkill_mid_write_then_rerun_gives_identical_hashes(target, uninterrupt
     assert state_sha256(store.load_model(3)) == expected_sha
     aggregator = LocalBucket(home / "aggregator")
     assert {key: aggregator.get(key) for key in aggregator.list()} == expected_objects  # byte-identical, no leftovers
+
+
+NODE_KILLER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from templar_lib.buckets import LocalBucket
+    from templar_lib.chain import LocalChain
+    home, target = Path(sys.argv[1]), sys.argv[2]
+    original_file = LocalBucket.put_file
+    def put_file(self, key, write):
+        if key == target:  # a write behind: die once the node has recorded the run that queued it as done
+            cursor, deadline = home / "state" / "node-cursor.json", time.monotonic() + 120
+            while time.monotonic() < deadline and json.loads(cursor.read_text())["mined"] < 1:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_file(self, key, write)
+    LocalBucket.put_file = put_file
+    from templar_pipelines.node import run_node
+    chain = LocalChain(home / "chain.sqlite")
+    run_node(home, until_window=2, environ=dict(os.environ), wait=lambda seconds: chain.advance(7))
+""")
+
+
+def run_node_until(home, window: int) -> None:
+    from templar_lib.chain import LocalChain
+    from templar_pipelines.node import run_node
+
+    chain = LocalChain(home / "chain.sqlite")
+    runs = run_node(home, until_window=window, environ=env_for(1), wait=lambda seconds: chain.advance(7))
+    assert runs and all(run.success for run in runs)
+
+
+def test_node_killed_before_its_momentum_landed_recomputes_it_to_the_same_bytes(tmp_path, dataset, caplog):
+    """A resident node writes momentum behind; killed after the miner run was recorded done but before the file
+    landed, its restart finds the .pending marker, recomputes the momentum and mines on as if never killed."""
+    always = make_home(tmp_path / "always", dataset)
+    run_node_until(always, 2)
+    home = make_home(tmp_path / "killed", dataset)
+    env = {**os.environ, **env_for(1), "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", NODE_KILLER, str(home), "momentum-1-1.safetensors"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (home / "state" / "momentum-1-1.pending").exists()
+    assert not (home / "state" / "momentum-1-1.safetensors").exists()
+    with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
+        run_node_until(home, 2)
+    assert "recomputing it from θ_1" in caplog.text
+    for name in ("gradients", "aggregator"):
+        expected, got = LocalBucket(always / name), LocalBucket(home / name)
+        assert {k: got.get(k) for k in got.list("gradient-") + got.list("aggregation-")} == \
+            {k: expected.get(k) for k in expected.list("gradient-") + expected.list("aggregation-")}
+    for key in ("momentum-1-1.safetensors", "momentum-1-2.safetensors", "model-3.safetensors"):
+        assert (home / "state" / key).read_bytes() == (always / "state" / key).read_bytes(), key
+    assert not list((home / "state").glob("*.pending"))
