@@ -8,6 +8,11 @@ make it cheap"). Side by side in one run:
                 safetensors' mmap; θ's fingerprint computed once when θ is saved, per-parameter digests in threads
                 with no copies, and recorded beside it, so every role that loads θ that window reads it back)
 
+    resident    the same store with a WriteBehind, as `templar node` runs it: θ (saved by sync_to) and the momentum
+                stay in memory for the next window and their files are written on a background thread. Timed is
+                what a run waits for (the fingerprint, the .pending marker, handing the state over); the time the
+                background write takes to land is printed beside it (the same write as ours, off the run's path)
+
 Each operation is timed with the file in the page cache (a node reads what it wrote one window earlier), and every
 load reads all of θ or the momentum (as copying it into the model or folding the gradient in does). Our θ save
 includes computing the fingerprint it records (once per window, by the node that produces θ).
@@ -24,8 +29,10 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.checkpoints import ModelState, model_fingerprint  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
-from templar_lib.state import StateStore  # noqa: E402
+from templar_lib.state import StateStore, WriteBehind  # noqa: E402
 
 
 def reference_fingerprint(parameters):
@@ -48,6 +55,30 @@ def reference_fingerprint(parameters):
         digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + b"\0")
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def resident_timings(store: StateStore, state: ModelState, momentum, touched, repeats: int) -> dict[str, tuple]:
+    """(seconds a run waits, seconds the background write takes to land) per operation, medians over `repeats`
+    windows: save θ behind, load θ (held), save momentum behind, load momentum (held, after its write landed)."""
+    samples: dict[str, list[tuple[float, float]]] = {}
+
+    def sample(label, run, lands=None):
+        started = time.perf_counter()
+        result = run()
+        waited = time.perf_counter() - started
+        if lands is not None:
+            lands()
+        samples.setdefault(label, []).append((waited, time.perf_counter() - started - waited))
+        return result
+
+    for _ in range(repeats + 1):  # the first round warms up, as timed() does
+        unknown = ModelState(state.window, state.step, state.parameters)  # fingerprint not known yet
+        sample("save θ", lambda: store.save_model(unknown, behind=True), store.behind.flush)
+        sample("load θ + fingerprint", lambda: (store.load_model(7).fingerprint, touched(store.load_model(7).parameters)))
+        sample("save momentum", lambda: store.save_momentum(3, 7, momentum), store.behind.flush)
+        sample("load momentum", lambda: touched(store.load_momentum(3, 7)))
+    return {label: tuple(statistics.median(column) for column in zip(*values[1:]))
+            for label, values in samples.items()}
 
 
 def main() -> None:
@@ -95,17 +126,24 @@ def main() -> None:
                  timed(lambda: store.save_momentum(3, 7, parameters), "cpu", args.repeats))]
         assert store.load_model(7).fingerprint == model_fingerprint(parameters)  # the record matches θ
         same_bytes = (work / "ours" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")
+        resident_store = StateStore(work / "resident", behind=WriteBehind())
+        resident = resident_timings(resident_store, state, parameters, touched, args.repeats)  # nothing modifies it
+        same_bytes &= (work / "resident" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.preset}: {len(shapes)} tensors, {size / 2**30:.2f} GiB per state file (float32); "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; files byte-identical: {same_bytes}")
     for label, reference, ours in rows:
+        waited, landed = resident[label]
         print(f"  {label:<21} reference {reference:7.3f} s   ours {ours:7.3f} s   ratio {reference / ours:5.2f}x   "
-              f"({size / ours / 2**30:.2f} GiB/s)")
-    miner = [1, 2, 3]  # a miner's window: θ in and fingerprinted, its momentum in and out (the aggregator saves θ)
+              f"({size / ours / 2**30:.2f} GiB/s)   resident {waited:7.3f} s"
+              + (f" (+ {landed:.3f} s landing in the background)" if landed > 0.0005 else ""))
+    miner = [0, 1, 2, 3]  # a miner node's window: θ_w replayed and saved by sync_to, loaded, its momentum in and out
     reference, ours = (sum(rows[i][column] for i in miner) for column in (1, 2))
-    print(f"  a miner's window (load θ + fingerprint, load + save momentum): reference {reference:.2f} s, ours "
-          f"{ours:.2f} s = {100 * ours / 84:.1f} % of an 84 s window; peak RSS "
+    resident_total = sum(resident[rows[i][0]][0] for i in miner)
+    print(f"  a miner node's window (save θ, load θ + fingerprint, load + save momentum): reference {reference:.2f} s, "
+          f"ours {ours:.2f} s = {100 * ours / 84:.1f} %, resident {resident_total:.2f} s = "
+          f"{100 * resident_total / 84:.1f} % of an 84 s window; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

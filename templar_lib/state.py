@@ -86,10 +86,6 @@ class WriteBehind:
             self._pending = {k: e for k, e in self._pending.items() if not e[0].done() or e[0].exception()}
             self._pending[key] = entry
 
-    def pending(self, key: str) -> bool:
-        with self._lock:
-            return key in self._pending
-
     def wait(self, key: str) -> None:
         with self._lock:
             entry = self._pending.get(key)
