@@ -6,6 +6,9 @@ and against one local training step (the work it must stay small next to).
     ours:      templar_lib.aggregation.combine_peers + sign_directions (one scatter_add over all peers, batched
                inverse DCT). Writing aggregation-{window} (the scan for nonzeros into compressed rows + safetensors)
                is timed on its own: the sign update does not need it.
+    replay:    what every node does with the published file each window to reach θ_{window+1} (`sync_to`, the
+               checkpoint asset): read and validate aggregation-{window}, copy θ, decode and apply the outer step, on
+               the CPU whatever --device says (the replay is bit-identical across nodes on CPU).
 
     python bench/aggregation.py [--preset tiny] [--peers 20] [--device cpu]
 """
@@ -23,11 +26,11 @@ from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from templar_lib.aggregation import combine_peers, sign_directions  # noqa: E402
+from templar_lib.aggregation import apply_aggregation_, combine_peers, sign_directions  # noqa: E402
 from templar_lib.compression import dct_matrix, encode, normalized_vals, sparsify  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.training import loss_and_gradients  # noqa: E402
-from templar_lib.wire import write_aggregation  # noqa: E402
+from templar_lib.wire import read_aggregation, write_aggregation  # noqa: E402
 
 
 def reference_direction(peers, shape, chunk):
@@ -75,6 +78,14 @@ def main() -> None:
         return write_aggregation(dataclasses.replace(aggregation, tensors=tensors))
 
     t_file = timed(write_file, args.device)
+    published, theta = write_file(), {n: p.detach().to("cpu") for n, p in model.named_parameters()}
+
+    def replay():
+        following = {n: p.clone() for n, p in theta.items()}
+        apply_aggregation_(following, read_aggregation(published, window=0, shapes=shapes), weight_decay=0.1)
+        return following
+
+    t_replay = timed(replay, "cpu", 1 if args.preset == "1b" else 3)  # 1b: ≈ 10 GB of copies per call
     ours_signs, reference_signs = ours(), reference()  # once: not once per parameter
     agree = sum(int((ours_signs[n] == reference_signs[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
                                                                                         for s in shapes.values())
@@ -85,6 +96,8 @@ def main() -> None:
           f"(sign agreement {100 * agree:.4f} %)")
     print(f"  writing aggregation-{{window}} (nonzero scan + safetensors): {t_file * 1e3:.1f} ms, "
           f"after the sign update, not on its path")
+    print(f"  replay on every node (read {len(published) / 2**20:.1f} MiB, copy θ, decode, outer step; CPU, "
+          f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s window")
     if args.preset in ("tiny", "small") and args.device == "cpu":
         tokens = torch.randint(0, model.config.vocab_size, (12, 128), generator=torch.Generator().manual_seed(1))
         step = timed(lambda: loss_and_gradients(model, tokens, 6), args.device)
