@@ -126,6 +126,26 @@ def index_dtype(chunk_size: int) -> torch.dtype:
     return torch.int32
 
 
+def max_aggregation_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk: int, topk: int, peers: int
+                          ) -> int:
+    """The largest aggregation-{window} file a combination of `peers` top-`topk` gradients can make for a model of
+    these parameter shapes; readers refuse a larger one before downloading it.
+
+    Per parameter of n_chunks chunks of c coefficients: at most min(c, peers · topk) kept per chunk, each an index
+    (index_dtype(c)) and a float32 value, plus one int32 count per chunk; plus the header (≤ MAX_HEADER_BYTES) and its
+    8-byte length. It grows with the model, unlike a gradient's max_gradient_bytes (256 MiB): a 1b aggregation of
+    20 peers of top-32 is ≈ 1.08 GB. With peers ≥ c / topk (128 for 64×64 chunks of top-32) this is the dense bound,
+    6 bytes per parameter (≈ 7.4 GB for 1b).
+    """
+    total = MAX_HEADER_BYTES + 8
+    for shape in shapes.values():
+        chunk_size = math.prod(chunk_shape(shape, target_chunk))
+        n_chunks = math.prod(shape) // chunk_size
+        kept = min(chunk_size, peers * topk)
+        total += n_chunks * (kept * (index_dtype(chunk_size).itemsize + 4) + 4)
+    return total
+
+
 def _index_code(chunk_size: int) -> str:
     return {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}[index_dtype(chunk_size)]
 

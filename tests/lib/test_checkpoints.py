@@ -1,5 +1,6 @@
 """Checkpoints: integrity, atomicity under SIGKILL, and bit-identical catch-up from published aggregations."""
 
+import math
 import os
 import signal
 import subprocess
@@ -15,11 +16,12 @@ from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
                                      manifest_key, model_fingerprint, save_checkpoint, state_bytes, state_sha256,
                                      tensors_key)
-from templar_lib.compression import ErrorFeedback
+from templar_lib.compression import ErrorFeedback, Sparse, chunk_shape
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.state import StateStore
-from templar_lib.wire import (Aggregation, InvalidFile, aggregation_key, read_aggregation, write_aggregation)
+from templar_lib.wire import (MAX_HEADER_BYTES, Aggregation, InvalidFile, aggregation_key, max_aggregation_bytes,
+                              read_aggregation, write_aggregation)
 
 HPARAMS = HParams()
 
@@ -205,3 +207,40 @@ def test_aggregation_file_round_trip_and_validation():
     bad = Aggregation(0, 0, 1e-3, [0], aggregation.tensors | {name: reversed_positions})
     with pytest.raises(InvalidFile, match="not increasing"):
         read_aggregation(write_aggregation(bad), window=0, shapes=shapes)
+
+
+def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_path):
+    """A 1b aggregation of 20 peers is ≈ 1.08 GB, four times max_gradient_bytes: catch-up (every node's replay) must
+    accept it, and refuse only what no aggregation of these shapes can be."""
+    state = tiny_state()
+    shapes = {n: tuple(p.shape) for n, p in state.parameters.items()}
+    peers, topk = 2, 32
+    generator = torch.Generator().manual_seed(0)
+
+    def peer(offset):  # disjoint positions per peer: the union is exactly min(chunk, peers · topk) per chunk
+        gradients = {}
+        for name, shape in shapes.items():
+            chunk = chunk_shape(shape, 64)
+            size, kept = math.prod(chunk), min(math.prod(chunk), topk)
+            n_chunks = math.prod(shape) // size
+            idx = ((torch.arange(kept) + offset * kept) % size).expand(n_chunks, kept).contiguous()
+            gradients[name] = Sparse(idx, torch.randn(n_chunks, kept, generator=generator) + 3.0, shape, chunk)
+        return gradients
+
+    aggregation = combine_peers(0, 0, 1e-3, {uid: peer(uid) for uid in range(peers)}, list(shapes))
+    data = write_aggregation(aggregation)
+    bound = max_aggregation_bytes(shapes, target_chunk=64, topk=topk, peers=peers)
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert len(data) - header == bound - 8 - MAX_HEADER_BYTES  # the tensors of the fullest aggregation, exactly
+    dense = max_aggregation_bytes(shapes, target_chunk=64, topk=topk, peers=4096 // topk)  # every coefficient kept
+    assert max_aggregation_bytes(shapes, target_chunk=64, topk=topk, peers=1000) == dense > bound
+
+    bucket = LocalBucket(tmp_path)
+    bucket.put(aggregation_key(0), data)
+    small_gradients = HParams(max_gradient_bytes=len(data) // 4, max_peers=peers, topk_peers=peers)
+    following = catch_up(state, bucket, 1, hparams=small_gradients)  # bigger than a gradient may be: still replayed
+    assert following.window == 1 and not torch.equal(following.parameters["model.norm.weight"],
+                                                     state.parameters["model.norm.weight"])
+    bucket.put(aggregation_key(0), data + b"\0" * (bound - len(data) + 1))
+    with pytest.raises(CatchUpError, match="cannot replay window 0: .*larger than the limit"):
+        catch_up(state, bucket, 1, hparams=small_gradients)
