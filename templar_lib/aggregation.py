@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from templar_lib.compression import Sparse, combine_many, idct_many, sparsify
+from templar_lib.compression import Sparse, combine_many, idct_many, layout_groups, sparsify
 from templar_lib.hparams import HParams
 from templar_lib.wire import Aggregation
 
@@ -61,11 +61,21 @@ def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[i
 
 
 def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:
-    """sign(IDCT(coefficients)) per parameter: float32 tensors in {-1, 0, 1} of each parameter's shape."""
-    tensors = list(aggregation.tensors.values())  # parameters of one layout are decoded together
-    directions = idct_many([combined.dense for combined in tensors],
-                           [combined.shape for combined in tensors], [combined.chunk for combined in tensors])
-    return {name: torch.sign(direction) for name, direction in zip(aggregation.tensors, directions)}
+    """sign(IDCT(coefficients)) per parameter: int8 tensors in {-1, 0, 1} of each parameter's shape.
+
+    Parameters of one layout are decoded together (compression.layout_groups: the grouping every node must use), one
+    group at a time, so only one group's coefficients and directions are dense at once: a 1b replay holds the signs
+    (1 byte per parameter) and one group, not three float32 copies of θ's size."""
+    names = list(aggregation.tensors)
+    tensors = [aggregation.tensors[name] for name in names]
+    shapes, chunks = [combined.shape for combined in tensors], [combined.chunk for combined in tensors]
+    signs: dict[str, torch.Tensor] = {}
+    for positions in layout_groups(shapes, chunks):
+        directions = idct_many([tensors[p].dense for p in positions], [shapes[p] for p in positions],
+                               [chunks[p] for p in positions])
+        for position, direction in zip(positions, directions):
+            signs[names[position]] = torch.sign(direction).to(torch.int8)
+    return {name: signs[name] for name in names}
 
 
 def apply_aggregation_(parameters: Mapping[str, torch.Tensor], aggregation: Aggregation, *,

@@ -120,6 +120,14 @@ def idct_chunks(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple
     return idct_many([coefficients], [shape], [chunk])[0]
 
 
+def layout_groups(shapes: Sequence[tuple[int, ...]], chunks: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Positions of the parameters idct_many decodes together: one group per (shape, chunk), in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for position, (shape, chunk) in enumerate(zip(shapes, chunks)):
+        groups.setdefault((tuple(shape), tuple(chunk)), []).append(position)
+    return list(groups.values())
+
+
 def idct_many(coefficients: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
               chunks: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
     """idct_chunks for many parameters: those of one (shape, chunk) go through one pair of batched matmuls.
@@ -127,13 +135,11 @@ def idct_many(coefficients: Sequence[torch.Tensor], shapes: Sequence[tuple[int, 
     G tensors (n_chunks, r·c) of one layout are stacked into (G·n_chunks, r, c), decoded as D_rᵀ · X · D_c, and
     cut back into G tensors of the parameter's shape (views into one (G, R, C) result). The same math as one
     idct_chunks per tensor; a BLAS may sum a larger batch in another order (last-bit differences), so every node
-    decodes an aggregation with this same grouping (sign_directions), and replays agree bit for bit.
+    decodes an aggregation with this same grouping (layout_groups, in sign_directions), and replays agree bit for bit.
     """
-    groups: dict[tuple, list[int]] = {}
-    for position, (shape, chunk) in enumerate(zip(shapes, chunks)):
-        groups.setdefault((tuple(shape), tuple(chunk)), []).append(position)
     decoded: list[torch.Tensor | None] = [None] * len(coefficients)
-    for (shape, chunk), positions in groups.items():
+    for positions in layout_groups(shapes, chunks):
+        shape, chunk = tuple(shapes[positions[0]]), tuple(chunks[positions[0]])
         r, c = (1, chunk[0]) if len(chunk) == 1 else chunk
         group = [coefficients[position].float() for position in positions]
         stacked = group[0][None] if len(group) == 1 else torch.stack(group)  # (G, n_chunks, r·c); no copy of one
@@ -280,13 +286,15 @@ class Combined:
 
     @property
     def dense(self) -> torch.Tensor:
-        if self._dense is None:
-            idx, vals, counts = self._rows
-            rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=idx.device), counts)
-            dense = torch.zeros(counts.shape[0], math.prod(self.chunk), device=vals.device)
-            dense[rows, idx] = vals.float()
-            self._dense = dense
-        return self._dense
+        """The dense coefficients. Built from the compressed rows (a file read back) on every access and not kept:
+        a replay densifies one layout group at a time (for 1b, 4.6 GB if every parameter's were kept)."""
+        if self._dense is not None:
+            return self._dense
+        idx, vals, counts = self._rows
+        rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=idx.device), counts)
+        dense = torch.zeros(counts.shape[0], math.prod(self.chunk), device=vals.device)
+        dense[rows, idx] = vals.float()
+        return dense
 
     def _compressed_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._rows is None:
