@@ -33,8 +33,8 @@ step() {  # step SECONDS SCRIPT ARGS...: run one bench with a time limit, keep g
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } \
     | tee "$OUT/bench.txt"
-step 150 bench/compression.py --preset "$PRESET" --device "$DEVICE" --repeats 10
-step 120 bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
+step 120 bench/compression.py --preset "$PRESET" --device "$DEVICE" --repeats 10
+step 170 bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
 if [ "$DEVICE" = cpu ]; then
     step 120 bench/miner_step.py --preset "$PRESET" --device cpu
 else
