@@ -8,7 +8,8 @@ and against one local training step (the work it must stay small next to).
                is timed on its own: the sign update does not need it.
     replay:    what every node does with the published file each window to reach θ_{window+1} (`sync_to`, the
                checkpoint asset): read and validate aggregation-{window}, copy θ, decode and apply the outer step, on
-               the CPU whatever --device says (the replay is bit-identical across nodes on CPU).
+               the CPU whatever --device says (the replay is bit-identical across nodes on CPU); and the same for
+               an aggregation published as its signs (aggregation_format 2: nothing to decode; asserted same θ).
 
     python bench/aggregation.py [--preset tiny] [--peers 20] [--device cpu]
 """
@@ -30,7 +31,7 @@ from templar_lib.aggregation import apply_aggregation_, combine_peers, sign_dire
 from templar_lib.compression import dct_matrix, encode, normalized_vals, sparsify  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.training import loss_and_gradients  # noqa: E402
-from templar_lib.wire import read_aggregation, write_aggregation  # noqa: E402
+from templar_lib.wire import SIGNS_FORMAT, read_aggregation, write_aggregation  # noqa: E402
 
 
 def reference_direction(peers, shape, chunk):
@@ -80,12 +81,18 @@ def main() -> None:
     t_file = timed(write_file, args.device)
     published, theta = write_file(), {n: p.detach().to("cpu") for n, p in model.named_parameters()}
 
-    def replay():
+    signs = write_aggregation(dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT,
+                                                  signs=sign_directions(aggregation)))
+
+    def replay(data):
         following = {n: p.clone() for n, p in theta.items()}
-        apply_aggregation_(following, read_aggregation(published, window=0, shapes=shapes), weight_decay=0.1)
+        apply_aggregation_(following, read_aggregation(data, window=0, shapes=shapes, max_bytes=len(data)),
+                           weight_decay=0.1)
         return following
 
-    t_replay = timed(replay, "cpu", 1 if args.preset == "1b" else 3)  # 1b: ≈ 10 GB of copies per call
+    repeats = 1 if args.preset == "1b" else 3  # 1b: ≈ 10 GB of copies per call
+    t_replay, t_replay_signs = (timed(lambda: replay(data), "cpu", repeats) for data in (published, signs))
+    assert all(torch.equal(a, b) for a, b in zip(replay(published).values(), replay(signs).values()))
     ours_signs, reference_signs = ours(), reference()  # once: not once per parameter
     agree = sum(int((ours_signs[n] == reference_signs[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
                                                                                         for s in shapes.values())
@@ -98,6 +105,8 @@ def main() -> None:
           f"after the sign update, not on its path")
     print(f"  replay on every node (read {len(published) / 2**20:.1f} MiB, copy θ, decode, outer step; CPU, "
           f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s window")
+    print(f"  with aggregation_format 2 (the signs, {len(signs) / 2**20:.1f} MiB = {len(signs) / len(published):.3f}x "
+          f"the bytes; same θ): {t_replay_signs * 1e3:.1f} ms, {t_replay / t_replay_signs:.1f}x faster")
     if args.preset in ("tiny", "small") and args.device == "cpu":
         tokens = torch.randint(0, model.config.vocab_size, (12, 128), generator=torch.Generator().manual_seed(1))
         step = timed(lambda: loss_and_gradients(model, tokens, 6), args.device)

@@ -65,7 +65,9 @@ def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:
 
     Parameters of one layout are decoded together (compression.layout_groups: the grouping every node must use), one
     group at a time, so only one group's coefficients and directions are dense at once: a 1b replay holds the signs
-    (1 byte per parameter) and one group, not three float32 copies of θ's size."""
+    (1 byte per parameter) and one group, not three float32 copies of θ's size. A format-2 file carries the signs."""
+    if aggregation.signs is not None:
+        return aggregation.signs
     names = list(aggregation.tensors)
     tensors = [aggregation.tensors[name] for name in names]
     shapes, chunks = [combined.shape for combined in tensors], [combined.chunk for combined in tensors]

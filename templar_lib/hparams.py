@@ -37,6 +37,10 @@ class HParams:
     # int16 + bf16 with no measurable loss in the convergence smoke test or the adversary suite (bench/RESULTS.md)
     gradient_value_dtype: str = "int8"
     gradient_format: int = 2  # wire format of gradient files: 1 (int idx + values) or 2 (Rice-coded idx)
+    # what aggregation-{window} carries: 1 the combined coefficients (every node decodes them), 2 the signs of the
+    # update, bit-packed (the same θ; for 1b ≈ 0.15 GB instead of ≈ 1.08 GB, and replaying decodes nothing). Readers
+    # take either, by the file's header
+    aggregation_format: int = 1
     # --- windows and data (DESIGN §2, §3) ---
     blocks_per_window: int = 7  # chain blocks per window (12 s blocks -> 84 s windows)
     pages_per_window: int = 6  # dataset pages each miner trains on per window
@@ -84,6 +88,8 @@ class HParams:
         if self.gradient_value_dtype not in ("float32", "bfloat16", "float16", "int8"):
             raise HParamsError(f"gradient_value_dtype: one of float32, bfloat16, float16, int8, got "
                                f"{self.gradient_value_dtype!r}")
+        if self.aggregation_format not in (1, 2):
+            raise HParamsError(f"aggregation_format: 1 or 2, got {self.aggregation_format!r}")
         if self.gradient_format not in (1, 2):
             raise HParamsError(f"gradient_format: 1 or 2, got {self.gradient_format!r}")
         if self.gradient_value_dtype == "int8" and self.gradient_format != 2:

@@ -50,7 +50,8 @@ from templar_lib.compression import Combined, Sparse, chunk_shape, dequantize_in
 from templar_lib.index_coding import decode_indices, encode_indices, sort_rows
 
 FORMAT_VERSION = 1
-COMPACT_FORMAT = 2
+COMPACT_FORMAT = 2  # gradients: Rice-coded indices
+SIGNS_FORMAT = 2  # aggregations: the sign update itself, bit-packed
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 VALUE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -80,6 +81,9 @@ class Aggregation:
     """The combined update of one window: θ_{window+1} = outer_step(θ_window) with these coefficients at `lr`.
 
     step: the outer step's index (θ_window has had `step` steps applied); peers: uids combined, ascending.
+    Format 1 carries the combined coefficients (`tensors`; every node decodes them). Format 2 (SIGNS_FORMAT) carries
+    the decoded signs (`signs`: name -> int8 tensor in {-1, 0, 1} of the parameter's shape) and no coefficients: the
+    outer step needs nothing else, and nodes replaying it decode nothing.
     """
 
     window: int
@@ -89,6 +93,7 @@ class Aggregation:
     tensors: dict[str, Combined]
     hparams_hash: str = ""
     format: int = FORMAT_VERSION
+    signs: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,17 +138,19 @@ def max_aggregation_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk
 
     Per parameter of n_chunks chunks of c coefficients: at most min(c, peers · topk) kept per chunk, each an index
     (index_dtype(c)) and a float32 value, plus one int32 count per chunk; plus the header (≤ MAX_HEADER_BYTES) and its
-    8-byte length. It grows with the model, unlike a gradient's max_gradient_bytes (256 MiB): a 1b aggregation of
+    8-byte length; or a format-2 file of the same shapes (two bitmaps per parameter), if larger. It grows with the
+    model, unlike a gradient's max_gradient_bytes (256 MiB): a 1b aggregation of
     20 peers of top-32 is ≈ 1.08 GB. With peers ≥ c / topk (128 for 64×64 chunks of top-32) this is the dense bound,
     6 bytes per parameter (≈ 7.4 GB for 1b).
     """
-    total = MAX_HEADER_BYTES + 8
+    coefficients = signs = MAX_HEADER_BYTES + 8
     for shape in shapes.values():
         chunk_size = math.prod(chunk_shape(shape, target_chunk))
         n_chunks = math.prod(shape) // chunk_size
         kept = min(chunk_size, peers * topk)
-        total += n_chunks * (kept * (index_dtype(chunk_size).itemsize + 4) + 4)
-    return total
+        coefficients += n_chunks * (kept * (index_dtype(chunk_size).itemsize + 4) + 4)
+        signs += 2 * -(-math.prod(shape) // 8)  # format 2: two bitmaps at most
+    return max(coefficients, signs)
 
 
 def _index_code(chunk_size: int) -> str:
@@ -296,7 +303,9 @@ def _read_compact(data: bytes, entries: dict[str, dict], params: dict, shapes: M
 
 
 def write_aggregation(aggregation: Aggregation) -> bytes:
-    """Serialise to safetensors bytes. Deterministic."""
+    """Serialise to safetensors bytes. Deterministic. Format 2 writes `aggregation.signs` (write_signs)."""
+    if aggregation.format == SIGNS_FORMAT:
+        return _write_signs(aggregation)
     tensors: dict[str, torch.Tensor] = {}
     params = {}
     for name in sorted(aggregation.tensors):
@@ -312,9 +321,61 @@ def write_aggregation(aggregation: Aggregation) -> bytes:
     return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
 
 
+def _write_signs(aggregation: Aggregation) -> bytes:
+    """Format 2: per parameter `{name}.positive`, the bits sign > 0 packed 8 to a byte (numpy.packbits, big-endian
+    bit order, zero padding), and `{name}.zero`, the bits sign == 0, only for a parameter that has any. 1b: ≈ 155 MB
+    against ≈ 1.08 GB of combined coefficients for 20 peers."""
+    tensors: dict[str, torch.Tensor] = {}
+    params = {}
+    for name in sorted(aggregation.signs):
+        sign = aggregation.signs[name].detach().to("cpu").reshape(-1).numpy()
+        tensors[f"{name}.positive"] = torch.from_numpy(np.packbits(sign > 0))
+        if (sign == 0).any():
+            tensors[f"{name}.zero"] = torch.from_numpy(np.packbits(sign == 0))
+        params[name] = {"shape": list(aggregation.signs[name].shape)}
+    header = {"format": SIGNS_FORMAT, "kind": "aggregation", "window": aggregation.window,
+              "step": aggregation.step, "lr": aggregation.lr, "peers": list(aggregation.peers),
+              "hparams_hash": aggregation.hparams_hash, "params": params}
+    return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
+
+
+def _read_signs(data: bytes, entries: dict[str, dict], params: dict, shapes: Mapping[str, tuple[int, ...]]
+                ) -> dict[str, torch.Tensor]:
+    """The int8 signs of a format-2 file, after checking every packed bitmap's size, padding and consistency."""
+    expected = set()
+    for name in sorted(params):
+        _expect(isinstance(params[name], dict) and set(params[name]) == {"shape"}
+                and params[name]["shape"] == list(shapes[name]), f"{name}: shape does not match the model")
+        packed = -(-math.prod(shapes[name]) // 8)
+        for part in ("positive", "zero"):
+            entry = entries.get(f"{name}.{part}")
+            if part == "positive" or entry is not None:
+                _expect(entry is not None and entry["dtype"] == "U8" and entry["shape"] == [packed],
+                        f"{name}: {part} bits must be {packed} bytes of U8")
+                expected.add(f"{name}.{part}")
+    _expect(set(entries) == expected, "tensors do not match the declared parameters")
+    try:
+        loaded = safetensors_load(data)
+    except Exception as error:  # anything safetensors rejects is a bad file
+        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    signs = {}
+    for name in sorted(params):
+        size = math.prod(shapes[name])
+        positive = np.unpackbits(loaded[f"{name}.positive"].numpy(), count=None)
+        zero = np.unpackbits(loaded[f"{name}.zero"].numpy()) if f"{name}.zero" in loaded else None
+        _expect(not positive[size:].any() and (zero is None or not zero[size:].any()), f"{name}: nonzero padding")
+        sign = positive[:size].astype(np.int8) * 2 - 1
+        if zero is not None:
+            _expect(not (zero[:size] & positive[:size]).any(), f"{name}: a coefficient both zero and positive")
+            sign[zero[:size].astype(bool)] = 0
+        signs[name] = torch.from_numpy(sign).reshape(shapes[name])
+    return signs
+
+
 def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]], target_chunk: int = 64,
                      hparams_hash: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Aggregation:
-    """Parse and validate an aggregation file for `window` against the model's parameter shapes. Raises InvalidFile."""
+    """Parse and validate an aggregation file (format 1 or 2) for `window` against the model's parameter shapes.
+    Raises InvalidFile."""
     entries, header = _parse_templar_file(data, kind="aggregation", window=window, max_bytes=max_bytes)
     _expect(_is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
     _expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
@@ -329,6 +390,10 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
     params = header.get("params")
     _expect(isinstance(params, dict) and set(params) <= set(shapes),
             "params must be an object naming model parameters")
+    if header["format"] == SIGNS_FORMAT:
+        return Aggregation(window=window, step=header["step"], lr=header["lr"], peers=peers, tensors={},
+                           hparams_hash=header["hparams_hash"], format=SIGNS_FORMAT,
+                           signs=_read_signs(data, entries, params, shapes))
     _expect(set(entries) == {f"{n}.{part}" for n in params for part in ("idx", "vals", "counts")},
             "tensors do not match the declared parameters")
     layout = {}
@@ -459,7 +524,8 @@ def _parse_templar_file(data: bytes, *, kind: str, window: int, max_bytes: int) 
     entries, metadata = parse_header(data, max_bytes=max_bytes)
     header = _templar_header(metadata)
     _expect(header.get("kind") == kind, f"kind is {str(header.get('kind'))[:40]!r}, expected {kind!r}")
-    accepted = (FORMAT_VERSION, COMPACT_FORMAT) if kind == "gradient" else (FORMAT_VERSION,)
+    accepted = {"gradient": (FORMAT_VERSION, COMPACT_FORMAT), "aggregation": (FORMAT_VERSION, SIGNS_FORMAT)}.get(
+        kind, (FORMAT_VERSION,))
     _expect(header.get("format") in accepted and _is_int(header.get("format")),
             f"unsupported format {str(header.get('format'))[:20]!r}")
     _expect(_is_int(header.get("window")) and header["window"] == window,

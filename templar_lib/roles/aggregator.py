@@ -10,19 +10,21 @@ Re-running a window gives byte-identical files: inputs are read, never mutated, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, update_norm
+from templar_lib.aggregation import (apply_aggregation_, combine_peers, learning_rate_at, sign_directions,
+                                     update_norm)
 from templar_lib.buckets import Bucket
 from templar_lib.checkpoints import CheckpointInfo, ModelState, model_fingerprint, save_checkpoint
 from templar_lib.gather import fetch_peers, gather
 from templar_lib.hparams import HParams
 from templar_lib.screening import screen
-from templar_lib.wire import InvalidFile, aggregation_key, write_aggregation
+from templar_lib.wire import SIGNS_FORMAT, InvalidFile, aggregation_key, write_aggregation
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peer
     lr = learning_rate_at(state.step, hparams)
     aggregation = combine_peers(window, state.step, lr, {uid: g.tensors for uid, g in accepted.items()},
                                 list(shapes), hparams.protocol_hash())
+    if hparams.aggregation_format == SIGNS_FORMAT:  # publish the update itself: nobody decodes it again
+        aggregation = dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT,
+                                          signs=sign_directions(aggregation))
     data = write_aggregation(aggregation)
     aggregator.put(aggregation_key(window), data)
 

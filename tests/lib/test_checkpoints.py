@@ -1,5 +1,7 @@
 """Checkpoints: integrity, atomicity under SIGKILL, and bit-identical catch-up from published aggregations."""
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -11,7 +13,7 @@ import time
 import pytest
 import torch
 
-from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at
+from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, sign_directions
 from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
                                      manifest_key, model_fingerprint, save_checkpoint, state_bytes, state_sha256,
@@ -20,8 +22,11 @@ from templar_lib.compression import ErrorFeedback, Sparse, chunk_shape
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.state import StateStore
-from templar_lib.wire import (MAX_HEADER_BYTES, Aggregation, InvalidFile, aggregation_key, max_aggregation_bytes,
-                              read_aggregation, write_aggregation)
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from templar_lib.wire import (MAX_HEADER_BYTES, SIGNS_FORMAT, Aggregation, InvalidFile, aggregation_key,
+                              max_aggregation_bytes, parse_header, read_aggregation, write_aggregation)
 
 HPARAMS = HParams()
 
@@ -214,7 +219,7 @@ def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_pat
     accept it, and refuse only what no aggregation of these shapes can be."""
     state = tiny_state()
     shapes = {n: tuple(p.shape) for n, p in state.parameters.items()}
-    peers, topk = 2, 32
+    peers, topk = 8, 32  # enough coefficients that the format-1 bound exceeds the format-2 one
     generator = torch.Generator().manual_seed(0)
 
     def peer(offset):  # disjoint positions per peer: the union is exactly min(chunk, peers · topk) per chunk
@@ -244,3 +249,59 @@ def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_pat
     bucket.put(aggregation_key(0), data + b"\0" * (bound - len(data) + 1))
     with pytest.raises(CatchUpError, match="cannot replay window 0: .*larger than the limit"):
         catch_up(state, bucket, 1, hparams=small_gradients)
+
+
+def header_of(data: bytes) -> tuple[dict, dict]:
+    entries, metadata = parse_header(data, max_bytes=len(data))
+    return entries, json.loads(metadata["templar"])
+
+
+def test_a_signs_aggregation_replays_to_the_same_bits_and_is_validated(tmp_path):
+    aggregation, _ = next(make_aggregations(tiny_state(), windows=1))
+    shapes = {n: tuple(p.shape) for n, p in tiny_state().parameters.items()}
+    signs = sign_directions(aggregation)
+    signs["model.norm.weight"] = signs["model.norm.weight"].clone()
+    signs["model.norm.weight"][:5] = 0  # zeros travel in their own bitmap
+    as_signs = dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT, signs=signs)
+    coefficients, packed = write_aggregation(dataclasses.replace(aggregation, signs=None)), write_aggregation(as_signs)
+    entries, _ = header_of(packed)  # one bit per parameter, and a zero bitmap only where there are zeros
+    assert sum(math.prod(e["shape"]) for e in entries.values()) == sum(-(-math.prod(s) // 8) for s in shapes.values()) \
+        + -(-math.prod(shapes["model.norm.weight"]) // 8)
+    back = read_aggregation(packed, window=0, shapes=shapes)
+    assert back.format == SIGNS_FORMAT and (back.step, back.lr, back.peers) == (as_signs.step, as_signs.lr,
+                                                                               as_signs.peers)
+    assert set(back.signs) == set(signs) and all(torch.equal(back.signs[n], s) for n, s in signs.items())
+    assert back.signs["model.norm.weight"].dtype == torch.int8 and int(back.signs["model.norm.weight"][:5].abs().sum()) == 0
+
+    signs["model.norm.weight"] = sign_directions(aggregation)["model.norm.weight"]  # the update as computed
+    bucket_one, bucket_two = LocalBucket(tmp_path / "one"), LocalBucket(tmp_path / "two")
+    bucket_one.put(aggregation_key(0), coefficients)
+    bucket_two.put(aggregation_key(0), write_aggregation(dataclasses.replace(as_signs, signs=signs)))
+    one, two = (catch_up(tiny_state(), bucket, 1, hparams=HPARAMS) for bucket in (bucket_one, bucket_two))
+    assert all(torch.equal(one.parameters[n], two.parameters[n]) for n in shapes)
+
+    def tampered(change):
+        _, header = header_of(packed)
+        tensors = {k: t.clone() for k, t in safetensors_load(packed).items()}
+        change(tensors, header)
+        return safetensors_save(tensors, metadata={"templar": json.dumps(header)})
+
+    name = "model.norm.weight"
+    cases = {
+        "bits must be": lambda t, h: t.__setitem__(f"{name}.positive", t[f"{name}.positive"][:-1].clone()),
+        "do not match": lambda t, h: t.__setitem__("extra.positive", torch.zeros(1, dtype=torch.uint8)),
+        "shape does not match": lambda t, h: h["params"][name].__setitem__("shape", [64]),
+        "both zero and positive": lambda t, h: t[f"{name}.zero"].fill_(255),
+    }
+    for reason, change in cases.items():
+        with pytest.raises(InvalidFile, match=reason):
+            read_aggregation(tampered(change), window=0, shapes=shapes)
+    odd = {"odd": (3, 3)}  # 9 signs in 2 bytes: the 7 padding bits must be zero
+    data = write_aggregation(Aggregation(0, 0, 1e-3, [1], {}, format=SIGNS_FORMAT,
+                                         signs={"odd": torch.ones(3, 3, dtype=torch.int8)}))
+    assert torch.equal(read_aggregation(data, window=0, shapes=odd).signs["odd"], torch.ones(3, 3, dtype=torch.int8))
+    _, header = header_of(data)
+    padded = safetensors_save({"odd.positive": torch.tensor([255, 255], dtype=torch.uint8)},
+                              metadata={"templar": json.dumps(header)})
+    with pytest.raises(InvalidFile, match="nonzero padding"):
+        read_aggregation(padded, window=0, shapes=odd)

@@ -93,3 +93,22 @@ def test_templar_lib_never_imports_dagster():
             "print('dagster' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_publishing_the_signs_gives_the_same_network(dataset, tmp_path):
+    """aggregation_format 2 publishes sign(update) instead of the combined coefficients: every node replays it to
+    the same θ as format 1 (the aggregator's own step included), with the same scores."""
+    import dataclasses
+
+    coefficients = run_network(dataset, tmp_path / "one", miners=3, windows=2, hparams=FAST, random_page_count=2)
+    signs = run_network(dataset, tmp_path / "two", miners=3, windows=2, random_page_count=2,
+                        hparams=dataclasses.replace(FAST, aggregation_format=2))
+    assert [w.scores for w in signs.windows] == [w.scores for w in coefficients.windows]
+    one, two = (latest_checkpoint(LocalBucket(tmp_path / name / "aggregator")) for name in ("one", "two"))
+    assert one.window == two.window == 2 and all(torch.equal(one.parameters[n], two.parameters[n])
+                                                 for n in one.parameters)
+    shapes = {n: tuple(t.shape) for n, t in two.parameters.items()}
+    for window in (0, 1):
+        published = read_aggregation(LocalBucket(tmp_path / "two" / "aggregator").get(
+            f"aggregation-{window}.safetensors"), window=window, shapes=shapes)
+        assert published.format == 2 and published.signs and published.peers == signs.windows[window].peers
