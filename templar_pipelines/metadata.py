@@ -36,14 +36,15 @@ def pages_metadata(window: int, pages: Mapping[int, list[int]], tokens_per_page:
 
 def gradients_metadata(results: list[MinerResult]) -> dict:
     rows = [{"uid": r.uid, "loss": round(r.loss, 5), "tokens_per_second": round(r.tokens_per_second, 1),
-             "bytes": r.bytes, "compression_ratio": round(r.compression_ratio, 1), "key": r.key} for r in results]
+             "bytes": r.bytes, "compression_ratio": round(r.compression_ratio, 1), "momentum": r.momentum,
+             "key": r.key} for r in results]
     return {
         "loss": sum(r.loss for r in results) / max(1, len(results)),
         "bytes": sum(r.bytes for r in results),
         "compression_ratio": sum(r.compression_ratio for r in results) / max(1, len(results)),
         "tokens_per_second": sum(r.tokens for r in results) / max(1e-9, sum(r.seconds for r in results)),
         "miners": _table([("uid", "int"), ("loss", "float"), ("tokens_per_second", "float"), ("bytes", "int"),
-                          ("compression_ratio", "float"), ("key", "string")], rows),
+                          ("compression_ratio", "float"), ("momentum", "string"), ("key", "string")], rows),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ class MinerResult:
     pages: list[int]
     key: str
     seconds: float
+    momentum: str = "carried"  # where the momentum came from: carried (window − 1), zeros (no state), recomputed
 
     @property
     def tokens_per_second(self) -> float:
@@ -89,12 +91,15 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     for uid in sorted(uids):
         try:
             momentum = store.load_momentum(uid, window - 1)
+            source = "carried" if momentum is not None else "zeros"
         except MomentumLost as lost:
             momentum = recompute_momentum(lost, model=model, store=store, dataset=dataset, manifest=manifest,
                                           hparams=hparams)
+            source = "recomputed" if momentum is not None else "zeros (lost, not recomputable)"
         feedback = new_feedback(parameters, hparams, momentum=momentum)
-        results.append(miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
-                                  manifest=manifest, gradients=gradients, hparams=hparams, model_hash=model_hash))
+        result = miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
+                            manifest=manifest, gradients=gradients, hparams=hparams, model_hash=model_hash)
+        results.append(dataclasses.replace(result, momentum=source))
         store.save_momentum(uid, window, feedback.momentum)
     return results
 

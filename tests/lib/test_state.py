@@ -27,8 +27,8 @@ def theta(model, window: int) -> ModelState:
     return ModelState(window, window, {n: p + 1e-3 * window for n, p in model.theta_0.items()})
 
 
-def mine(store: StateStore, windows, *, model, dataset, gradients) -> None:
-    manifest = read_manifest(dataset)
+def mine(store: StateStore, windows, *, model, dataset, gradients) -> list:
+    manifest, results = read_manifest(dataset), []
     for window in windows:
         state = theta(model, window)
         store.save_model(state, behind=True)
@@ -36,8 +36,9 @@ def mine(store: StateStore, windows, *, model, dataset, gradients) -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(state.parameters[name])
-        mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=dataset, manifest=manifest,
-                    gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
+        results += mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=dataset,
+                               manifest=manifest, gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,9 @@ def test_a_lost_momentum_write_is_recomputed_to_the_same_bytes(dataset, model, r
     (tmp_path / "state" / "momentum-1-1.pending").write_bytes(b"")  # ... when the node was killed
     restarted = StateStore(tmp_path / "state", behind=WriteBehind())
     with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
-        mine(restarted, [2], model=model, dataset=dataset, gradients=gradients)
+        results = mine(restarted, [2], model=model, dataset=dataset, gradients=gradients)
     restarted.behind.flush()
+    assert [(r.uid, r.momentum) for r in results] == [(1, "recomputed"), (2, "carried")]
     assert "momentum of uid 1 after window 1 was being written behind" in caplog.text
     assert "recomputing it from θ_1" in caplog.text
     assert files(tmp_path / "gradients") == files(reference / "gradients")
@@ -137,7 +139,8 @@ def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, m
     store = StateStore(tmp_path / "state")
     (tmp_path / "state" / "momentum-1-6.pending").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
-        mine(store, [7], model=model, dataset=dataset, gradients=LocalBucket(tmp_path / "gradients"))
+        results = mine(store, [7], model=model, dataset=dataset, gradients=LocalBucket(tmp_path / "gradients"))
+    assert [(r.uid, r.momentum) for r in results] == [(1, "zeros (lost, not recomputable)"), (2, "zeros")]
     assert "cannot be recomputed" in caplog.text and "starts again from zero momentum" in caplog.text
     assert (tmp_path / "state" / "momentum-1-7.safetensors").exists()
 
