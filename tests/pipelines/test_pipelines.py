@@ -70,6 +70,29 @@ def test_backfill_of_past_windows_reproduces_every_object_and_hash(network_home,
     assert [key for key in before if before[key] != after[key]] == []  # every object byte-identical
 
 
+def test_signs_aggregations_give_the_same_checkpoints_through_dagster(network_home, network_env, tmp_path, dataset):
+    """TEMPLAR_HP_AGGREGATION_FORMAT=2: the aggregation asset publishes the signs and the checkpoint asset replays them
+    to the same θ hashes as the default format, with a smaller file."""
+    import shutil
+
+    from templar_lib.hparams import HParams
+    from templar_lib.wire import parse_header
+    from templar_pipelines.cli import init
+    from tests.conftest import FAST_HPARAMS
+
+    coefficients = run_local_network(network_home, windows=2, environ=network_env)
+    home = tmp_path / "signs"
+    shutil.copytree(dataset.root, home / "dataset")
+    init(home, hparams=HParams.load(FAST_HPARAMS), max_chars=None, miners=3)
+    signs = run_local_network(home, windows=2, environ={**network_env, "TEMPLAR_HOME": str(home),
+                                                        "TEMPLAR_HP_AGGREGATION_FORMAT": "2"})
+    assert [s["checkpoint.sha256"] for s in signs] == [s["checkpoint.sha256"] for s in coefficients]
+    for window in (0, 1):  # the signs were published (with 3 peers the file is not smaller: it is from ≈ 4 on)
+        entries, _ = parse_header((home / "aggregator" / f"aggregation-{window}.safetensors").read_bytes(),
+                                  max_bytes=1 << 30)
+        assert entries and all(key.endswith((".positive", ".zero")) for key in entries)
+
+
 def snapshot(home) -> dict[str, bytes]:
     """Every bucket object and state file a window writes (gradients, peers, evaluations, aggregations,
     checkpoints, θ, momentum, ratings)."""
