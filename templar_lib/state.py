@@ -180,12 +180,12 @@ class StateStore:
         if self.behind is not None:
             self.behind.wait(f"model-{window}.safetensors")
         try:
-            path = self.bucket.local_path(f"model-{window}.safetensors")
-        except ObjectMissing:
+            state = state_from_file(self.bucket.local_path(f"model-{window}.safetensors"))
+        except (ObjectMissing, FileNotFoundError):  # never written, or pruned (keep_windows) as it was opened
             raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
-                               f"and checkpointed here (run the windows in order, or catch up from a checkpoint)"
-                               ) from None
-        return dataclasses.replace(state_from_file(path), fingerprint=self._fingerprint(window))
+                               f"and checkpointed here, or it is older than the windows kept (run the windows in "
+                               f"order, or catch up from a checkpoint)") from None
+        return dataclasses.replace(state, fingerprint=self._fingerprint(window))
 
     def model_windows(self) -> list[int]:
         windows = {int(key[len("model-"):-len(".safetensors")]) for key in self.bucket.list("model-")

@@ -12,7 +12,7 @@ from templar_lib.data import read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.roles.miner import mine_window, new_feedback
-from templar_lib.state import MomentumLost, StateStore, WriteBehind
+from templar_lib.state import MomentumLost, StateMissing, StateStore, WriteBehind
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)
 UIDS = [1, 2]
@@ -151,3 +151,18 @@ def test_momentum_from_a_state_file_moves_to_the_parameters_device():
     assert feedback.momentum["w"].device.type == "meta"
     assert new_feedback(parameters, FAST).momentum["w"].device.type == "meta"
 
+
+
+def test_a_theta_pruned_as_it_is_opened_is_missing_state_not_a_crash(tmp_path, monkeypatch):
+    store = StateStore(tmp_path)
+    store.save_model(ModelState(3, 3, {"w": torch.ones(2)}))
+    original = LocalBucket.local_path
+
+    def pruned_meanwhile(bucket, key):  # the writer thread prunes old windows while a backfill opens one
+        path = original(bucket, key)
+        path.unlink()
+        return path
+
+    monkeypatch.setattr(LocalBucket, "local_path", pruned_meanwhile)
+    with pytest.raises(StateMissing, match="θ_3 is not in .*older than the windows kept"):
+        store.load_model(3)
