@@ -235,10 +235,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     for name in sorted(params):
         layout[name] = _check_parameter(name, params[name], entries, tuple(shapes[name]), topk, target_chunk)
 
-    try:
-        loaded = safetensors_load(data)
-    except Exception as error:  # safetensors raises SafetensorError; anything it rejects is a bad file
-        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    loaded = _load_tensors(data)
 
     tensors = {}
     for name, (shape, chunk) in layout.items():
@@ -281,10 +278,7 @@ def _read_compact(data: bytes, entries: dict[str, dict], params: dict, shapes: M
         expected_entries |= {f"{name}.{part}" for part in parts}
         layout[name] = (shape, chunk, n_chunks, k, rice, values)
     _expect(set(entries) == expected_entries, "tensors do not match the declared parameters")
-    try:
-        loaded = safetensors_load(data)
-    except Exception as error:  # anything safetensors rejects is a bad file
-        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    loaded = _load_tensors(data)
     tensors = {}
     for name, (shape, chunk, n_chunks, k, rice, values) in layout.items():
         try:
@@ -354,10 +348,7 @@ def _read_signs(data: bytes, entries: dict[str, dict], params: dict, shapes: Map
                         f"{name}: {part} bits must be {packed} bytes of U8")
                 expected.add(f"{name}.{part}")
     _expect(set(entries) == expected, "tensors do not match the declared parameters")
-    try:
-        loaded = safetensors_load(data)
-    except Exception as error:  # anything safetensors rejects is a bad file
-        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    loaded = _load_tensors(data)
     signs = {}
     for name in sorted(params):
         size = math.prod(shapes[name])
@@ -406,10 +397,7 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
         _expect(counts["shape"] == [n_chunks], f"{name}: counts for {counts['shape']} chunks, expected {n_chunks}")
         _expect(len(idx["shape"]) == 1 and idx["shape"] == vals["shape"], f"{name}: idx/vals shapes differ")
         layout[name] = (shape, chunk)
-    try:
-        loaded = safetensors_load(data)
-    except Exception as error:  # anything safetensors rejects is a bad file
-        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+    loaded = _load_tensors(data)
     tensors = {}
     for name, (shape, chunk) in layout.items():
         idx, vals, counts = (loaded[f"{name}.{part}"].long() if part != "vals" else loaded[f"{name}.vals"]
@@ -517,6 +505,14 @@ def _check_parameter(name: str, declared: object, entries: dict[str, dict], shap
     _expect(1 <= k <= chunk_size and (expected_k is None or k == expected_k),
             f"{name}: {k} coefficients per chunk, expected {expected_k or f'1..{chunk_size}'}")
     return shape, chunk
+
+
+def _load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a file whose header has been validated; InvalidFile for anything safetensors rejects."""
+    try:
+        return safetensors_load(data)
+    except Exception as error:  # safetensors raises SafetensorError
+        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
 
 
 def _parse_templar_file(data: bytes, *, kind: str, window: int, max_bytes: int) -> tuple[dict[str, dict], dict]:
