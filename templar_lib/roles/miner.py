@@ -53,12 +53,26 @@ def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor]
                           for name, m in momentum.items()}, **settings)
 
 
+def window_pages(window: int, uid: int, *, dataset: Bucket, manifest: Manifest,
+                 hparams: HParams) -> tuple[list[int], torch.Tensor]:
+    """The pages `uid` trains on in `window` and their tokens."""
+    pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
+    return pages, load_pages(dataset, manifest, pages)
+
+
+def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch.Tensor, *, step: int,
+                  hparams: HParams) -> tuple[float, dict]:
+    """Loss of the model's θ on `tokens`, and its gradient folded into `feedback` at outer step `step`'s learning
+    rate (in place); returns what to transmit."""
+    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size)
+    return loss, feedback.step(gradients, lr=learning_rate_at(step, hparams))
+
+
 def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
                      tokens: torch.Tensor, hparams: HParams, model_hash: str | None = None) -> tuple[float, Gradient]:
     """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place.
     model_hash: θ_w's fingerprint when the caller already has it (one per window, however many uids it mines)."""
-    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size)
-    sparse = feedback.step(gradients, lr=learning_rate_at(step, hparams))
+    loss, sparse = fold_gradient(model, feedback, tokens, step=step, hparams=hparams)
     model_hash = model_hash or model_fingerprint(parameters_of(model))
     return loss, Gradient(window, uid, sparse, hparams.protocol_hash(), model_hash)
 
@@ -68,8 +82,7 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feed
                model_hash: str | None = None) -> MinerResult:
     """One window of mining on θ_w (the model's current weights, outer step `step`; model_hash its fingerprint)."""
     started = time.perf_counter()
-    pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
-    tokens = load_pages(dataset, manifest, pages)
+    pages, tokens = window_pages(window, uid, dataset=dataset, manifest=manifest, hparams=hparams)
     loss, gradient = compute_gradient(window, uid, model=model, step=step, feedback=feedback, tokens=tokens,
                                       hparams=hparams, model_hash=model_hash)
     data = write_gradient(gradient, version=hparams.gradient_format, values=hparams.gradient_value_dtype)
@@ -122,9 +135,8 @@ def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: Sta
     try:
         load_parameters_(model, state.parameters)
         feedback = new_feedback(parameters_of(model), hparams, momentum=before)
-        pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
-        _, gradients = loss_and_gradients(model, load_pages(dataset, manifest, pages), hparams.batch_size)
-        feedback.step(gradients, lr=learning_rate_at(state.step, hparams))
+        _, tokens = window_pages(window, uid, dataset=dataset, manifest=manifest, hparams=hparams)
+        fold_gradient(model, feedback, tokens, step=state.step, hparams=hparams)
     finally:
         load_parameters_(model, current)
     store.save_momentum(uid, window, feedback.momentum, behind=False)
