@@ -21,6 +21,12 @@ def micro_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
         yield tokens[start:start + batch_size]
 
 
+def miner_autocast(model: torch.nn.Module) -> torch.dtype | None:
+    """The precision a miner computes its gradient in: bfloat16 autocast on a GPU (float32 weights, gradients and
+    momentum; bf16 matmuls and flash attention), float32 on a CPU. Validators measure losses in float32."""
+    return torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
@@ -37,15 +43,15 @@ def loss_and_gradients(model: torch.nn.Module, tokens: torch.Tensor, batch_size:
     model.train()
     model.zero_grad(set_to_none=True)
     rows = tokens.shape[0]
-    total = 0.0
+    losses = []  # (loss on the device, rows): read once at the end, so the GPU never waits for the host between
     for batch in micro_batches(tokens, batch_size):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)
         with _autocast(device, autocast_dtype):
             loss = model(input_ids=batch, labels=batch).loss
         (loss * (batch.shape[0] / rows)).backward()
-        total += float(loss.detach()) * batch.shape[0]
+        losses.append((loss.detach(), batch.shape[0]))
     gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return total / rows, gradients
+    return _mean(losses, rows), gradients
 
 
 @torch.no_grad()
@@ -54,9 +60,17 @@ def evaluate_loss(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int,
     """Mean loss over all rows of tokens (n, T), without gradients."""
     device = next(model.parameters()).device
     model.eval()
-    total = 0.0
+    losses = []
     for batch in micro_batches(tokens, batch_size):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)
         with _autocast(device, autocast_dtype):
-            total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0]
-    return total / tokens.shape[0]
+            losses.append((model(input_ids=batch, labels=batch).loss, batch.shape[0]))
+    return _mean(losses, tokens.shape[0])
+
+
+def _mean(losses: list[tuple[torch.Tensor, int]], rows: int) -> float:
+    """Σ loss_b · rows_b / rows over micro-batches, summed in this order in Python floats (as a running total would)."""
+    total = 0.0
+    for loss, batch_rows in losses:
+        total += float(loss) * batch_rows
+    return total / rows

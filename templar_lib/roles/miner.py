@@ -18,7 +18,7 @@ from templar_lib.data import Manifest, load_pages, pages_for
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.state import MomentumLost, StateMissing, StateStore
-from templar_lib.training import loss_and_gradients
+from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import Gradient, gradient_key, write_gradient
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch
                   hparams: HParams) -> tuple[float, dict]:
     """Loss of the model's θ on `tokens`, and its gradient folded into `feedback` at outer step `step`'s learning
     rate (in place); returns what to transmit."""
-    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size)
+    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size, autocast_dtype=miner_autocast(model))
     return loss, feedback.step(gradients, lr=learning_rate_at(step, hparams))
 
 
