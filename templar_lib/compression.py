@@ -365,10 +365,16 @@ class ErrorFeedback:
         m ← m − IDCT(s)            (what was transmitted leaves the momentum; the rest carries over)
 
     momentum: dict name -> float32 tensor of the parameter's shape (zeros at start; state that outlives a window).
+
+    fused: run each parameter's step as two Triton kernels (templar_lib.kernels: one pass to fold, encode and select,
+    one to round and subtract) instead of about twenty torch operations. None (the default) = on CUDA when triton is
+    installed; the selection is the same up to near-ties and the values within float32 rounding. `precision` is the
+    kernels' fp32 product mode ("ieee", or "tf32x3": three TF32 products on the tensor cores).
     """
 
     def __init__(self, momentum: Mapping[str, torch.Tensor], *, topk: int, target_chunk: int,
-                 momentum_decay: float, value_dtype: str = "float32") -> None:
+                 momentum_decay: float, value_dtype: str = "float32", fused: bool | None = None,
+                 precision: str = "tf32x3") -> None:
         self.momentum = {name: tensor.float() for name, tensor in momentum.items()}
         self.topk = topk
         self.target_chunk = target_chunk
@@ -376,6 +382,8 @@ class ErrorFeedback:
         if value_dtype not in _VALUE_DTYPES:
             raise ValueError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
         self.value_dtype = value_dtype
+        self.fused = fused
+        self.precision = precision
 
     @classmethod
     def zeros_like(cls, parameters: Mapping[str, torch.Tensor], **settings) -> ErrorFeedback:
@@ -386,9 +394,27 @@ class ErrorFeedback:
         transmitted = {}
         for name, g in gradients.items():
             m = self.momentum[name]
+            if self._fuses(m):
+                from templar_lib import kernels  # imports triton on first use
+
+                transmitted[name] = kernels.round_trip(
+                    m, g, decay=self.momentum_decay, lr=lr, topk=self.topk, target_chunk=self.target_chunk,
+                    value_dtype=self.value_dtype, precision=self.precision)
+                continue
             m.mul_(self.momentum_decay).add_(g.float(), alpha=lr)
             sparse = encode(m, self.topk, self.target_chunk)
             sparse = Sparse(sparse.idx, round_values(sparse.vals, self.value_dtype), sparse.shape, sparse.chunk)
             m.sub_(decode(sparse))
             transmitted[name] = sparse
         return transmitted
+
+    def _fuses(self, m: torch.Tensor) -> bool:
+        if self.fused is False or not m.is_contiguous():
+            return False
+        from templar_lib import kernels
+
+        usable = (kernels.available(m.device, interpreter=bool(self.fused))
+                  and kernels.supports(tuple(m.shape), self.target_chunk))
+        if self.fused and not usable:
+            raise RuntimeError(f"fused compression needs CUDA and triton (momentum on {m.device})")
+        return usable

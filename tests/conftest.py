@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# Triton's interpreter must be chosen before triton is first imported (transformers imports it), so that
+# tests/lib/test_kernels.py can run the fused kernels on CPU tensors. Nothing picks those kernels off CUDA by itself.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
 import shutil
 from pathlib import Path
 
-import pytest
-from safetensors.torch import load_file
+import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-from templar_lib.buckets import LocalBucket
-from templar_lib.data import build_dataset
-from templar_lib.hparams import HParams
+from templar_lib.buckets import LocalBucket  # noqa: E402
+from templar_lib.data import build_dataset  # noqa: E402
+from templar_lib.hparams import HParams  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
