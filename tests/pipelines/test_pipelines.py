@@ -175,3 +175,18 @@ def test_dagster_definitions_validate_cli(network_env):
                                "templar_pipelines"], cwd=ROOT, env={**os.environ, **network_env},
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
+
+
+def test_compile_setting_compiles_the_nodes_model_in_place(tmp_path):
+    from templar_lib.model import build_model
+    from templar_pipelines.resources import cached_model
+
+    assert resources_from_env({"TEMPLAR_HOME": str(tmp_path), "TEMPLAR_COMPILE": "1"})["training"].compile
+    assert not resources_from_env({"TEMPLAR_HOME": str(tmp_path)})["training"].compile
+    compiled = cached_model("tiny", 512, "cpu", compile=True)
+    names = [name for name, _ in build_model("tiny", vocab_size=512).named_parameters()]
+    assert [name for name, _ in compiled.named_parameters()] == names  # θ is still copied in by name
+    assert compiled._compiled_call_impl is not None  # nn.Module.compile(): compiled on the first forward
+    assert cached_model("tiny", 512, "cpu", compile=True) is compiled
+    plain = cached_model("tiny", 512, "cpu")
+    assert plain is not compiled and plain._compiled_call_impl is None
