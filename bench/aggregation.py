@@ -72,6 +72,16 @@ def main() -> None:
                 for n, s in shapes.items()}
 
     t_ours, t_reference = timed(ours, args.device), timed(reference, args.device)
+    ours_signs, reference_signs = ours(), reference()  # once: not once per parameter
+    agree = sum(int((ours_signs[n] == reference_signs[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
+                                                                                        for s in shapes.values())
+    del ours_signs, reference_signs
+    print(f"{args.preset} on {args.device} ({platform.processor() or platform.machine()}"
+          f"{', ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}): {args.peers} peers, "
+          f"{sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.1f} M parameters")
+    print(f"  reference (dense per peer): {t_reference * 1e3:9.1f} ms")
+    print(f"  ours (one scatter, batched): {t_ours * 1e3:9.1f} ms   ratio {t_reference / t_ours:.2f}x  "
+          f"(sign agreement {100 * agree:.4f} %)", flush=True)
     aggregation = combine_peers(0, 0, 1e-3, peers, list(shapes))
 
     def write_file():  # fresh Combined objects each call: the nonzero scan is timed every time
@@ -79,6 +89,8 @@ def main() -> None:
         return write_aggregation(dataclasses.replace(aggregation, tensors=tensors))
 
     t_file = timed(write_file, args.device)
+    print(f"  writing aggregation-{{window}} (nonzero scan + safetensors): {t_file * 1e3:.1f} ms, "
+          f"after the sign update, not on its path", flush=True)
     published, theta = write_file(), {n: p.detach().to("cpu") for n, p in model.named_parameters()}
 
     signs = write_aggregation(dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT,
@@ -91,20 +103,12 @@ def main() -> None:
         return following
 
     repeats = 1 if args.preset == "1b" else 3  # 1b: ≈ 10 GB of copies per call
-    t_replay, t_replay_signs = (timed(lambda: replay(data), "cpu", repeats) for data in (published, signs))
-    assert all(torch.equal(a, b) for a, b in zip(replay(published).values(), replay(signs).values()))
-    ours_signs, reference_signs = ours(), reference()  # once: not once per parameter
-    agree = sum(int((ours_signs[n] == reference_signs[n]).sum()) for n in shapes) / sum(torch.Size(s).numel()
-                                                                                        for s in shapes.values())
-    print(f"{args.preset} on {args.device} ({platform.processor() or platform.machine()}): {args.peers} peers, "
-          f"{sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.1f} M parameters")
-    print(f"  reference (dense per peer): {t_reference * 1e3:9.1f} ms")
-    print(f"  ours (one scatter, batched): {t_ours * 1e3:9.1f} ms   ratio {t_reference / t_ours:.2f}x  "
-          f"(sign agreement {100 * agree:.4f} %)")
-    print(f"  writing aggregation-{{window}} (nonzero scan + safetensors): {t_file * 1e3:.1f} ms, "
-          f"after the sign update, not on its path")
+    t_replay = timed(lambda: replay(published), "cpu", repeats)
     print(f"  replay on every node (read {len(published) / 2**20:.1f} MiB, copy θ, decode, outer step; CPU, "
-          f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s window")
+          f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s window",
+          flush=True)
+    t_replay_signs = timed(lambda: replay(signs), "cpu", repeats)
+    assert all(torch.equal(a, b) for a, b in zip(replay(published).values(), replay(signs).values()))
     print(f"  with aggregation_format 2 (the signs, {len(signs) / 2**20:.1f} MiB = {len(signs) / len(published):.3f}x "
           f"the bytes; same θ): {t_replay_signs * 1e3:.1f} ms, {t_replay / t_replay_signs:.1f}x faster")
     if args.preset in ("tiny", "small") and args.device == "cpu":

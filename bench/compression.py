@@ -4,7 +4,9 @@ Round trip per parameter = error feedback (m ← β·m + lr·g) + chunked DCT-II
 
 reference: the Templar v0.2 formulation — rearrange into (Y, X, r, c) blocks, `einsum("...ij, jb, ik -> ...kb")`
            with the DCT bases, top-k over the flattened blocks, scatter into zeros, inverse einsum, rearrange back.
-ours:      templar_lib.compression.ErrorFeedback (batched matmul D_r·B·D_cᵀ on a (n_chunks, r, c) view).
+ours:      templar_lib.compression.ErrorFeedback: torch path (batched matmul D_r·B·D_cᵀ on a (n_chunks, r, c) view),
+           and on CUDA the fused Triton path (templar_lib.kernels: two passes over the momentum), also replayed
+           as one CUDA graph to show what Python launches cost.
 
     python bench/compression.py                          # tiny + small preset shapes on the CPU
     python bench/compression.py --preset 1b --device cuda
@@ -14,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
+from pathlib import Path
 
 import torch
 from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 
-from templar_lib.compression import ErrorFeedback, chunk_shape, dct_matrix
-from templar_lib.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from templar_lib import kernels  # noqa: E402
+from templar_lib.compression import ErrorFeedback, chunk_shape, dct_matrix  # noqa: E402
+from templar_lib.model import build_model  # noqa: E402
 
 
 def reference_round_trip(m: torch.Tensor, g: torch.Tensor, lr: float, decay: float, topk: int, target: int):
@@ -57,33 +64,99 @@ def shapes_of(preset: str, device: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def copy_bandwidth(device: str) -> float:
+    """Device memory bandwidth in bytes/s, counting bytes read plus written, of a 1 GiB tensor copy."""
+    source = torch.randn(2**28, device=device)
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), device, 10)
+    return 2 * source.numel() * 4 / seconds
+
+
+def graph_replay(step, device: str):
+    """A CUDA graph of `step` (one error-feedback step over every parameter): the same kernels without a Python
+    launch in between. Warmed up twice on a side stream first (compilation, cached bases), as torch's docs advise."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
     shapes = shapes_of(preset, device)
     generator = torch.Generator(device=device).manual_seed(0)
     gradients = {n: torch.randn(s, generator=generator, device=device) for n, s in shapes.items()}
-    momentum = {n: torch.zeros(s, device=device) for n, s in shapes.items()}
-    reference_momentum = {n: t.clone() for n, t in momentum.items()}
-    ours = ErrorFeedback(momentum, topk=topk, target_chunk=target, momentum_decay=0.999)
-    lr = 4e-4
+    lr, decay = 4e-4, 0.999
+
+    def zeros():
+        return {n: torch.zeros(s, device=device) for n, s in shapes.items()}
+
+    reference_momentum = zeros()
 
     def reference():
         for name, g in gradients.items():
-            reference_round_trip(reference_momentum[name], g, lr, 0.999, topk, target)
+            reference_round_trip(reference_momentum[name], g, lr, decay, topk, target)
 
-    def optimised():
-        ours.step(gradients, lr=lr)
-
-    t_reference = timed(reference, device, repeats)
-    t_ours = timed(optimised, device, repeats)
-    worst = max((ours.momentum[n] - reference_momentum[n]).abs().max().item() for n in shapes)
+    variants = {"ours (batched mm)": dict(fused=False)}
+    if kernels.available(device):
+        variants["ours fused (tf32x3)"] = dict(fused=True, precision="tf32x3")  # the default
+        variants["ours fused (ieee)"] = dict(fused=True, precision="ieee")
+        variants["ours fused (tf32)"] = dict(fused=True, precision="tf32")
     elements = sum(g.numel() for g in gradients.values())
-    # bytes touched at least once: read g, read+write m (fp32) for the fold, read m for encode, read+write m on subtract
-    bytes_moved = elements * 4 * 6
-    print(f"{preset} on {device} ({platform.processor() or platform.machine()}): {len(shapes)} tensors, "
-          f"{elements / 1e6:.1f} M elements, topk {topk}, chunk {target}")
-    print(f"  reference (einsum):  {t_reference * 1e3:9.2f} ms")
-    print(f"  ours (batched mm):   {t_ours * 1e3:9.2f} ms   ({bytes_moved / t_ours / 1e9:.1f} GB/s effective)")
-    print(f"  ratio reference/ours: {t_reference / t_ours:.2f}x   (max |Δm| after the same steps: {worst:.2e})")
+    print(f"{preset} on {device} ({platform.processor() or platform.machine()}"
+          f"{', ' + torch.cuda.get_device_name() if device.startswith('cuda') else ''}): {len(shapes)} tensors, "
+          f"{elements / 1e6:.1f} M elements, topk {topk}, chunk {target}", flush=True)
+    t_reference = timed(reference, device, repeats)
+    print(f"  reference (einsum):    {t_reference * 1e3:9.2f} ms", flush=True)
+    bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
+    essential = elements * 4 * 3  # read g, read and write m: the least any round trip moves
+    results = {}
+    for label, settings in variants.items():
+        ours = ErrorFeedback(zeros(), topk=topk, target_chunk=target, momentum_decay=decay, **settings)
+        seconds = timed(lambda: ours.step(gradients, lr=lr), device, repeats)
+        results[label] = ours
+        worst = max((ours.momentum[n] - reference_momentum[n]).abs().max().item() for n in shapes)
+        line = f"  {label + ':':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {t_reference / seconds:5.2f}x"
+        if bandwidth:
+            line += f"   {essential / seconds / 1e9:7.1f} GB/s of 12 B/element = {100 * essential / seconds / bandwidth:.0f} %"
+        print(line + f"   max |Δm| vs reference after the same steps {worst:.2e}", flush=True)
+        if settings.get("fused") and device.startswith("cuda"):
+            replay = graph_replay(lambda ours=ours: ours.step(gradients, lr=lr), device)
+            seconds = timed(replay, device, repeats)
+            line = f"  {label[:-1] + ', graph):':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {t_reference / seconds:5.2f}x"
+            print(line + f"   {essential / seconds / 1e9:7.1f} GB/s = {100 * essential / seconds / bandwidth:.0f} %", flush=True)
+    if bandwidth:
+        print(f"  device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    for value_dtype in ("float32", "int8"):
+        agreement(gradients, shapes, topk, target, lr, decay, device,
+                  [dict(settings, value_dtype=value_dtype) for settings in variants.values()])
+
+
+def agreement(gradients, shapes, topk, target, lr, decay, device, variants) -> None:
+    """One step of each variant from the same random momentum: share of identical kept positions and the largest
+    momentum difference, against the torch path."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    start = {n: torch.randn(s, generator=generator, device=device) for n, s in shapes.items()}
+    outputs = []
+    for settings in variants:
+        ours = ErrorFeedback({n: t.clone() for n, t in start.items()}, topk=topk, target_chunk=target,
+                             momentum_decay=decay, **settings)
+        outputs.append((settings, ours.step(gradients, lr=lr), ours.momentum))
+    (_, base, base_momentum) = outputs[0]
+    for settings, sparse, momentum in outputs[1:]:
+        same = total = 0
+        for name in shapes:
+            a, b = base[name].idx.sort(dim=1).values, sparse[name].idx.sort(dim=1).values
+            same += (a == b).all(dim=1).sum().item()
+            total += a.shape[0]
+        worst = max((momentum[n] - base_momentum[n]).abs().max().item() for n in shapes)
+        print(f"  agreement with the torch path, {settings}: {same}/{total} chunks kept the same positions, "
+              f"max |Δm| {worst:.2e}", flush=True)
 
 
 def main() -> None:

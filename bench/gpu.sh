@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of bench/RESULTS.md in one prepared run (issue 7), sized for a 15-minute device lease:
-# ≈ 6–8 minutes on one H100 after the machine has started. Each step has its own time limit, so one that
+# ≈ 5–8 minutes on one H100 or H200 after the machine has started (limits: 150 + 120 + 150 + 120 s;
+# ONLY="compression state" runs some of the steps). Each step has its own time limit, so one that
 # hangs or runs out of memory does not cost the others; the output goes to $OUT/bench.txt.
 #
 # The GPU machine's python has torch, transformers, safetensors, numpy, pyarrow and pyyaml, not openskill (which
@@ -17,9 +18,10 @@ PRESET=${PRESET:-1b}
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/templar-gpu-bench}
 mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # templar_lib from this checkout (not installed there)
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
 step() {  # step SECONDS SCRIPT ARGS...: run one bench with a time limit, keep going whatever happens
@@ -30,15 +32,22 @@ step() {  # step SECONDS SCRIPT ARGS...: run one bench with a time limit, keep g
     echo "== exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
 }
 
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
-  $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } \
-    | tee "$OUT/bench.txt"
-step 120 bench/compression.py --preset "$PRESET" --device "$DEVICE" --repeats 10
-step 170 bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null \
+    || echo "no nvidia-smi"; nproc; free -g | head -2
+  $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  $PYTHON -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1; } | tee "$OUT/bench.txt"
+wanted() { case " ${ONLY:-compression miner window aggregation state} " in *" $1 "*) return 0;; esac; return 1; }
 if [ "$DEVICE" = cpu ]; then
-    step 120 bench/miner_step.py --preset "$PRESET" --device cpu
-else
-    step 150 bench/miner_step.py --preset "$PRESET" --device "$DEVICE" --seq 2048 --batch 4 --peak-tflops 989
+    wanted compression && step 100 bench/compression.py --preset "$PRESET" --device cpu --repeats 10
+    wanted miner && step 120 bench/miner_step.py --preset "$PRESET" --device cpu
+else  # the kernels' launch settings side by side on one 8192 × 8192 parameter, then the whole-model round trip
+    wanted compression && step "${COMPRESSION_LIMIT:-150}" bench/compression_kernels.py --device "$DEVICE" \
+        --preset "$PRESET" --repeats 10
+    wanted miner && step "${MINER_LIMIT:-120}" bench/miner_step.py --preset "$PRESET" --device "$DEVICE" --seq 2048 \
+        --batch 4 --batch 8 --peak-tflops 989 --compile
 fi
-step 150 bench/state.py --preset "$PRESET" --repeats 1
+wanted window && step "${WINDOW_LIMIT:-100}" bench/miner_window.py --preset "$PRESET" --device "$DEVICE" \
+    $([ "$DEVICE" = cpu ] || echo --sequence-length 2048 --pages 4 --batch 4)
+wanted aggregation && step "${AGGREGATION_LIMIT:-150}" bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
+wanted state && step "${STATE_LIMIT:-120}" bench/state.py --preset "$PRESET" --repeats 1 --resident-only
 echo "done: $OUT/bench.txt"

@@ -83,10 +83,26 @@ def resident_timings(store: StateStore, state: ModelState, momentum, *, read_the
             for label, values in samples.items()}
 
 
+def resident_only(preset, shapes, size, state, parameters, work, read_theta, touched, repeats) -> None:
+    print(f"{preset}: {len(shapes)} tensors, {size / 2**30:.2f} GiB per state file (float32); "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; resident column only", flush=True)
+    store = StateStore(work / "resident", behind=WriteBehind())
+    resident = resident_timings(store, state, parameters, read_theta=read_theta, touched=touched, repeats=repeats)
+    for label, (waited, landed) in resident.items():
+        print(f"  {label:<21} resident {waited:7.3f} s" + (f" (+ {landed:.3f} s landing in the background, "
+                                                           f"{size / landed / 2**30:.2f} GiB/s)" if landed > 0.0005 else ""))
+    total = sum(waited for waited, _ in resident.values())
+    print(f"  a miner node's window (save θ, load θ + fingerprint, load + save momentum): resident {total:.2f} s = "
+          f"{100 * total / 84:.1f} % of an 84 s window; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resident-only", action="store_true",
+                        help="only the resident column (what a `templar node` run waits for): a short run for 1b")
     args = parser.parse_args()
     shapes = {n: tuple(p.shape) for n, p in build_model(args.preset, device="meta").named_parameters()}
     generator = torch.Generator().manual_seed(0)
@@ -116,6 +132,10 @@ def main() -> None:
         def touched_fingerprint(tensors):  # the same work for the reference: fingerprint, then θ read in full
             return reference_fingerprint(tensors), touched(tensors)
 
+        if args.resident_only:
+            resident_only(args.preset, shapes, size, state, parameters, work, fingerprint_as_roles_do, touched,
+                          args.repeats)
+            return
         rows = [("save θ", timed(reference_save, "cpu", args.repeats),
                  timed(lambda: store.save_model(state), "cpu", args.repeats)),
                 ("load θ + fingerprint", timed(lambda: touched_fingerprint(reference_load()), "cpu", args.repeats),
