@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/aggregation.py
 	$(BIN)/python bench/wire.py --windows 0
 	$(BIN)/python bench/miner_step.py
+	$(BIN)/python bench/miner_window.py
 	$(BIN)/python bench/state.py
 	$(BIN)/python bench/window.py
 
