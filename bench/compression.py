@@ -4,7 +4,7 @@ Round trip per parameter = error feedback (m ← β·m + lr·g) + chunked DCT-II
 
 reference: the Templar v0.2 formulation — rearrange into (Y, X, r, c) blocks, `einsum("...ij, jb, ik -> ...kb")`
            with the DCT bases, top-k over the flattened blocks, scatter into zeros, inverse einsum, rearrange back.
-ours:      templar_lib.compression.ErrorFeedback: torch path (batched matmul D_r·B·D_cᵀ on a (n_chunks, r, c) view),
+ours:      templar_lib.error_feedback.ErrorFeedback: torch path (batched matmul D_r·B·D_cᵀ on a (n_chunks, r, c) view),
            and on CUDA the fused Triton path (templar_lib.kernels: two passes over the momentum), also replayed
            as one CUDA graph to show what Python launches cost.
 
@@ -25,7 +25,8 @@ from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from templar_lib import kernels  # noqa: E402
-from templar_lib.compression import ErrorFeedback, chunk_shape, dct_matrix  # noqa: E402
+from templar_lib.compression import chunk_shape, dct_matrix  # noqa: E402
+from templar_lib.error_feedback import ErrorFeedback  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 
 
@@ -121,20 +122,26 @@ def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
         seconds = timed(lambda: ours.step(gradients, lr=lr), device, repeats)
         results[label] = ours
         worst = max((ours.momentum[n] - reference_momentum[n]).abs().max().item() for n in shapes)
-        line = f"  {label + ':':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {t_reference / seconds:5.2f}x"
-        if bandwidth:
-            line += f"   {essential / seconds / 1e9:7.1f} GB/s of 12 B/element = {100 * essential / seconds / bandwidth:.0f} %"
-        print(line + f"   max |Δm| vs reference after the same steps {worst:.2e}", flush=True)
+        print(timing(label, seconds, t_reference, essential, bandwidth)
+              + f"   max |Δm| vs reference after the same steps {worst:.2e}", flush=True)
         if settings.get("fused") and device.startswith("cuda"):
             replay = graph_replay(lambda ours=ours: ours.step(gradients, lr=lr), device)
             seconds = timed(replay, device, repeats)
-            line = f"  {label[:-1] + ', graph):':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {t_reference / seconds:5.2f}x"
-            print(line + f"   {essential / seconds / 1e9:7.1f} GB/s = {100 * essential / seconds / bandwidth:.0f} %", flush=True)
+            print(timing(label[:-1] + ", graph)", seconds, t_reference, essential, bandwidth), flush=True)
     if bandwidth:
         print(f"  device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     for value_dtype in ("float32", "int8"):
         agreement(gradients, shapes, topk, target, lr, decay, device,
                   [dict(settings, value_dtype=value_dtype) for settings in variants.values()])
+
+
+def timing(label: str, seconds: float, reference: float, essential: int, bandwidth: float | None) -> str:
+    """One line: time, ratio to the reference, and (on a GPU) the bandwidth of the essential 12 B/element."""
+    line = f"  {label + ':':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {reference / seconds:5.2f}x"
+    if bandwidth:
+        rate = essential / seconds
+        line += f"   {rate / 1e9:7.1f} GB/s of 12 B/element = {100 * rate / bandwidth:.0f} %"
+    return line
 
 
 def agreement(gradients, shapes, topk, target, lr, decay, device, variants) -> None:

@@ -71,7 +71,8 @@ def main() -> None:
         seconds = measure(model, tokens, batch, args.repeats, autocast, args.device)
         per_second = tokens.numel() / seconds
         achieved = per_second * flops_per_token / 1e12
-        peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else ""
+        peak = (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                if args.device.startswith("cuda") else "")
         print(f"  {'compiled' if compiled else 'eager':8s} {args.micro_batches} × {batch} × {args.seq} tokens: "
               f"{seconds * 1e3:.0f} ms per step, {per_second:,.0f} tokens/s, {achieved:.3f} TFLOP/s"
               + (f", MFU {100 * achieved / args.peak_tflops:.1f} %" if args.peak_tflops else "")

@@ -73,9 +73,10 @@ def main() -> None:
             read = read_gradient(data, window=window, uid=1, shapes=shapes, topk=hparams.topk_compression,
                                  target_chunk=hparams.target_chunk, max_bytes=len(data))
             finite = all(bool(torch.isfinite(s.vals).all()) for s in read.tensors.values())
-            print(f"  window {window}: {wall:.2f} s (mine_window: {result.seconds:.2f} s, {result.tokens_per_second:,.0f} "
-                  f"tokens/s), loss {result.loss:.3f}, {result.bytes / 2**20:.1f} MiB gradient ({result.compression_ratio:.0f}x "
-                  f"smaller than float32), momentum {result.momentum}; read back and validated: "
+            print(f"  window {window}: {wall:.2f} s (mine_window: {result.seconds:.2f} s, "
+                  f"{result.tokens_per_second:,.0f} tokens/s), loss {result.loss:.3f}, {result.bytes / 2**20:.1f} MiB "
+                  f"gradient ({result.compression_ratio:.0f}x smaller than float32), momentum {result.momentum}; "
+                  f"read back and validated: "
                   f"{len(read.tensors)} tensors, finite {finite}", flush=True)
         store.behind.flush()
         parts(model, store, dataset, manifest, hparams, args)

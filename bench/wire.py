@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from templar_lib.buckets import LocalBucket  # noqa: E402
-from templar_lib.compression import ErrorFeedback  # noqa: E402
+from templar_lib.error_feedback import ErrorFeedback  # noqa: E402
 from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""Chunked DCT-II + top-k compression with error feedback (DESIGN §5).
+"""Chunked DCT-II + top-k compression (DESIGN §5); the miner's error feedback around it is templar_lib.error_feedback.
 
 The DeMo-era Templar algorithm (tplr-ai/templar v0.2.x, after Peng et al., "DeMo: Decoupled Momentum
 Optimization", 2024). Per parameter tensor with momentum m:
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -331,8 +331,8 @@ def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
     return idct_chunks(combine(peers), peers[0].shape, peers[0].chunk)
 
 
-# ---------------------------------------------------------------------------------------------------- error feedback
-_VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
+# ---------------------------------------------------------------------------------------------------- wire values
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
 
 
 def quantize_int8(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,72 +351,4 @@ def round_values(vals: torch.Tensor, value_dtype: str) -> torch.Tensor:
     """Values as the wire will carry them: cast to the dtype, or int8-quantised and reconstructed."""
     if value_dtype == "int8":
         return dequantize_int8(*quantize_int8(vals))
-    return vals.to(_VALUE_DTYPES[value_dtype])
-
-
-class ErrorFeedback:
-    """A miner's error-feedback momentum for a whole model, and the compression of each window's gradient.
-
-    For each parameter with gradient g (DESIGN §5 steps 2–5; step 1, weight decay, is part of the outer step that
-    every node applies to the shared θ):
-
-        m ← momentum_decay · m + lr · g
-        s = top-k(DCT(m))          (values rounded as the wire carries them: value_dtype, or int8 per-parameter)
-        m ← m − IDCT(s)            (what was transmitted leaves the momentum; the rest carries over)
-
-    momentum: dict name -> float32 tensor of the parameter's shape (zeros at start; state that outlives a window).
-
-    fused: run each parameter's step as two Triton kernels (templar_lib.kernels: one pass to fold, encode and select,
-    one to round and subtract) instead of about twenty torch operations. None (the default) = on CUDA when triton is
-    installed (True forces them: an error where they cannot run); the selection is the same up to near-ties and the
-    values within float32 rounding. `precision`: the kernels' float32 products, "tf32x3" (three TF32 tensor-core
-    products, ≈ float32 accuracy: the default), "ieee" (FMA, 3.6× slower) or "tf32" (one product, not exact enough to
-    keep the same selection: 3 % of chunks differ on 1b).
-    """
-
-    def __init__(self, momentum: Mapping[str, torch.Tensor], *, topk: int, target_chunk: int,
-                 momentum_decay: float, value_dtype: str = "float32", fused: bool | None = None,
-                 precision: str = "tf32x3") -> None:
-        self.momentum = {name: tensor.float() for name, tensor in momentum.items()}
-        self.topk = topk
-        self.target_chunk = target_chunk
-        self.momentum_decay = momentum_decay
-        if value_dtype not in _VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
-        self.value_dtype = value_dtype
-        self.fused = fused
-        self.precision = precision
-
-    @classmethod
-    def zeros_like(cls, parameters: Mapping[str, torch.Tensor], **settings) -> ErrorFeedback:
-        return cls({name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}, **settings)
-
-    def step(self, gradients: Mapping[str, torch.Tensor], *, lr: float) -> dict[str, Sparse]:
-        """Fold this window's gradients into the momentum and return what to transmit, by parameter name."""
-        transmitted = {}
-        for name, g in gradients.items():
-            m = self.momentum[name]
-            if self._fuses(m):
-                from templar_lib import kernels  # imports triton on first use
-
-                transmitted[name] = kernels.round_trip(
-                    m, g, decay=self.momentum_decay, lr=lr, topk=self.topk, target_chunk=self.target_chunk,
-                    value_dtype=self.value_dtype, precision=self.precision)
-                continue
-            m.mul_(self.momentum_decay).add_(g.float(), alpha=lr)
-            sparse = encode(m, self.topk, self.target_chunk)
-            sparse = Sparse(sparse.idx, round_values(sparse.vals, self.value_dtype), sparse.shape, sparse.chunk)
-            m.sub_(decode(sparse))
-            transmitted[name] = sparse
-        return transmitted
-
-    def _fuses(self, m: torch.Tensor) -> bool:
-        if self.fused is False or not m.is_contiguous():
-            return False
-        from templar_lib import kernels
-
-        usable = (kernels.available(m.device, interpreter=bool(self.fused))
-                  and kernels.supports(tuple(m.shape), self.target_chunk))
-        if self.fused and not usable:
-            raise RuntimeError(f"fused compression needs CUDA and triton (momentum on {m.device})")
-        return usable
+    return vals.to(VALUE_DTYPES[value_dtype])

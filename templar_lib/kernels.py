@@ -1,5 +1,5 @@
 """Fused Triton kernels for the miner's compression round trip on CUDA (DESIGN §5, the same math as
-compression.ErrorFeedback.step, in two passes over the momentum instead of about twenty torch operations).
+error_feedback.ErrorFeedback.step, in two passes over the momentum instead of about twenty torch operations).
 
 Per chunk B of a parameter (the chunk held in one program's registers, padded to powers of two ≥ 16):
 

@@ -13,7 +13,7 @@ import torch
 from templar_lib.aggregation import learning_rate_at
 from templar_lib.buckets import Bucket
 from templar_lib.checkpoints import model_fingerprint
-from templar_lib.compression import ErrorFeedback
+from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.data import Manifest, load_pages, pages_for
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of

@@ -18,7 +18,8 @@ from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
                                      manifest_key, model_fingerprint, save_checkpoint, state_bytes, state_sha256,
                                      tensors_key)
-from templar_lib.compression import ErrorFeedback, Sparse, chunk_shape
+from templar_lib.compression import Sparse, chunk_shape
+from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.state import StateStore

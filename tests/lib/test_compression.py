@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from templar_lib.aggregation import learning_rate_at, outer_step_
-from templar_lib.compression import (Combined, ErrorFeedback, Sparse, aggregate, chunk_shape, chunk_side, combine,
+from templar_lib.compression import (Combined, Sparse, aggregate, chunk_shape, chunk_side, combine,
                                      combine_many, dct_matrix, decode, encode, idct_chunks, idct_many)
+from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 
 ATOL, RTOL = 1e-6, 1e-5  # fp32: the reference differs from us in summation order only

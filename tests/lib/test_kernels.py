@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from templar_lib import kernels  # noqa: E402
-from templar_lib.compression import ErrorFeedback, dct_chunks, encode  # noqa: E402
+from templar_lib.compression import dct_chunks, encode  # noqa: E402
+from templar_lib.error_feedback import ErrorFeedback  # noqa: E402
 
 
 @pytest.fixture

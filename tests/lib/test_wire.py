@@ -178,7 +178,8 @@ def test_compact_format_round_trip_is_exact_up_to_row_order(values, dtype):
 
 
 def test_compact_format_is_smaller_and_int8_matches_error_feedback():
-    from templar_lib.compression import ErrorFeedback, decode
+    from templar_lib.compression import decode
+    from templar_lib.error_feedback import ErrorFeedback
 
     generator = torch.Generator().manual_seed(3)
     gradients = {"w": torch.randn(1024, 2048, generator=generator), "b": torch.randn(3000, generator=generator)}

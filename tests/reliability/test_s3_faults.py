@@ -7,7 +7,7 @@ import torch
 
 from templar_lib.buckets import S3Bucket
 from templar_lib.chain import LocalChain
-from templar_lib.compression import ErrorFeedback
+from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.data import load_pages, pages_for, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
