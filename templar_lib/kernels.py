@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,13 @@ def available(device: torch.device | str, *, interpreter: bool = False) -> bool:
     """True when the fused kernels can run on tensors of `device`: CUDA with triton installed; with
     interpreter=True also a CPU under TRITON_INTERPRET=1 (Triton's interpreter: for tests, never chosen by default)."""
     device = torch.device(device)
-    if device.type != "cuda" and not (interpreter and _interpreting()):
+    if device.type != "cuda" and not (interpreter and os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
+    return _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -111,7 +117,7 @@ def round_subtract(m: torch.Tensor, sparse: Sparse, *, value_dtype: str, precisi
     _kernels().decode[(_programs(n_chunks, m.device),)](
         m, sparse.idx, sparse.vals, largest, _padded_dct(r, block_r, m.device), _padded_dct(c, block_c, m.device),
         cols, cols // c, n_chunks,
-        R=r, C=c, K=k, BLOCK_K=max(16, triton_next_power_of_2(k)), BLOCK_R=block_r, BLOCK_C=block_c,
+        R=r, C=c, K=k, BLOCK_K=max(16, _next_power_of_2(k)), BLOCK_R=block_r, BLOCK_C=block_c,
         VALUES=_VALUE_CODES[value_dtype], PRECISION=precision,
         num_warps=SETTINGS.decode_warps)
     return sparse
@@ -144,10 +150,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _block(side: int) -> int:
-    return max(16, triton_next_power_of_2(side))  # tl.dot needs every side ≥ 16
+    return max(16, _next_power_of_2(side))  # tl.dot needs every side ≥ 16
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
@@ -157,12 +163,6 @@ def _padded_dct(n: int, block: int, device: torch.device) -> torch.Tensor:
     padded = torch.zeros(block, block, dtype=torch.float32)
     padded[:n, :n] = dct_matrix(n)
     return padded.to(device)
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _kernels():
