@@ -97,5 +97,6 @@ def outer_step_(parameters: Mapping[str, torch.Tensor], signs: Mapping[str, torc
 
 
 def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
-    """‖θ_after − θ_before‖₂ over every parameter, in float32 (a number people read, not part of the protocol)."""
-    return float(torch.sqrt(sum((after[n].float() - before[n].float()).pow(2).sum() for n in before)))
+    """‖θ_after − θ_before‖₂ over every parameter (a number people read, not part of the protocol): one parameter's
+    difference at a time, so a 1b model needs one parameter's temporary, not two copies of θ."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(after[n].float() - before[n].float())) ** 2 for n in before))

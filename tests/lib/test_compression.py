@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from templar_lib.aggregation import learning_rate_at, outer_step_
+from templar_lib.aggregation import learning_rate_at, outer_step_, update_norm
 from templar_lib.compression import (Combined, Sparse, aggregate, chunk_shape, chunk_side, combine,
                                      combine_many, dct_matrix, decode, encode, idct_chunks, idct_many)
 from templar_lib.error_feedback import ErrorFeedback
@@ -151,3 +151,12 @@ def test_combining_parameters_together_is_the_same_math():
 def test_three_dimensional_tensors_are_not_part_of_the_protocol():
     with pytest.raises(ValueError, match="1-D and 2-D"):
         encode(torch.zeros(4, 8, 16))
+
+
+def test_update_norm_is_the_norm_of_the_whole_difference():
+    generator = torch.Generator().manual_seed(0)
+    before = {"w": torch.randn(8, 4, generator=generator), "b": torch.randn(4, generator=generator)}
+    after = {"w": before["w"] + 0.5, "b": before["b"].to(torch.bfloat16)}
+    whole = torch.cat([(after[n].float() - before[n]).reshape(-1) for n in before]).double().norm()
+    assert update_norm(before, after) == pytest.approx(float(whole), rel=1e-6)
+    assert update_norm(before, before) == 0.0
