@@ -177,6 +177,7 @@ def test_dagster_definitions_validate_cli(network_env):
     assert finished.returncode == 0, finished.stderr[-2000:]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_setting_compiles_the_nodes_model_in_place(tmp_path):
     from templar_lib.model import build_model
     from templar_pipelines.resources import cached_model
