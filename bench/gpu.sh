@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of bench/RESULTS.md in one prepared run (issue 7), sized for a 15-minute device lease:
-# ≈ 5–8 minutes on one H100 or H200 after the machine has started (limits: 150 + 120 + 150 + 120 s;
-# ONLY="compression state" runs some of the steps). Each step has its own time limit, so one that
-# hangs or runs out of memory does not cost the others; the output goes to $OUT/bench.txt.
+# Every GPU figure of bench/RESULTS.md in one prepared run (issue 7), sized for a 15-minute device lease: the steps'
+# limits add up to 530 s (120 + 100 + 60 + 150 + 100); on an H200 they took ≈ 5 minutes. ONLY="compression state"
+# runs some of them. Each step has its own time limit, so one that hangs or runs out of memory does not cost the
+# others; the output goes to $OUT/bench.txt.
 #
 # The GPU machine's python has torch, transformers, safetensors, numpy, pyarrow and pyyaml, not openskill (which
 # templar_lib.ratings imports, and so bench/state.py). Carry it as a wheel, prepared here once:
@@ -41,13 +41,13 @@ if [ "$DEVICE" = cpu ]; then
     wanted compression && step 100 bench/compression.py --preset "$PRESET" --device cpu --repeats 10
     wanted miner && step 120 bench/miner_step.py --preset "$PRESET" --device cpu
 else  # the kernels' launch settings side by side on one 8192 × 8192 parameter, then the whole-model round trip
-    wanted compression && step "${COMPRESSION_LIMIT:-150}" bench/compression_kernels.py --device "$DEVICE" \
+    wanted compression && step "${COMPRESSION_LIMIT:-120}" bench/compression_kernels.py --device "$DEVICE" \
         --preset "$PRESET" --repeats 10
-    wanted miner && step "${MINER_LIMIT:-120}" bench/miner_step.py --preset "$PRESET" --device "$DEVICE" --seq 2048 \
+    wanted miner && step "${MINER_LIMIT:-100}" bench/miner_step.py --preset "$PRESET" --device "$DEVICE" --seq 2048 \
         --batch 4 --batch 8 --peak-tflops 989 --compile
 fi
-wanted window && step "${WINDOW_LIMIT:-100}" bench/miner_window.py --preset "$PRESET" --device "$DEVICE" \
+wanted window && step "${WINDOW_LIMIT:-60}" bench/miner_window.py --preset "$PRESET" --device "$DEVICE" \
     $([ "$DEVICE" = cpu ] || echo --sequence-length 2048 --pages 4 --batch 4)
 wanted aggregation && step "${AGGREGATION_LIMIT:-150}" bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
-wanted state && step "${STATE_LIMIT:-120}" bench/state.py --preset "$PRESET" --repeats 1 --resident-only
+wanted state && step "${STATE_LIMIT:-100}" bench/state.py --preset "$PRESET" --repeats 1 --resident-only
 echo "done: $OUT/bench.txt"
