@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+from compression import copy_bandwidth, run  # bench/compression.py (the script's folder is on sys.path)
+from timing import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,18 +28,12 @@ from templar_lib import kernels  # noqa: E402
 
 
 def median_ms(function, device: str, repeats: int = 20) -> float:
-    """Median milliseconds of `function` over `repeats` calls after 3 warm-ups (CUDA events on a GPU)."""
+    """Median milliseconds of `function` over `repeats` calls after 3 warm-ups (CUDA events on a GPU: a kernel of
+    about a millisecond is timed without the host's synchronisation in it)."""
+    if not device.startswith("cuda"):
+        return timed(function, device, repeats) * 1e3
     for _ in range(3):
         function()
-    if not device.startswith("cuda"):
-        import time
-
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            samples.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(samples)
     samples = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,9 +61,7 @@ def main() -> None:
     elements = m.numel()
     bandwidth = None
     if device.startswith("cuda"):
-        source = torch.randn(2**28, device=device)
-        target = torch.empty_like(source)
-        bandwidth = 2 * source.numel() * 4 / (median_ms(lambda: target.copy_(source), device) / 1e3)
+        bandwidth = copy_bandwidth(device)
         print(f"{torch.cuda.get_device_name()}: device copy {bandwidth / 1e9:.0f} GB/s (read + write); "
               f"{args.rows} × {args.cols} float32, top-{args.topk} of 64 × 64 chunks", flush=True)
 
@@ -103,12 +97,12 @@ def main() -> None:
     kernels.SETTINGS = dataclasses.replace(baseline, thresholds=best[0], encode_warps=best[1],
                                            programs_per_sm=best[2] if len(best) > 2 else None)
     print(f"  fastest encode: {kernels.SETTINGS}", flush=True)
-    for label, run in (("encode, ieee (FMA) products", lambda: encode("ieee")),
+    for label, stage in (("encode, ieee (FMA) products", lambda: encode("ieee")),
                        ("encode, tf32 products", lambda: encode("tf32")),
                        ("encode without the search (stage cost)", lambda: encode(skip=1)),
                        ("encode without the DCT (stage cost)", lambda: encode(skip=2))):
         try:
-            report(label, median_ms(run, device, args.repeats), 12)
+            report(label, median_ms(stage, device, args.repeats), 12)
         except Exception as error:
             print(f"  {label}: failed: {str(error)[:300]}", flush=True)
     sparse = encode()
@@ -130,9 +124,6 @@ def main() -> None:
     report(f"round trip (int8 values), fastest settings", round_trip, 20)
     print(f"  settings used below: {kernels.SETTINGS}", flush=True)
     if args.preset:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from compression import run
-
         del g, m, sparse
         run(args.preset, device, args.repeats, args.topk, 64)
 
