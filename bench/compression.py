@@ -116,18 +116,16 @@ def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
     print(f"  reference (einsum):    {t_reference * 1e3:9.2f} ms", flush=True)
     bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
     essential = elements * 4 * 3  # read g, read and write m: the least any round trip moves
-    results = {}
     for label, settings in variants.items():
         ours = ErrorFeedback(zeros(), topk=topk, target_chunk=target, momentum_decay=decay, **settings)
         seconds = timed(lambda: ours.step(gradients, lr=lr), device, repeats)
-        results[label] = ours
         worst = max((ours.momentum[n] - reference_momentum[n]).abs().max().item() for n in shapes)
-        print(timing(label, seconds, t_reference, essential, bandwidth)
+        print(result_line(label, seconds, t_reference, essential, bandwidth)
               + f"   max |Δm| vs reference after the same steps {worst:.2e}", flush=True)
         if settings.get("fused") and device.startswith("cuda"):
             replay = graph_replay(lambda ours=ours: ours.step(gradients, lr=lr), device)
             seconds = timed(replay, device, repeats)
-            print(timing(label[:-1] + ", graph)", seconds, t_reference, essential, bandwidth), flush=True)
+            print(result_line(label[:-1] + ", graph)", seconds, t_reference, essential, bandwidth), flush=True)
     if bandwidth:
         print(f"  device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     for value_dtype in ("float32", "int8"):
@@ -135,7 +133,7 @@ def run(preset: str, device: str, repeats: int, topk: int, target: int) -> None:
                   [dict(settings, value_dtype=value_dtype) for settings in variants.values()])
 
 
-def timing(label: str, seconds: float, reference: float, essential: int, bandwidth: float | None) -> str:
+def result_line(label: str, seconds: float, reference: float, essential: int, bandwidth: float | None) -> str:
     """One line: time, ratio to the reference, and (on a GPU) the bandwidth of the essential 12 B/element."""
     line = f"  {label + ':':22s} {seconds * 1e3:9.2f} ms   ratio reference/ours {reference / seconds:5.2f}x"
     if bandwidth:

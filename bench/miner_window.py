@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from templar_lib import kernels  # noqa: E402
 from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.checkpoints import model_fingerprint  # noqa: E402
 from templar_lib.data import build_dataset  # noqa: E402
@@ -79,12 +80,12 @@ def main() -> None:
                   f"read back and validated: "
                   f"{len(read.tensors)} tensors, finite {finite}", flush=True)
         store.behind.flush()
-        parts(model, store, dataset, manifest, hparams, args)
+        parts(model, dataset, manifest, hparams, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def parts(model, store, dataset, manifest, hparams, args) -> None:
+def parts(model, dataset, manifest, hparams, args) -> None:
     """The window's parts, timed one after another (synchronising the GPU between them)."""
     device = args.device
 
@@ -105,7 +106,7 @@ def parts(model, store, dataset, manifest, hparams, args) -> None:
                           version=hparams.gradient_format, values=hparams.gradient_value_dtype)
     t4 = clock()
     print(f"  parts of a window: pages {t1 - t0:.3f} s, forward + backward {t2 - t1:.3f} s, error feedback + "
-          f"compression {t3 - t2:.3f} s ({'fused kernels' if feedback._fuses(next(iter(feedback.momentum.values()))) else 'torch'}), "
+          f"compression {t3 - t2:.3f} s ({'fused kernels' if kernels.available(device) else 'torch'}), "
           f"gradient file {t4 - t3:.3f} s ({len(data) / 2**20:.1f} MiB)", flush=True)
 
 
