@@ -75,5 +75,7 @@ class ErrorFeedback:
         usable = (kernels.available(m.device, interpreter=bool(self.fused))
                   and kernels.supports(tuple(m.shape), self.target_chunk))
         if self.fused and not usable:
-            raise RuntimeError(f"fused compression needs CUDA and triton (momentum on {m.device})")
+            raise RuntimeError(f"fused compression needs CUDA and triton, and a 1-D or 2-D parameter with chunks of at "
+                               f"most {kernels.MAX_CHUNK_SIDE} (momentum {tuple(m.shape)} on {m.device}, target_chunk "
+                               f"{self.target_chunk})")
         return usable

@@ -82,8 +82,8 @@ class TrainingResource(dg.ConfigurableResource):
                                                       "each for the 1b preset); older θ is rebuilt from checkpoints")
     write_behind: bool = Field(default=False, description="keep θ and momentum in memory for the next window and "
                                                           "write their files in the background (a resident node)")
-    compile: bool = Field(default=False, description="torch.compile the model (GPU nodes: 1b miner step 40 → 50 % "
-                                                     "MFU; ≈ 40 s of compilation once per process, so for a "
+    compile: bool = Field(default=False, description="torch.compile the model (GPU nodes: 1b miner step 39 → 48 % "
+                                                     "MFU on an H200; ≈ 40 s of compilation once per process, so for a "
                                                      "resident node)")
 
     def hparams(self) -> HParams:
