@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.compression import Sparse, chunk_shape, dct_matrix
+from templar_lib.compression import VALUE_DTYPES, Sparse, chunk_shape, dct_matrix
 
 _VALUE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3}
 MAX_CHUNK_SIDE = 64  # chunks are at most 64 × 64 (target_chunk ≤ 64): one chunk fits one program's registers
@@ -103,8 +103,8 @@ def fold_encode(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, to
 def round_subtract(m: torch.Tensor, sparse: Sparse, *, value_dtype: str, precision: str = "tf32x3") -> Sparse:
     """Round sparse.vals as the wire carries them (in place), then m ← m − IDCT(scatter(vals)) in place.
 
-    Returns the Sparse that was transmitted (vals float32 holding the rounded values, as
-    compression.round_values gives them)."""
+    Returns the Sparse that was transmitted, its values as compression.round_values gives them: float32 for float32
+    and int8 (the reconstructed q · scale), bfloat16 or float16 tensors for those."""
     if value_dtype not in _VALUE_CODES:
         raise ValueError(f"value_dtype must be one of {sorted(_VALUE_CODES)}")
     rows, cols, r, c = _grid(sparse.shape, sparse.chunk)
@@ -120,7 +120,8 @@ def round_subtract(m: torch.Tensor, sparse: Sparse, *, value_dtype: str, precisi
         R=r, C=c, K=k, BLOCK_K=max(16, _next_power_of_2(k)), BLOCK_R=block_r, BLOCK_C=block_c,
         VALUES=_VALUE_CODES[value_dtype], PRECISION=precision,
         num_warps=SETTINGS.decode_warps)
-    return sparse
+    wire_dtype = VALUE_DTYPES[value_dtype]  # bf16/fp16: the same tensor round_values gives (exact: already rounded)
+    return sparse if wire_dtype is None else Sparse(sparse.idx, sparse.vals.to(wire_dtype), sparse.shape, sparse.chunk)
 
 
 def round_trip(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, topk: int, target_chunk: int,
