@@ -71,8 +71,8 @@ def main() -> None:
         print(f"  {label:<44} {ms:8.3f} ms   {rate / 1e9:7.1f} GB/s{share}", flush=True)
 
     def encode(precision="tf32x3", skip=0):  # the fused path's default precision
-        return kernels.fold_encode(m, g, decay=0.999, lr=1e-3, topk=args.topk, target_chunk=64,
-                                   precision=precision, skip=skip)
+        return kernels._fold_encode(m, g, decay=0.999, lr=1e-3, topk=args.topk, target_chunk=64,
+                                    precision=precision, stage_skip=skip)
 
     baseline = dataclasses.replace(kernels.SETTINGS)
     timings = {}

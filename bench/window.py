@@ -28,7 +28,7 @@ from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from templar_pipelines.cli import init  # noqa: E402
-from templar_pipelines.local import run_local_network  # noqa: E402
+from templar_pipelines.local_network import run_local_network  # noqa: E402
 from templar_pipelines.node import run_node  # noqa: E402
 
 HPARAMS_FILE = ROOT / "deploy" / "simulate-hparams.yaml"

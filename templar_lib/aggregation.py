@@ -1,6 +1,6 @@
 """Combine peers into the outer update and apply it (DESIGN §2, §5).
 
-    direction = IDCT(scatter-mean over peers of vals / ‖vals‖₂)     (compression.aggregate, per parameter)
+    direction = IDCT(scatter-mean over peers of vals / ‖vals‖₂)     (compression.combine, then the inverse DCT)
     θ ← θ · (1 − lr · weight_decay)                                  (decoupled weight decay)
     θ ← θ − lr · sign(direction)                                     (SGD on the sign)
 
@@ -14,12 +14,14 @@ Every operation is deterministic on CPU; peers are reduced in ascending uid orde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import torch
 
 from templar_lib.compression import Sparse, combine_many, idct_many, layout_groups, sparsify
+from templar_lib.encodings import AggregationFormat
 from templar_lib.hparams import HParams
 from templar_lib.wire import Aggregation
 
@@ -44,9 +46,11 @@ def learning_rate_at(step: int, hparams: HParams) -> float:
     return floor + (base - floor) * (1 + math.cos(math.pi * t_cur / period)) / 2
 
 
-def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[int, Mapping[str, Sparse]],
-                  names: list[str], hparams_hash: str = "") -> Aggregation:
-    """The aggregation of a window: per parameter, the scatter-mean of the peers' normalised coefficients.
+def aggregate_window(window: int, step: int, lr: float, gradients_by_uid: Mapping[int, Mapping[str, Sparse]],
+                     names: list[str], hparams_hash: str = "",
+                     format: int = AggregationFormat.COEFFICIENTS) -> Aggregation:
+    """The aggregation of a window: per parameter, the scatter-mean of the peers' normalised coefficients, as the
+    combined coefficients (format 1) or the signs of the update they decode to (format 2, sign_directions).
 
     Peers are reduced in ascending uid order. A parameter that no peer sent is absent (it is only weight-decayed).
     """
@@ -57,7 +61,12 @@ def combine_peers(window: int, step: int, lr: float, gradients_by_uid: Mapping[i
     coefficients = combine_many(list(peers_by_name.values()))  # parameters of one layout combined together
     tensors = {name: sparsify(combined, peers[0].shape, peers[0].chunk)
                for (name, peers), combined in zip(peers_by_name.items(), coefficients)}
-    return Aggregation(window=window, step=step, lr=lr, peers=uids, tensors=tensors, hparams_hash=hparams_hash)
+    aggregation = Aggregation(window=window, step=step, lr=lr, peers=uids, tensors=tensors, hparams_hash=hparams_hash,
+                              format=AggregationFormat.COEFFICIENTS)
+    if format == AggregationFormat.SIGNS:  # publish the update itself: nobody decodes it again
+        return dataclasses.replace(aggregation, tensors={}, format=AggregationFormat.SIGNS,
+                                   signs=sign_directions(aggregation))
+    return aggregation
 
 
 def sign_directions(aggregation: Aggregation) -> dict[str, torch.Tensor]:

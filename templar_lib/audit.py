@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from templar_lib.buckets import Bucket, BucketError
-from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, checkpoint_windows, load_checkpoint,
-                                     state_sha256)
-from templar_lib.data import Manifest, load_pages
+from templar_lib.checkpoints import CatchUpError, ModelState, catch_up, checkpoint_windows, load_checkpoint, state_sha256
+from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
-from templar_lib.model import build_model, load_parameters_
-from templar_lib.training import evaluate_loss
+from templar_lib.model import load_parameters_
+from templar_lib.training import held_out_loss
 from templar_lib.wire import InvalidFile
 
 
@@ -40,18 +39,15 @@ class Audit:
         return self.loads and self.replay_matches is not False and self.regression_ok is not False
 
 
-def held_out_loss(state: ModelState, *, preset: str, dataset: Bucket, manifest: Manifest, hparams: HParams,
-                  pages: int = 8, model: torch.nn.Module | None = None) -> float:
-    """Mean loss of θ (state) on the first `pages` held-out pages; in `model` (overwritten) when given, else in a
-    CPU model built for the preset."""
-    model = model if model is not None else build_model(preset, vocab_size=manifest.vocab_size)
+def _held_out_loss(state: ModelState, model: torch.nn.Module, dataset: Dataset, hparams: HParams) -> float:
     load_parameters_(model, state.parameters)
-    return evaluate_loss(model, load_pages(dataset, manifest, manifest.held_out[:pages]), hparams.batch_size)
+    return held_out_loss(model, dataset, batch_size=hparams.batch_size)
 
 
-def audit_checkpoint(aggregator: Bucket, *, hparams: HParams, preset: str, dataset: Bucket, manifest: Manifest,
+def audit_checkpoint(aggregator: Bucket, *, hparams: HParams, model: torch.nn.Module, dataset: Dataset,
                      window: int | None = None, max_regression: float = 0.05) -> Audit:
-    """Audit checkpoint-{window} (default: the newest that has a manifest) against the one before it."""
+    """Audit checkpoint-{window} (default: the newest that has a manifest) against the one before it; held-out
+    losses are measured in `model` (the node's model object, overwritten)."""
     windows = checkpoint_windows(aggregator)
     if window is None:
         window = windows[0] if windows else None
@@ -64,7 +60,7 @@ def audit_checkpoint(aggregator: Bucket, *, hparams: HParams, preset: str, datas
     except (InvalidFile, BucketError) as error:
         return Audit(window, previous, False, None, None, None, None, "", [f"checkpoint-{window}: {error}"])
     digest = state_sha256(state)
-    loss = held_out_loss(state, preset=preset, dataset=dataset, manifest=manifest, hparams=hparams)
+    loss = _held_out_loss(state, model, dataset, hparams)
     replay_matches = previous_loss = regression_ok = None
     if previous is not None:
         before = None
@@ -79,7 +75,7 @@ def audit_checkpoint(aggregator: Bucket, *, hparams: HParams, preset: str, datas
             replay_matches = False
             reasons.append(f"replay from checkpoint-{previous} failed: {error}")
         if before is not None:
-            previous_loss = held_out_loss(before, preset=preset, dataset=dataset, manifest=manifest, hparams=hparams)
+            previous_loss = _held_out_loss(before, model, dataset, hparams)
             regression_ok = loss <= previous_loss * (1 + max_regression)
             if not regression_ok:
                 reasons.append(f"held-out loss rose from {previous_loss:.4f} to {loss:.4f}")

@@ -30,21 +30,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from templar_lib.aggregation import apply_aggregation_
 from templar_lib.buckets import Bucket, BucketError
+from templar_lib.encodings import CODES, FLOAT_CODES, name_of
 from templar_lib.hparams import HParams
 from templar_lib.wire import InvalidFile, aggregation_key, max_aggregation_bytes, parse_header, read_aggregation
+from templar_lib.wire.container import load_tensors
+from templar_lib.wire.keys import CHECKPOINT_MANIFEST, checkpoint_key, checkpoint_manifest_key, window_of_key
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024 * 1024
-_MANIFEST_KEY = re.compile(r"^checkpoint-(\d{1,12})\.json$")
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class CatchUpError(RuntimeError):
@@ -71,18 +71,10 @@ class CheckpointInfo:
     key: str
 
 
-def tensors_key(window: int) -> str:
-    return f"checkpoint-{window}.safetensors"
-
-
-def manifest_key(window: int) -> str:
-    return f"checkpoint-{window}.json"
-
-
 def state_file_contents(state: ModelState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What the checkpoint tensor file of a state holds: (CPU tensors in name order, safetensors metadata)."""
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sorted(state.parameters.items())}
-    # one metadata key: safetensors keeps metadata in a hash map whose order (and so the bytes) varies with several
+    # one metadata key, as in every templar file (wire.container.save_templar_file)
     header = json.dumps({"kind": "checkpoint", "window": state.window, "step": state.step}, sort_keys=True)
     return tensors, {"templar": header}
 
@@ -135,18 +127,18 @@ def save_checkpoint(bucket: Bucket, state: ModelState, hparams: HParams) -> Chec
     digest = hashlib.sha256(data).hexdigest()
     manifest = {
         "format": FORMAT_VERSION, "window": state.window, "step": state.step, "sha256": digest, "bytes": len(data),
-        "tensors": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+        "tensors": {name: {"shape": list(p.shape), "dtype": name_of(p.dtype)}
                     for name, p in sorted(state.parameters.items())},
         "hparams": hparams.to_dict(),
     }
-    bucket.put(tensors_key(state.window), data)
-    bucket.put(manifest_key(state.window), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return CheckpointInfo(state.window, state.step, digest, len(data), tensors_key(state.window))
+    bucket.put(checkpoint_key(state.window), data)
+    bucket.put(checkpoint_manifest_key(state.window), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return CheckpointInfo(state.window, state.step, digest, len(data), checkpoint_key(state.window))
 
 
-def read_manifest(bucket: Bucket, window: int) -> dict:
+def read_checkpoint_manifest(bucket: Bucket, window: int) -> dict:
     """The validated manifest of checkpoint-{window}. Raises InvalidFile or a BucketError."""
-    return parse_manifest(bucket.get(manifest_key(window), max_bytes=MAX_MANIFEST_BYTES), window)
+    return parse_manifest(bucket.get(checkpoint_manifest_key(window), max_bytes=MAX_MANIFEST_BYTES), window)
 
 
 def parse_manifest(data: bytes, window: int) -> dict:
@@ -174,8 +166,8 @@ def parse_manifest(data: bytes, window: int) -> dict:
 
 def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> ModelState:
     """θ_window from checkpoint-{window}, after checking the manifest, the sha256 and (if given) the shapes."""
-    manifest = read_manifest(bucket, window)
-    data = bucket.get(tensors_key(window), max_bytes=manifest["bytes"])
+    manifest = read_checkpoint_manifest(bucket, window)
+    data = bucket.get(checkpoint_key(window), max_bytes=manifest["bytes"])
     if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise InvalidFile(f"checkpoint-{window}: tensor file does not match its manifest's sha256")
     entries, _ = parse_header(data, max_bytes=manifest["bytes"])
@@ -185,7 +177,7 @@ def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[i
         raise InvalidFile(f"checkpoint-{window}: tensors differ from the manifest")
     if shapes is not None and {n: list(s) for n, s in shapes.items()} != {n: s for n, (s, _) in declared.items()}:
         raise InvalidFile(f"checkpoint-{window}: parameters differ from the model")
-    parameters = safetensors_load(data)
+    parameters = load_tensors(data)
     for name, tensor in parameters.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidFile(f"checkpoint-{window}: {name} has non-finite values")
@@ -194,12 +186,8 @@ def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[i
 
 def checkpoint_windows(bucket: Bucket) -> list[int]:
     """Windows that have a checkpoint manifest, newest first."""
-    windows = []
-    for key in bucket.list("checkpoint-"):
-        match = _MANIFEST_KEY.match(key)
-        if match:
-            windows.append(int(match.group(1)))
-    return sorted(windows, reverse=True)
+    windows = (window_of_key(key, CHECKPOINT_MANIFEST) for key in bucket.list(CHECKPOINT_MANIFEST[0]))
+    return sorted((window for window in windows if window is not None), reverse=True)
 
 
 def latest_checkpoint(bucket: Bucket, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -239,7 +227,5 @@ def catch_up(state: ModelState, aggregations: Bucket, target_window: int, *, hpa
 
 
 def _dtype_code(name: object) -> str | None:
-    for code, dtype in _DTYPES.items():
-        if name == str(dtype).removeprefix("torch."):
-            return code
-    return None
+    """The safetensors code of a floating dtype named in a manifest ("float32" -> "F32"), None for any other."""
+    return next((code for code in FLOAT_CODES if name == CODES[code]), None)

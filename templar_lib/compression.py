@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from templar_lib.encodings import VALUE_ENCODINGS, torch_dtype
+
 NORM_EPS = 1e-8  # vals / (||vals||_2 + NORM_EPS) in aggregate()
 
 
@@ -95,15 +97,6 @@ def _blocks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
     rows, cols = x.shape
     r, c = chunk
     return x.reshape(rows // r, r, cols // c, c).transpose(1, 2).reshape(-1, r, c)  # (Y, r, X, c) -> (Y·X, r, c)
-
-
-def _unblocks(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of _blocks: (n_chunks, r, c) -> shape."""
-    if len(shape) == 1:
-        return blocks.reshape(shape)
-    rows, cols = shape
-    _, r, c = blocks.shape
-    return blocks.reshape(rows // r, cols // c, r, c).transpose(1, 2).reshape(rows, cols)
 
 
 def dct_chunks(x: torch.Tensor, chunk: tuple[int, ...]) -> torch.Tensor:
@@ -258,16 +251,16 @@ def _combine_ragged(peers: Sequence[Sparse]) -> torch.Tensor:
     return total.div_(count.clamp_min_(1.0))[None]
 
 
-class Combined:
-    """Combined coefficients of one parameter: dense (what the sign update decodes) and in compressed-row form
+class CombinedCoefficients:
+    """The combined coefficients of one parameter: dense (what the sign update decodes) and in compressed-row form
     (what an aggregation file carries). Either form is derived from the other on first use, then kept.
 
     dense:  (n_chunks, chunk_size) float32, zero where no peer chose a coefficient.
     counts: (n_chunks,) int64, nonzero coefficients per chunk; idx, vals: (nnz,) int64 / float32, chunk i's entries
             at [Σ counts[:i], Σ counts[:i+1]), positions increasing within a chunk.
 
-    `Combined(idx, vals, counts, shape, chunk)` is the compressed-row form (a file read back);
-    `Combined.of_dense(coefficients, shape, chunk)` the aggregator's (sparsify). The aggregator's sign update never
+    `CombinedCoefficients(idx, vals, counts, shape, chunk)` is the compressed-row form (a file read back);
+    `CombinedCoefficients.of_dense(coefficients, shape, chunk)` the aggregator's (sparsify). The aggregator's sign update never
     needs the compressed rows, so the scan for nonzeros runs only when the file is written.
     """
 
@@ -278,7 +271,7 @@ class Combined:
         self._dense: torch.Tensor | None = None
 
     @classmethod
-    def of_dense(cls, coefficients: torch.Tensor, shape: Sequence[int], chunk: Sequence[int]) -> Combined:
+    def of_dense(cls, coefficients: torch.Tensor, shape: Sequence[int], chunk: Sequence[int]) -> CombinedCoefficients:
         combined = cls.__new__(cls)
         combined.shape, combined.chunk = tuple(shape), tuple(chunk)
         combined._rows, combined._dense = None, coefficients.float()
@@ -318,12 +311,12 @@ class Combined:
         return self._compressed_rows()[2]
 
     def __repr__(self) -> str:
-        return f"Combined(shape={self.shape}, chunk={self.chunk})"
+        return f"CombinedCoefficients(shape={self.shape}, chunk={self.chunk})"
 
 
-def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> Combined:
-    """(n_chunks, chunk_size) coefficients -> Combined holding exactly their nonzeros (rows computed when read)."""
-    return Combined.of_dense(coefficients, shape, chunk)
+def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> CombinedCoefficients:
+    """(n_chunks, chunk_size) coefficients -> CombinedCoefficients holding exactly their nonzeros (rows computed when read)."""
+    return CombinedCoefficients.of_dense(coefficients, shape, chunk)
 
 
 def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
@@ -332,7 +325,6 @@ def aggregate(peers: Sequence[Sparse]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- wire values
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
 
 
 def quantize_int8(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +340,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def round_values(vals: torch.Tensor, value_dtype: str) -> torch.Tensor:
-    """Values as the wire will carry them: cast to the dtype, or int8-quantised and reconstructed."""
+    """Values as the wire will carry them (templar_lib.encodings' encodings): cast to the dtype, or int8-quantised and
+    reconstructed."""
+    if value_dtype not in VALUE_ENCODINGS:
+        raise ValueError(f"value_dtype must be one of {sorted(VALUE_ENCODINGS)}, not {value_dtype!r}")
     if value_dtype == "int8":
         return dequantize_int8(*quantize_int8(vals))
-    return vals.to(VALUE_DTYPES[value_dtype])
+    return vals.to(torch_dtype(value_dtype))

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import torch
 
 from templar_lib import kernels
-from templar_lib.compression import VALUE_DTYPES, Sparse, decode, encode, round_values
+from templar_lib.compression import Sparse, decode, encode, round_values
+from templar_lib.encodings import VALUE_ENCODINGS
 
 
 class ErrorFeedback:
@@ -42,8 +43,8 @@ class ErrorFeedback:
         self.topk = topk
         self.target_chunk = target_chunk
         self.momentum_decay = momentum_decay
-        if value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}")
+        if value_dtype not in VALUE_ENCODINGS:
+            raise ValueError(f"value_dtype must be one of {sorted(VALUE_ENCODINGS)}")
         self.value_dtype = value_dtype
         self.fused = fused
         self.precision = precision

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from templar_lib.encodings import FLOAT_ENCODINGS, VALUE_ENCODINGS, AggregationFormat, GradientFormat
+
 ENV_PREFIX = "TEMPLAR_HP_"
 
 
@@ -33,14 +35,12 @@ class HParams:
     topk_compression: int = 32  # coefficients kept per DCT chunk
     target_chunk: int = 64  # chunk side: the largest divisor of each dimension not above this
     momentum_decay: float = 0.999  # error-feedback decay: m <- decay*m + lr*g
-    # transmitted values: float32 | bfloat16 | float16 | int8 (format 2). int8 + format 2 is ≈ 0.55× the bytes of
-    # int16 + bf16 with no measurable loss in the convergence smoke test or the adversary suite (bench/RESULTS.md)
+    # transmitted values (templar_lib.encodings): float32 | bfloat16 | float16 | int8 (int8 needs format 2)
     gradient_value_dtype: str = "int8"
-    gradient_format: int = 2  # wire format of gradient files: 1 (int idx + values) or 2 (Rice-coded idx)
-    # what aggregation-{window} carries: 1 the combined coefficients (every node decodes them), 2 the signs of the
-    # update, bit-packed (the same θ; for 1b ≈ 0.15 GB instead of ≈ 1.08 GB, and replaying decodes nothing). Readers
-    # take either, by the file's header
-    aggregation_format: int = 1
+    gradient_format: int = int(GradientFormat.RICE)  # 1 rows of idx + values, 2 Rice-coded idx (wire/gradient.py)
+    # aggregation-{window}: 1 the combined coefficients (every node decodes them), 2 the signs of the update,
+    # bit-packed (the same θ, smaller, and nothing to decode: wire/aggregation.py). Readers take either by the header
+    aggregation_format: int = int(AggregationFormat.COEFFICIENTS)
     # --- windows and data (DESIGN §2, §3) ---
     blocks_per_window: int = 7  # chain blocks per window (12 s blocks -> 84 s windows)
     pages_per_window: int = 6  # dataset pages each miner trains on per window
@@ -85,14 +85,14 @@ class HParams:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:
             raise HParamsError("weight_decay: learning_rate * weight_decay must be < 1")
-        if self.gradient_value_dtype not in ("float32", "bfloat16", "float16", "int8"):
-            raise HParamsError(f"gradient_value_dtype: one of float32, bfloat16, float16, int8, got "
+        if self.gradient_value_dtype not in VALUE_ENCODINGS:
+            raise HParamsError(f"gradient_value_dtype: one of {', '.join(VALUE_ENCODINGS)}, got "
                                f"{self.gradient_value_dtype!r}")
-        if self.aggregation_format not in (1, 2):
-            raise HParamsError(f"aggregation_format: 1 or 2, got {self.aggregation_format!r}")
-        if self.gradient_format not in (1, 2):
-            raise HParamsError(f"gradient_format: 1 or 2, got {self.gradient_format!r}")
-        if self.gradient_value_dtype == "int8" and self.gradient_format != 2:
+        for name, formats in (("gradient_format", GradientFormat), ("aggregation_format", AggregationFormat)):
+            if getattr(self, name) not in tuple(formats):
+                raise HParamsError(f"{name}: {' or '.join(str(int(f)) for f in formats)}, got "
+                                   f"{getattr(self, name)!r}")
+        if self.gradient_value_dtype not in FLOAT_ENCODINGS and self.gradient_format != GradientFormat.RICE:
             raise HParamsError("gradient_value_dtype: int8 values need gradient_format 2")
 
     # ------------------------------------------------------------------ construction
@@ -139,8 +139,9 @@ class HParams:
 
     def protocol_hash(self) -> str:
         """sha256 (16 hex digits) of the fields that change what a gradient means; order-independent."""
-        fields = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window", "pages_per_window", "batch_size",
-                  "sequence_length", "learning_rate", "weight_decay", "warmup_steps", "t_max", "lr_floor_ratio")
+        fields = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window",
+                  "pages_per_window", "batch_size", "sequence_length", "learning_rate", "weight_decay", "warmup_steps",
+                  "t_max", "lr_floor_ratio")
         canonical = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.compression import VALUE_DTYPES, Sparse, chunk_shape, dct_matrix
+from templar_lib.compression import Sparse, chunk_shape, dct_matrix
+from templar_lib.encodings import FLOAT_ENCODINGS, VALUE_ENCODINGS, torch_dtype
 
-_VALUE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3}
+_VALUE_CODES = {encoding: code for code, encoding in enumerate(VALUE_ENCODINGS)}  # the kernels' VALUES constexpr
 MAX_CHUNK_SIDE = 64  # chunks are at most 64 × 64 (target_chunk ≤ 64): one chunk fits one program's registers
 
 
@@ -81,9 +82,16 @@ def supports(shape: tuple[int, ...], target_chunk: int) -> bool:
 
 
 def fold_encode(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, topk: int, target_chunk: int,
-                precision: str = "tf32x3", skip: int = 0) -> Sparse:
+                precision: str = "tf32x3") -> Sparse:
     """m ← decay·m + lr·g in place, then top-k of its chunked DCT-II: Sparse with idx int64 / vals float32
     (n_chunks, k), positions increasing within each chunk. m: contiguous float32 (R, C) or (N,); g: same shape."""
+    return _fold_encode(m, g, decay=decay, lr=lr, topk=topk, target_chunk=target_chunk, precision=precision)
+
+
+def _fold_encode(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, topk: int, target_chunk: int,
+                 precision: str, stage_skip: int = 0) -> Sparse:
+    """fold_encode; stage_skip leaves a stage out to time the others (bench/compression_kernels.py only: the result
+    is then wrong): 1 keeps the first k positions instead of selecting, 2 skips the DCT."""
     shape = tuple(m.shape)
     chunk = chunk_shape(shape, target_chunk)
     rows, cols, r, c = _grid(shape, chunk)
@@ -96,7 +104,7 @@ def fold_encode(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, to
         m, g.contiguous(), _padded_dct(r, block_r, m.device), _padded_dct(c, block_c, m.device), idx, vals,
         cols, cols // c, n_chunks, float(decay), float(lr),
         R=r, C=c, K=k, BLOCK_R=block_r, BLOCK_C=block_c, PRECISION=precision, THRESHOLDS=SETTINGS.thresholds,
-        SKIP=skip, num_warps=SETTINGS.encode_warps)
+        SKIP=stage_skip, num_warps=SETTINGS.encode_warps)
     return Sparse(idx=idx, vals=vals, shape=shape, chunk=chunk)
 
 
@@ -120,8 +128,10 @@ def round_subtract(m: torch.Tensor, sparse: Sparse, *, value_dtype: str, precisi
         R=r, C=c, K=k, BLOCK_K=max(16, _next_power_of_2(k)), BLOCK_R=block_r, BLOCK_C=block_c,
         VALUES=_VALUE_CODES[value_dtype], PRECISION=precision,
         num_warps=SETTINGS.decode_warps)
-    wire_dtype = VALUE_DTYPES[value_dtype]  # bf16/fp16: the same tensor round_values gives (exact: already rounded)
-    return sparse if wire_dtype is None else Sparse(sparse.idx, sparse.vals.to(wire_dtype), sparse.shape, sparse.chunk)
+    if value_dtype not in FLOAT_ENCODINGS:  # int8: the reconstructed q · scale, float32 as round_values gives it
+        return sparse
+    # bf16/fp16: the same tensor round_values gives (exact: the kernel already rounded the values)
+    return Sparse(sparse.idx, sparse.vals.to(torch_dtype(value_dtype)), sparse.shape, sparse.chunk)
 
 
 def round_trip(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, topk: int, target_chunk: int,

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from templar_lib.encodings import CODES, FLOAT_CODES, torch_dtype
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -29,8 +31,8 @@ PRESETS: dict[str, dict] = {
 }
 CPU_PRESETS = ("tiny", "small")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPE_NAMES = {name: name for name in (CODES[code] for code in FLOAT_CODES)} | {"fp32": "float32", "bf16": "bfloat16",
+                                                                                    "fp16": "float16"}
 
 
 def model_config(preset: str, *, vocab_size: int | None = None) -> LlamaConfig:
@@ -86,16 +88,9 @@ def parameter_count(model: torch.nn.Module) -> int:
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
+    return torch_dtype(_DTYPE_NAMES[dtype])
 
 
 @contextlib.contextmanager

@@ -1,28 +1,36 @@
-"""Node-local state that outlives a run: θ_w, each miner's error-feedback momentum, the validator's ratings.
+"""Node-local state that outlives a run, and how it survives a kill: θ_w, each miner's error-feedback momentum, the
+validator's ratings and weights, and the held-out losses people plot. File names: templar_lib.wire.keys.
 
-    <root>/model-{window}.safetensors            θ at the start of `window` (+ outer step count)
-    <root>/fingerprint-{window}.json             model_fingerprint(θ_window), recorded when θ_window was saved:
-                                                 θ is hashed once per window, not once per role (≈ 5 GB for 1b).
-                                                 Deleted before the θ file is replaced and written after it, so it
-                                                 never describes another θ (a killed save leaves none)
-    <root>/momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
-    <root>/ratings-{window}.json                 validator ratings after window `window`
+    model-{window}.safetensors            θ at the start of `window` (+ outer step count)
+    fingerprint-{window}.json             model_fingerprint(θ_window), recorded when θ_window was saved, so θ is
+                                          hashed once per window, not once per role. Deleted before the θ file is
+                                          replaced and written after it: it never describes another θ
+    momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
+    momentum-{uid}-{window}.pending       that momentum file was promised by a write in the background
+    ratings-{window}.json                 validator ratings after window `window`
+    weights-{window}.json                 the chain weights those ratings give
+    held-out-{window}.json                held-out loss of θ_window
 
-With `keep_windows` = K, saving θ_w deletes θ files of windows ≤ w − K, and saving a uid's momentum after w deletes
-its momentum files of windows ≤ w − K (for the 1b preset each is ≈ 5 GB: a node must not keep every window). An
-older θ is rebuilt from published checkpoints by `sync_to`; an older window's momentum is gone, so re-running a miner
-window more than K windows back starts that miner from zeros.
+The durability contract:
 
-Every file is keyed by the window it belongs to and written atomically (LocalBucket: temp file + rename), so
-re-running window w reads the w − 1 files and rewrites the w files with the same bytes: runs are idempotent, and a
-killed run leaves the previous state intact. Files are written by safetensors straight to the temporary file and
-read through its mmap loader: a 5 GB state is never held in memory as one more buffer.
-
-A resident process (`templar node`) gives its stores one WriteBehind: θ replayed by `sync_to` and each miner's
-momentum are then kept in memory for the next window and written on a background thread, off the window's
-critical path (for 1b, ≈ 9 GB of fsynced writes per miner node per window). A momentum file promised that way is
-marked `momentum-{uid}-{window}.pending` until it lands; if the process dies first, loading it raises MomentumLost
-(never a silent restart from zeros) and the miner recomputes it (`roles.miner.mine_window`).
+1. Every file is keyed by the window it belongs to and written atomically (LocalBucket: temp file, fsync, rename),
+   so re-running window w reads the w − 1 files and rewrites the w files with the same bytes: runs are idempotent,
+   and a killed run leaves the previous state intact. Tensors are written by safetensors straight into the
+   temporary file and read through its mmap loader, never held in memory as one more buffer.
+2. With `keep_windows` = K, saving θ_w deletes θ files of windows ≤ w − K, and saving a uid's momentum after w
+   deletes its momentum files of windows ≤ w − K. An older θ is rebuilt from published checkpoints and aggregations
+   by `sync_to`; an older momentum is gone, so re-running a miner window more than K windows back starts that miner
+   from zeros.
+3. A resident process (`templar node`) gives its stores one `WriteBehind` per state directory
+   (`WriteBehind.for_directory`). A store with a writer writes θ and momentum in the background by default: the
+   newest θ and each miner's newest momentum stay in memory for the next window, and their files are written by one
+   background thread, off the window's critical path. `background=False` writes now, after any queued write of the
+   same file. A store without a writer always writes now.
+4. A momentum file promised in the background is marked `.pending` until it lands. If the process dies first, loading
+   it raises MomentumLost (never a silent restart from zeros), and the miner recomputes it from θ_window and its pages
+   (roles.miner.mine_window): mining is deterministic, so the recomputed file has the same bytes.
+5. The resident process calls `WriteBehind.flush_all()` before it exits; a failed background write is retried once
+   at its barrier and then raised.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +52,7 @@ from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, model_fingerprint,
                                      state_file_contents, state_from_file)
 from templar_lib.ratings import Ratings
+from templar_lib.wire import keys
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,9 @@ class MomentumLost(StateMissing):
 class WriteBehind:
     """A resident process's state writes, done in order on one background thread while the next window works.
 
+    One per state directory and process (`for_directory`), shared by every run the process executes, so one window
+    hands θ and momentum to the next in memory.
+
     Each queued write is the same put (temp file, fsync, rename) a synchronous save does, so the files are the same
     bytes and any window can be re-run from disk. The newest θ saved behind and each miner's newest momentum stay in
     memory (`model`, `momentum`) for the next window to take without reading them back.
@@ -72,6 +85,22 @@ class WriteBehind:
     tried once more there, synchronously; its error is raised if that fails too. `flush()` waits for every write (a
     resident node calls it before it exits; the executor's own exit hook finishes queued writes on a normal exit).
     """
+
+    _shared: ClassVar[dict[str, WriteBehind]] = {}
+
+    @classmethod
+    def for_directory(cls, state_dir: str | Path) -> WriteBehind:
+        """The process's writer for a state directory (created on first use)."""
+        key = str(Path(state_dir).resolve())
+        if key not in cls._shared:
+            cls._shared[key] = cls()
+        return cls._shared[key]
+
+    @classmethod
+    def flush_all(cls) -> None:
+        """Wait until every file this process's writers queued has landed (raises the first write that failed)."""
+        for writer in list(cls._shared.values()):
+            writer.flush()
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="templar-state-write")
@@ -110,77 +139,78 @@ class WriteBehind:
 
 
 class StateStore:
-    def __init__(self, root: str | Path, *, keep_windows: int | None = None, behind: WriteBehind | None = None
+    """The state files of one node (the module docstring tells the whole contract)."""
+
+    def __init__(self, root: str | Path, *, keep_windows: int | None = None, writer: WriteBehind | None = None
                  ) -> None:
         if keep_windows is not None and keep_windows < 1:
             raise ValueError(f"keep_windows must be >= 1 or None, got {keep_windows}")
         self.bucket = LocalBucket(root)
         self.root = self.bucket.root
         self.keep_windows = keep_windows
-        self.behind = behind
+        self.writer = writer
 
-    def _prune(self, prefix: str, window: int, suffix: str = ".safetensors") -> None:
-        """Delete `{prefix}{v}{suffix}` for v <= window − keep_windows (nothing when keep_windows is None)."""
+    def _prune(self, family: tuple[str, str], window: int) -> None:
+        """Delete the files of `family` (wire.keys) for windows <= window − keep_windows (none when it is None)."""
         if self.keep_windows is None:
             return
-        for key in self.bucket.list(prefix):
-            number = key[len(prefix):-len(suffix)]
-            if key.endswith(suffix) and number.isdigit() and int(number) <= window - self.keep_windows:
+        for key in self.bucket.list(family[0]):
+            number = keys.window_of_key(key, family)
+            if number is not None and number <= window - self.keep_windows:
                 self.bucket.delete(key)
 
     # ------------------------------------------------------------------ θ
-    def save_model(self, state: ModelState, *, behind: bool = False) -> str | None:
-        """Save θ_{state.window}; returns the sha256 of the file (= checkpoints.state_sha256(state)).
-
-        behind: when this store writes behind, keep θ in memory and queue the file instead (returns None). Callers
-        must treat a saved state's parameters as read-only (the next load may return the same tensors)."""
-        key = f"model-{state.window}.safetensors"
+    def save_model(self, state: ModelState, *, background: bool = True) -> str | None:
+        """Save θ_{state.window}; returns the sha256 of the file (= checkpoints.state_sha256(state)), or None when
+        the file was queued for the background (contract point 3). Callers must treat a saved state's parameters as
+        read-only (the next load may return the same tensors)."""
+        key = keys.model_key(state.window)
         state = dataclasses.replace(state, fingerprint=state.fingerprint or model_fingerprint(state.parameters))
-        if self.behind is None:
+        if self.writer is None:
             return self._write_model(state)
-        if self.behind.model is None or state.window >= self.behind.model.window:
-            self.behind.model = state
-        if behind:
-            self.behind.submit(key, lambda: self._write_model(state))
+        if self.writer.model is None or state.window >= self.writer.model.window:
+            self.writer.model = state
+        if background:
+            self.writer.submit(key, lambda: self._write_model(state))
             return None
-        self.behind.wait(key)  # a queued write of the same key must not land after this one
+        self.writer.wait(key)  # a queued write of the same key must not land after this one
         return self._write_model(state)
 
     def _write_model(self, state: ModelState) -> str:
-        key, record = f"model-{state.window}.safetensors", f"fingerprint-{state.window}.json"
+        key, record = keys.model_key(state.window), keys.fingerprint_key(state.window)
         tensors, metadata = state_file_contents(state)
         self.bucket.delete(record)
         self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
         self.bucket.put(record, json.dumps({"window": state.window, "fingerprint": state.fingerprint}).encode())
-        self._prune("model-", state.window)
-        self._prune("fingerprint-", state.window, ".json")
+        self._prune(keys.MODEL, state.window)
+        self._prune(keys.FINGERPRINT, state.window)
         with self.bucket.local_path(key).open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def _held_model(self, window: int) -> ModelState | None:
-        held = self.behind.model if self.behind is not None else None
+        held = self.writer.model if self.writer is not None else None
         return held if held is not None and held.window == window else None
 
     def _fingerprint(self, window: int) -> str | None:
         """The fingerprint recorded when θ_window was saved; None when there is none (callers compute it)."""
         try:
-            record = json.loads(self.bucket.get(f"fingerprint-{window}.json"))
+            record = json.loads(self.bucket.get(keys.fingerprint_key(window)))
         except (ObjectMissing, ValueError):
             return None
         fingerprint = record.get("fingerprint") if isinstance(record, dict) and record.get("window") == window else None
         return fingerprint if isinstance(fingerprint, str) else None
 
     def has_model(self, window: int) -> bool:
-        return self._held_model(window) is not None or self.bucket.exists(f"model-{window}.safetensors")
+        return self._held_model(window) is not None or self.bucket.exists(keys.model_key(window))
 
     def load_model(self, window: int) -> ModelState:
         held = self._held_model(window)
         if held is not None:
             return held
-        if self.behind is not None:
-            self.behind.wait(f"model-{window}.safetensors")
+        if self.writer is not None:
+            self.writer.wait(keys.model_key(window))
         try:
-            state = state_from_file(self.bucket.local_path(f"model-{window}.safetensors"))
+            state = state_from_file(self.bucket.local_path(keys.model_key(window)))
         except (ObjectMissing, FileNotFoundError):  # never written, or pruned (keep_windows) as it was opened
             raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
                                f"and checkpointed here, or it is older than the windows kept (run the windows in "
@@ -188,74 +218,88 @@ class StateStore:
         return dataclasses.replace(state, fingerprint=self._fingerprint(window))
 
     def model_windows(self) -> list[int]:
-        windows = {int(key[len("model-"):-len(".safetensors")]) for key in self.bucket.list("model-")
-                   if key.endswith(".safetensors")}
-        held = self.behind.model if self.behind is not None else None
+        windows = {keys.window_of_key(key, keys.MODEL) for key in self.bucket.list(keys.MODEL[0])} - {None}
+        held = self.writer.model if self.writer is not None else None
         return sorted(windows | ({held.window} if held is not None else set()))
 
     # ------------------------------------------------------------------ momentum
-    def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor], *, behind: bool = True
+    def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor], *, background: bool = True
                       ) -> None:
-        """Save a miner's momentum after `window`. When this store writes behind (and `behind`), the tensors are
-        kept, as they are, for the next window's load, and the file is queued: the caller must not modify them."""
-        key, marker = f"momentum-{uid}-{window}.safetensors", f"momentum-{uid}-{window}.pending"
-        if self.behind is None or not behind:
-            if self.behind is not None:
-                self.behind.wait(key)  # a queued write of the same key must not land after this one
-                self.behind.momentum.pop(uid, None)
+        """Save a miner's momentum after `window`. In the background (contract points 3, 4) the tensors are kept, as
+        they are, for the next window's load, and the file is queued: the caller must not modify them."""
+        key = keys.momentum_key(uid, window)
+        if self.writer is None or not background:
+            if self.writer is not None:
+                self.writer.wait(key)  # a queued write of the same key must not land after this one
+                self.writer.momentum.pop(uid, None)
             self._write_momentum(uid, window, momentum)
             return
-        self.behind.momentum[uid] = (window, momentum)
-        self.bucket.put(marker, b"")  # so that a write that never lands is told from a miner with no state
-        self.behind.submit(key, lambda: self._write_momentum(uid, window, momentum))
+        self.writer.momentum[uid] = (window, momentum)
+        # so that a write that never lands is told from a miner with no state
+        self.bucket.put(keys.momentum_pending_key(uid, window), b"")
+        self.writer.submit(key, lambda: self._write_momentum(uid, window, momentum))
 
     def _write_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
-        self.bucket.put_file(f"momentum-{uid}-{window}.safetensors", lambda path: save_file(tensors, path))
-        self.bucket.delete(f"momentum-{uid}-{window}.pending")
-        self._prune(f"momentum-{uid}-", window)
-        self._prune(f"momentum-{uid}-", window, ".pending")
+        self.bucket.put_file(keys.momentum_key(uid, window), lambda path: save_file(tensors, path))
+        self.bucket.delete(keys.momentum_pending_key(uid, window))
+        self._prune(keys.momentum_family(uid), window)
+        self._prune(keys.momentum_pending_family(uid), window)
 
     def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
         """Momentum after `window`, or None when the miner has no state there (it starts from zeros).
 
         The caller may update the returned tensors in place (ErrorFeedback does): a momentum held in memory is
-        handed over once its file has landed, and is no longer held. Raises MomentumLost when its write behind
+        handed over once its file has landed, and is no longer held. Raises MomentumLost when its background write
         never landed."""
-        key = f"momentum-{uid}-{window}.safetensors"
-        if self.behind is not None:
-            self.behind.wait(key)
-            held = self.behind.momentum.get(uid)
+        key = keys.momentum_key(uid, window)
+        if self.writer is not None:
+            self.writer.wait(key)
+            held = self.writer.momentum.get(uid)
             if held is not None and held[0] == window:
-                del self.behind.momentum[uid]
+                del self.writer.momentum[uid]
                 return held[1]
         try:
             return load_file(self.bucket.local_path(key))
         except ObjectMissing:
-            if self.bucket.exists(f"momentum-{uid}-{window}.pending"):
+            if self.bucket.exists(keys.momentum_pending_key(uid, window)):
                 raise MomentumLost(uid, window) from None
             return None
 
     # ------------------------------------------------------------------ metrics
     def record_held_out_loss(self, window: int, loss: float) -> None:
         """Held-out loss of θ_window, kept for the loss-over-windows chart (one small file per window)."""
-        self.bucket.put(f"held-out-{window}.json", json.dumps({"window": window, "loss": loss}).encode())
+        self.bucket.put(keys.held_out_key(window), json.dumps({"window": window, "loss": loss}).encode())
 
     def held_out_losses(self, last: int = 30) -> dict[int, float]:
         """The most recent `last` recorded held-out losses by window."""
-        windows = sorted(int(key[len("held-out-"):-len(".json")]) for key in self.bucket.list("held-out-"))[-last:]
-        return {w: float(json.loads(self.bucket.get(f"held-out-{w}.json"))["loss"]) for w in windows}
+        windows = {keys.window_of_key(key, keys.HELD_OUT) for key in self.bucket.list(keys.HELD_OUT[0])} - {None}
+        return {w: float(json.loads(self.bucket.get(keys.held_out_key(w)))["loss"]) for w in sorted(windows)[-last:]}
 
-    # ------------------------------------------------------------------ ratings
-    def save_ratings(self, ratings: Ratings) -> None:
-        self.bucket.put(f"ratings-{ratings.window}.json", ratings.to_json())
+    # ------------------------------------------------------------------ ratings and weights
+    def save_ratings(self, ratings: Ratings, weights: dict[int, float] | None) -> None:
+        """The ratings after `ratings.window` and the chain weights they give (None: nothing positive to set)."""
+        self.bucket.put(keys.ratings_key(ratings.window), ratings.to_json())
+        document = {"window": ratings.window, "weights": None if weights is None else
+                    {str(uid): weight for uid, weight in sorted(weights.items())}}
+        self.bucket.put(keys.weights_key(ratings.window), json.dumps(document, sort_keys=True).encode())
 
     def load_ratings(self, window: int) -> Ratings:
         """Ratings after `window`; fresh ratings when there are none (before the first evaluated window)."""
         try:
-            return Ratings.from_json(self.bucket.get(f"ratings-{window}.json"))
+            return Ratings.from_json(self.bucket.get(keys.ratings_key(window)))
         except ObjectMissing:
             return Ratings()
+
+    def load_weights(self, window: int) -> dict[int, float] | None:
+        """The weights saved with the ratings after `window` (None: nothing positive to set). StateMissing when the
+        ratings of `window` were not saved here."""
+        try:
+            document = json.loads(self.bucket.get(keys.weights_key(window)))
+        except ObjectMissing:
+            raise StateMissing(f"no ratings of window {window} in {self.root}: rate the window first") from None
+        weights = document["weights"]
+        return None if weights is None else {int(uid): float(weight) for uid, weight in weights.items()}
 
 
 def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelState:
@@ -282,5 +326,5 @@ def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelStat
     except CatchUpError as error:
         raise StateMissing(f"θ_{window} is not in {store.root} and resyncing from window {start.window} failed: "
                            f"{error} (run the earlier windows first)") from None
-    store.save_model(state, behind=True)
+    store.save_model(state)
     return store.load_model(window)  # with the fingerprint the save recorded

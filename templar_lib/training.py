@@ -5,6 +5,8 @@
 Sequences are processed in micro-batches of `batch_size` rows; gradients accumulate in the parameters' .grad
 (no extra copies) with each micro-batch weighted by its share of rows, so the result is independent of the
 micro-batch size up to float rounding. On CPU the result is deterministic.
+
+`held_out_loss` is the same loss on the dataset's held-out pages: how every checkpoint and training run is judged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from templar_lib.data import Dataset
+
+HELD_OUT_PAGES = 8  # held-out loss is measured on the first 8 held-out pages (checkpoints, audit, training runs)
 
 
 def micro_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -74,3 +80,8 @@ def _mean(losses: list[tuple[torch.Tensor, int]], rows: int) -> float:
     for loss, batch_rows in losses:
         total += float(loss) * batch_rows
     return total / rows
+
+
+def held_out_loss(model: torch.nn.Module, dataset: Dataset, *, batch_size: int, pages: int = HELD_OUT_PAGES) -> float:
+    """Mean loss of the θ `model` holds on the dataset's first `pages` held-out pages (never trained on)."""
+    return evaluate_loss(model, dataset.held_out_tokens(pages), batch_size)

@@ -6,15 +6,18 @@ import dagster as dg
 
 from templar_lib.audit import Audit, audit_checkpoint
 from templar_pipelines.assets.aggregator import published_checkpoint
-from templar_pipelines.resources import BucketsResource, TrainingResource
+from templar_pipelines.resources import BucketsResource, HParamsResource, TrainingResource
 
 MAX_HELD_OUT_REGRESSION = 0.05  # relative rise of held-out loss tolerated between consecutive checkpoints
 
 
-def _audit(buckets: BucketsResource, training: TrainingResource) -> Audit:
-    return audit_checkpoint(buckets.aggregator(), hparams=training.hparams(), preset=training.preset,
-                            dataset=buckets.dataset(), manifest=training.manifest(buckets),
-                            max_regression=MAX_HELD_OUT_REGRESSION)
+def run_audit(buckets: BucketsResource, hparams: HParamsResource, training: TrainingResource,
+              window: int | None = None) -> Audit:
+    """The audit of the configured deployment (its aggregator bucket, dataset and model preset on its device): what
+    the checks and `templar audit` report."""
+    dataset = buckets.dataset()
+    return audit_checkpoint(buckets.aggregator(), hparams=hparams.load(), model=training.model(dataset.vocab_size),
+                            dataset=dataset, window=window, max_regression=MAX_HELD_OUT_REGRESSION)
 
 
 def _metadata(audit: Audit) -> dict:
@@ -27,10 +30,10 @@ def _metadata(audit: Audit) -> dict:
     specs=[dg.AssetCheckSpec("checkpoint_matches_manifest", asset=published_checkpoint, blocking=True),
            dg.AssetCheckSpec("checkpoint_replays_from_previous", asset=published_checkpoint),
            dg.AssetCheckSpec("held_out_loss_within_threshold", asset=published_checkpoint)])
-def checkpoint_audit(buckets: BucketsResource, training: TrainingResource):
+def checkpoint_audit(buckets: BucketsResource, hparams: HParamsResource, training: TrainingResource):
     """Loads and sha256 matches the manifest; replay from the previous checkpoint reproduces it; held-out loss
     did not regress more than MAX_HELD_OUT_REGRESSION."""
-    audit = _audit(buckets, training)
+    audit = run_audit(buckets, hparams, training)
     metadata = _metadata(audit)
     yield dg.AssetCheckResult(check_name="checkpoint_matches_manifest", passed=audit.loads, metadata=metadata)
     yield dg.AssetCheckResult(check_name="checkpoint_replays_from_previous", passed=audit.replay_matches is not False,

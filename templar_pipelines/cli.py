@@ -30,8 +30,8 @@ from pathlib import Path
 
 from templar_lib.buckets import LocalBucket
 from templar_lib.data import build_dataset, read_manifest
-from templar_lib.data.pages import MANIFEST_KEY
 from templar_lib.hparams import HParams
+from templar_lib.wire.keys import MANIFEST as MANIFEST_KEY
 
 log = logging.getLogger("templar")
 
@@ -51,8 +51,8 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
     time at seconds_per_block, for `templar node`)."""
     from templar_lib.chain import LocalChain
     from templar_lib.checkpoints import ModelState
+    from templar_lib.commitments import register_local_network
     from templar_lib.model import build_model
-    from templar_lib.simulate import register_local_network
     from templar_lib.state import StateStore
 
     bucket = dataset_bucket(home)
@@ -136,7 +136,7 @@ def simulate(home: Path, *, hparams: HParams, miners: int, windows: int, adversa
 
 def local_network(home: Path, *, windows: int, json_path: Path | None) -> None:
     """Run `windows` more windows of the local network, one local_network_job run per window."""
-    from templar_pipelines.local import run_local_network
+    from templar_pipelines.local_network import run_local_network
 
     reports = run_local_network(home, windows=windows, on_window=print)
     if json_path is not None:
@@ -163,13 +163,12 @@ def node(home: Path, *, jobs: list[str], until_window: int | None, poll_seconds:
 
 
 def audit(home: Path, *, window: int | None) -> None:
-    from templar_lib.audit import audit_checkpoint
-    from templar_lib.buckets import Buckets
+    """The same audit as the checkpoint_audit checks, of the deployment the environment configures."""
+    from templar_pipelines.checks import run_audit
+    from templar_pipelines.resources import resources_from_env
 
-    buckets = Buckets.local(home)
-    hparams = HParams.load(os.environ.get("TEMPLAR_HPARAMS_FILE"), os.environ)
-    result = audit_checkpoint(buckets.aggregator, hparams=hparams, preset="tiny", dataset=buckets.dataset,
-                              manifest=read_manifest(buckets.dataset), window=window)
+    resources = resources_from_env({**os.environ, "TEMPLAR_HOME": str(home)})
+    result = run_audit(resources["buckets"], resources["hparams"], resources["training"], window=window)
     print(f"checkpoint-{result.window}: loads {result.loads}, replay matches {result.replay_matches}, "
           f"held-out loss {result.held_out_loss} (previous {result.previous_held_out_loss}), sha256 {result.sha256}")
     for reason in result.reasons:

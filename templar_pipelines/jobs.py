@@ -23,3 +23,5 @@ local_network_job = dg.define_asset_job(
     description="Every role of a window in one run (the local network).")
 audit_job = dg.define_asset_job("audit_job", selection=dg.AssetSelection.assets(published_checkpoint),
                                 description="Find the newest published checkpoint and audit it.")
+
+JOBS = {"miner": miner_job.name, "validator": validator_job.name, "aggregator": aggregator_job.name}  # by role

@@ -88,8 +88,7 @@ def aggregation_metadata(result: AggregatorResult) -> dict:
     return {"peers_used": ",".join(map(str, result.peers)) or "(none)", "peer_count": len(result.peers),
             "lr": result.lr, "step": result.step, "bytes": result.bytes,
             "key": result.key,
-            "skipped": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in result.skipped.items()) or "none"),
-            **({"update_norm": result.update_norm} if result.update_norm is not None else {})}
+            "skipped": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in result.skipped.items()) or "none")}
 
 
 def loss_chart(losses: Mapping[int, float]) -> dg.MarkdownMetadataValue:

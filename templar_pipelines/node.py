@@ -1,18 +1,16 @@
 """A resident node: one long-lived process that follows the chain and runs this node's role jobs in-process.
 
-The daemon + `new_block_sensor` path launches every run as a fresh process: ≈ 5–6 s of imports before any work,
-and θ (≈ 5 GB for the 1b preset) loaded again and put on the GPU again, every 84 s window. `templar node` plans the
-same runs with the same rules (`sensors.due_windows`), but executes them in its own process against the node's
+The daemon + `new_block_sensor` path launches every run as a fresh process: seconds of imports before any work, and
+θ loaded again and put on the GPU again, every window (bench/RESULTS.md). `templar node` plans the same runs with the
+same rules (templar_lib.schedule), but executes them in its own process against the node's
 Dagster instance, so the runs, their materialisations and metadata are in the UI as usual, while the Python process,
 the imported libraries and the built model (see `resources.cached_model`) stay warm between windows. Files are still
 written every window exactly as in a fresh-process run, so any window can be re-run or backfilled from the UI.
 
-θ and each miner's momentum are kept in memory from one window to the next and their files written behind, on a
-background thread (`state.WriteBehind`; TEMPLAR_STATE_WRITE_BEHIND=0 turns it off): for the 1b preset that takes
-≈ 9 GB of fsynced writes per window off the runs. The files are the same, written before the next window reads
-them and before the node exits; a momentum write a kill interrupted is recomputed by the miner's next run.
+θ and each miner's momentum are kept in memory from one window to the next and their files written in the background
+(templar_lib.state, whose docstring tells the durability contract; TEMPLAR_STATE_WRITE_BEHIND=0 turns it off).
 
-Run either the sensor or `templar node` for a role, not both: each keeps its own cursor.
+Run either the sensor or `templar node` for a role, not both: each keeps its own cursor (the schedule's, by role).
 The node's cursor is `<home>/state/node-cursor.json` (written atomically after every run), so a restarted node
 goes on where it stopped.
 """
@@ -30,14 +28,17 @@ from pathlib import Path
 
 import dagster as dg
 
+from templar_lib import schedule
 from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.chain import ChainError
-from templar_pipelines.local import execute_window, node_instance
-from templar_pipelines.resources import flush_state_writers, resources_from_env
-from templar_pipelines.sensors import ROLE_JOBS, due_windows, initial_cursor
+from templar_lib.state import WriteBehind
+from templar_lib.wire.keys import NODE_CURSOR
+from templar_pipelines.in_process import execute_window, node_instance
+from templar_pipelines.jobs import JOBS
+from templar_pipelines.resources import resources_from_env
+from templar_pipelines.sensors import load_cursor
 
 log = logging.getLogger(__name__)
-CURSOR_KEY = "node-cursor.json"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class NodeRun:
     seconds: float
 
 
-def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()), until_window: int | None = None,
+def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), until_window: int | None = None,
              poll_seconds: float = 2.0, environ: Mapping[str, str] | None = None,
              wait: Callable[[float], None] = time.sleep, on_run: Callable[[NodeRun], None] | None = None
              ) -> list[NodeRun]:
@@ -57,63 +58,61 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(ROLE_JOBS.values()
 
     until_window: stop once every selected role has handled this window (None: run until interrupted).
     wait(seconds) is called when nothing is due (tests advance a manual chain clock there). A failed run is
-    retried on the next poll; the roles after it in that tick wait, so windows still run in order.
+    retried on the next poll; the runs after it in that poll wait, so windows still run in order. Roles this node
+    does not run are not planned: another node (or the sensor) runs them.
     """
     from templar_pipelines.definitions import defs
 
-    unknown = set(jobs) - set(ROLE_JOBS.values())
+    roles = [role for role, job in JOBS.items() if job in jobs]
+    unknown = set(jobs) - set(JOBS.values())
     if unknown or not jobs:
-        raise ValueError(f"unknown jobs {sorted(unknown)}: choose one or more of {sorted(ROLE_JOBS.values())}")
+        raise ValueError(f"unknown jobs {sorted(unknown)}: choose one or more of {sorted(JOBS.values())}")
     home = Path(home).resolve()
     environ = {"TEMPLAR_STATE_WRITE_BEHIND": "1", **(environ if environ is not None else os.environ),
                "TEMPLAR_HOME": str(home)}
     resources = resources_from_env(environ)
     chain = resources["chain"].open()
-    offset = resources["training"].hparams().validator_offset
+    offset = resources["hparams"].load().validator_offset
     state = LocalBucket(home / "state")
     try:
-        cursor = json.loads(state.get(CURSOR_KEY))
+        cursor = load_cursor(state.get(NODE_CURSOR).decode())
     except ObjectMissing:
         cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
     with node_instance(home, environ) as instance, _flushing_state():
-        while cursor is None or until_window is None or min(
-                cursor[role] for role, job in ROLE_JOBS.items() if job in jobs) < until_window:
+        while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
                 current = chain.window()
             except ChainError as error:  # a node outlives a chain endpoint's bad minute
                 log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
                 wait(poll_seconds)
                 continue
-            cursor = cursor if cursor is not None else initial_cursor(current, offset)
-            requests, _ = due_windows(current, offset, cursor)
-            if until_window is not None:
-                requests = [(job, window) for job, window in requests if window <= until_window]
-            if not requests:
+            cursor = cursor if cursor is not None else schedule.initial_cursor(current, offset)
+            due = [(role, window) for role, window in schedule.due_runs(current, offset, cursor, roles)
+                   if until_window is None or window <= until_window]
+            if not due:
                 wait(poll_seconds)
                 continue
-            for job_name, window in requests:
-                role = next(role for role, job in ROLE_JOBS.items() if job == job_name)
-                if job_name in jobs:
-                    run = _execute(defs.resolve_job_def(job_name), window, instance=instance, resources=resources)
-                    runs.append(run)
-                    if on_run is not None:
-                        on_run(run)
-                    if not run.success:
-                        wait(poll_seconds)
-                        break
-                cursor = cursor | {role: window}  # other roles' runs (the sensor's, another node's) are skipped
-                state.put(CURSOR_KEY, json.dumps(cursor, sort_keys=True).encode())
+            for role, window in due:
+                run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance, resources=resources)
+                runs.append(run)
+                if on_run is not None:
+                    on_run(run)
+                if not run.success:
+                    wait(poll_seconds)
+                    break
+                cursor = schedule.advanced(cursor, [(role, window)])
+                state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
     return runs
 
 
 @contextlib.contextmanager
 def _flushing_state() -> Iterator[None]:
-    """θ and momentum written behind land before the node returns or exits (an interrupt included)."""
+    """θ and momentum written in the background land before the node returns or exits (an interrupt included)."""
     try:
         yield
     finally:
-        flush_state_writers()
+        WriteBehind.flush_all()
 
 
 def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict) -> NodeRun:

@@ -10,5 +10,6 @@ import dagster as dg
 window_partitions = dg.DynamicPartitionsDefinition(name="window")
 
 
-def window_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
+def partition_window(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
+    """The window a partitioned run works on."""
     return int(context.partition_key)

@@ -1,12 +1,15 @@
-"""Resources: configuration of the external systems a node talks to, each returning a templar_lib object.
+"""Resources: each configures one external system or one concern of a node, and returns templar_lib objects.
 
-    chain     ChainResource     local://… (embedded SQLite, default) or bittensor://…
-    buckets   BucketsResource   file://… (default) or s3://… through dagster-aws S3Resource (boto3; R2/MinIO)
-    training  TrainingResource  preset, device, dtype, hyper-parameters, the node's uids and its state store
-    wandb     WandbResource     metrics per window (offline by default; disabled in tests)
+    hparams    HParamsResource   the protocol's hyper-parameters (file + TEMPLAR_HP_* overrides)
+    chain      ChainResource     local://… (embedded SQLite, default) or bittensor://…
+    buckets    BucketsResource   file://… (default) or s3://… through dagster-aws S3Resource; the dataset manifest
+    training   TrainingResource  the model: preset, device, compilation (one model object per process)
+    node       NodeResource      who this node is (miner uids, validator uid) and its state store (θ, momentum,
+                                 ratings), with θ_w brought up to date from published checkpoints when behind
+    wandb      WandbResource     metrics per window (offline by default; disabled in tests)
 
-Only `resources_from_env` reads the environment. Secrets are never fields here: S3 credentials come from
-boto3's own chain (or `dg.EnvVar` on the S3Resource), wallets from their files.
+`resources_from_env` is the one place that reads the environment and picks each implementation. Secrets are never
+fields here: S3 credentials come from boto3's own chain (or `dg.EnvVar` on the S3Resource), wallets from their files.
 """
 
 from __future__ import annotations
@@ -23,16 +26,28 @@ from pydantic import Field
 
 from templar_lib.buckets import Bucket, open_bucket
 from templar_lib.chain import Chain, open_chain
-from templar_lib.data import Manifest, read_manifest
+from templar_lib.checkpoints import ModelState
+from templar_lib.commitments import PeerBuckets, peer_buckets
+from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 
 
+class HParamsResource(dg.ConfigurableResource):
+    file: str | None = Field(default=None, description="JSON/YAML hyper-parameters (default: DESIGN §4)")
+    overrides: dict[str, str] = Field(default_factory=dict, description="TEMPLAR_HP_<FIELD> values")
+
+    def load(self) -> HParams:
+        return HParams.load(self.file, self.overrides)
+
+
 class ChainResource(dg.ConfigurableResource):
     url: str = Field(description="local:///abs/chain.sqlite[?uid=N] or bittensor://<network>?netuid=N&wallet=..")
+    hparams: HParamsResource
 
     def open(self) -> Chain:
-        return open_chain(self.url)
+        """The chain, counting HParams.blocks_per_window blocks per window (a URL that says otherwise is refused)."""
+        return open_chain(self.url, blocks_per_window=self.hparams.load().blocks_per_window)
 
     def open_as(self, uid: int) -> Chain:
         """A handle acting as `uid`: on a local chain any uid (one operator runs every node); a bittensor chain
@@ -62,61 +77,63 @@ class BucketsResource(dg.ConfigurableResource):
     def gradients(self) -> Bucket:
         return self._open(self.gradients_url)
 
-    def dataset(self) -> Bucket:
-        return self._open(self.dataset_url)
+    def dataset(self) -> Dataset:
+        """The dataset bucket with its validated manifest."""
+        return Dataset.open(self._open(self.dataset_url))
 
     def aggregator(self) -> Bucket:
         return self._open(self.aggregator_url)
 
+    def peers(self, chain: Chain) -> PeerBuckets:
+        """The buckets the chain's commitments point to (local ones only on a local network)."""
+        return peer_buckets(chain.commitments(), allow_local=self.allow_local_peers)
+
 
 class TrainingResource(dg.ConfigurableResource):
     preset: str = Field(default="tiny", description="model preset: tiny, small, 1b")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto")
-    hparams_file: str | None = Field(default=None, description="JSON/YAML hyper-parameters (default: DESIGN §4)")
-    hparams_overrides: dict[str, str] = Field(default_factory=dict, description="TEMPLAR_HP_* values")
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    compile: bool = Field(default=False, description="torch.compile the model (≈ 40 s once per process, so for a "
+                                                     "resident node; bench/RESULTS.md has the speed-up)")
+
+    def model(self, vocab_size: int):
+        """This node's model object (preset, device), whatever θ it last held: callers load the θ they need."""
+        return cached_model(self.preset, vocab_size, self.device, compile=self.compile)
+
+
+class NodeResource(dg.ConfigurableResource):
     state_dir: str = Field(description="node-local state: θ_w, momentum, ratings")
-    seed: int = Field(default=0, description="seed of θ_0")
-    miner_uids: list[int] = Field(default_factory=list, description="uids this node mines for")
-    validator_uid: int | None = Field(default=None, description="uid this node validates as")
-    keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store (≈ 5 GB "
-                                                      "each for the 1b preset); older θ is rebuilt from checkpoints")
+    miner_uids: list[int] = Field(default_factory=list, description="uids this node mines for (default: every uid "
+                                                                     "without a validator permit, a local network)")
+    validator_uid: int | None = Field(default=None, description="uid this node validates as (default: the chain's "
+                                                                "first validator, a local network)")
+    keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store; older θ is "
+                                                      "rebuilt from checkpoints")
     write_behind: bool = Field(default=False, description="keep θ and momentum in memory for the next window and "
                                                           "write their files in the background (a resident node)")
-    compile: bool = Field(default=False, description="torch.compile the model (GPU nodes: 1b miner step 39 → 48 % "
-                                                     "MFU on an H200; ≈ 40 s of compilation once per process, so for a "
-                                                     "resident node)")
-
-    def hparams(self) -> HParams:
-        return HParams.load(self.hparams_file, self.hparams_overrides)
+    hparams: HParamsResource
+    buckets: BucketsResource
+    training: TrainingResource
 
     def store(self) -> StateStore:
-        behind = state_writer(self.state_dir) if self.write_behind else None
-        return StateStore(self.state_dir, keep_windows=self.keep_windows, behind=behind)
+        writer = WriteBehind.for_directory(self.state_dir) if self.write_behind else None
+        return StateStore(self.state_dir, keep_windows=self.keep_windows, writer=writer)
 
-    def state_at(self, window: int, buckets: BucketsResource):
-        """θ_window from the state store, resynced from published checkpoints and aggregations when this node is
-        behind; dg.Failure with a clear message when neither has it."""
+    def sync_state(self, window: int) -> ModelState:
+        """θ_window from the state store, replayed from published checkpoints and aggregations (and saved) when this
+        node is behind; dg.Failure with a clear message when neither has it."""
         try:
-            return sync_to(self.store(), buckets.aggregator(), window, hparams=self.hparams())
+            return sync_to(self.store(), self.buckets.aggregator(), window, hparams=self.hparams.load())
         except StateMissing as missing:  # retrying cannot help: the previous window must run first
             raise dg.Failure(description=str(missing), allow_retries=False) from None
 
-    def model_at(self, window: int, buckets: BucketsResource, manifest: Manifest):
-        """(model holding θ_window, its ModelState). The model object is built once per process (see cached_model)
-        and θ_window copied into it every call."""
+    def model_at(self, window: int, dataset: Dataset):
+        """(model holding θ_window, its ModelState): the process's model object with θ_window copied in."""
         from templar_lib.model import load_parameters_
 
-        state = self.state_at(window, buckets)
-        model = self.model(manifest)
+        state = self.sync_state(window)
+        model = self.training.model(dataset.vocab_size)
         load_parameters_(model, state.parameters)
         return model, state
-
-    def model(self, manifest: Manifest):
-        """This node's model object (preset, device), whatever θ it last held: callers load the θ they need."""
-        return cached_model(self.preset, manifest.vocab_size, self.device, compile=self.compile)
-
-    def manifest(self, buckets: BucketsResource) -> Manifest:
-        return read_manifest(buckets.dataset())
 
     def miners(self, chain: Chain) -> list[int]:
         """The uids this node mines for: configured, else every uid without a validator permit (local network)."""
@@ -177,7 +194,9 @@ def _environment(values: Mapping[str, str]):
 def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableResource]:
     """Embedded local defaults under TEMPLAR_HOME (default ./.templar); each URL overridable by a variable."""
     home = Path(environ.get("TEMPLAR_HOME", ".templar")).resolve()
-    chain = ChainResource(url=environ.get("TEMPLAR_CHAIN_URL", f"local://{home}/chain.sqlite"))
+    hparams = HParamsResource(file=environ.get("TEMPLAR_HPARAMS_FILE"),
+                              overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")})
+    chain = ChainResource(url=environ.get("TEMPLAR_CHAIN_URL", f"local://{home}/chain.sqlite"), hparams=hparams)
     s3 = None
     if environ.get("TEMPLAR_S3_ENDPOINT_URL"):
         s3 = S3Resource(endpoint_url=environ["TEMPLAR_S3_ENDPOINT_URL"], region_name=environ.get("AWS_REGION", "auto"))
@@ -186,19 +205,21 @@ def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableR
         dataset_url=environ.get("TEMPLAR_DATASET_URL", (home / "dataset").as_uri()),
         aggregator_url=environ.get("TEMPLAR_AGGREGATOR_URL", (home / "aggregator").as_uri()),
         allow_local_peers=chain.is_local, enforce_upload_window=not chain.is_local, s3=s3)
-    miner_uids = [int(u) for u in environ.get("TEMPLAR_MINER_UIDS", "").split(",") if u.strip()]
+    training = TrainingResource(preset=environ.get("TEMPLAR_PRESET", "tiny"),
+                                device=environ.get("TEMPLAR_DEVICE", "cpu"),
+                                compile=environ.get("TEMPLAR_COMPILE", "0") == "1")
     validator = environ.get("TEMPLAR_VALIDATOR_UID")
-    training = TrainingResource(
-        preset=environ.get("TEMPLAR_PRESET", "tiny"), device=environ.get("TEMPLAR_DEVICE", "cpu"),
-        hparams_file=environ.get("TEMPLAR_HPARAMS_FILE"), state_dir=str(home / "state"),
-        hparams_overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")},
-        miner_uids=miner_uids, validator_uid=int(validator) if validator else None,
+    node = NodeResource(
+        state_dir=str(home / "state"),
+        miner_uids=[int(u) for u in environ.get("TEMPLAR_MINER_UIDS", "").split(",") if u.strip()],
+        validator_uid=int(validator) if validator else None,
         keep_windows=int(environ.get("TEMPLAR_STATE_KEEP_WINDOWS", "4")),
         write_behind=environ.get("TEMPLAR_STATE_WRITE_BEHIND", "0") == "1",
-        compile=environ.get("TEMPLAR_COMPILE", "0") == "1")
+        hparams=hparams, buckets=buckets, training=training)
     wandb = WandbResource(mode=environ.get("TEMPLAR_WANDB_MODE", "offline"), directory=str(home / "wandb"),
                           api_key=dg.EnvVar("WANDB_API_KEY") if "WANDB_API_KEY" in environ else None)
-    return {"chain": chain, "buckets": buckets, "training": training, "wandb": wandb}
+    return {"hparams": hparams, "chain": chain, "buckets": buckets, "training": training, "node": node,
+            "wandb": wandb}
 
 
 _MODELS: dict[tuple[str, int, str, bool], object] = {}
@@ -209,8 +230,8 @@ def cached_model(preset: str, vocab_size: int, device: str, *, compile: bool = F
     asked: parameter names and tensors stay the model's own, so θ is still copied in with load_parameters_).
 
     A fresh-process run builds it once either way; a resident process (`templar node`, `templar local-network`)
-    keeps it, and for the 1b preset that saves initialising 1.2 B parameters on the GPU every window. Callers
-    always overwrite every parameter (load_parameters_), and runs in one process execute one step at a time.
+    keeps it, which for a large preset saves initialising it on the GPU every window. Callers always overwrite every
+    parameter (load_parameters_), and runs in one process execute one step at a time.
     """
     from templar_lib.model import build_model
 
@@ -222,22 +243,3 @@ def cached_model(preset: str, vocab_size: int, device: str, *, compile: bool = F
             model.compile()
         _MODELS[key] = model
     return _MODELS[key]
-
-
-_WRITERS: dict[str, WriteBehind] = {}
-
-
-def state_writer(state_dir: str) -> WriteBehind:
-    """The process's WriteBehind for a state directory: shared by every run this process executes, so one window
-    hands θ and momentum to the next in memory. Only a resident process (`templar node`) turns it on, and it calls
-    flush_state_writers before it exits."""
-    key = str(Path(state_dir).resolve())
-    if key not in _WRITERS:
-        _WRITERS[key] = WriteBehind()
-    return _WRITERS[key]
-
-
-def flush_state_writers() -> None:
-    """Wait until every state file this process wrote behind has landed (raises the first write that failed)."""
-    for writer in list(_WRITERS.values()):
-        writer.flush()

@@ -14,6 +14,8 @@ Selection is a pure function of (window, uid), so a validator recomputes exactly
 
     pages_for(window, uid, n, total)     the miner's pages: n distinct pages of [0, total)
     random_pages(window, seed, n, total) a validator's comparison pages, from an independent stream
+
+Roles read pages through a `Dataset`: the bucket and its validated manifest, which always travel together.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import torch
 from templar_lib.buckets import Bucket
 from templar_lib.data import corpus
 from templar_lib.data.tokenizer import load_tokenizer, train_tokenizer
+from templar_lib.wire.keys import MANIFEST as MANIFEST_KEY
+from templar_lib.wire.keys import TOKENIZER as TOKENIZER_KEY
+from templar_lib.wire.keys import page_key
 
-MANIFEST_KEY = "manifest.json"
-TOKENIZER_KEY = "tokenizer.json"
 FORMAT_VERSION = 1
 MAX_PAGE_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -42,10 +45,6 @@ MAX_PAGE_EXPANSION = 4  # a page's decoded column data may be at most this many 
 
 class InvalidPage(ValueError):
     """A page, manifest or tokenizer from the dataset bucket failed validation; the message says why."""
-
-
-def page_key(page: int) -> str:
-    return f"data_{page}.parquet"
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,34 @@ class Manifest:
         if not all(isinstance(digest, str) and len(digest) == 64 for digest in raw["page_sha256"]):
             raise InvalidPage("manifest: page_sha256 must hold sha256 hex digests")
         return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset bucket and its validated manifest."""
+
+    bucket: Bucket
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, bucket: Bucket) -> Dataset:
+        return cls(bucket, read_manifest(bucket))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def tokens(self, pages: list[int]) -> torch.Tensor:
+        """The pages' token ids stacked in the order given: (len(pages) · rows_per_page, sequence_length) int64."""
+        return load_pages(self.bucket, self.manifest, pages)
+
+    def miner_pages(self, window: int, uid: int, count: int) -> list[int]:
+        """The training pages `uid` must use in `window` (pages_for over the training pages)."""
+        return pages_for(window, uid, count, self.manifest.train_pages)
+
+    def held_out_tokens(self, count: int) -> torch.Tensor:
+        """The first `count` held-out pages: what held-out loss is measured on."""
+        return self.tokens(self.manifest.held_out[:count])
 
 
 # ---------------------------------------------------------------------------------------------------- building

@@ -13,8 +13,8 @@ import torch
 from templar_lib.aggregation import learning_rate_at
 from templar_lib.buckets import Bucket
 from templar_lib.checkpoints import model_fingerprint
+from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
-from templar_lib.data import Manifest, load_pages, pages_for
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.state import MomentumLost, StateMissing, StateStore
@@ -53,11 +53,10 @@ def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor]
                           for name, m in momentum.items()}, **settings)
 
 
-def window_pages(window: int, uid: int, *, dataset: Bucket, manifest: Manifest,
-                 hparams: HParams) -> tuple[list[int], torch.Tensor]:
+def window_pages(window: int, uid: int, *, dataset: Dataset, hparams: HParams) -> tuple[list[int], torch.Tensor]:
     """The pages `uid` trains on in `window` and their tokens."""
-    pages = pages_for(window, uid, hparams.pages_per_window, manifest.train_pages)
-    return pages, load_pages(dataset, manifest, pages)
+    pages = dataset.miner_pages(window, uid, hparams.pages_per_window)
+    return pages, dataset.tokens(pages)
 
 
 def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch.Tensor, *, step: int,
@@ -74,18 +73,17 @@ def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int
     model_hash: θ_w's fingerprint when the caller already has it (one per window, however many uids it mines)."""
     loss, sparse = fold_gradient(model, feedback, tokens, step=step, hparams=hparams)
     model_hash = model_hash or model_fingerprint(parameters_of(model))
-    return loss, Gradient(window, uid, sparse, hparams.protocol_hash(), model_hash)
+    return loss, Gradient.of(window, uid, sparse, hparams, model_hash)
 
 
 def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,
-               dataset: Bucket, manifest: Manifest, gradients: Bucket, hparams: HParams,
-               model_hash: str | None = None) -> MinerResult:
+               dataset: Dataset, gradients: Bucket, hparams: HParams, model_hash: str | None = None) -> MinerResult:
     """One window of mining on θ_w (the model's current weights, outer step `step`; model_hash its fingerprint)."""
     started = time.perf_counter()
-    pages, tokens = window_pages(window, uid, dataset=dataset, manifest=manifest, hparams=hparams)
+    pages, tokens = window_pages(window, uid, dataset=dataset, hparams=hparams)
     loss, gradient = compute_gradient(window, uid, model=model, step=step, feedback=feedback, tokens=tokens,
                                       hparams=hparams, model_hash=model_hash)
-    data = write_gradient(gradient, version=hparams.gradient_format, values=hparams.gradient_value_dtype)
+    data = write_gradient(gradient)
     key = gradient_key(window, uid)
     gradients.put(key, data)
     dense_bytes = sum(math.prod(s.shape) for s in gradient.tensors.values()) * 4
@@ -93,8 +91,8 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feed
                        time.perf_counter() - started)
 
 
-def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store, dataset: Bucket,
-                manifest: Manifest, gradients: Bucket, hparams: HParams,
+def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store: StateStore,
+                dataset: Dataset, gradients: Bucket, hparams: HParams,
                 model_hash: str | None = None) -> list[MinerResult]:
     """miner_step for every uid this node serves, each from its momentum after window − 1 (zeros if none) in the
     node's StateStore, saving the momentum after `window`: re-running a window reproduces the same files."""
@@ -106,20 +104,19 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
             momentum = store.load_momentum(uid, window - 1)
             source = "carried" if momentum is not None else "zeros"
         except MomentumLost as lost:
-            momentum = recompute_momentum(lost, model=model, store=store, dataset=dataset, manifest=manifest,
-                                          hparams=hparams)
+            momentum = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
             source = "recomputed" if momentum is not None else "zeros (lost, not recomputable)"
         feedback = new_feedback(parameters, hparams, momentum=momentum)
         result = miner_step(window, uid, model=model, step=step, feedback=feedback, dataset=dataset,
-                            manifest=manifest, gradients=gradients, hparams=hparams, model_hash=model_hash)
+                            gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source))
         store.save_momentum(uid, window, feedback.momentum)
     return results
 
 
-def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Bucket,
-                       manifest: Manifest, hparams: HParams) -> dict[str, torch.Tensor] | None:
-    """The momentum a write behind lost, computed again: fold the lost window's gradient of θ_window on the uid's
+def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Dataset,
+                       hparams: HParams) -> dict[str, torch.Tensor] | None:
+    """The momentum a background write lost (state.py, contract point 4), computed again: fold the lost window's gradient of θ_window on the uid's
     pages into the momentum before it, exactly as that window did (mining is deterministic given θ, pages, step and
     momentum), save it synchronously and return it. The model is restored to the θ it held. Falls back to None
     (zeros) only when θ_window is no longer in the store either; the warning says so."""
@@ -135,9 +132,9 @@ def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: Sta
     try:
         load_parameters_(model, state.parameters)
         feedback = new_feedback(parameters_of(model), hparams, momentum=before)
-        _, tokens = window_pages(window, uid, dataset=dataset, manifest=manifest, hparams=hparams)
+        _, tokens = window_pages(window, uid, dataset=dataset, hparams=hparams)
         fold_gradient(model, feedback, tokens, step=state.step, hparams=hparams)
     finally:
         load_parameters_(model, current)
-    store.save_momentum(uid, window, feedback.momentum, behind=False)
+    store.save_momentum(uid, window, feedback.momentum, background=False)
     return feedback.momentum

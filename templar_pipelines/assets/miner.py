@@ -4,20 +4,20 @@ from templar_lib.roles.miner import mine_window
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata
-from templar_pipelines.partitions import window_of, window_partitions
-from templar_pipelines.resources import BucketsResource, ChainResource, TrainingResource, WandbResource
+from templar_pipelines.partitions import partition_window, window_partitions
+from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
 @dg.asset(partitions_def=window_partitions, group_name="miner", kinds={"pytorch", "s3"}, deps=[dataset_pages],
           pool=MODEL_STATE_POOL, op_tags=GPU_TAGS, retry_policy=NETWORK_RETRY)
 def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
-              training: TrainingResource, wandb: WandbResource) -> dg.MaterializeResult:
+              hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid} (compressed momentum)."""
-    window, hparams, manifest = window_of(context), training.hparams(), training.manifest(buckets)
-    model, state = training.model_at(window, buckets, manifest)
-    results = mine_window(window, training.miners(chain.open()), model=model, step=state.step,
-                          store=training.store(), dataset=buckets.dataset(), manifest=manifest,
-                          gradients=buckets.gradients(), hparams=hparams, model_hash=state.fingerprint)
+    window, dataset = partition_window(context), buckets.dataset()
+    model, state = node.model_at(window, dataset)
+    results = mine_window(window, node.miners(chain.open()), model=model, step=state.step, store=node.store(),
+                          dataset=dataset, gradients=buckets.gradients(), hparams=hparams.load(),
+                          model_hash=state.fingerprint)
     metadata = gradients_metadata(results)
     wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

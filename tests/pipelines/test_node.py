@@ -69,7 +69,7 @@ def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_en
 
 
 def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
-    from templar_pipelines.local import PID_TAG, recover_dead_runs
+    from templar_pipelines.in_process import PID_TAG, recover_dead_runs
 
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
     with dg.instance_for_test() as instance:

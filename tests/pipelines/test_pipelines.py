@@ -12,7 +12,7 @@ from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import tensors_key
 from templar_pipelines import defs
 from templar_pipelines.instance import SQLITE_YAML
-from templar_pipelines.local import run_local_network
+from templar_pipelines.local_network import run_local_network
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import new_block_sensor
 from tests.conftest import ROOT

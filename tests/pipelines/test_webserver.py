@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from templar_pipelines.instance import prepare_dagster_home
-from templar_pipelines.local import run_local_network
+from templar_pipelines.local_network import run_local_network
 from templar_lib.hparams import HParams
 from templar_pipelines.cli import init
 from tests.conftest import FAST_HPARAMS, ROOT

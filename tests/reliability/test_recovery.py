@@ -19,7 +19,7 @@ from templar_lib.state import StateMissing, StateStore, sync_to
 from templar_lib.wire import read_gradient
 from templar_pipelines import defs
 from templar_pipelines.cli import init
-from templar_pipelines.local import run_local_network
+from templar_pipelines.local_network import run_local_network
 from templar_pipelines.resources import resources_from_env
 from tests.conftest import FAST_HPARAMS, ROOT
 

@@ -13,7 +13,7 @@ from bittensor import Wallet
 from templar_lib.buckets import BucketAccessDenied, S3Bucket
 from templar_lib.chain import ChainError
 from templar_lib.chain.bittensor import BittensorChain
-from templar_pipelines.local import run_local_network
+from templar_pipelines.local_network import run_local_network
 from tests.fakes.substrate import FakeSubstrate
 from tests.s3 import FaultProxy
 

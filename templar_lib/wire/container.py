@@ -1,0 +1,170 @@
+"""The container every templar file shares: a standard safetensors file whose `__metadata__["templar"]` is a JSON
+object, and the checks that run on untrusted bytes before a single tensor is trusted.
+
+    8 bytes   little-endian header length
+    header    JSON: {tensor name: {dtype, shape, data_offsets}, "__metadata__": {"templar": "<JSON>"}}
+    body      the raw tensors, back to back
+
+`parse_header` checks the size limit, the header length, JSON without duplicate keys, each entry's schema, the dtypes
+(the table in templar_lib.encodings), that each tensor's byte range matches its shape and lies inside the file, and that
+the ranges neither overlap nor leave gaps. `parse_templar_file` then checks the templar header's kind, format and
+window. Every failure raises InvalidFile with a one-line reason that never quotes more than a few bytes of the file.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from templar_lib.compression import chunk_shape
+from templar_lib.encodings import ITEM_BYTES
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a gradient file (HParams.max_gradient_bytes has the same default)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class InvalidFile(ValueError):
+    """A file from a bucket failed validation. str(error) is a one-line reason."""
+
+
+def index_dtype(chunk_size: int) -> torch.dtype:
+    """Smallest integer dtype holding every index of a chunk: ≤256 -> uint8, ≤32768 -> int16, else int32."""
+    if chunk_size <= 1 << 8:
+        return torch.uint8
+    if chunk_size <= 1 << 15:
+        return torch.int16
+    return torch.int32
+
+
+def index_code(chunk_size: int) -> str:
+    return {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}[index_dtype(chunk_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def save_templar_file(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
+    """Safetensors bytes with `header` as the templar metadata: deterministic (sorted JSON keys, one metadata key:
+    safetensors keeps metadata in a hash map whose order, and so the bytes, varies with several)."""
+    return safetensors_save(tensors, metadata={"templar": json.dumps(header, sort_keys=True)})
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Safetensors header of untrusted bytes, validated: (tensor entries by name, __metadata__)."""
+    expect(isinstance(data, (bytes, bytearray, memoryview)), "not bytes")
+    expect(len(data) <= max_bytes, f"file of {len(data)} bytes exceeds the limit of {max_bytes}")
+    expect(len(data) >= 8, "file shorter than a safetensors header")
+    (header_length,) = struct.unpack("<Q", bytes(data[:8]))
+    expect(header_length <= min(MAX_HEADER_BYTES, len(data) - 8),
+           f"declared header length {header_length} exceeds the file or the header limit")
+    try:
+        header = json.loads(bytes(data[8:8 + header_length]), object_pairs_hook=no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise InvalidFile(f"header is not valid JSON: {str(error)[:120]}") from None
+    expect(isinstance(header, dict), "header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    expect(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
+           "__metadata__ must map strings to strings")
+    body = len(data) - 8 - header_length
+    spans = []
+    for name, entry in header.items():
+        expect(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
+               f"tensor {name[:80]!r}: malformed entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        expect(dtype in ITEM_BYTES, f"tensor {name[:80]!r}: dtype {str(dtype)[:20]!r} not allowed")
+        expect(isinstance(shape, list) and len(shape) <= 4 and all(is_int(n) and n >= 0 for n in shape),
+               f"tensor {name[:80]!r}: malformed shape")
+        expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+               and 0 <= offsets[0] <= offsets[1] <= body, f"tensor {name[:80]!r}: data offsets outside the file")
+        expect(offsets[1] - offsets[0] == math.prod(shape) * ITEM_BYTES[dtype],
+               f"tensor {name[:80]!r}: declared size does not match its shape")
+        spans.append(tuple(offsets))
+    position = 0
+    for start, end in sorted(spans):
+        expect(start == position, "tensor data overlaps or leaves gaps")
+        position = end
+    expect(position == body, "trailing bytes after the tensor data")
+    return header, metadata
+
+
+def parse_templar_file(data: bytes, *, kind: str, formats: Iterable[int], window: int, max_bytes: int
+                       ) -> tuple[dict[str, dict], dict]:
+    """Container checks shared by every templar file: safetensors header, then kind, format and window.
+    Returns (tensor entries by name, the templar header)."""
+    entries, metadata = parse_header(data, max_bytes=max_bytes)
+    header = templar_header(metadata)
+    expect(header.get("kind") == kind, f"kind is {str(header.get('kind'))[:40]!r}, expected {kind!r}")
+    expect(is_int(header.get("format")) and header["format"] in tuple(formats),
+           f"unsupported format {str(header.get('format'))[:20]!r}")
+    expect(is_int(header.get("window")) and header["window"] == window,
+           f"header window {str(header.get('window'))[:20]} does not match {window}")
+    return entries, header
+
+
+def templar_header(metadata: dict[str, str]) -> dict:
+    expect("templar" in metadata, "no templar header in __metadata__")
+    try:
+        header = json.loads(metadata["templar"], object_pairs_hook=no_duplicate_keys)
+    except (json.JSONDecodeError, ValueError) as error:
+        raise InvalidFile(f"templar header is not valid JSON: {str(error)[:120]}") from None
+    expect(isinstance(header, dict), "templar header is not a JSON object")
+    return header
+
+
+def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a file whose header has been validated; InvalidFile for anything safetensors rejects."""
+    try:
+        return safetensors_load(data)
+    except Exception as error:  # safetensors raises SafetensorError
+        raise InvalidFile(f"safetensors rejected the file: {str(error).splitlines()[0][:200]}") from None
+
+
+def declared_layout(name: str, declared: object, fields: set[str], shape: tuple[int, ...],
+                    target_chunk: int) -> tuple[tuple[int, ...], int, int]:
+    """Check a header's param entry (exactly `fields`) against the model: (chunk, chunk size, number of chunks)."""
+    expect(isinstance(declared, dict) and set(declared) == fields, f"{name}: malformed param entry")
+    expect(declared["shape"] == list(shape), f"{name}: shape {str(declared['shape'])[:40]} differs from the model's "
+                                             f"{list(shape)}")
+    chunk = chunk_shape(shape, target_chunk)
+    expect(declared["chunk"] == list(chunk), f"{name}: chunk {str(declared['chunk'])[:40]} differs from {list(chunk)}")
+    return chunk, math.prod(chunk), math.prod(shape) // math.prod(chunk)
+
+
+def check_indices(name: str, idx: torch.Tensor, chunk_size: int) -> None:
+    """Indices within a chunk, (rows, k) int64: each in [0, chunk_size), none repeated within a row."""
+    if idx.numel():
+        expect(int(idx.min()) >= 0 and int(idx.max()) < chunk_size, f"{name}: index outside [0, {chunk_size})")
+        ordered = idx.sort(dim=1).values
+        expect(bool((ordered[:, 1:] != ordered[:, :-1]).all()), f"{name}: repeated index within a chunk")
+
+
+def check_finite(name: str, values: torch.Tensor) -> None:
+    expect(bool(torch.isfinite(values.float()).all()), f"{name}: non-finite value")
+
+
+# ---------------------------------------------------------------------------------------------------- JSON helpers
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key in JSON object")
+    return dict(pairs)
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def set_difference(what: str, found: set[str], expected: set[str]) -> str:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    return f"{what} differ from the model: missing {missing[:3]}, unexpected {[e[:60] for e in extra[:3]]}"
+
+
+def expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise InvalidFile(reason)
