@@ -3,7 +3,7 @@ and against one local training step (the work it must stay small next to).
 
     reference: per parameter, densify each normalised peer, sum and count in dense (n_chunks, chunk) tensors,
                divide, inverse DCT with einsum, sign — a loop over peers as Templar's batch_decompress does.
-    ours:      templar_lib.aggregation.combine_peers + sign_directions (one scatter_add over all peers, batched
+    ours:      templar_lib.aggregation.aggregate_window + sign_directions (one scatter_add over all peers, batched
                inverse DCT). Writing aggregation-{window} (the scan for nonzeros into compressed rows + safetensors)
                is timed on its own: the sign update does not need it.
     replay:    what every node does with the published file each window to reach θ_{window+1} (`sync_to`, the
@@ -27,11 +27,11 @@ from timing import timed  # bench/timing.py (the script's folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from templar_lib.aggregation import apply_aggregation_, combine_peers, sign_directions  # noqa: E402
+from templar_lib.aggregation import aggregate_window, apply_aggregation_, sign_directions  # noqa: E402
 from templar_lib.compression import dct_matrix, encode, normalized_vals, sparsify  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.training import loss_and_gradients  # noqa: E402
-from templar_lib.wire import SIGNS_FORMAT, read_aggregation, write_aggregation  # noqa: E402
+from templar_lib.wire import AggregationFormat, read_aggregation, write_aggregation  # noqa: E402
 
 
 def reference_direction(peers, shape, chunk):
@@ -65,7 +65,7 @@ def main() -> None:
                    for n, s in shapes.items()} for uid in range(args.peers)}
 
     def ours():
-        return sign_directions(combine_peers(0, 0, 1e-3, peers, list(shapes)))
+        return sign_directions(aggregate_window(0, 0, 1e-3, peers, list(shapes)))
 
     def reference():
         return {n: reference_direction([peers[u][n] for u in sorted(peers)], s, peers[0][n].chunk)
@@ -82,9 +82,9 @@ def main() -> None:
     print(f"  reference (dense per peer): {t_reference * 1e3:9.1f} ms")
     print(f"  ours (one scatter, batched): {t_ours * 1e3:9.1f} ms   ratio {t_reference / t_ours:.2f}x  "
           f"(sign agreement {100 * agree:.4f} %)", flush=True)
-    aggregation = combine_peers(0, 0, 1e-3, peers, list(shapes))
+    aggregation = aggregate_window(0, 0, 1e-3, peers, list(shapes))
 
-    def write_file():  # fresh Combined objects each call: the nonzero scan is timed every time
+    def write_file():  # fresh CombinedCoefficients objects each call: the nonzero scan is timed every time
         tensors = {n: sparsify(c.dense, c.shape, c.chunk) for n, c in aggregation.tensors.items()}
         return write_aggregation(dataclasses.replace(aggregation, tensors=tensors))
 
@@ -93,7 +93,7 @@ def main() -> None:
           f"after the sign update, not on its path", flush=True)
     published, theta = write_file(), {n: p.detach().to("cpu") for n, p in model.named_parameters()}
 
-    signs = write_aggregation(dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT,
+    signs = write_aggregation(dataclasses.replace(aggregation, tensors={}, format=AggregationFormat.SIGNS,
                                                   signs=sign_directions(aggregation)))
 
     def replay(data):

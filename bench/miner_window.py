@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from templar_lib import kernels  # noqa: E402
 from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.checkpoints import model_fingerprint  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
+from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, parameters_of  # noqa: E402
 from templar_lib.roles.miner import mine_window, new_feedback, window_pages  # noqa: E402
@@ -67,8 +67,9 @@ def main() -> None:
               f"passed to mine_window as a node does", flush=True)
         for window in range(1, args.windows + 1):
             started = time.perf_counter()
-            [result] = mine_window(window, [1], model=model, step=window, store=store, dataset=dataset,
-                                   manifest=manifest, gradients=gradients, hparams=hparams, model_hash=fingerprint)
+            [result] = mine_window(window, [1], model=model, step=window, store=store,
+                                   dataset=Dataset(dataset, manifest), gradients=gradients, hparams=hparams,
+                                   model_hash=fingerprint)
             wall = time.perf_counter() - started
             data = gradients.get(gradient_key(window, 1))
             read = read_gradient(data, window=window, uid=1, shapes=shapes, topk=hparams.topk_compression,
@@ -96,14 +97,13 @@ def parts(model, dataset, manifest, hparams, args) -> None:
 
     feedback = new_feedback(parameters_of(model), hparams)
     t0 = clock()
-    pages, tokens = window_pages(9, 1, dataset=dataset, manifest=manifest, hparams=hparams)
+    pages, tokens = window_pages(9, 1, dataset=Dataset(dataset, manifest), hparams=hparams)
     t1 = clock()
     loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size, autocast_dtype=miner_autocast(model))
     t2 = clock()
     sparse = feedback.step(gradients, lr=1e-4)
     t3 = clock()
-    data = write_gradient(Gradient(9, 1, sparse, hparams.protocol_hash(), "0" * 32),
-                          version=hparams.gradient_format, values=hparams.gradient_value_dtype)
+    data = write_gradient(Gradient.of(9, 1, sparse, hparams, "0" * 32))
     t4 = clock()
     print(f"  parts of a window: pages {t1 - t0:.3f} s, forward + backward {t2 - t1:.3f} s, error feedback + "
           f"compression {t3 - t2:.3f} s ({'fused kernels' if kernels.available(device) else 'torch'}), "

@@ -75,9 +75,9 @@ def resident_timings(store: StateStore, state: ModelState, momentum, *, read_the
 
     for _ in range(repeats + 1):  # the first round warms up, as timed() does
         unknown = ModelState(state.window, state.step, state.parameters)  # fingerprint not known yet
-        sample("save θ", lambda: store.save_model(unknown, behind=True), store.behind.flush)
+        sample("save θ", lambda: store.save_model(unknown, background=True), store.writer.flush)
         sample("load θ + fingerprint", lambda: read_theta(store.load_model(7)))
-        sample("save momentum", lambda: store.save_momentum(3, 7, momentum), store.behind.flush)
+        sample("save momentum", lambda: store.save_momentum(3, 7, momentum), store.writer.flush)
         sample("load momentum", lambda: touched(store.load_momentum(3, 7)))
     return {label: tuple(statistics.median(column) for column in zip(*values[1:]))
             for label, values in samples.items()}
@@ -86,7 +86,7 @@ def resident_timings(store: StateStore, state: ModelState, momentum, *, read_the
 def resident_only(preset, shapes, size, state, parameters, work, read_theta, touched, repeats) -> None:
     print(f"{preset}: {len(shapes)} tensors, {size / 2**30:.2f} GiB per state file (float32); "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; resident column only", flush=True)
-    store = StateStore(work / "resident", behind=WriteBehind())
+    store = StateStore(work / "resident", writer=WriteBehind())
     resident = resident_timings(store, state, parameters, read_theta=read_theta, touched=touched, repeats=repeats)
     for label, (waited, landed) in resident.items():
         print(f"  {label:<21} resident {waited:7.3f} s" + (f" (+ {landed:.3f} s landing in the background, "
@@ -148,7 +148,7 @@ def main() -> None:
                  timed(lambda: store.save_momentum(3, 7, parameters), "cpu", args.repeats))]
         assert store.load_model(7).fingerprint == model_fingerprint(parameters)  # the record matches θ
         same_bytes = (work / "ours" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")
-        resident_store = StateStore(work / "resident", behind=WriteBehind())
+        resident_store = StateStore(work / "resident", writer=WriteBehind())
         resident = resident_timings(resident_store, state, parameters, read_theta=fingerprint_as_roles_do,
                                     touched=touched, repeats=args.repeats)  # nothing modifies `parameters`
         same_bytes &= (work / "resident" / "model-7.safetensors").read_bytes() == plain.get("model-7.safetensors")

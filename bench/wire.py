@@ -55,7 +55,7 @@ def main() -> None:
         sent = feedback.step(gradients, lr=1.0)
         kept = sum(s.idx.numel() for s in sent.values())
         started = time.perf_counter()
-        data = write_gradient(Gradient(0, 1, sent, "h"), version=version, values=values)
+        data = write_gradient(Gradient(0, 1, sent, "h", format=version, values=values))
         written = time.perf_counter() - started
         started = time.perf_counter()
         read_gradient(data, window=0, uid=1, shapes=shapes, topk=32)

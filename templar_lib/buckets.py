@@ -269,6 +269,26 @@ class S3Bucket:
             self._client.delete_object(Bucket=self.name, Key=self._key(key))
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """A node's own three buckets (DESIGN §3): where it writes gradients, reads dataset pages, and where the
+    aggregator publishes aggregations and checkpoints."""
+
+    gradients: Bucket
+    dataset: Bucket
+    aggregator: Bucket
+
+    @classmethod
+    def from_urls(cls, *, gradients: str, dataset: str, aggregator: str) -> Buckets:
+        return cls(open_bucket(gradients), open_bucket(dataset), open_bucket(aggregator))
+
+    @classmethod
+    def local(cls, home: str | Path) -> Buckets:
+        """The embedded default: three directories under `home` (e.g. .templar/)."""
+        home = Path(home)
+        return cls(LocalBucket(home / "gradients"), LocalBucket(home / "dataset"), LocalBucket(home / "aggregator"))
+
+
 def open_bucket(url: str, *, client=None, credentials: tuple[str, str] | None = None) -> Bucket:
     """A bucket from its URL: `file:///abs/dir` (a plain path too) or `s3://name[/prefix][?endpoint_url=..&region=..
     &profile=..]`. For s3://, `client` is an existing boto3 S3 client (e.g. from dagster-aws S3Resource) and

@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-from templar_lib.aggregation import apply_aggregation_, combine_peers, learning_rate_at, sign_directions
+from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at, sign_directions
 from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
-                                     manifest_key, model_fingerprint, save_checkpoint, state_bytes, state_sha256,
-                                     tensors_key)
+                                     model_fingerprint, save_checkpoint, state_bytes, state_sha256)
+from templar_lib.wire.keys import checkpoint_key as tensors_key
+from templar_lib.wire.keys import checkpoint_manifest_key as manifest_key
 from templar_lib.compression import Sparse, chunk_shape
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
@@ -26,7 +27,7 @@ from templar_lib.state import StateStore
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from templar_lib.wire import (MAX_HEADER_BYTES, SIGNS_FORMAT, Aggregation, InvalidFile, aggregation_key,
+from templar_lib.wire import (MAX_HEADER_BYTES, AggregationFormat, Aggregation, InvalidFile, aggregation_key,
                               max_aggregation_bytes, parse_header, read_aggregation, write_aggregation)
 
 HPARAMS = HParams()
@@ -168,7 +169,7 @@ def make_aggregations(state: ModelState, windows: int, miners: int = 3):
         generator = torch.Generator().manual_seed(window)
         sent = {uid: feedback[uid].step({n: torch.randn(s, generator=generator) for n, s in shapes.items()}, lr=lr)
                 for uid in range(miners)}
-        aggregation = combine_peers(window, step, lr, sent, list(shapes), HPARAMS.protocol_hash())
+        aggregation = aggregate_window(window, step, lr, sent, list(shapes), HPARAMS.protocol_hash())
         apply_aggregation_(parameters, aggregation, weight_decay=HPARAMS.weight_decay)
         yield aggregation, {n: p.clone() for n, p in parameters.items()}
 
@@ -233,7 +234,7 @@ def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_pat
             gradients[name] = Sparse(idx, torch.randn(n_chunks, kept, generator=generator) + 3.0, shape, chunk)
         return gradients
 
-    aggregation = combine_peers(0, 0, 1e-3, {uid: peer(uid) for uid in range(peers)}, list(shapes))
+    aggregation = aggregate_window(0, 0, 1e-3, {uid: peer(uid) for uid in range(peers)}, list(shapes))
     data = write_aggregation(aggregation)
     bound = max_aggregation_bytes(shapes, target_chunk=64, topk=topk, peers=peers)
     header = 8 + int.from_bytes(data[:8], "little")
@@ -263,13 +264,13 @@ def test_a_signs_aggregation_replays_to_the_same_bits_and_is_validated(tmp_path)
     signs = sign_directions(aggregation)
     signs["model.norm.weight"] = signs["model.norm.weight"].clone()
     signs["model.norm.weight"][:5] = 0  # zeros travel in their own bitmap
-    as_signs = dataclasses.replace(aggregation, tensors={}, format=SIGNS_FORMAT, signs=signs)
+    as_signs = dataclasses.replace(aggregation, tensors={}, format=AggregationFormat.SIGNS, signs=signs)
     coefficients, packed = write_aggregation(dataclasses.replace(aggregation, signs=None)), write_aggregation(as_signs)
     entries, _ = header_of(packed)  # one bit per parameter, and a zero bitmap only where there are zeros
     assert sum(math.prod(e["shape"]) for e in entries.values()) == sum(-(-math.prod(s) // 8) for s in shapes.values()) \
         + -(-math.prod(shapes["model.norm.weight"]) // 8)
     back = read_aggregation(packed, window=0, shapes=shapes)
-    assert back.format == SIGNS_FORMAT and (back.step, back.lr, back.peers) == (as_signs.step, as_signs.lr,
+    assert back.format == AggregationFormat.SIGNS and (back.step, back.lr, back.peers) == (as_signs.step, as_signs.lr,
                                                                                as_signs.peers)
     assert set(back.signs) == set(signs) and all(torch.equal(back.signs[n], s) for n, s in signs.items())
     assert back.signs["model.norm.weight"].dtype == torch.int8 and int(back.signs["model.norm.weight"][:5].abs().sum()) == 0
@@ -298,7 +299,7 @@ def test_a_signs_aggregation_replays_to_the_same_bits_and_is_validated(tmp_path)
         with pytest.raises(InvalidFile, match=reason):
             read_aggregation(tampered(change), window=0, shapes=shapes)
     odd = {"odd": (3, 3)}  # 9 signs in 2 bytes: the 7 padding bits must be zero
-    data = write_aggregation(Aggregation(0, 0, 1e-3, [1], {}, format=SIGNS_FORMAT,
+    data = write_aggregation(Aggregation(0, 0, 1e-3, [1], {}, format=AggregationFormat.SIGNS,
                                          signs={"odd": torch.ones(3, 3, dtype=torch.int8)}))
     assert torch.equal(read_aggregation(data, window=0, shapes=odd).signs["odd"], torch.ones(3, 3, dtype=torch.int8))
     _, header = header_of(data)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from templar_lib.aggregation import learning_rate_at, outer_step_, update_norm
-from templar_lib.compression import (Combined, Sparse, aggregate, chunk_shape, chunk_side, combine,
+from templar_lib.compression import (CombinedCoefficients, Sparse, aggregate, chunk_shape, chunk_side, combine,
                                      combine_many, dct_matrix, decode, encode, idct_chunks, idct_many)
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
@@ -117,12 +117,12 @@ def test_combined_rows_and_dense_form_are_the_same_coefficients():
     peers = [encode(torch.randn(96, 128, generator=generator), 8, 64) for _ in range(3)]
     coefficients = combine(peers)  # (4 chunks, 48·64)
     coefficients[1, coefficients[1].nonzero()[0]] = 0.0  # an exact zero is not a stored coefficient
-    combined = Combined.of_dense(coefficients, (96, 128), (48, 64))
+    combined = CombinedCoefficients.of_dense(coefficients, (96, 128), (48, 64))
     assert combined.dense is coefficients  # the aggregator decodes its own tensor: no scan, same bits
     nonzero = coefficients.nonzero()
     assert combined.counts.tolist() == torch.bincount(nonzero[:, 0], minlength=4).tolist()
     assert torch.equal(combined.idx, nonzero[:, 1]) and torch.equal(combined.vals, coefficients[coefficients != 0])
-    back = Combined(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))  # as a file reader builds it
+    back = CombinedCoefficients(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))  # as a file reader builds it
     assert torch.equal(back.dense, coefficients)
 
 

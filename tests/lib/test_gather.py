@@ -7,8 +7,8 @@ import torch
 
 from templar_lib.buckets import LocalBucket, S3Bucket
 from templar_lib.compression import encode
-from templar_lib.gather import (BucketCommitment, fetch_peers, gather, parse_commitment, peer_buckets,
-                                publish_peers)
+from templar_lib.commitments import BucketCommitment, PeerBuckets, parse_commitment, peer_buckets
+from templar_lib.gather import fetch_peers, gather, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.wire import Gradient, InvalidFile, Peers, gradient_key, peers_key, write_gradient
 from tests.s3 import FaultProxy
@@ -21,7 +21,7 @@ WINDOW = 4
 def gradient_bytes(uid: int, window: int = WINDOW, scale: float = 1.0) -> bytes:
     generator = torch.Generator().manual_seed(uid)
     tensors = {n: encode(torch.randn(s, generator=generator) * scale, 32, 64) for n, s in SHAPES.items()}
-    return write_gradient(Gradient(window, uid, tensors, HPARAMS.protocol_hash()))
+    return write_gradient(Gradient(window, uid, tensors, HPARAMS.protocol_hash(), format=1, values="float32"))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -40,7 +40,7 @@ def test_gather_sorts_valid_from_skipped_with_reasons(make_bucket):
     buckets[3].put(gradient_key(WINDOW, 3), b"\0" * (HPARAMS.max_gradient_bytes + 1))
     buckets[4].put(gradient_key(WINDOW, 4), gradient_bytes(4)[:-10])  # truncated file
     buckets[5].put(gradient_key(WINDOW, 5), gradient_bytes(5, window=WINDOW - 1))  # replayed from another window
-    result = gather(WINDOW, range(7), buckets, shapes=SHAPES, hparams=HPARAMS, timeout=30)
+    result = gather(WINDOW, range(7), PeerBuckets.of(buckets), shapes=SHAPES, hparams=HPARAMS, timeout=30)
     assert sorted(result.gradients) == [0, 1]
     assert torch.equal(result.gradients[1].tensors["w"].idx, encode(
         torch.randn(SHAPES["w"], generator=torch.Generator().manual_seed(1)), 32, 64).idx)
@@ -57,13 +57,13 @@ def test_gather_checks_upload_time_against_the_window(tmp_path):
     bucket = LocalBucket(tmp_path)
     bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
     now = datetime.now(timezone.utc)
-    on_time = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+    on_time = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
                      time_range=(now - timedelta(minutes=1), now + timedelta(minutes=1)))
     assert list(on_time.gradients) == [0]
-    late = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+    late = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
                   time_range=(now - timedelta(minutes=10), now - timedelta(minutes=5)))
     assert late.skipped[0].startswith("late: uploaded")
-    early = gather(WINDOW, [0], {0: bucket}, shapes=SHAPES, hparams=HPARAMS,
+    early = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
                    time_range=(now + timedelta(minutes=5), now + timedelta(minutes=10)))
     assert early.skipped[0].startswith("early")
 
@@ -75,7 +75,7 @@ def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(moto_server, s3_bu
         s3_bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
         s3_bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
         proxy.inject("delay", 1, 5.0)
-        result = gather(WINDOW, [0, 1], {0: s3_bucket, 1: slow}, shapes=SHAPES, hparams=HPARAMS, timeout=2.0)
+        result = gather(WINDOW, [0, 1], PeerBuckets.of({0: s3_bucket, 1: slow}), shapes=SHAPES, hparams=HPARAMS, timeout=2.0)
         assert list(result.gradients) == [0]
         assert result.skipped[1].startswith("timeout") and result.seconds < 4.0
         assert proxy.faults_fired == 1

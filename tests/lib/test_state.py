@@ -8,7 +8,7 @@ import torch
 
 from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import ModelState, model_fingerprint
-from templar_lib.data import read_manifest
+from templar_lib.data import Dataset, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.roles.miner import mine_window, new_feedback
@@ -28,16 +28,16 @@ def theta(model, window: int) -> ModelState:
 
 
 def mine(store: StateStore, windows, *, model, dataset, gradients) -> list:
-    manifest, results = read_manifest(dataset), []
+    data, results = Dataset.open(dataset), []
     for window in windows:
         state = theta(model, window)
-        store.save_model(state, behind=True)
+        store.save_model(state, background=True)
         state = store.load_model(window)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(state.parameters[name])
-        results += mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=dataset,
-                               manifest=manifest, gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
+        results += mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=data,
+                               gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
     return results
 
 
@@ -58,7 +58,7 @@ def reference(dataset, model, tmp_path_factory):
 
 def test_write_behind_writes_the_same_files_and_hands_state_over_in_memory(dataset, model, reference, tmp_path):
     writer = WriteBehind()
-    store = StateStore(tmp_path / "state", behind=writer)
+    store = StateStore(tmp_path / "state", writer=writer)
     mine(store, range(3), model=model, dataset=dataset, gradients=LocalBucket(tmp_path / "gradients"))
     held = writer.momentum[1][1]
     assert store.load_momentum(1, 2) is held and 1 not in writer.momentum  # handed over once, after it landed
@@ -74,7 +74,7 @@ def test_write_behind_writes_the_same_files_and_hands_state_over_in_memory(datas
 def test_a_queued_write_is_marked_until_it_lands_and_loads_wait_for_it(tmp_path):
     writer, release = WriteBehind(), threading.Event()
     writer.submit("gate", lambda: release.wait(10))  # holds the writer's thread: the next write queues behind it
-    store = StateStore(tmp_path, behind=writer)
+    store = StateStore(tmp_path, writer=writer)
     store.save_momentum(3, 5, {"m": torch.ones(4)})
     assert (tmp_path / "momentum-3-5.pending").exists() and not (tmp_path / "momentum-3-5.safetensors").exists()
     assert StateStore(tmp_path).has_model(5) is False
@@ -93,7 +93,7 @@ def test_a_queued_write_is_marked_until_it_lands_and_loads_wait_for_it(tmp_path)
 
 def test_a_failed_write_behind_is_written_again_at_its_barrier_or_raised(tmp_path, monkeypatch, caplog):
     writer = WriteBehind()
-    store = StateStore(tmp_path, behind=writer)
+    store = StateStore(tmp_path, writer=writer)
     original, failures = LocalBucket.put_file, iter([OSError("disk full")])
 
     def flaky(bucket, key, write):
@@ -117,16 +117,16 @@ def test_a_failed_write_behind_is_written_again_at_its_barrier_or_raised(tmp_pat
 
 def test_a_lost_momentum_write_is_recomputed_to_the_same_bytes(dataset, model, reference, tmp_path, caplog):
     writer = WriteBehind()
-    store = StateStore(tmp_path / "state", behind=writer)
+    store = StateStore(tmp_path / "state", writer=writer)
     gradients = LocalBucket(tmp_path / "gradients")
     mine(store, range(2), model=model, dataset=dataset, gradients=gradients)
     writer.flush()
     (tmp_path / "state" / "momentum-1-1.safetensors").unlink()  # uid 1's write of window 1 never landed ...
     (tmp_path / "state" / "momentum-1-1.pending").write_bytes(b"")  # ... when the node was killed
-    restarted = StateStore(tmp_path / "state", behind=WriteBehind())
+    restarted = StateStore(tmp_path / "state", writer=WriteBehind())
     with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
         results = mine(restarted, [2], model=model, dataset=dataset, gradients=gradients)
-    restarted.behind.flush()
+    restarted.writer.flush()
     assert [(r.uid, r.momentum) for r in results] == [(1, "recomputed"), (2, "carried")]
     assert "momentum of uid 1 after window 1 was being written behind" in caplog.text
     assert "recomputing it from θ_1" in caplog.text

@@ -1,5 +1,6 @@
 """Gradient files: exact round trip, and every kind of hostile file rejected with a reason."""
 
+import dataclasses
 import json
 import pickle
 import struct
@@ -16,12 +17,13 @@ WINDOW, UID, HASH = 12, 3, "0123456789abcdef"
 
 
 def make_gradient(value_dtype=torch.float32) -> Gradient:
+    """A format-1 gradient with values of `value_dtype`."""
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for name, shape in SHAPES.items():
         sparse = encode(torch.randn(shape, generator=generator), topk=32, target_chunk=64)
         tensors[name] = type(sparse)(sparse.idx, sparse.vals.to(value_dtype), sparse.shape, sparse.chunk)
-    return Gradient(WINDOW, UID, tensors, HASH)
+    return Gradient(WINDOW, UID, tensors, HASH, format=1, values=str(value_dtype).removeprefix("torch."))
 
 
 def read(data: bytes, **overrides):
@@ -166,7 +168,7 @@ def test_wrong_model_shapes_are_rejected():
 @pytest.mark.parametrize("values, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_compact_format_round_trip_is_exact_up_to_row_order(values, dtype):
     gradient = make_gradient(dtype)
-    back = read(write_gradient(gradient, version=2, values=values))
+    back = read(write_gradient(dataclasses.replace(gradient, format=2, values=values)))
     assert back.format == 2
     for name, sparse in gradient.tensors.items():
         order = sparse.idx.argsort(dim=1)
@@ -189,7 +191,7 @@ def test_compact_format_is_smaller_and_int8_matches_error_feedback():
         feedback = ErrorFeedback.zeros_like(gradients, topk=32, target_chunk=64, momentum_decay=0.9,
                                             value_dtype=values)
         sent = feedback.step(gradients, lr=1.0)
-        data = write_gradient(Gradient(1, 2, sent, "h"), version=2, values=values)
+        data = write_gradient(Gradient(1, 2, sent, "h", format=2, values=values))
         back = read_gradient(data, window=1, uid=2, shapes=shapes, topk=32)
         for name in gradients:  # what the receiver decodes is exactly what the sender took out of its momentum
             assert torch.equal(decode(back.tensors[name]), decode(sent[name]))
@@ -211,7 +213,7 @@ def test_compact_format_is_smaller_and_int8_matches_error_feedback():
 def test_compact_format_hostile_streams_are_rejected(damage, reason):
     generator = torch.Generator().manual_seed(4)
     sent = {"w": encode(torch.randn(64, 128, generator=generator), 32, 64)}
-    data = write_gradient(Gradient(1, 2, sent, "h"), version=2, values="int8")
+    data = write_gradient(Gradient(1, 2, sent, "h", format=2, values="int8"))
     tensors, header = tensors_and_header_raw(data)
     with pytest.raises(InvalidFile, match=reason):
         read_gradient(rebuild(damage(tensors, header), header), window=1, uid=2, shapes={"w": (64, 128)}, topk=32)

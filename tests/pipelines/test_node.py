@@ -7,16 +7,17 @@ import pytest
 from templar_lib.chain import ChainError, LocalChain
 from templar_lib.state import StateStore
 from templar_pipelines.node import run_node
-from templar_pipelines.sensors import due_windows, initial_cursor
+from templar_lib.schedule import advanced, due_runs, initial_cursor
 import dagster as dg
 
 
 def test_due_windows_never_plans_a_window_before_zero():
-    requests, cursor = due_windows(0, 2, initial_cursor(0, 2))
-    assert requests == [("miner_job", 0)] and cursor == {"aggregated": -2, "mined": 0, "validated": -3}
-    requests, cursor = due_windows(2, 2, cursor)
-    assert requests == [("aggregator_job", 0), ("aggregator_job", 1), ("miner_job", 1), ("miner_job", 2),
-                        ("validator_job", 0)]
+    requests = due_runs(0, 2, initial_cursor(0, 2))
+    cursor = advanced(initial_cursor(0, 2), requests)
+    assert requests == [("miner", 0)] and cursor == {"aggregator": -2, "miner": 0, "validator": -3}
+    requests = due_runs(2, 2, cursor)
+    assert requests == [("aggregator", 0), ("aggregator", 1), ("miner", 1), ("miner", 2),
+                        ("validator", 0)]
 
 
 def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(network_home, network_env):
@@ -34,7 +35,7 @@ def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(netwo
         ("validator_job", 1)]
     assert StateStore(network_home / "state").model_windows()[-1] == 2  # θ_2 after aggregating windows 0 and 1
     cursor = json.loads((network_home / "state" / "node-cursor.json").read_text())
-    assert cursor == {"aggregated": 1, "mined": 1, "validated": 1}
+    assert cursor == {"aggregator": 1, "miner": 1, "validator": 1}
     with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
         recorded = instance.get_run_records(dg.RunsFilter(tags={"templar/source": "templar node"}))
         assert sorted(record.dagster_run.tags["templar/run_key"] for record in recorded) == sorted(

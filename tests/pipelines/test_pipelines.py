@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from templar_lib.chain import LocalChain
-from templar_lib.checkpoints import tensors_key
+from templar_lib.wire.keys import checkpoint_key as tensors_key
 from templar_pipelines import defs
 from templar_pipelines.instance import SQLITE_YAML
 from templar_pipelines.local_network import run_local_network
@@ -123,7 +123,7 @@ def test_new_block_sensor_requests_each_window_once(network_home, network_env):
         # θ_{w+1} is aggregated before anyone mines window w + 1; validators wait validator_offset (2) windows
         assert keys == ["aggregator_job:3", "aggregator_job:4", "miner_job:4", "miner_job:5", "validator_job:2",
                         "validator_job:3"]
-        assert json.loads(result.cursor) == {"aggregated": 4, "mined": 5, "validated": 3}
+        assert json.loads(result.cursor) == {"aggregator": 4, "miner": 5, "validator": 3}
         assert result.dynamic_partitions_requests[0].partition_keys == ["2", "3", "4", "5"]
         with dg.build_sensor_context(cursor=result.cursor, resources=resources, instance=instance) as context:
             again = new_block_sensor(context)

@@ -17,10 +17,9 @@ from templar_lib.checkpoints import parse_manifest
 from templar_lib.compression import encode
 from templar_lib.data import InvalidPage, Manifest
 from templar_lib.data.pages import parse_page
-from templar_lib.gather import parse_commitment
-from templar_lib.roles.validator import read_evaluation
-from templar_lib.wire import (Aggregation, Gradient, InvalidFile, Peers, read_aggregation, read_gradient, read_peers,
-                              write_aggregation, write_gradient, write_peers)
+from templar_lib.commitments import parse_commitment
+from templar_lib.wire import (Aggregation, Gradient, InvalidFile, Peers, read_aggregation, read_evaluation,
+                              read_gradient, read_peers, write_aggregation, write_gradient, write_peers)
 
 FUZZ = settings(max_examples=1000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -44,10 +43,13 @@ def mutations(valid: bytes):
     )
 
 
-def valid_gradient() -> bytes:
+GRADIENT_ENCODINGS = [(1, "float32"), (2, "int8"), (2, "bfloat16")]  # (format, values): every wire format
+
+
+def valid_gradient(format: int, values: str) -> bytes:
     generator = torch.Generator().manual_seed(0)
     tensors = {n: encode(torch.randn(s, generator=generator), 8, 64) for n, s in SHAPES.items()}
-    return write_gradient(Gradient(3, 1, tensors, "hash"))
+    return write_gradient(Gradient(3, 1, tensors, "hash", format=format, values=values))
 
 
 def header_variants(valid: bytes):
@@ -67,7 +69,8 @@ def header_variants(valid: bytes):
 
 
 @FUZZ
-@given(data=st.one_of(mutations(valid_gradient()), header_variants(valid_gradient())))
+@given(data=st.one_of(*(mutations(valid_gradient(*encoding)) for encoding in GRADIENT_ENCODINGS),
+                      *(header_variants(valid_gradient(*encoding)) for encoding in GRADIENT_ENCODINGS)))
 def test_read_gradient_never_raises_anything_but_invalid_file(data):
     try:
         gradient = read_gradient(data, window=3, uid=1, shapes=SHAPES, topk=8, max_bytes=1 << 20)
@@ -127,7 +130,7 @@ EVALUATION = json.dumps({"format": 1, "window": 4, "validator": 0, "step": 4, "r
                       .map(lambda c: json.dumps(json.loads(EVALUATION) | {c[0]: c[1]}).encode())))
 def test_read_evaluation_never_raises_anything_but_invalid_file(data):
     try:
-        read_evaluation(data, window=4, validator_uid=0)
+        read_evaluation(data, window=4, validator=0)
     except InvalidFile as error:
         assert str(error)
 

@@ -152,7 +152,7 @@ NODE_KILLER = textwrap.dedent("""
     def put_file(self, key, write):
         if key == target:  # a write behind: die once the node has recorded the run that queued it as done
             cursor, deadline = home / "state" / "node-cursor.json", time.monotonic() + 120
-            while time.monotonic() < deadline and json.loads(cursor.read_text())["mined"] < 1:
+            while time.monotonic() < deadline and json.loads(cursor.read_text())["miner"] < 1:
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return original_file(self, key, write)

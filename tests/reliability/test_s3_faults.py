@@ -8,11 +8,13 @@ import torch
 from templar_lib.buckets import S3Bucket
 from templar_lib.chain import LocalChain
 from templar_lib.error_feedback import ErrorFeedback
-from templar_lib.data import load_pages, pages_for, read_manifest
+from templar_lib.checkpoints import ModelState
+from templar_lib.commitments import PeerBuckets
+from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.roles.miner import compute_gradient
-from templar_lib.roles.validator import evaluate_window
+from templar_lib.roles.validator import EvaluationOptions, evaluate_window
 from templar_lib.wire import gradient_key, write_gradient
 from tests.conftest import FAST_HPARAMS
 from tests.s3 import FaultProxy
@@ -22,13 +24,13 @@ HEALTHY, FAILING_5XX, SLOW, TRUNCATED, NEVER_UPLOADED = 1, 2, 3, 4, 5
 
 def test_validator_window_completes_with_the_reachable_peers(dataset, moto_server, s3_bucket, tmp_path):
     hparams = HParams.load(FAST_HPARAMS).replace(max_gradient_bytes=1 << 22)
-    manifest = read_manifest(dataset)
-    model = build_model("tiny", seed=0, vocab_size=manifest.vocab_size)
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
     chain = LocalChain(tmp_path / "chain.sqlite")
     validator = chain.register(hotkey="validator", validator_permit=True)
     uids = [chain.register(hotkey=f"miner-{i}") for i in range(5)]
     for uid in uids[:-1]:  # the last one never uploads: its key stays a 404
-        tokens = load_pages(dataset, manifest, pages_for(0, uid, hparams.pages_per_window, manifest.train_pages))
+        tokens = data.tokens(data.miner_pages(0, uid, hparams.pages_per_window))
         feedback = ErrorFeedback.zeros_like(dict(model.named_parameters()), topk=32, target_chunk=64,
                                             momentum_decay=0.999)
         _, gradient = compute_gradient(0, uid, model=model, step=0, feedback=feedback, tokens=tokens, hparams=hparams)
@@ -44,10 +46,10 @@ def test_validator_window_completes_with_the_reachable_peers(dataset, moto_serve
         buckets = {uid: S3Bucket(s3_bucket.name, endpoint_url=proxies[uid].url, read_timeout=10)
                    if uid in proxies else s3_bucket for uid in uids}
         started = time.monotonic()
-        evaluation = evaluate_window(0, validator_uid=validator, chain=chain.as_uid(validator), model=model, step=0,
-                                     dataset=dataset, manifest=manifest, peer_buckets=buckets,
-                                     own_bucket=s3_bucket, hparams=hparams, gather_timeout=6.0,
-                                     check_upload_time=False)
+        state = ModelState(0, 0, {n: p.detach() for n, p in model.named_parameters()})
+        evaluation = evaluate_window(0, chain=chain.as_uid(validator), model=model, state=state, dataset=data,
+                                     peers=PeerBuckets.of(buckets), own_bucket=s3_bucket, hparams=hparams,
+                                     options=EvaluationOptions(gather_timeout=6.0, check_upload_time=False))
         elapsed = time.monotonic() - started
     finally:
         for proxy in proxies.values():
