@@ -22,6 +22,11 @@ from templar_lib.hparams import HParams  # noqa: E402
 DATA = Path(__file__).parent / "data"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--regenerate-golden", action="store_true",
+                     help="rewrite tests/data/golden/ from this run (only on purpose: a behaviour change you meant)")
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> LocalBucket:
     """~300 k characters of the corpus as pages of 2 × 128 tokens; 8 held-out pages. Read-only for tests."""
