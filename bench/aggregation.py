@@ -105,8 +105,8 @@ def main() -> None:
     repeats = 1 if args.preset == "1b" else 3  # 1b: ≈ 10 GB of copies per call
     t_replay = timed(lambda: replay(published), "cpu", repeats)
     print(f"  replay on every node (read {len(published) / 2**20:.1f} MiB, copy θ, decode, outer step; CPU, "
-          f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s window",
-          flush=True)
+          f"{torch.get_num_threads()} threads): {t_replay * 1e3:.1f} ms = {100 * t_replay / 84:.2f} % of an 84 s "
+          f"window", flush=True)
     t_replay_signs = timed(lambda: replay(signs), "cpu", repeats)
     assert all(torch.equal(a, b) for a, b in zip(replay(published).values(), replay(signs).values()))
     print(f"  with aggregation_format 2 (the signs, {len(signs) / 2**20:.1f} MiB = {len(signs) / len(published):.3f}x "

@@ -89,8 +89,9 @@ def resident_only(preset, shapes, size, state, parameters, work, read_theta, tou
     store = StateStore(work / "resident", writer=WriteBehind())
     resident = resident_timings(store, state, parameters, read_theta=read_theta, touched=touched, repeats=repeats)
     for label, (waited, landed) in resident.items():
-        print(f"  {label:<21} resident {waited:7.3f} s" + (f" (+ {landed:.3f} s landing in the background, "
-                                                           f"{size / landed / 2**30:.2f} GiB/s)" if landed > 0.0005 else ""))
+        landing = (f" (+ {landed:.3f} s landing in the background, {size / landed / 2**30:.2f} GiB/s)"
+                   if landed > 0.0005 else "")
+        print(f"  {label:<21} resident {waited:7.3f} s" + landing)
     total = sum(waited for waited, _ in resident.values())
     print(f"  a miner node's window (save θ, load θ + fingerprint, load + save momentum): resident {total:.2f} s = "
           f"{100 * total / 84:.1f} % of an 84 s window; peak RSS "

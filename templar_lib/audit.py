@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from templar_lib.buckets import Bucket, BucketError
-from templar_lib.checkpoints import CatchUpError, ModelState, catch_up, checkpoint_windows, load_checkpoint, state_sha256
+from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, checkpoint_windows, load_checkpoint,
+                                     state_sha256)
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_

@@ -260,8 +260,8 @@ class CombinedCoefficients:
             at [Σ counts[:i], Σ counts[:i+1]), positions increasing within a chunk.
 
     `CombinedCoefficients(idx, vals, counts, shape, chunk)` is the compressed-row form (a file read back);
-    `CombinedCoefficients.of_dense(coefficients, shape, chunk)` the aggregator's (sparsify). The aggregator's sign update never
-    needs the compressed rows, so the scan for nonzeros runs only when the file is written.
+    `CombinedCoefficients.of_dense(coefficients, shape, chunk)` the aggregator's (sparsify). The aggregator's sign
+    update never needs the compressed rows, so the scan for nonzeros runs only when the file is written.
     """
 
     def __init__(self, idx: torch.Tensor, vals: torch.Tensor, counts: torch.Tensor, shape: Sequence[int],
@@ -315,7 +315,8 @@ class CombinedCoefficients:
 
 
 def sparsify(coefficients: torch.Tensor, shape: tuple[int, ...], chunk: tuple[int, ...]) -> CombinedCoefficients:
-    """(n_chunks, chunk_size) coefficients -> CombinedCoefficients holding exactly their nonzeros (rows computed when read)."""
+    """(n_chunks, chunk_size) coefficients -> CombinedCoefficients holding exactly their nonzeros (rows computed
+    when read)."""
     return CombinedCoefficients.of_dense(coefficients, shape, chunk)
 
 

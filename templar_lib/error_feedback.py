@@ -32,8 +32,8 @@ class ErrorFeedback:
     one to round and subtract) instead of about twenty torch operations. None (the default) = on CUDA when triton is
     installed (True forces them: an error where they cannot run); the selection is the same up to near-ties and the
     values within float32 rounding. `precision`: the kernels' float32 products, "tf32x3" (three TF32 tensor-core
-    products, ≈ float32 accuracy: the default), "ieee" (FMA, 3.6× slower) or "tf32" (one product, not exact enough to
-    keep the same selection: 3 % of chunks differ on 1b).
+    products, about float32 accuracy: the default), "ieee" (FMA, slower) or "tf32" (one product, not exact enough to
+    keep the same selection; bench/RESULTS.md has both measured).
     """
 
     def __init__(self, momentum: Mapping[str, torch.Tensor], *, topk: int, target_chunk: int,

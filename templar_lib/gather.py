@@ -106,7 +106,8 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
 def _upload_time_reason(modified: datetime, time_range: tuple[datetime, datetime]) -> str | None:
     start, end = time_range
     if modified > end:
-        return f"late: uploaded {modified.isoformat(timespec='seconds')}, window closed {end.isoformat(timespec='seconds')}"
+        return (f"late: uploaded {modified.isoformat(timespec='seconds')}, window closed "
+                f"{end.isoformat(timespec='seconds')}")
     if modified < start:
         return f"early: uploaded {modified.isoformat(timespec='seconds')}, before the window opened " \
                f"{start.isoformat(timespec='seconds')}"

@@ -18,10 +18,10 @@ Per chunk B of a parameter (the chunk held in one program's registers, padded to
 
 A 1-D parameter (N,) with chunk (n,) is the 2-D case (N/n, n) with chunk (1, n) (D_1 = [1]).
 
-Numerics against the torch path (bench/compression.py, 1b on an H200): the products run as "tf32x3" by default
-(three TF32 tensor-core products, ≈ float32 accuracy: the same kept positions in 302,742 of 302,752 chunks, the rest
-near-ties of |X|); "ieee" (FMA, 3.6× slower) keeps 302,745; "tf32" (one TF32 product, 1.4× faster) only 293,135,
-so it is not the default. Deterministic: no atomics, a fixed order of sums. Triton is imported when a kernel is
+Numerics against the torch path: the products run as "tf32x3" by default (three TF32 tensor-core products, about
+float32 accuracy: the same kept positions as the torch path but for near-ties of |X|); "ieee" (FMA) is slower and
+"tf32" (one TF32 product) faster but changes selections, so neither is the default (bench/RESULTS.md has the counts
+and timings). Deterministic: no atomics, a fixed order of sums. Triton is imported when a kernel is
 first needed (never on CPU-only installs); `TRITON_INTERPRET=1` runs the same kernels on CPU tensors
 (tests/lib/test_kernels.py).
 """
@@ -44,8 +44,8 @@ MAX_CHUNK_SIDE = 64  # chunks are at most 64 × 64 (target_chunk ≤ 64): one ch
 
 @dataclass
 class LaunchSettings:
-    """How the kernels are launched (not what they compute): the fastest of bench/compression_kernels.py's sweep on
-    an H200 (2026-11-26; 8192 × 8192, tf32x3). thresholds: split points per round of the k-th largest search (1, 2
+    """How the kernels are launched (not what they compute): the fastest of bench/compression_kernels.py's sweep
+    (bench/RESULTS.md says on which GPU). thresholds: split points per round of the k-th largest search (1, 2
     or 4); warps per program; programs_per_sm: a grid of multiprocessors × this, each program looping over chunks
     (None: one program per chunk)."""
 

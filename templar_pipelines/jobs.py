@@ -1,5 +1,8 @@
 """One job per role, the whole local network, and the checkpoint audit. Partitioned jobs take the window as the
-`dagster/partition` tag (`dagster job execute -m templar_pipelines -j miner_job --tags '{"dagster/partition": "5"}'`)."""
+`dagster/partition` tag:
+
+    dagster job execute -m templar_pipelines -j miner_job --tags '{"dagster/partition": "5"}'
+"""
 
 import dagster as dg
 

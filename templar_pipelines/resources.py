@@ -92,8 +92,8 @@ class BucketsResource(dg.ConfigurableResource):
 class TrainingResource(dg.ConfigurableResource):
     preset: str = Field(default="tiny", description="model preset: tiny, small, 1b")
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
-    compile: bool = Field(default=False, description="torch.compile the model (≈ 40 s once per process, so for a "
-                                                     "resident node; bench/RESULTS.md has the speed-up)")
+    compile: bool = Field(default=False, description="torch.compile the model: compiles once per process, so for "
+                                                     "a resident node (bench/RESULTS.md has the cost and speed-up)")
 
     def model(self, vocab_size: int):
         """This node's model object (preset, device), whatever θ it last held: callers load the θ they need."""

@@ -83,7 +83,8 @@ class BittensorChain:
 
     def metagraph(self) -> Metagraph:
         graph = self._graph()
-        neurons = [Neuron(uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.amount), validator_permit=n.validator_permit)
+        neurons = [Neuron(uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.amount),
+                          validator_permit=n.validator_permit)
                    for n in graph.neurons]
         return Metagraph(block=int(graph.block), neurons=sorted(neurons, key=lambda n: n.uid))
 

@@ -175,7 +175,8 @@ class LocalChain:
     # ------------------------------------------------------------------ subnet state
     def metagraph(self) -> Metagraph:
         rows = self._read("SELECT uid, hotkey, stake, validator_permit FROM neurons ORDER BY uid")
-        return Metagraph(self.block(), [Neuron(uid, hotkey, stake, bool(permit)) for uid, hotkey, stake, permit in rows])
+        return Metagraph(self.block(), [Neuron(uid, hotkey, stake, bool(permit))
+                                        for uid, hotkey, stake, permit in rows])
 
     def commit(self, data: str) -> None:
         uid = self._require_uid()

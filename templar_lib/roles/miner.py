@@ -116,10 +116,11 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
 
 def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Dataset,
                        hparams: HParams) -> dict[str, torch.Tensor] | None:
-    """The momentum a background write lost (state.py, contract point 4), computed again: fold the lost window's gradient of θ_window on the uid's
-    pages into the momentum before it, exactly as that window did (mining is deterministic given θ, pages, step and
-    momentum), save it synchronously and return it. The model is restored to the θ it held. Falls back to None
-    (zeros) only when θ_window is no longer in the store either; the warning says so."""
+    """The momentum a background write lost (state.py, contract point 4), computed again: fold the lost window's
+    gradient of θ_window on the uid's pages into the momentum before it, exactly as that window did (mining is
+    deterministic given θ, pages, step and momentum), save it synchronously and return it. The model is restored to
+    the θ it held. Falls back to None (zeros) only when θ_window is no longer in the store either; the warning says
+    so."""
     uid, window = lost.uid, lost.window
     try:
         state = store.load_model(window)

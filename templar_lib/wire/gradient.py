@@ -13,8 +13,8 @@ Format 1, rows (`GradientFormat.ROWS`): per parameter `name`
 Format 2, Rice (`GradientFormat.RICE`, the protocol default): per parameter the indices of each chunk sorted and
 Golomb–Rice coded (index_coding.py) into two byte streams `{name}.unary` / `{name}.rem`, the values in the same sorted
 order as `{name}.vals` (BF16 / F16 / F32, or I8 with a per-parameter F32 `{name}.scale`: value = q · scale), and "k",
-"rice" and "values" (the encoding) per parameter in the header. With int8 values it is ≈ 0.52× the bytes of int16
-indices + bf16 values (bench/RESULTS.md).
+"rice" and "values" (the encoding) per parameter in the header. bench/RESULTS.md has its size against int16 indices
+and bf16 values.
 
 `Gradient.format` and `Gradient.values` decide how a gradient is written, nowhere else; their defaults are the
 protocol's (HParams). `read_gradient` returns a Gradient that `write_gradient` turns back into the same bytes.
@@ -39,9 +39,9 @@ from templar_lib.encodings import (CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_EN
                                    torch_dtype)
 from templar_lib.hparams import HParams
 from templar_lib.index_coding import decode_indices, encode_indices, sort_rows
-from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices, declared_layout, expect,
-                                        index_code, index_dtype, is_int, load_tensors, parse_templar_file,
-                                        save_templar_file, set_difference)
+from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices,
+                                        declared_layout, expect, index_code, index_dtype, is_int, load_tensors,
+                                        parse_templar_file, save_templar_file, set_difference)
 
 
 @dataclass(frozen=True)

@@ -11,5 +11,5 @@ def dataset_pages(context: dg.AssetExecutionContext, chain: ChainResource, bucke
     """The dataset pages each miner uid must train on in this window (any validator recomputes the same ids)."""
     window, dataset, count = partition_window(context), buckets.dataset(), hparams.load().pages_per_window
     pages = {uid: dataset.miner_pages(window, uid, count) for uid in node.miners(chain.open())}
-    manifest = dataset.manifest
-    return dg.MaterializeResult(metadata=pages_metadata(window, pages, manifest.rows_per_page * manifest.sequence_length))
+    tokens_per_page = dataset.manifest.rows_per_page * dataset.manifest.sequence_length
+    return dg.MaterializeResult(metadata=pages_metadata(window, pages, tokens_per_page))

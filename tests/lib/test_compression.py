@@ -122,7 +122,8 @@ def test_combined_rows_and_dense_form_are_the_same_coefficients():
     nonzero = coefficients.nonzero()
     assert combined.counts.tolist() == torch.bincount(nonzero[:, 0], minlength=4).tolist()
     assert torch.equal(combined.idx, nonzero[:, 1]) and torch.equal(combined.vals, coefficients[coefficients != 0])
-    back = CombinedCoefficients(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))  # as a file reader builds it
+    # as a file reader builds it
+    back = CombinedCoefficients(combined.idx, combined.vals, combined.counts, (96, 128), (48, 64))
     assert torch.equal(back.dense, coefficients)
 
 

@@ -75,7 +75,8 @@ def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(moto_server, s3_bu
         s3_bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
         s3_bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
         proxy.inject("delay", 1, 5.0)
-        result = gather(WINDOW, [0, 1], PeerBuckets.of({0: s3_bucket, 1: slow}), shapes=SHAPES, hparams=HPARAMS, timeout=2.0)
+        result = gather(WINDOW, [0, 1], PeerBuckets.of({0: s3_bucket, 1: slow}), shapes=SHAPES, hparams=HPARAMS,
+                        timeout=2.0)
         assert list(result.gradients) == [0]
         assert result.skipped[1].startswith("timeout") and result.seconds < 4.0
         assert proxy.faults_fired == 1
@@ -105,7 +106,8 @@ def test_peers_list_round_trip_and_validation(tmp_path):
     assert fetch_peers(bucket, 3) is None
     publish_peers(bucket, Peers(window=3, validator=0, uids=[5, 1, 2]))
     assert fetch_peers(bucket, 3) == Peers(window=3, validator=0, uids=[1, 2, 5])
-    for bad in (b'{"format":1,"window":3,"validator":0,"uids":[2,2]}', b'{"format":1,"window":4,"validator":0,"uids":[]}',
+    for bad in (b'{"format":1,"window":3,"validator":0,"uids":[2,2]}',
+                b'{"format":1,"window":4,"validator":0,"uids":[]}',
                 b'{"format":1,"window":3,"validator":0,"uids":[-1]}', b"[]", b"\xff",
                 b'{"format":1,"window":3,"validator":0,"uids":[1],"uids":[2]}'):
         bucket.put(peers_key(3), bad)

@@ -115,7 +115,8 @@ def _mutations():
         ("too few coefficients", lambda t, h: rebuild(t | {"layer.weight.idx": t["layer.weight.idx"][:, :8],
                                                            "layer.weight.vals": t["layer.weight.vals"][:, :8]}, h),
          "coefficients per chunk"),
-        ("idx/vals shapes differ", change_tensor("layer.weight.vals", lambda x: x[:, :16].contiguous()), "shapes differ"),
+        ("idx/vals shapes differ", change_tensor("layer.weight.vals", lambda x: x[:, :16].contiguous()),
+         "shapes differ"),
         ("no templar header", lambda t, h: save(t), "no templar header"),
         ("templar header not JSON", lambda t, h: save(t, metadata={"templar": "{nope"}), "not valid JSON"),
     ]

@@ -47,7 +47,8 @@ def test_bucket_credentials_stay_out_of_runs_metadata_logs_and_wandb(network_hom
         run = instance.get_run_by_id(summaries[0]["run_id"])
         texts = {"events": events, "run": repr(run), "captured logs": caplog.text,
                  "stdout/stderr": "".join(capfd.readouterr()), "wandb files": all_text_under(network_home / "wandb"),
-                 "state and buckets": all_text_under(network_home / "state") + all_text_under(network_home / "gradients")}
+                 "state and buckets": all_text_under(network_home / "state")
+                 + all_text_under(network_home / "gradients")}
     assert events and texts["wandb files"]  # there was something to search
     for where, text in texts.items():
         assert SECRET not in text and KEY_ID not in text, f"credential leaked into {where}"
