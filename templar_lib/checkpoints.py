@@ -38,7 +38,7 @@ from templar_lib.encodings import CODES, FLOAT_CODES, name_of
 from templar_lib.hparams import HParams
 from templar_lib.wire import InvalidFile, aggregation_key, max_aggregation_bytes, parse_header, read_aggregation
 from templar_lib.wire.container import load_tensors
-from templar_lib.wire.keys import CHECKPOINT_MANIFEST, checkpoint_key, checkpoint_manifest_key, window_of_key
+from templar_lib.wire.keys import CHECKPOINT, CHECKPOINT_MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,14 @@ def save_checkpoint(bucket: Bucket, state: ModelState, hparams: HParams) -> Chec
                     for name, p in sorted(state.parameters.items())},
         "hparams": hparams.to_dict(),
     }
-    bucket.put(checkpoint_key(state.window), data)
-    bucket.put(checkpoint_manifest_key(state.window), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return CheckpointInfo(state.window, state.step, digest, len(data), checkpoint_key(state.window))
+    bucket.put(CHECKPOINT.key(state.window), data)
+    bucket.put(CHECKPOINT_MANIFEST.key(state.window), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return CheckpointInfo(state.window, state.step, digest, len(data), CHECKPOINT.key(state.window))
 
 
 def read_checkpoint_manifest(bucket: Bucket, window: int) -> dict:
     """The validated manifest of checkpoint-{window}. Raises InvalidFile or a BucketError."""
-    return parse_manifest(bucket.get(checkpoint_manifest_key(window), max_bytes=MAX_MANIFEST_BYTES), window)
+    return parse_manifest(bucket.get(CHECKPOINT_MANIFEST.key(window), max_bytes=MAX_MANIFEST_BYTES), window)
 
 
 def parse_manifest(data: bytes, window: int) -> dict:
@@ -167,7 +167,7 @@ def parse_manifest(data: bytes, window: int) -> dict:
 def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> ModelState:
     """θ_window from checkpoint-{window}, after checking the manifest, the sha256 and (if given) the shapes."""
     manifest = read_checkpoint_manifest(bucket, window)
-    data = bucket.get(checkpoint_key(window), max_bytes=manifest["bytes"])
+    data = bucket.get(CHECKPOINT.key(window), max_bytes=manifest["bytes"])
     if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise InvalidFile(f"checkpoint-{window}: tensor file does not match its manifest's sha256")
     entries, _ = parse_header(data, max_bytes=manifest["bytes"])
@@ -186,7 +186,7 @@ def load_checkpoint(bucket: Bucket, window: int, *, shapes: Mapping[str, tuple[i
 
 def checkpoint_windows(bucket: Bucket) -> list[int]:
     """Windows that have a checkpoint manifest, newest first."""
-    windows = (window_of_key(key, CHECKPOINT_MANIFEST) for key in bucket.list(CHECKPOINT_MANIFEST[0]))
+    windows = (CHECKPOINT_MANIFEST.window_of(key) for key in bucket.list(CHECKPOINT_MANIFEST.prefix))
     return sorted((window for window in windows if window is not None), reverse=True)
 
 

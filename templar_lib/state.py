@@ -150,12 +150,12 @@ class StateStore:
         self.keep_windows = keep_windows
         self.writer = writer
 
-    def _prune(self, family: tuple[str, str], window: int) -> None:
-        """Delete the files of `family` (wire.keys) for windows <= window − keep_windows (none when it is None)."""
+    def _prune(self, family: keys.Family, window: int) -> None:
+        """Delete the files of `family` for windows <= window − keep_windows (none when keep_windows is None)."""
         if self.keep_windows is None:
             return
-        for key in self.bucket.list(family[0]):
-            number = keys.window_of_key(key, family)
+        for key in self.bucket.list(family.prefix):
+            number = family.window_of(key)
             if number is not None and number <= window - self.keep_windows:
                 self.bucket.delete(key)
 
@@ -164,7 +164,7 @@ class StateStore:
         """Save θ_{state.window}; returns the sha256 of the file (= checkpoints.state_sha256(state)), or None when
         the file was queued for the background (contract point 3). Callers must treat a saved state's parameters as
         read-only (the next load may return the same tensors)."""
-        key = keys.model_key(state.window)
+        key = keys.MODEL.key(state.window)
         state = dataclasses.replace(state, fingerprint=state.fingerprint or model_fingerprint(state.parameters))
         if self.writer is None:
             return self._write_model(state)
@@ -177,7 +177,7 @@ class StateStore:
         return self._write_model(state)
 
     def _write_model(self, state: ModelState) -> str:
-        key, record = keys.model_key(state.window), keys.fingerprint_key(state.window)
+        key, record = keys.MODEL.key(state.window), keys.FINGERPRINT.key(state.window)
         tensors, metadata = state_file_contents(state)
         self.bucket.delete(record)
         self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
@@ -194,23 +194,23 @@ class StateStore:
     def _fingerprint(self, window: int) -> str | None:
         """The fingerprint recorded when θ_window was saved; None when there is none (callers compute it)."""
         try:
-            record = json.loads(self.bucket.get(keys.fingerprint_key(window)))
+            record = json.loads(self.bucket.get(keys.FINGERPRINT.key(window)))
         except (ObjectMissing, ValueError):
             return None
         fingerprint = record.get("fingerprint") if isinstance(record, dict) and record.get("window") == window else None
         return fingerprint if isinstance(fingerprint, str) else None
 
     def has_model(self, window: int) -> bool:
-        return self._held_model(window) is not None or self.bucket.exists(keys.model_key(window))
+        return self._held_model(window) is not None or self.bucket.exists(keys.MODEL.key(window))
 
     def load_model(self, window: int) -> ModelState:
         held = self._held_model(window)
         if held is not None:
             return held
         if self.writer is not None:
-            self.writer.wait(keys.model_key(window))
+            self.writer.wait(keys.MODEL.key(window))
         try:
-            state = state_from_file(self.bucket.local_path(keys.model_key(window)))
+            state = state_from_file(self.bucket.local_path(keys.MODEL.key(window)))
         except (ObjectMissing, FileNotFoundError):  # never written, or pruned (keep_windows) as it was opened
             raise StateMissing(f"θ_{window} is not in {self.root}: window {window - 1} has not been aggregated "
                                f"and checkpointed here, or it is older than the windows kept (run the windows in "
@@ -218,7 +218,7 @@ class StateStore:
         return dataclasses.replace(state, fingerprint=self._fingerprint(window))
 
     def model_windows(self) -> list[int]:
-        windows = {keys.window_of_key(key, keys.MODEL) for key in self.bucket.list(keys.MODEL[0])} - {None}
+        windows = {keys.MODEL.window_of(key) for key in self.bucket.list(keys.MODEL.prefix)} - {None}
         held = self.writer.model if self.writer is not None else None
         return sorted(windows | ({held.window} if held is not None else set()))
 
@@ -227,7 +227,7 @@ class StateStore:
                       ) -> None:
         """Save a miner's momentum after `window`. In the background (contract points 3, 4) the tensors are kept, as
         they are, for the next window's load, and the file is queued: the caller must not modify them."""
-        key = keys.momentum_key(uid, window)
+        key = keys.momentum(uid).key(window)
         if self.writer is None or not background:
             if self.writer is not None:
                 self.writer.wait(key)  # a queued write of the same key must not land after this one
@@ -236,15 +236,15 @@ class StateStore:
             return
         self.writer.momentum[uid] = (window, momentum)
         # so that a write that never lands is told from a miner with no state
-        self.bucket.put(keys.momentum_pending_key(uid, window), b"")
+        self.bucket.put(keys.momentum_pending(uid).key(window), b"")
         self.writer.submit(key, lambda: self._write_momentum(uid, window, momentum))
 
     def _write_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
-        self.bucket.put_file(keys.momentum_key(uid, window), lambda path: save_file(tensors, path))
-        self.bucket.delete(keys.momentum_pending_key(uid, window))
-        self._prune(keys.momentum_family(uid), window)
-        self._prune(keys.momentum_pending_family(uid), window)
+        self.bucket.put_file(keys.momentum(uid).key(window), lambda path: save_file(tensors, path))
+        self.bucket.delete(keys.momentum_pending(uid).key(window))
+        self._prune(keys.momentum(uid), window)
+        self._prune(keys.momentum_pending(uid), window)
 
     def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
         """Momentum after `window`, or None when the miner has no state there (it starts from zeros).
@@ -252,7 +252,7 @@ class StateStore:
         The caller may update the returned tensors in place (ErrorFeedback does): a momentum held in memory is
         handed over once its file has landed, and is no longer held. Raises MomentumLost when its background write
         never landed."""
-        key = keys.momentum_key(uid, window)
+        key = keys.momentum(uid).key(window)
         if self.writer is not None:
             self.writer.wait(key)
             held = self.writer.momentum.get(uid)
@@ -262,32 +262,32 @@ class StateStore:
         try:
             return load_file(self.bucket.local_path(key))
         except ObjectMissing:
-            if self.bucket.exists(keys.momentum_pending_key(uid, window)):
+            if self.bucket.exists(keys.momentum_pending(uid).key(window)):
                 raise MomentumLost(uid, window) from None
             return None
 
     # ------------------------------------------------------------------ metrics
     def record_held_out_loss(self, window: int, loss: float) -> None:
         """Held-out loss of θ_window, kept for the loss-over-windows chart (one small file per window)."""
-        self.bucket.put(keys.held_out_key(window), json.dumps({"window": window, "loss": loss}).encode())
+        self.bucket.put(keys.HELD_OUT.key(window), json.dumps({"window": window, "loss": loss}).encode())
 
     def held_out_losses(self, last: int = 30) -> dict[int, float]:
         """The most recent `last` recorded held-out losses by window."""
-        windows = {keys.window_of_key(key, keys.HELD_OUT) for key in self.bucket.list(keys.HELD_OUT[0])} - {None}
-        return {w: float(json.loads(self.bucket.get(keys.held_out_key(w)))["loss"]) for w in sorted(windows)[-last:]}
+        windows = {keys.HELD_OUT.window_of(key) for key in self.bucket.list(keys.HELD_OUT.prefix)} - {None}
+        return {w: float(json.loads(self.bucket.get(keys.HELD_OUT.key(w)))["loss"]) for w in sorted(windows)[-last:]}
 
     # ------------------------------------------------------------------ ratings and weights
     def save_ratings(self, ratings: Ratings, weights: dict[int, float] | None) -> None:
         """The ratings after `ratings.window` and the chain weights they give (None: nothing positive to set)."""
-        self.bucket.put(keys.ratings_key(ratings.window), ratings.to_json())
+        self.bucket.put(keys.RATINGS.key(ratings.window), ratings.to_json())
         document = {"window": ratings.window, "weights": None if weights is None else
                     {str(uid): weight for uid, weight in sorted(weights.items())}}
-        self.bucket.put(keys.weights_key(ratings.window), json.dumps(document, sort_keys=True).encode())
+        self.bucket.put(keys.WEIGHTS.key(ratings.window), json.dumps(document, sort_keys=True).encode())
 
     def load_ratings(self, window: int) -> Ratings:
         """Ratings after `window`; fresh ratings when there are none (before the first evaluated window)."""
         try:
-            return Ratings.from_json(self.bucket.get(keys.ratings_key(window)))
+            return Ratings.from_json(self.bucket.get(keys.RATINGS.key(window)))
         except ObjectMissing:
             return Ratings()
 
@@ -295,7 +295,7 @@ class StateStore:
         """The weights saved with the ratings after `window` (None: nothing positive to set). StateMissing when the
         ratings of `window` were not saved here."""
         try:
-            document = json.loads(self.bucket.get(keys.weights_key(window)))
+            document = json.loads(self.bucket.get(keys.WEIGHTS.key(window)))
         except ObjectMissing:
             raise StateMissing(f"no ratings of window {window} in {self.root}: rate the window first") from None
         weights = document["weights"]

@@ -18,12 +18,13 @@
                  held-out-{window}.json                    held-out loss of θ_window
                  node-cursor.json                          the resident node's last window per job
 
-`window_of_key(key, prefix, suffix)` reads the window back out of a key of one of these families.
+The state files come in families of one key per window (`Family`: `MODEL.key(12)`, `MODEL.window_of(key)`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -51,67 +52,37 @@ def aggregation_key(window: int) -> str:
     return f"aggregation-{window}.safetensors"
 
 
-CHECKPOINT = ("checkpoint-", ".safetensors")
-CHECKPOINT_MANIFEST = ("checkpoint-", ".json")
-MODEL = ("model-", ".safetensors")
-FINGERPRINT = ("fingerprint-", ".json")
-RATINGS = ("ratings-", ".json")
-WEIGHTS = ("weights-", ".json")
-HELD_OUT = ("held-out-", ".json")
+@dataclass(frozen=True)
+class Family:
+    """The keys `{prefix}{window}{suffix}` of one kind of file."""
+
+    prefix: str
+    suffix: str
+
+    def key(self, window: int) -> str:
+        return f"{self.prefix}{window}{self.suffix}"
+
+    def window_of(self, key: str) -> int | None:
+        """The window in a key of this family ("model-12.safetensors" -> 12), None for any other key."""
+        number = key[len(self.prefix):-len(self.suffix)] if key.startswith(self.prefix) and key.endswith(
+            self.suffix) else ""
+        return int(number) if _WINDOW.fullmatch(number) else None
 
 
-def checkpoint_key(window: int) -> str:
-    return _key(CHECKPOINT, window)
+CHECKPOINT = Family("checkpoint-", ".safetensors")
+CHECKPOINT_MANIFEST = Family("checkpoint-", ".json")
+MODEL = Family("model-", ".safetensors")
+FINGERPRINT = Family("fingerprint-", ".json")
+RATINGS = Family("ratings-", ".json")
+WEIGHTS = Family("weights-", ".json")
+HELD_OUT = Family("held-out-", ".json")
 
 
-def checkpoint_manifest_key(window: int) -> str:
-    return _key(CHECKPOINT_MANIFEST, window)
+def momentum(uid: int) -> Family:
+    """A miner's momentum files, by the window they follow."""
+    return Family(f"momentum-{uid}-", ".safetensors")
 
 
-def model_key(window: int) -> str:
-    return _key(MODEL, window)
-
-
-def fingerprint_key(window: int) -> str:
-    return _key(FINGERPRINT, window)
-
-
-def ratings_key(window: int) -> str:
-    return _key(RATINGS, window)
-
-
-def weights_key(window: int) -> str:
-    return _key(WEIGHTS, window)
-
-
-def held_out_key(window: int) -> str:
-    return _key(HELD_OUT, window)
-
-
-def momentum_family(uid: int) -> tuple[str, str]:
-    return (f"momentum-{uid}-", ".safetensors")
-
-
-def momentum_key(uid: int, window: int) -> str:
-    return _key(momentum_family(uid), window)
-
-
-def momentum_pending_family(uid: int) -> tuple[str, str]:
-    return (f"momentum-{uid}-", ".pending")
-
-
-def momentum_pending_key(uid: int, window: int) -> str:
-    return _key(momentum_pending_family(uid), window)
-
-
-def window_of_key(key: str, family: tuple[str, str]) -> int | None:
-    """The window in a key of `family` (prefix, suffix), e.g. 12 for ("model-", ".safetensors") and
-    "model-12.safetensors"; None for a key of another family."""
-    prefix, suffix = family
-    number = key[len(prefix):-len(suffix)] if key.startswith(prefix) and key.endswith(suffix) else ""
-    return int(number) if _WINDOW.fullmatch(number) else None
-
-
-def _key(family: tuple[str, str], window: int) -> str:
-    prefix, suffix = family
-    return f"{prefix}{window}{suffix}"
+def momentum_pending(uid: int) -> Family:
+    """The markers of momentum files promised by a write in the background."""
+    return Family(f"momentum-{uid}-", ".pending")

@@ -17,8 +17,7 @@ from templar_lib.aggregation import aggregate_window, apply_aggregation_, learni
 from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import (CatchUpError, ModelState, catch_up, latest_checkpoint, load_checkpoint,
                                      model_fingerprint, save_checkpoint, state_bytes, state_sha256)
-from templar_lib.wire.keys import checkpoint_key as tensors_key
-from templar_lib.wire.keys import checkpoint_manifest_key as manifest_key
+from templar_lib.wire.keys import CHECKPOINT, CHECKPOINT_MANIFEST
 from templar_lib.compression import Sparse, chunk_shape
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
@@ -106,13 +105,13 @@ def test_tampered_checkpoint_is_rejected_and_latest_falls_back(tmp_path):
     save_checkpoint(bucket, tiny_state(window=3, step=3), HPARAMS)
     newer = tiny_state(window=6, step=6)
     save_checkpoint(bucket, newer, HPARAMS)
-    data = bytearray(bucket.get(tensors_key(6)))
+    data = bytearray(bucket.get(CHECKPOINT.key(6)))
     data[-1] ^= 0x01  # flip one bit of one weight
-    bucket.put(tensors_key(6), bytes(data))
+    bucket.put(CHECKPOINT.key(6), bytes(data))
     with pytest.raises(InvalidFile, match="sha256"):
         load_checkpoint(bucket, 6)
     assert latest_checkpoint(bucket).window == 3
-    bucket.put(manifest_key(7), b'{"format": 1}')  # a manifest without data: ignored
+    bucket.put(CHECKPOINT_MANIFEST.key(7), b'{"format": 1}')  # a manifest without data: ignored
     assert latest_checkpoint(bucket).window == 3
     assert latest_checkpoint(bucket, at_most=2) is None
 
@@ -152,7 +151,7 @@ def test_sigkill_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
     process.wait()
     assert process.returncode == -signal.SIGKILL  # it really died mid-save
     bucket = LocalBucket(bucket_dir)
-    assert not bucket.exists(manifest_key(2))
+    assert not bucket.exists(CHECKPOINT_MANIFEST.key(2))
     state = latest_checkpoint(bucket)
     assert state.window == 1 and torch.equal(state.parameters["w"], torch.full((4, 4), 1.0))
 

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from templar_lib.chain import LocalChain
-from templar_lib.wire.keys import checkpoint_key as tensors_key
+from templar_lib.wire.keys import CHECKPOINT
 from templar_pipelines import defs
 from templar_pipelines.instance import SQLITE_YAML
 from templar_pipelines.local_network import run_local_network
@@ -146,7 +146,7 @@ def test_checkpoint_audit_passes_then_fails_on_tampering(network_home, network_e
         verdicts = {e.check_name: e.passed for e in good.get_asset_check_evaluations()}
         assert verdicts == {"checkpoint_matches_manifest": True, "checkpoint_replays_from_previous": True,
                             "held_out_loss_within_threshold": True}
-        path = network_home / "aggregator" / tensors_key(2)
+        path = network_home / "aggregator" / CHECKPOINT.key(2)
         data = bytearray(path.read_bytes())
         data[-3] ^= 0x40
         path.write_bytes(bytes(data))
