@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote, urlparse
 
-from templar_lib.chain.base import (Chain, ChainError, Metagraph, Neuron, RateLimited, window_of,
+from templar_lib.chain.base import (Chain, ChainError, Metagraph, Neuron, RateLimited, verify_sr25519, window_of,
                                     window_time_range)
 from templar_lib.chain.local import LocalChain
 from templar_lib.hparams import HParams
 
-__all__ = ["Chain", "ChainError", "Metagraph", "Neuron", "RateLimited", "LocalChain", "open_chain", "window_of",
-           "window_time_range"]
+__all__ = ["Chain", "ChainError", "Metagraph", "Neuron", "RateLimited", "LocalChain", "open_chain", "verify_sr25519",
+           "window_of", "window_time_range"]
 
 
 def open_chain(url: str, *, blocks_per_window: int | None = None) -> Chain:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-from templar_lib.chain.base import ChainError, Metagraph, Neuron, RateLimited, window_of
+from templar_lib.chain.base import ChainError, Metagraph, Neuron, RateLimited, verify_sr25519, window_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,19 @@ class BittensorChain:
         if isinstance(stamp, datetime):
             return stamp.astimezone(timezone.utc)
         return datetime.fromtimestamp(float(stamp), tz=timezone.utc)
+
+    def block_hash(self, block: int) -> str | None:
+        if block < 0 or block > self.block():
+            return None
+        info = self.subtensor.block_info(block)
+        return str(info.hash).removeprefix("0x") if info is not None and info.hash else None
+
+    # ------------------------------------------------------------------ signatures
+    def sign(self, message: bytes) -> str:
+        return bytes(self.wallet.hotkey.sign(message)).hex()
+
+    def verify(self, hotkey: str, message: bytes, signature: str) -> bool:
+        return verify_sr25519(hotkey, message, signature)
 
     # ------------------------------------------------------------------ subnet state
     def _graph(self):

@@ -7,11 +7,17 @@ The block clock either follows wall time (`wall`: block = ⌊(now − genesis) /
 when told (`manual`: `advance(n)`, for tests and the fast demo); block times are recorded either way so a window's
 time range is known. Weights follow the real chain's rules: only a uid with a validator permit may set them, at
 most once per `weights_rate_limit` blocks, and they are stored normalised with the block they were set at.
+
+The chain has a secret, fixed when the file is created (random, or from `secret=` for a reproducible local network):
+block b's hash is sha256(secret, b), known once the chain has reached b, and each registered hotkey gets an sr25519
+key pair derived from it, held in the file as a local wallet would be, so `sign` and `verify` run the same
+signature scheme as bittensor hotkeys.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import sqlite3
 import time
@@ -19,7 +25,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from templar_lib.chain.base import ChainError, Metagraph, Neuron, RateLimited, window_of
+from templar_lib.chain.base import ChainError, Metagraph, Neuron, RateLimited, verify_sr25519, window_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,7 +43,7 @@ MAX_COMMITMENT_BYTES = 1024
 class LocalChain:
     def __init__(self, path: str | Path, *, uid: int | None = None, clock: str | None = None,
                  seconds_per_block: float | None = None, blocks_per_window: int = 7,
-                 weights_rate_limit: int | None = None) -> None:
+                 weights_rate_limit: int | None = None, secret: str | None = None) -> None:
         """Open (creating if needed) the chain at `path`. Clock settings given here are stored on creation only
         (or when explicitly passed), so every process sees the same clock. `uid`: the identity this handle acts as."""
         self.path = Path(path).resolve()
@@ -48,7 +54,7 @@ class LocalChain:
         settings = {"clock": clock, "seconds_per_block": seconds_per_block, "weights_rate_limit": weights_rate_limit}
         with self._transaction() as db:
             defaults = {"clock": "manual", "seconds_per_block": 12.0, "weights_rate_limit": 0,
-                        "genesis": time.time(), "manual_block": 0}
+                        "genesis": time.time(), "manual_block": 0, "secret": secret or secrets.token_hex(32)}
             for key, value in defaults.items():
                 db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
             for key, value in settings.items():
@@ -213,6 +219,29 @@ class LocalChain:
         for validator, uid, weight in self._read("SELECT validator, uid, weight FROM weights ORDER BY validator, uid"):
             table.setdefault(validator, {})[uid] = weight
         return table
+
+    # ------------------------------------------------------------------ hashes and signatures
+    def _secret(self) -> str:
+        with contextlib.closing(self._connect()) as db:
+            return self._meta(db, "secret")
+
+    def block_hash(self, block: int) -> str | None:
+        if block < 0 or block > self.block():
+            return None
+        return hashlib.sha256(f"{self._secret()}:block:{block}".encode()).hexdigest()
+
+    def _keypair(self, hotkey: str):
+        from bittensor.sp_core import Keypair
+
+        return Keypair.create_from_seed(hashlib.sha256(f"{self._secret()}:key:{hotkey}".encode()).digest())
+
+    def sign(self, message: bytes) -> str:
+        uid = self._require_uid()
+        (hotkey,) = self._read("SELECT hotkey FROM neurons WHERE uid = ?", (uid,))[0]
+        return bytes(self._keypair(hotkey).sign(message)).hex()
+
+    def verify(self, hotkey: str, message: bytes, signature: str) -> bool:
+        return verify_sr25519(self._keypair(hotkey).ss58_address, message, signature)
 
     def weights_block(self, validator: int) -> int | None:
         rows = self._read("SELECT block FROM last_weights WHERE validator = ?", (validator,))

@@ -63,6 +63,12 @@ class FakeSubstrate:
     async def block_time(self) -> float:
         return 12.0
 
+    async def get_block(self, block_number: int | None = None) -> dict | None:
+        number = self.block if block_number is None else block_number
+        if number > self.block:
+            return None
+        return {"header": {"number": number, "hash": await self.block_hash(number)}, "extrinsics": []}
+
     async def spec_version(self) -> int:
         return 400
 

@@ -84,3 +84,24 @@ def test_weights_set_by_the_validator_are_normalised(network):
     network.validator.set_weights({first: 3.0, second: 1.0})
     row = network.validator.weights()[network.validator.uid]
     assert row == {first: pytest.approx(0.75, abs=1e-4), second: pytest.approx(0.25, abs=1e-4)}
+
+
+def test_block_hashes_are_fixed_once_reached_and_unknown_before(network):
+    chain = network.validator
+    block = chain.block()
+    assert chain.block_hash(block + 1) is None
+    reached = chain.block_hash(block)
+    assert isinstance(reached, str) and len(reached) >= 32 and chain.block_hash(block - 1) != reached
+    network.advance(1)
+    assert chain.block_hash(block) == reached and chain.block_hash(block + 1) is not None
+
+
+def test_signatures_verify_only_for_the_signer_and_the_message(network):
+    graph = network.validator.metagraph()
+    validator_hotkey, miner_hotkey = graph.hotkey(network.validator.uid), graph.hotkey(network.miners[0].uid)
+    signature = network.validator.sign(b"peers_4.json")
+    assert network.miners[0].verify(validator_hotkey, b"peers_4.json", signature)
+    assert not network.miners[0].verify(validator_hotkey, b"peers_5.json", signature)
+    assert not network.miners[0].verify(miner_hotkey, b"peers_4.json", signature)
+    assert not network.miners[0].verify(validator_hotkey, b"peers_4.json", "00" * 64)
+    assert not network.miners[0].verify(validator_hotkey, b"peers_4.json", "not hex")
