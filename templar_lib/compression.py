@@ -181,6 +181,17 @@ def normalized_vals(sparse: Sparse) -> torch.Tensor:
     return vals / (torch.linalg.vector_norm(vals) + NORM_EPS)
 
 
+def unit_norm(sparse: Sparse) -> Sparse:
+    """The same coefficients scaled to unit L2 norm over the whole parameter, in their own dtype (an all-zero
+    parameter stays zero): what a miner sends. The aggregation divides each peer by its norm and the outer step takes
+    a sign, so the scale carries nothing, and a fixed one leaves no reference for a majority to move."""
+    vals = sparse.vals.float()
+    norm = torch.linalg.vector_norm(vals)
+    if float(norm) == 0.0:
+        return sparse
+    return Sparse(sparse.idx, (vals / norm).to(sparse.vals.dtype), sparse.shape, sparse.chunk)
+
+
 def combine(peers: Sequence[Sparse]) -> torch.Tensor:
     """Normalised peers scattered into one coefficient tensor (n_chunks, chunk_size), float32.
 

@@ -1,20 +1,20 @@
 """Gathering peers' files: concurrent, validated, time-limited downloads, and the validator's peers list.
 
 `gather(window, uids, peers, ...)` downloads `gradient-{window}-{uid}` from each uid's bucket (commitments.py) on a
-thread pool with one deadline for the whole gather, validates each file with `wire.read_gradient`, and checks the
-upload time against the window's time range when the bucket reports it. Result: the valid gradients by uid and one
-reason for every uid skipped ("missing", "late", "too big", "invalid: ...", "unreachable", "timeout", or why it has
-no bucket).
+thread pool with one deadline for the whole gather and validates each file with `wire.read_gradient`. Result: the
+valid gradients by uid with the sha256 of their bytes, and one reason for every uid skipped ("missing", "too big",
+"invalid: ...", "unreachable", "timeout", or why it has no bucket). The aggregator gathers the files a validator
+listed and keeps those whose sha256 it published.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from templar_lib.buckets import Bucket, BucketAccessDenied, BucketError, ObjectMissing, ObjectTooLarge
 from templar_lib.commitments import PeerBuckets
@@ -34,24 +34,23 @@ class GatherResult:
     skipped: dict[int, str]  # uid -> one-line reason
     bytes: dict[int, int]  # downloaded bytes by uid (valid or not)
     seconds: float
-    uploaded: dict[int, datetime] = field(default_factory=dict)  # when each valid file was written
+    sha256: dict[int, str] = field(default_factory=dict)  # of each valid file's bytes
 
 
 def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
            shapes: Mapping[str, tuple[int, ...]], hparams: HParams, timeout: float = 60.0,
-           time_range: tuple[datetime, datetime] | None = None, max_workers: int = 16) -> GatherResult:
+           max_workers: int = 16) -> GatherResult:
     """Download and validate `gradient-{window}-{uid}` for each uid within `timeout` seconds in total.
 
-    time_range: (start, end) of the window in UTC; an object written outside it is skipped as late (or early).
-    Never raises for a peer's fault: every uid ends in `gradients` or in `skipped` with a reason.
+    Never raises for a peer's fault: every uid ends in `gradients` or in `skipped` with a reason. Times the buckets
+    report are the miners' to set and decide nothing here (watch.py is the clock).
     """
     started = time.perf_counter()
     uids = sorted(set(uids))
     gradients: dict[int, Gradient] = {}
     skipped: dict[int, str] = {}
     sizes: dict[int, int] = {}
-
-    uploaded: dict[int, datetime] = {}
+    digests: dict[int, str] = {}
 
     def fetch(uid: int) -> tuple[Gradient | None, str | None, int]:
         bucket = peers.buckets.get(uid)
@@ -59,15 +58,11 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
             return None, peers.reason(uid), 0
         key = gradient_key(window, uid)
         try:
-            modified = bucket.stat(key).modified
-            reason = _upload_time_reason(modified, time_range) if time_range is not None else None
-            if reason:
-                return None, reason, 0
             data = bucket.get(key, max_bytes=hparams.max_gradient_bytes)
             gradient = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
                                      target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
                                      max_bytes=hparams.max_gradient_bytes)
-            uploaded[uid] = modified
+            digests[uid] = hashlib.sha256(data).hexdigest()
             return gradient, None, len(data)
         except ObjectMissing:
             return None, f"missing: no {key}", 0
@@ -100,18 +95,7 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
     for uid, reason in sorted(skipped.items()):
         log.info("window %d: skipping uid %d: %s", window, uid, reason)
     return GatherResult(window, dict(sorted(gradients.items())), dict(sorted(skipped.items())), sizes,
-                        time.perf_counter() - started, {uid: uploaded[uid] for uid in sorted(gradients)})
-
-
-def _upload_time_reason(modified: datetime, time_range: tuple[datetime, datetime]) -> str | None:
-    start, end = time_range
-    if modified > end:
-        return (f"late: uploaded {modified.isoformat(timespec='seconds')}, window closed "
-                f"{end.isoformat(timespec='seconds')}")
-    if modified < start:
-        return f"early: uploaded {modified.isoformat(timespec='seconds')}, before the window opened " \
-               f"{start.isoformat(timespec='seconds')}"
-    return None
+                        time.perf_counter() - started, {uid: digests[uid] for uid in sorted(gradients)})
 
 
 # ---------------------------------------------------------------------------------------------------- peers list

@@ -46,7 +46,6 @@ class HParams:
     pages_per_window: int = 6  # dataset pages each miner trains on per window
     batch_size: int = 6  # sequences per micro-batch
     sequence_length: int = 128  # tokens per sequence (tiny preset)
-    validator_offset: int = 2  # validators evaluate window w once the chain is in w + offset
     # --- outer optimiser (DESIGN §5) ---
     learning_rate: float = 4e-4
     weight_decay: float = 0.1  # decoupled: p <- p*(1 - lr*weight_decay)
@@ -58,6 +57,8 @@ class HParams:
     openskill_beta: float = 7.0
     openskill_tau: float = 0.1
     binary_score_ma_alpha: float = 0.05
+    score_ema_alpha: float = 0.1  # weights follow this moving average of scores (ratings.py)
+    ban_windows: int = 10  # windows a uid that changed its file after it was scored earns nothing
     topk_peers: int = 20  # peers aggregated per window
     max_peers: int = 256  # uids a validator considers
     # --- limits for untrusted input ---
@@ -73,14 +74,14 @@ class HParams:
                 raise HParamsError(f"{field.name}: must be finite, got {value!r}")
         positive = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
                     "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers",
-                    "max_gradient_bytes", "learning_rate", "openskill_beta")
+                    "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("validator_offset", "warmup_steps", "weight_decay", "openskill_tau"):
+        for name in ("warmup_steps", "weight_decay", "openskill_tau"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
-        for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio"):
+        for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:

@@ -1,21 +1,29 @@
-"""OpenSkill ratings of miners, carried from window to window (DESIGN §2, §4).
+"""What each miner has earned, carried from window to window (DESIGN §2, §4).
 
-Each window the evaluated uids are ranked by that window's score (higher is better; equal scores tie) and their
-PlackettLuce ratings (β = openskill_beta, τ = openskill_tau, from the `openskill` package) are updated together.
-Alongside, each uid's binary moving average of the own-vs-random indicator (scoring.update_moving_average).
+Per uid, after every window it was evaluated in:
 
-    final_u = ordinal_u × max(0, binary_ma_u)          ordinal = μ − 3σ
+    score_ema_u ← (1 − α) · score_ema_u + α · score_u      α = score_ema_alpha          (what weights follow)
+    binary_ma_u ← (1 − α_b) · binary_ma_u + α_b · indicator_u   α_b = binary_score_ma_alpha
+    OpenSkill PlackettLuce rating (β = openskill_beta, τ = openskill_tau), the uids ranked by this window's score
 
-Rules: a uid seen for the first time starts at the default rating (μ 25, σ 25/3, ordinal 0) and binary_ma 0, so
-it earns nothing until it has been evaluated; a uid whose hotkey changed (re-registered by someone else) or that
-left the metagraph loses its state.
+    final_u = score_ema_u, or 0 while the uid is banned
+
+Pay follows contribution: a score is a measured improvement (scoring.py), so its moving average is proportional to
+the work a miner did, while a rank throws the size of the difference away (two honest miners a hair apart get very
+different ordinals, and an OpenSkill rating random-walks with the noise of the ranks). The rating is kept because it
+says how consistently a miner places, which people read and the validator's sampling may use; it does not set pay.
+
+A uid found to have changed its file after the validator scored it is banned for `ban_windows` windows: its score
+is 0, its moving average restarts at 0. A uid seen for the first time starts at the default rating (μ 25, σ 25/3),
+score_ema 0 and binary_ma 0, so it earns nothing until it has been evaluated; a uid whose hotkey changed
+(re-registered by someone else) or that left the metagraph loses its state.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from openskill.models import PlackettLuce
 
@@ -29,6 +37,8 @@ class UidRating:
     mu: float
     sigma: float
     binary_ma: float = 0.0
+    score_ema: float = 0.0
+    banned_until: int = -1  # last window of a ban (-1: not banned)
 
     @property
     def ordinal(self) -> float:
@@ -36,7 +46,7 @@ class UidRating:
 
     @property
     def final(self) -> float:
-        return self.ordinal * max(0.0, self.binary_ma)
+        return self.score_ema
 
 
 @dataclass(frozen=True)
@@ -63,22 +73,29 @@ def model(hparams: HParams) -> PlackettLuce:
 
 
 def update_ratings(ratings: Ratings, window: int, scores: Mapping[int, float], indicators: Mapping[int, int],
-                   hotkeys: Mapping[int, str], hparams: HParams) -> Ratings:
-    """Fold one window in. scores/indicators: uid -> value for every uid evaluated this window (invalid ones
-    with score 0 and indicator −1); hotkeys: the metagraph now (uid -> hotkey)."""
+                   hotkeys: Mapping[int, str], hparams: HParams, banned: Mapping[int, str] | None = None) -> Ratings:
+    """Fold one window in. scores/indicators: uid -> value for every uid evaluated this window (invalid ones with
+    score 0 and indicator −1); hotkeys: the metagraph now (uid -> hotkey); banned: uids to ban from this window on
+    (uid -> reason), e.g. found to have changed their file after it was scored."""
     skill = model(hparams)
     current = {uid: r for uid, r in ratings.by_uid.items() if hotkeys.get(uid) == r.hotkey}
-    for uid in scores:
-        if uid not in current:
+    for uid in set(scores) | set(banned or {}):
+        if uid not in current and uid in hotkeys:
             fresh = skill.rating()
             current[uid] = UidRating(hotkeys[uid], fresh.mu, fresh.sigma)
+    for uid in banned or {}:
+        if uid in current:
+            current[uid] = replace(current[uid], score_ema=0.0, banned_until=window + hparams.ban_windows - 1)
     ranked = sorted(uid for uid in scores if uid in hotkeys)
+    effective = {uid: 0.0 if current[uid].banned_until >= window else float(scores[uid]) for uid in ranked}
     if len(ranked) >= 2:
         teams = [[skill.rating(mu=current[uid].mu, sigma=current[uid].sigma)] for uid in ranked]
-        updated = skill.rate(teams, scores=[float(scores[uid]) for uid in ranked])
+        updated = skill.rate(teams, scores=[effective[uid] for uid in ranked])
         for uid, (rating,) in zip(ranked, updated):
-            current[uid] = UidRating(current[uid].hotkey, rating.mu, rating.sigma, current[uid].binary_ma)
+            current[uid] = replace(current[uid], mu=rating.mu, sigma=rating.sigma)
     for uid in ranked:
-        ma = update_moving_average(current[uid].binary_ma, indicators[uid], hparams.binary_score_ma_alpha)
-        current[uid] = UidRating(current[uid].hotkey, current[uid].mu, current[uid].sigma, ma)
+        rating = current[uid]
+        current[uid] = replace(
+            rating, binary_ma=update_moving_average(rating.binary_ma, indicators[uid], hparams.binary_score_ma_alpha),
+            score_ema=update_moving_average(rating.score_ema, effective[uid], hparams.score_ema_alpha))
     return Ratings(window=window, by_uid=dict(sorted(current.items())))

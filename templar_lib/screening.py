@@ -1,31 +1,44 @@
-"""Screening of a window's valid gradient files before they are scored or aggregated.
+"""Screening of a window's valid gradient files before they are scored (DESIGN §2).
 
-The seed-era score (scoring.py) cannot see three cheap attacks, so this adds the countermeasures Templar used
-later (sync checks, norm bounds, overlap/similarity penalties):
-
-1. stale model   the header's fingerprint of θ_w differs from ours: the miner trained on another (old) model.
-2. norm outlier  ‖vals‖₂ over the whole gradient is more than `norm_ratio` × the window's median, or less than
-                 the median / `norm_ratio` (scaled or near-empty uploads). Needs ≥ 3 gradients to have a median.
-3. copy          two gradients choose almost the same coefficients (overlap ≥ `copy_overlap` of positions) with
-                 almost the same values (cosine ≥ `copy_cosine` on the shared positions): the later upload is the
-                 copy; when the upload times are equal or unknown, both are rejected.
+1. stale model  the header's fingerprint of θ_w differs from ours: the miner trained on another (old) model.
+2. norm         every parameter's values must have unit L2 norm (or be all zero), within UNIT_NORM_TOLERANCE of 1:
+                miners send the direction of what they kept (roles.miner), since the aggregation normalises each
+                peer and the outer step takes a sign, so magnitude carries nothing and the rule is a constant no
+                majority can move (a window median of untrusted uploads can be moved by whoever sends most of them).
+                A file whose every parameter is zero is empty.
+3. copy         two gradients choose almost the same coefficients (overlap ≥ `copy_overlap` of positions) with
+                almost the same values (cosine ≥ `copy_cosine` on the shared positions): the one the validator first
+                saw later (watch.py: a block of the chain, not a time the miner reports) is the copy. Two first seen
+                in the same poll are a tie: the order is unknown, so neither is rejected here; the copy still earns
+                nothing, since what it improves is the other uid's pages (scoring.py).
 
 Each rejected uid gets a one-line reason; the rest pass. Pure function of its inputs.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
-from datetime import datetime
 
 import torch
 
 from templar_lib.wire import Gradient
 
+UNIT_NORM_TOLERANCE = 0.02  # bf16 and int8 rounding of unit-norm values stay well inside it
 
-def gradient_norm(gradient: Gradient) -> float:
-    return float(torch.sqrt(sum(s.vals.float().pow(2).sum() for s in gradient.tensors.values())))
+
+def parameter_norms(gradient: Gradient) -> dict[str, float]:
+    return {name: float(torch.linalg.vector_norm(s.vals.float())) for name, s in gradient.tensors.items()}
+
+
+def norm_reason(gradient: Gradient) -> str | None:
+    """Why a gradient's values break the unit-norm rule, or None."""
+    norms = parameter_norms(gradient)
+    if norms and all(norm == 0.0 for norm in norms.values()):
+        return "empty: every value is zero"
+    for name, norm in sorted(norms.items()):
+        if norm != 0.0 and abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
+            return f"norm: {name[:60]} has ‖values‖ {norm:.4g}, the protocol sends unit norms"
+    return None
 
 
 def similarity(a: Gradient, b: Gradient) -> tuple[float, float]:
@@ -55,33 +68,27 @@ def similarity(a: Gradient, b: Gradient) -> tuple[float, float]:
     return overlap, cosine
 
 
-def screen(gradients: Mapping[int, Gradient], *, model_hash: str, upload_times: Mapping[int, datetime] | None = None,
-           norm_ratio: float = 4.0, copy_overlap: float = 0.95, copy_cosine: float = 0.98) -> dict[int, str]:
-    """Reasons for the uids to reject, by uid (the others pass)."""
+def screen(gradients: Mapping[int, Gradient], *, model_hash: str, first_seen: Mapping[int, int] | None = None,
+           copy_overlap: float = 0.95, copy_cosine: float = 0.98) -> dict[int, str]:
+    """Reasons for the uids to reject, by uid (the others pass). first_seen: the block each file was first seen at
+    by the validator (unknown: every pair is a tie)."""
     rejected: dict[int, str] = {}
     for uid, gradient in gradients.items():
         if gradient.model_hash != model_hash:
             rejected[uid] = (f"stale model: trained on θ {gradient.model_hash[:12] or '(none)'}, "
                              f"expected {model_hash[:12]}")
-    remaining = {uid: g for uid, g in gradients.items() if uid not in rejected}
-    norms = {uid: gradient_norm(g) for uid, g in remaining.items()}
-    if len(norms) >= 3:
-        median = statistics.median(norms.values())
-        for uid, norm in norms.items():
-            if norm > norm_ratio * median or norm * norm_ratio < median:
-                rejected[uid] = f"norm outlier: ‖vals‖ {norm:.3g} vs window median {median:.3g}"
-    remaining = sorted(uid for uid in remaining if uid not in rejected)
-    times = upload_times or {}
+        elif (reason := norm_reason(gradient)) is not None:
+            rejected[uid] = reason
+    remaining = sorted(uid for uid in gradients if uid not in rejected)
+    seen = first_seen or {}
     for index, first in enumerate(remaining):
         for second in remaining[index + 1:]:
+            when_first, when_second = seen.get(first), seen.get(second)
+            if when_first is None or when_second is None or when_first == when_second:
+                continue  # a tie: neither is the copy of the other here
             overlap, cosine = similarity(gradients[first], gradients[second])
-            if overlap < copy_overlap or cosine < copy_cosine:
-                continue
-            when_first, when_second = times.get(first), times.get(second)
-            if when_first is not None and when_second is not None and when_first != when_second:
+            if overlap >= copy_overlap and cosine >= copy_cosine:
                 later, earlier = (first, second) if when_first > when_second else (second, first)
-                rejected[later] = f"copy of uid {earlier} (overlap {overlap:.2f}, cosine {cosine:.3f}, uploaded later)"
-            else:
-                for uid, other in ((first, second), (second, first)):
-                    rejected[uid] = f"copy of uid {other} (overlap {overlap:.2f}, cosine {cosine:.3f})"
+                rejected[later] = (f"copy of uid {earlier} (overlap {overlap:.2f}, cosine {cosine:.3f}, first seen "
+                                   f"at block {seen[later]} after block {seen[earlier]})")
     return dict(sorted(rejected.items()))

@@ -1,8 +1,10 @@
-"""Aggregator window steps (DESIGN §2, §5): combine the window's valid gradients, publish the update, advance θ.
+"""Aggregator window steps (DESIGN §2, §5): combine exactly what a validator scored, publish it, advance θ.
 
-    aggregator_step   gather -> screen (stale / norm / copies) -> keep the uids of peers_{w}.json when a validator
-                      published it -> combine (scatter-mean of normalised coefficients, uids ascending)
-                      -> aggregation-{w}.safetensors
+    aggregator_step   peers_{w}.json, signed by a uid with a validator permit (else nothing is aggregated: the
+                      schedule runs the validator first, and a forged or missing list must never fall back to
+                      unscored files) -> gather the listed uids' files -> keep those whose bytes hash to the sha256
+                      the validator published -> combine (scatter-mean of normalised coefficients, uids ascending)
+                      -> aggregation-{w}.safetensors, with every listed uid left out and why (`refused`)
     advance_window    θ_{w+1} = replay of aggregation-{w} onto θ_w, exactly as every other node computes it
                       -> checkpoint-{w+1} when (w + 1) is a multiple of checkpoint_frequency -> the node's state
                       -> held-out loss of θ_{w+1}
@@ -14,26 +16,26 @@ mutated, and every reduction is ordered.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 
 import torch
 
 from templar_lib.aggregation import aggregate_window, learning_rate_at, update_norm
 from templar_lib.buckets import Bucket
-from templar_lib.checkpoints import CheckpointInfo, ModelState, catch_up, model_fingerprint, save_checkpoint
+from templar_lib.chain import Chain
+from templar_lib.checkpoints import CheckpointInfo, ModelState, catch_up, save_checkpoint
 from templar_lib.commitments import PeerBuckets
 from templar_lib.data import Dataset
 from templar_lib.gather import fetch_peers, gather
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_
-from templar_lib.screening import screen
 from templar_lib.state import StateStore
 from templar_lib.training import held_out_loss
-from templar_lib.wire import InvalidFile, aggregation_key, write_aggregation
+from templar_lib.wire import InvalidFile, Peers, aggregation_key, write_aggregation
+from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class AggregatorResult:
     step: int
     lr: float
     peers: list[int]  # uids combined
-    skipped: dict[int, str]  # uid -> reason it was left out
+    skipped: dict[int, str]  # listed uid -> reason it was left out
     key: str
     bytes: int
     seconds: float
@@ -62,39 +64,52 @@ class WindowAdvance:
     checkpoint: CheckpointInfo | None  # published this window
 
 
-def aggregator_step(window: int, *, state: ModelState, uids: Iterable[int], peers: PeerBuckets, aggregator: Bucket,
-                    hparams: HParams, peers_list: Bucket | None = None,
-                    time_range: tuple[datetime, datetime] | None = None,
-                    gather_timeout: float = 60.0) -> AggregatorResult:
-    """Publish aggregation-{window} from the gradients of `uids` on θ_w (state.window must equal `window`).
-    peers_list: the bucket holding a validator's peers_{window}.json, when the network has one."""
+class PeersListError(RuntimeError):
+    """There is no peers list for the window that a validator with a permit signed (not yet published, forged,
+    malformed): the window cannot be aggregated yet."""
+
+
+def signed_peers(chain: Chain, peers_list: Bucket, window: int) -> Peers:
+    """The validator's peers list of `window`, after checking its signature against the hotkey of the uid it names,
+    which must hold a validator permit. Raises PeersListError."""
+    try:
+        listed = fetch_peers(peers_list, window)
+    except InvalidFile as error:
+        raise PeersListError(f"peers_{window}.json is invalid: {error}") from None
+    if listed is None:
+        raise PeersListError(f"no validator has published peers_{window}.json yet")
+    graph = chain.metagraph()
+    hotkey = graph.hotkey(listed.validator)
+    if listed.validator not in graph.validators or hotkey is None:
+        raise PeersListError(f"peers_{window}.json names uid {listed.validator}, which holds no validator permit")
+    if not chain.verify(hotkey, listed.message(), listed.signature):
+        raise PeersListError(f"peers_{window}.json is not signed by validator {listed.validator}'s hotkey")
+    return listed
+
+
+def aggregator_step(window: int, *, state: ModelState, chain: Chain, peers: PeerBuckets, aggregator: Bucket,
+                    hparams: HParams, peers_list: Bucket, gather_timeout: float = 60.0) -> AggregatorResult:
+    """Publish aggregation-{window} from the files a validator scored, on θ_w (state.window must equal `window`).
+    peers_list: the bucket holding the validator's peers_{window}.json. Raises PeersListError."""
     if state.window != window:
         raise ValueError(f"aggregator holds θ_{state.window}, cannot aggregate window {window}")
     started = time.perf_counter()
+    listed = signed_peers(chain, peers_list, window)
     shapes = {name: tuple(p.shape) for name, p in state.parameters.items()}
-    gathered = gather(window, uids, peers, shapes=shapes, hparams=hparams, timeout=gather_timeout,
-                      time_range=time_range)
-    skipped = {**gathered.skipped,
-               **screen(gathered.gradients, model_hash=state.fingerprint or model_fingerprint(state.parameters),
-                        upload_times=gathered.uploaded)}
-    accepted = {uid: g for uid, g in gathered.gradients.items() if uid not in skipped}
-    if peers_list is not None:
-        try:
-            listed = fetch_peers(peers_list, window)
-        except InvalidFile as error:  # a broken list must not stop the network: aggregate every accepted uid
-            log.warning("window %d: ignoring peers list: %s", window, error)
-            listed = None
-        if listed is not None:
-            for uid in sorted(set(accepted) - set(listed.uids)):
-                skipped[uid] = f"not in peers_{window}.json"
-            accepted = {uid: g for uid, g in accepted.items() if uid in listed.uids}
-
+    gathered = gather(window, listed.uids, peers, shapes=shapes, hparams=hparams, timeout=gather_timeout)
+    refused = dict(gathered.skipped)
+    for uid, digest in gathered.sha256.items():
+        if digest != listed.sha256[uid]:
+            refused[uid] = (f"{CHANGED_AFTER_SCORING}: sha256 {digest[:12]} is not the {listed.sha256[uid][:12]} "
+                            f"validator {listed.validator} scored")
+    accepted = {uid: g for uid, g in gathered.gradients.items() if uid not in refused}
     lr = learning_rate_at(state.step, hparams)
     aggregation = aggregate_window(window, state.step, lr, {uid: g.tensors for uid, g in accepted.items()},
                                    list(shapes), hparams.protocol_hash(), format=hparams.aggregation_format)
+    aggregation = dataclasses.replace(aggregation, refused=dict(sorted(refused.items())))
     data = write_aggregation(aggregation)
     aggregator.put(aggregation_key(window), data)
-    return AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(skipped.items())),
+    return AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(refused.items())),
                             aggregation_key(window), len(data), time.perf_counter() - started)
 
 

@@ -13,6 +13,7 @@ import torch
 from templar_lib.aggregation import learning_rate_at
 from templar_lib.buckets import Bucket
 from templar_lib.checkpoints import model_fingerprint
+from templar_lib.compression import unit_norm
 from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
@@ -62,9 +63,11 @@ def window_pages(window: int, uid: int, *, dataset: Dataset, hparams: HParams) -
 def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch.Tensor, *, step: int,
                   hparams: HParams) -> tuple[float, dict]:
     """Loss of the model's θ on `tokens`, and its gradient folded into `feedback` at outer step `step`'s learning
-    rate (in place); returns what to transmit."""
+    rate (in place); returns what to transmit: each parameter's kept coefficients at unit norm (the momentum keeps
+    what was actually taken out of it)."""
     loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size, autocast_dtype=miner_autocast(model))
-    return loss, feedback.step(gradients, lr=learning_rate_at(step, hparams))
+    sent = feedback.step(gradients, lr=learning_rate_at(step, hparams))
+    return loss, {name: unit_norm(sparse) for name, sparse in sent.items()}
 
 
 def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,

@@ -1,22 +1,25 @@
-"""Validator window step (DESIGN §2; Templar v0.2 incentive mechanism with later countermeasures).
+"""Validator window step (DESIGN §2; Templar's incentive mechanism with its later countermeasures).
 
-For window w, on the same θ_w the miners trained on:
-1. gather every other uid's gradient (validated files, upload time inside the window), then screen them
-   (stale model, norm outliers, copies: screening.py). Everything else scores 0 with its reason.
-2. losses on the validator's random pages for θ_w, once.
-3. per valid uid, in ascending uid order, on one scratch copy of the model: load θ_w, loss on the uid's own pages,
-   apply the uid's gradient alone with the window's outer step (sign, lr, weight decay), loss on its own pages
-   and on the random pages again. Memory is two models; time is three evaluations per uid, so a single GPU
-   scores dozens of uids per 84 s window on the 1b preset with pages of a few thousand tokens.
-4. scores and indicators (scoring.py) -> OpenSkill ratings and binary moving averages (ratings.py)
-   -> weights (weights.py), set on the chain; `peers_{w}.json` (valid uids with a positive score, best first,
-   at most topk_peers) and `evaluation-{w}-{validator}.json` (wire.documents) written to the validator's gradients
-   bucket.
+For window w, once it has closed, on the same θ_w the miners trained on:
+1. take what the validator's watch first saw of each uid's gradient before the close (watch.py: its own clock, chain
+   blocks), validate each file, then screen them (stale model, unit norms, copies by first sight: screening.py).
+   Everything else scores 0 with its reason.
+2. the random pages: chosen by the hash of the block that closed w, which nobody knew while w was open and anyone
+   can recompute afterwards (they are in the evaluation report); θ_w's loss on them, once.
+3. per valid uid, in ascending uid order, on one scratch copy of the model: load θ_w, loss on each of the uid's own
+   pages, apply the uid's gradient alone with the window's outer step (sign, lr, weight decay), loss on its own pages
+   and on the random pages again (scoring.py: the least-improved own page against the random pages).
+4. scores -> ratings (ratings.py: the moving average of scores sets the weights) -> weights (weights.py), set on the
+   chain; `peers_{w}.json` (valid uids with a positive score, best first, at most topk_peers, each with the sha256
+   of the bytes scored, signed by the validator's hotkey) and `evaluation-{w}-{validator}.json` (wire.documents)
+   written to the validator's gradients bucket. A uid the aggregator of w − 1 found with other bytes than were
+   scored (`refused` in aggregation-{w−1}) is banned (ratings.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -25,12 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at
-from templar_lib.buckets import Bucket
-from templar_lib.chain import Chain, ChainError, window_time_range
+from templar_lib.buckets import Bucket, ObjectMissing
+from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint
-from templar_lib.commitments import PeerBuckets
 from templar_lib.data import Dataset, random_pages
-from templar_lib.gather import gather, publish_peers
+from templar_lib.gather import publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
@@ -38,18 +40,19 @@ from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
-from templar_lib.wire import EvaluationReport, Gradient, Peers, evaluation_key, write_evaluation
+from templar_lib.watch import Watch
+from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
+                              max_aggregation_bytes, read_gradient, write_evaluation)
+from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """How a validator gathers and compares (defaults: production)."""
+    """How a validator compares (defaults: production)."""
 
     random_page_count: int | None = None  # random pages per window (None: pages_per_window)
-    gather_timeout: float = 60.0  # seconds for the whole gather
-    check_upload_time: bool = True  # skip files uploaded outside their window (off on a local network: reruns)
 
 
 @dataclass(frozen=True)
@@ -95,47 +98,63 @@ class ValidatorResult:
 
 
 def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor], gradient: Gradient, *,
-                      window: int, step: int, own: torch.Tensor, random: torch.Tensor, random_before: float,
+                      window: int, step: int, own: list[torch.Tensor], random: torch.Tensor, random_before: float,
                       hparams: HParams) -> Losses:
-    """Losses of θ_w and of θ_w + this uid's update alone, on its own and the random pages (scratch is reused)."""
+    """Losses of θ_w and of θ_w + this uid's update alone, on each of its own pages (`own`, one tensor per page) and
+    on the random pages (scratch is reused)."""
     load_parameters_(scratch, dict(theta))
-    own_before = evaluate_loss(scratch, own, hparams.batch_size)
+    before = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
     single = aggregate_window(window, step, learning_rate_at(step, hparams), {gradient.uid: gradient.tensors},
                               list(theta))
     apply_aggregation_(parameters_of(scratch), single, weight_decay=hparams.weight_decay)
-    return Losses(own_before=own_before, own_after=evaluate_loss(scratch, own, hparams.batch_size),
-                  random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size))
+    after = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
+    return Losses(own_before=sum(before) / len(before), own_after=sum(after) / len(after),
+                  random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size),
+                  own_pages=list(zip(before, after)))
 
 
 def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
-                    peers: PeerBuckets, own_bucket: Bucket, hparams: HParams,
+                    watch: Watch, own_bucket: Bucket, hparams: HParams,
                     options: EvaluationOptions = EvaluationOptions()) -> WindowEvaluation:
-    """Score every other uid's gradient for `window` on θ_w, which `model` holds (`state`: its step and fingerprint),
-    as the validator `chain` acts for; writes peers_{w}.json and evaluation-{w}-{validator}.json to `own_bucket`."""
+    """Score every other uid's gradient for `window` as the watch saw it, on θ_w, which `model` holds (`state`: its
+    step and fingerprint), as the validator `chain` acts for; writes the signed peers_{w}.json and
+    evaluation-{w}-{validator}.json to `own_bucket`. Needs the window closed (its closing block seeds the random
+    pages)."""
     started = time.perf_counter()
     validator_uid = chain.uid
+    seed_block = (window + 1) * hparams.blocks_per_window
+    seed = chain.block_hash(seed_block)
+    if seed is None:
+        raise ChainError(f"window {window} has not closed: block {seed_block} is not on the chain yet")
     uids = [uid for uid in chain.metagraph().uids if uid != validator_uid][: hparams.max_peers]
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
-    gathered = gather(window, uids, peers, shapes=shapes, hparams=hparams, timeout=options.gather_timeout,
-                      time_range=window_time_range(chain, window) if options.check_upload_time else None)
-    rejected = screen(gathered.gradients, model_hash=state.fingerprint or model_fingerprint(theta),
-                      upload_times=gathered.uploaded)
-    reasons = {**gathered.skipped, **rejected}
+    sightings, gradients, reasons = watch.sightings(), {}, dict(watch.reasons())
+    for uid in uids:
+        if uid not in sightings:
+            continue
+        try:
+            gradients[uid] = read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes,
+                                           topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
+                                           hparams_hash=hparams.protocol_hash(), max_bytes=hparams.max_gradient_bytes)
+        except InvalidFile as error:
+            reasons[uid] = f"invalid: {error}"
+    reasons |= screen(gradients, model_hash=state.fingerprint or model_fingerprint(theta),
+                      first_seen={uid: sightings[uid].block for uid in gradients})
 
-    random_ids = random_pages(window, validator_uid, options.random_page_count or hparams.pages_per_window,
+    random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)
     random = dataset.tokens(random_ids)
     scratch = copy.deepcopy(model)
     random_before = evaluate_loss(model, random, hparams.batch_size)
     scores: dict[int, Score] = {}
     for uid in uids:
-        if uid in reasons or uid not in gathered.gradients:
+        if uid in reasons or uid not in gradients:
             scores[uid] = zero_score(uid, reasons.get(uid, "missing"))
             continue
-        own = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
-        losses = evaluate_gradient(scratch, theta, gathered.gradients[uid], window=window, step=state.step, own=own,
+        own = [dataset.tokens([page]) for page in dataset.miner_pages(window, uid, hparams.pages_per_window)]
+        losses = evaluate_gradient(scratch, theta, gradients[uid], window=window, step=state.step, own=own,
                                    random=random, random_before=random_before, hparams=hparams)
         scores[uid] = score_losses(uid, losses)
     del scratch
@@ -143,19 +162,22 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
                       key=lambda uid: (-scores[uid].score, uid))
     chosen = sorted(positive[: hparams.topk_peers])
-    report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores)
-    keys = [publish_peers(own_bucket, Peers(window=window, validator=validator_uid, uids=chosen)),
-            evaluation_key(window, validator_uid)]
+    peers = Peers(window=window, validator=validator_uid, uids=chosen,
+                  sha256={uid: sightings[uid].sha256 for uid in chosen})
+    peers = dataclasses.replace(peers, signature=chain.sign(peers.message()))
+    report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block)
+    keys = [publish_peers(own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)
 
 
-def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int, str],
-                hparams: HParams) -> tuple[Ratings, dict[int, float] | None]:
-    """Step 4: fold the window's scores into the ratings; the weights they give (None: nothing positive)."""
+def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int, str], hparams: HParams,
+                banned: Mapping[int, str] | None = None) -> tuple[Ratings, dict[int, float] | None]:
+    """Step 4: fold the window's scores into the ratings, banning `banned` (uid -> reason); the weights they give
+    (None: nothing positive)."""
     scores = report.scores
     new_ratings = update_ratings(ratings, report.window, {u: s.score for u, s in scores.items()},
-                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams)
+                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned)
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
 
 
@@ -171,13 +193,28 @@ def submit_weights(chain: Chain, weights: dict[int, float] | None) -> str:
 
 
 def validator_step(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
-                   peers: PeerBuckets, own_bucket: Bucket, ratings: Ratings, hparams: HParams,
+                   watch: Watch, own_bucket: Bucket, ratings: Ratings, hparams: HParams,
+                   banned: Mapping[int, str] | None = None,
                    options: EvaluationOptions = EvaluationOptions()) -> ValidatorResult:
-    """The whole validator window: evaluate, rate, set weights."""
-    evaluation = evaluate_window(window, chain=chain, model=model, state=state, dataset=dataset, peers=peers,
+    """The whole validator window: evaluate, rate (banning `banned`), set weights."""
+    evaluation = evaluate_window(window, chain=chain, model=model, state=state, dataset=dataset, watch=watch,
                                  own_bucket=own_bucket, hparams=hparams, options=options)
     hotkeys = {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons}
-    new_ratings, weights = rate_window(evaluation.report, ratings, hotkeys, hparams)
+    new_ratings, weights = rate_window(evaluation.report, ratings, hotkeys, hparams, banned=banned)
     status = submit_weights(chain, weights)
     log.info("validator %d window %d: weights %s", evaluation.validator_uid, window, status)
     return ValidatorResult(evaluation, new_ratings, weights, status)
+
+
+def swaps_found(aggregator: Bucket, window: int, *, shapes: Mapping[str, tuple[int, ...]],
+                hparams: HParams) -> dict[int, str]:
+    """The uids the aggregator of `window` left out because their file changed after it was scored, with the reason
+    (to ban from window + 1 on); {} when there is no such aggregation (the first window, a node that joined late)."""
+    limit = max_aggregation_bytes(shapes, target_chunk=hparams.target_chunk, topk=hparams.topk_compression,
+                                  peers=max(hparams.max_peers, hparams.topk_peers))
+    try:
+        refused = read_refusals(aggregator.get(aggregation_key(window), max_bytes=limit), window=window,
+                                max_bytes=limit)
+    except (ObjectMissing, InvalidFile):
+        return {}
+    return {uid: reason for uid, reason in refused.items() if reason.startswith(CHANGED_AFTER_SCORING)}

@@ -1,33 +1,46 @@
-"""The cheating miners of a simulated network: a table from kind to behaviour.
+"""The cheating miners of a simulated network: a table from kind to behaviour, each acting when in the window a real
+one would (`when`), and what it costs (`compute`, in honest miner-windows: what an attacker would really spend).
 
-Each kind says whether the miner first runs the honest miner step (its error feedback then advances as an honest
-miner's, and its honest file is uploaded), whether it keeps θ of past windows, and what file it then uploads over it
-(or nothing):
+    when    mine     with the honest miners, at the window's start
+            public   after the honest uploads of the window are public (their files can be copied)
+            close    after the window closed (too late to be seen, whatever time its bucket claims)
+            scored   after the validator scored the window, before the aggregator combines it
 
-    honest      the honest file only
-    sign_flip   the honest gradient negated               scale       ×10
-    noise       Gaussian noise of the honest norm          copy        another uid's file, relabelled (+1e-4)
-    replay      its first gradient, sent every window      free_rider  zeros
-    wrong_data  trained on pages that are not its own      lagging     trained on θ three windows old
-    missing     nothing                                    malformed   half a file and garbage
+    honest          the honest file
+    sign_flip       the honest gradient negated                      scale           ×10 values
+    noise           unit-norm noise on the honest positions          copy            another uid's file, relabelled
+    replay          its first gradient, sent every window            free_rider      zeros
+    wrong_data      trained on pages that are not its own            lagging         trained on θ three windows old
+    missing         nothing                                          malformed       half a file and garbage
+    swap_after_score  honest, then sign-flipped once the validator scored it
+    backdate_copy   another uid's public file as its own, the file's time set before the victim's
+    late_combine    after the close: the mean of the public uploads plus a little of its own work, backdated
+    sybil_mean      inside the window: the mean of the public uploads plus a little of its own work
+    teach_random    trains on its pages and on the validator's random pages as far as it can predict them
+    lazy            trains on one page of its share
+    majority_scale  honest ×3 values (meant for a majority: against a median it would move the reference)
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from templar_lib.buckets import Bucket
+from templar_lib.chain import Chain
 from templar_lib.checkpoints import ModelState, model_fingerprint
-from templar_lib.compression import Sparse
-from templar_lib.data import Dataset
+from templar_lib.compression import Sparse, densify, unit_norm
+from templar_lib.data import Dataset, random_pages
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient, new_feedback
-from templar_lib.wire import Gradient, read_gradient, write_gradient
+from templar_lib.wire import Gradient, gradient_key, read_gradient, write_gradient
 
 
 @dataclass
@@ -47,7 +60,8 @@ class Miner:
 
 @dataclass(frozen=True)
 class Turn:
-    """What a miner sees when it uploads for a window: θ_w (in `model`), the pages and what honest miners sent."""
+    """What a miner sees when it acts for a window: θ_w (in `model`), the pages, the chain, and what honest miners
+    uploaded."""
 
     window: int
     miner: Miner
@@ -55,17 +69,28 @@ class Turn:
     state: ModelState
     dataset: Dataset
     hparams: HParams
+    chain: Chain
+    gradients: Bucket  # where every miner of the simulated network uploads
     honest_sent: dict[int, bytes]  # uid -> the file an honest miner uploaded this window
+    validator_uid: int
 
-    def honest(self, pages_uid: int | None = None, on_model: torch.nn.Module | None = None,
-               step: int | None = None) -> Gradient:
-        """The gradient an honest miner would send (on other pages, another θ or step when given); folds into this
-        miner's error feedback like an honest one."""
-        pages = self.dataset.miner_pages(self.window, self.miner.uid if pages_uid is None else pages_uid,
-                                         self.hparams.pages_per_window)
+    def honest(self, pages: list[int] | None = None, on_model: torch.nn.Module | None = None,
+               step: int | None = None, rows: int | None = None) -> Gradient:
+        """The gradient an honest miner would send (on other pages, another θ or step, or only the first `rows`
+        sequences, when given); folds into this miner's error feedback like an honest one."""
+        pages = pages if pages is not None else self.own_pages()
+        tokens = self.dataset.tokens(pages)[:rows]
         return compute_gradient(self.window, self.miner.uid, model=on_model or self.model,
                                 step=self.state.step if step is None else step, feedback=self.miner.feedback,
-                                tokens=self.dataset.tokens(pages), hparams=self.hparams)[1]
+                                tokens=tokens, hparams=self.hparams)[1]
+
+    def own_pages(self) -> list[int]:
+        return self.dataset.miner_pages(self.window, self.miner.uid, self.hparams.pages_per_window)
+
+    def public(self) -> dict[int, Gradient]:
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        return {uid: read_gradient(data, window=self.window, uid=uid, shapes=shapes)
+                for uid, data in sorted(self.honest_sent.items())}
 
     @property
     def generator(self) -> torch.Generator:
@@ -79,20 +104,71 @@ def _values(gradient: Gradient, function: Callable[[torch.Tensor], torch.Tensor]
 
 def _noise(turn: Turn) -> bytes:
     gradient = turn.honest()
-    norm = float(torch.sqrt(sum(s.vals.pow(2).sum() for s in gradient.tensors.values())))
     noise = {n: torch.randn(s.vals.shape, generator=turn.generator) for n, s in gradient.tensors.items()}
-    scale = norm / float(torch.sqrt(sum(v.pow(2).sum() for v in noise.values())))
-    return write_gradient(gradient.with_tensors({n: Sparse(s.idx, noise[n] * scale, s.shape, s.chunk)
+    return write_gradient(gradient.with_tensors({n: unit_norm(Sparse(s.idx, noise[n], s.shape, s.chunk))
                                                  for n, s in gradient.tensors.items()}))
 
 
-def _copy(turn: Turn) -> bytes | None:
-    if not turn.honest_sent:
+def _relabelled(turn: Turn) -> Gradient | None:
+    """The first honest miner's public file, relabelled as this miner's, with a whisper of noise."""
+    public = turn.public()
+    if not public:
         return None
-    victim = min(turn.honest_sent)  # the first honest miner's file, re-labelled as its own, with a whisper of noise
+    source = public[min(public)]
+    return _values(source.with_tensors(source.tensors, uid=turn.miner.uid), lambda v: v * (1 + 1e-4))
+
+
+def _copy(turn: Turn) -> bytes | None:
+    copied = _relabelled(turn)
+    return write_gradient(copied) if copied is not None else None
+
+
+def backdate(turn: Turn, seconds: float) -> None:
+    """Make the miner's file report a time `seconds` before the window opened (what any miner's own endpoint can
+    claim)."""
+    opened = turn.chain.block_time(turn.window * turn.hparams.blocks_per_window)
+    stamp = (opened.timestamp() if opened is not None else time.time()) - seconds
+    os.utime(turn.gradients.local_path(gradient_key(turn.window, turn.miner.uid)), (stamp, stamp))
+
+
+def _combined(turn: Turn) -> Gradient | None:
+    """The mean of the window's public uploads plus a quarter of its own work (one of its four sequences), the top-k
+    of each chunk kept, at unit norm: what a miner that spends a quarter of the compute can make of others' work."""
+    public = turn.public()
+    if not public:
+        return None
+    own = turn.honest(rows=max(1, turn.dataset.manifest.rows_per_page * turn.hparams.pages_per_window // 4))
+    tensors = {}
+    for name, sparse in own.tensors.items():
+        total = densify(unit_norm(sparse)) * 0.25
+        for gradient in public.values():
+            total += densify(unit_norm(gradient.tensors[name])) / len(public)
+        k = sparse.idx.shape[1]
+        idx = total.abs().topk(k, dim=1, sorted=False).indices
+        tensors[name] = unit_norm(Sparse(idx, total.gather(1, idx), sparse.shape, sparse.chunk))
+    return own.with_tensors(tensors)
+
+
+def _combine(turn: Turn) -> bytes | None:
+    combined = _combined(turn)
+    return write_gradient(combined) if combined is not None else None
+
+
+def _teach_random(turn: Turn) -> bytes:
+    """Its own pages and one page of what it predicts the validator's random pages are: the hash of the block it can
+    see now stands in for the closing block's, which nobody knows yet."""
+    guess = turn.chain.block_hash(turn.chain.block())
+    predicted = random_pages(turn.window, f"{guess}:{turn.validator_uid}", turn.hparams.pages_per_window,
+                             turn.dataset.manifest.train_pages)
+    return write_gradient(turn.honest(pages=turn.own_pages() + predicted[:1]))
+
+
+def _swap(turn: Turn) -> bytes:
+    """Its honest file, read back from the bucket and sign-flipped."""
     shapes = {n: tuple(p.shape) for n, p in turn.model.named_parameters()}
-    source = read_gradient(turn.honest_sent[victim], window=turn.window, uid=victim, shapes=shapes)
-    return write_gradient(_values(source.with_tensors(source.tensors, uid=turn.miner.uid), lambda v: v * (1 + 1e-4)))
+    mine = read_gradient(turn.gradients.get(gradient_key(turn.window, turn.miner.uid)), window=turn.window,
+                         uid=turn.miner.uid, shapes=shapes)
+    return write_gradient(_values(mine, lambda v: -v))
 
 
 def _replay(turn: Turn) -> bytes:
@@ -117,23 +193,34 @@ def _malformed(turn: Turn) -> bytes:
 
 @dataclass(frozen=True)
 class Adversary:
-    upload: Callable[[Turn], bytes | None] | None = None  # the file it puts after the honest step (None: nothing)
-    mines: bool = False  # runs the honest miner step first
+    upload: Callable[[Turn], bytes | None] | None = None  # the file it puts (None: nothing)
+    when: str = "mine"  # mine | public | close | scored
+    mines: bool = False  # runs the honest miner step first, at the window's start
     remembers: bool = False  # keeps θ of the last four windows
+    compute: float = 1.0  # honest miner-windows of compute a real attacker spends
+    backdates: bool = False  # claims a time before the window opened for its file
 
 
 KINDS: dict[str, Adversary] = {
     "honest": Adversary(mines=True),
     "sign_flip": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: -v))),
     "scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 10))),
-    "noise": Adversary(_noise),
-    "copy": Adversary(_copy, mines=True),
-    "replay": Adversary(_replay),
-    "free_rider": Adversary(lambda turn: write_gradient(_values(turn.honest(), torch.zeros_like))),
-    "wrong_data": Adversary(lambda turn: write_gradient(turn.honest(pages_uid=turn.miner.uid + 10_000))),
+    "noise": Adversary(_noise, compute=0.0),
+    "copy": Adversary(_copy, when="public", compute=0.0),
+    "replay": Adversary(_replay, compute=0.0),
+    "free_rider": Adversary(lambda turn: write_gradient(_values(turn.honest(), torch.zeros_like)), compute=0.0),
+    "wrong_data": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.dataset.miner_pages(
+        turn.window, turn.miner.uid + 10_000, turn.hparams.pages_per_window)))),
     "lagging": Adversary(_lagging, remembers=True),
-    "missing": Adversary(),
-    "malformed": Adversary(_malformed),
+    "missing": Adversary(compute=0.0),
+    "malformed": Adversary(_malformed, compute=0.0),
+    "swap_after_score": Adversary(_swap, when="scored", mines=True),
+    "backdate_copy": Adversary(_copy, when="public", compute=0.0, backdates=True),
+    "late_combine": Adversary(_combine, when="close", compute=0.25, backdates=True),
+    "sybil_mean": Adversary(_combine, when="public", compute=0.25),
+    "teach_random": Adversary(_teach_random, compute=1.5),
+    "lazy": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
+    "majority_scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 3))),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")
 

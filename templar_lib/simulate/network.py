@@ -1,7 +1,11 @@
 """A whole network in-process: a validator (uid 0), N miners and an aggregator running the real role functions over
-local buckets and a LocalChain with a manual clock, with cheating miners of the kinds in adversaries.py. The
-aggregator node advances θ by replaying the aggregation it published (roles.aggregator.advance_window), as every node
-does, so the miners and the validator of the next window train and score on the network's θ.
+local buckets and a LocalChain whose clock moves block by block, with cheating miners of the kinds in adversaries.py.
+
+The roles run when templar_lib.schedule says, as the sensor and the resident node run them: each window the watch
+and the miners start, the validator's watch looks at every bucket at every block, cheats act when a real one would
+(with the honest miners, once their uploads are public, after the close, after the scoring), and once the window
+closes the validator scores it, the aggregator combines what was scored and every node replays the result
+(roles.aggregator.advance_window), so the next window trains and scores on the network's θ.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from templar_lib import schedule
 from templar_lib.buckets import Bucket, LocalBucket
 from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import ModelState
@@ -23,12 +28,17 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model, parameters_of
 from templar_lib.ratings import Ratings
-from templar_lib.roles import EvaluationOptions, advance_window, aggregator_step, miner_step, validator_step
-from templar_lib.simulate.adversaries import KINDS, Miner, Turn
+from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
+                               validator_step)
+from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.state import StateStore
+from templar_lib.training import held_out_loss
+from templar_lib.watch import Watch
 from templar_lib.wire import gradient_key
+from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
+PUBLIC_OFFSET = 2  # the block of a window at which the honest uploads are public (after the watch saw them)
 
 
 @dataclass(frozen=True)
@@ -44,12 +54,15 @@ class NetworkWindow:
     final: dict[int, float]
     weights: dict[int, float]
     peers: list[int]
+    compute: dict[int, float]  # honest miner-windows each uid spent
+    refused: dict[int, str]  # listed uids the aggregator left out
     seconds: float
 
 
 @dataclass(frozen=True)
 class NetworkReport:
     roles: dict[int, str]  # uid -> "honest" | adversary kind (the validator is not listed)
+    initial_held_out_loss: float
     windows: list[NetworkWindow]
 
     @property
@@ -57,7 +70,8 @@ class NetworkReport:
         return self.windows[-1].weights if self.windows else {}
 
     def to_json(self) -> str:
-        return json.dumps({"roles": self.roles, "windows": [asdict(w) for w in self.windows]}, indent=1)
+        return json.dumps({"roles": self.roles, "initial_held_out_loss": self.initial_held_out_loss,
+                           "windows": [asdict(w) for w in self.windows]}, indent=1)
 
 
 def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries: dict[str, int] | None = None,
@@ -71,8 +85,9 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         raise ValueError("more adversaries than miners")
     data = Dataset.open(dataset)
     gradients, aggregator = LocalBucket(home / "gradients"), LocalBucket(home / "aggregator")
-    store = StateStore(home / "state", keep_windows=2)
-    chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=hparams.blocks_per_window)
+    store, seen = StateStore(home / "state", keep_windows=2), LocalBucket(home / "validator")
+    bpw = hparams.blocks_per_window
+    chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=bpw, secret=f"simulation-{seed}")
     validator_uid, uids = register_local_network(chain, miners, gradients.url)
     kinds = ["honest"] * (miners - sum(adversaries.values()))
     for kind, count in sorted(adversaries.items()):
@@ -82,53 +97,100 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
 
     model = build_model(preset, seed=seed, vocab_size=data.vocab_size)
     state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+    initial_loss = held_out_loss(model, data, batch_size=hparams.batch_size)
     nodes = {uid: Miner.start(uid, kind, parameters_of(model), hparams) for uid, kind in roles.items()}
     peers = peer_buckets(chain.commitments(), allow_local=True)
     options = EvaluationOptions(random_page_count=random_page_count)
-    ratings, report = Ratings(), []
-    for window in range(windows):
-        started = time.perf_counter()
-        chain.advance_to_block(window * hparams.blocks_per_window)
-        honest_losses, honest_sent = [], {}
+    validator_chain = chain.as_uid(validator_uid)
+    ratings, report, banned = Ratings(), [], {}
+    watches: dict[int, Watch] = {}
+    honest: dict[int, tuple[list[float], dict[int, bytes]]] = {}  # window -> (honest losses, honest files)
+    validated: dict[int, ValidatorResult] = {}
+    started: dict[int, float] = {}
+    cursor = schedule.initial_cursor(0)
+
+    def turn(window: int, uid: int) -> Turn:
+        return Turn(window, nodes[uid], model, state, data, hparams, chain, gradients, honest[window][1],
+                    validator_uid)
+
+    def act(window: int, when: str) -> None:
+        """Every cheat whose moment this is uploads what it uploads."""
+        for uid in sorted(nodes):
+            behaviour = KINDS[nodes[uid].kind]
+            if behaviour.when != when or behaviour.upload is None:
+                continue
+            upload = behaviour.upload(turn(window, uid))
+            if upload is not None:
+                gradients.put(gradient_key(window, uid), upload)
+                if behaviour.backdates:
+                    backdate(turn(window, uid), 30.0)
+
+    def mine(window: int) -> None:
+        started[window] = time.perf_counter()
+        losses, files = [], {}
+        honest[window] = (losses, files)
         for uid in sorted(nodes):
             node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
-            if behaviour.mines:
-                result = miner_step(window, uid, model=model, step=state.step, feedback=node.feedback,
-                                    dataset=data, gradients=gradients, hparams=hparams)
-                if node.kind == "honest":
-                    honest_losses.append(result.loss)
-                    honest_sent[uid] = gradients.get(gradient_key(window, uid))
             if behaviour.remembers:  # keep the last four θ
                 node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
-        for uid in sorted(nodes):
-            upload = KINDS[nodes[uid].kind].upload
-            turn = Turn(window, nodes[uid], model, state, data, hparams, honest_sent)
-            data_bytes = upload(turn) if upload is not None else None
-            if data_bytes is not None:
-                gradients.put(gradient_key(window, uid), data_bytes)
-        chain.advance(hparams.blocks_per_window)  # window w closes: uploads are final
-        validation = validator_step(window, chain=chain.as_uid(validator_uid), model=model, state=state,
-                                    dataset=data, peers=peers, own_bucket=gradients, ratings=ratings,
-                                    hparams=hparams, options=options)
-        ratings = validation.ratings
-        aggregator_step(window, state=state, uids=uids, peers=peers, aggregator=aggregator, hparams=hparams,
-                        peers_list=gradients)
+            if behaviour.mines:
+                result = miner_step(window, uid, model=model, step=state.step, feedback=node.feedback, dataset=data,
+                                    gradients=gradients, hparams=hparams)
+                if node.kind == "honest":
+                    losses.append(result.loss)
+                    files[uid] = gradients.get(gradient_key(window, uid))
+        act(window, "mine")
+
+    def validate(window: int) -> None:
+        nonlocal ratings
+        result = validator_step(window, chain=validator_chain, model=model, state=state, dataset=data,
+                                watch=watches.pop(window), own_bucket=gradients, ratings=ratings, hparams=hparams,
+                                banned=banned, options=options)
+        ratings, validated[window] = result.ratings, result
+        act(window, "scored")
+
+    def aggregate(window: int) -> None:
+        nonlocal state, banned
+        result = aggregator_step(window, state=state, chain=chain, peers=peers, aggregator=aggregator,
+                                 hparams=hparams, peers_list=gradients)
+        banned = {uid: reason for uid, reason in result.skipped.items() if reason.startswith(CHANGED_AFTER_SCORING)}
         advance = advance_window(window, state=state, aggregator=aggregator, store=store, model=model, dataset=data,
                                  hparams=hparams)
         state = advance.state
+        validation = validated.pop(window)
         evaluation = validation.evaluation
+        losses, _ = honest.pop(window)
         entry = NetworkWindow(
-            window=window, miner_loss=sum(honest_losses) / max(1, len(honest_losses)),
-            random_loss=evaluation.random_loss, held_out_loss=advance.held_out_loss,
-            scores={u: s.score for u, s in evaluation.scores.items()},
+            window=window, miner_loss=sum(losses) / max(1, len(losses)), random_loss=evaluation.random_loss,
+            held_out_loss=advance.held_out_loss, scores={u: s.score for u, s in evaluation.scores.items()},
             reasons={u: s.reason for u, s in evaluation.scores.items() if s.reason},
             ordinals={u: r.ordinal for u, r in ratings.by_uid.items()},
-            binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()},
-            final=ratings.final_scores(), weights=dict(validation.weights or {}), peers=evaluation.peers,
-            seconds=time.perf_counter() - started)
+            binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()}, final=ratings.final_scores(),
+            weights=dict(validation.weights or {}), peers=evaluation.peers,
+            compute={uid: KINDS[node.kind].compute for uid, node in nodes.items()}, refused=result.skipped,
+            seconds=time.perf_counter() - started.pop(window))
         report.append(entry)
-        log.info("network window %d: miner loss %.4f, peers %s, %.1fs", window, entry.miner_loss, entry.peers,
-                 entry.seconds)
+        log.info("network window %d: miner loss %.4f, held-out %.4f, peers %s, %.1fs", window, entry.miner_loss,
+                 entry.held_out_loss, entry.peers, entry.seconds)
         if on_window is not None:
             on_window(entry)
-    return NetworkReport(roles=dict(sorted(roles.items())), windows=report)
+
+    def watch(window: int) -> None:
+        watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
+                                max_bytes=hparams.max_gradient_bytes)
+
+    runs = {"watch": watch, "miner": mine, "validator": validate, "aggregator": aggregate}
+    for block in range(windows * bpw + 1):
+        chain.advance_to_block(block)
+        window, offset = divmod(block, bpw)
+        if offset == 0 and window >= 1:
+            act(window - 1, "close")  # too late: the watch of window − 1 stopped looking at its closing block
+        if offset == PUBLIC_OFFSET and window in honest:
+            act(window, "public")
+        for role, planned in schedule.due_runs(window, cursor):
+            if planned < windows:
+                runs[role](planned)
+            cursor = schedule.advanced(cursor, [(role, planned)])
+        if window in watches:
+            watches[window].poll(block)
+    return NetworkReport(roles=dict(sorted(roles.items())), initial_held_out_loss=initial_loss, windows=report)

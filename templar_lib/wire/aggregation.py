@@ -3,7 +3,10 @@
 The templar header of both formats:
 
     {"format": f, "kind": "aggregation", "window": w, "step": s, "lr": lr, "peers": [uids ascending],
-     "hparams_hash": "...", "params": {name: {...}, ...}}
+     "refused": {uid: reason}, "hparams_hash": "...", "params": {name: {...}, ...}}
+
+`refused` names the uids of the validator's peers list the aggregator left out, and why (their bytes no longer hash
+to what the validator scored, the file is gone, ...): the validator reads it to penalise a swap after scoring.
 
 Format 1, coefficients (`AggregationFormat.COEFFICIENTS`): per parameter the combined coefficients in compressed
 rows, `{name}.idx` (nnz,) U8/I16/I32, `{name}.vals` (nnz,) F32, `{name}.counts` (n_chunks,) I32 (chunk i's entries
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +52,20 @@ class Aggregation:
     hparams_hash: str = ""
     format: int = HParams.aggregation_format
     signs: dict[str, torch.Tensor] | None = None
+    refused: dict[int, str] = field(default_factory=dict)  # listed uids left out, and why
+
+
+CHANGED_AFTER_SCORING = "changed after it was scored"  # a refusal that proves a swap: the validator bans the uid
+
+
+def read_refusals(data: bytes, *, window: int, max_bytes: int) -> dict[int, str]:
+    """The `refused` entry of an aggregation file's header, without loading its tensors. Raises InvalidFile."""
+    _, header = parse_templar_file(data, kind="aggregation", formats=tuple(AggregationFormat), window=window,
+                                   max_bytes=max_bytes)
+    refused = header.get("refused")
+    expect(isinstance(refused, dict) and all(key.isascii() and key.isdigit() and isinstance(reason, str)
+                                             for key, reason in refused.items()), "refused must map uids to reasons")
+    return {int(uid): reason[:500] for uid, reason in refused.items()}
 
 
 def max_aggregation_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk: int, topk: int, peers: int
@@ -81,6 +98,7 @@ def write_aggregation(aggregation: Aggregation) -> bytes:
         tensors, params = _coefficient_tensors(aggregation.tensors)
     header = {"format": int(aggregation.format), "kind": "aggregation", "window": aggregation.window,
               "step": aggregation.step, "lr": aggregation.lr, "peers": list(aggregation.peers),
+              "refused": {str(uid): reason for uid, reason in sorted(aggregation.refused.items())},
               "hparams_hash": aggregation.hparams_hash, "params": params}
     return save_templar_file(tensors, header)
 
@@ -123,6 +141,10 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
     peers = header.get("peers")
     expect(isinstance(peers, list) and all(is_int(uid) and uid >= 0 for uid in peers)
            and peers == sorted(set(peers)), "peers must be ascending distinct uids")
+    refused = header.get("refused")
+    expect(isinstance(refused, dict) and len(refused) <= 65536
+           and all(key.isascii() and key.isdigit() and isinstance(reason, str) and len(reason) <= 500
+                   for key, reason in refused.items()), "refused must map uids to reasons")
     expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
     if hparams_hash is not None:
         expect(header["hparams_hash"] == hparams_hash,
@@ -131,7 +153,8 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
     expect(isinstance(params, dict) and set(params) <= set(shapes),
            "params must be an object naming model parameters")
     fields = dict(window=window, step=header["step"], lr=header["lr"], peers=peers,
-                  hparams_hash=header["hparams_hash"], format=header["format"])
+                  hparams_hash=header["hparams_hash"], format=header["format"],
+                  refused={int(uid): reason for uid, reason in refused.items()})
     if header["format"] == AggregationFormat.SIGNS:
         return Aggregation(tensors={}, signs=_read_signs(data, entries, params, shapes), **fields)
     return Aggregation(tensors=_read_coefficients(data, entries, params, shapes, target_chunk), **fields)

@@ -1,7 +1,10 @@
 """The JSON files a validator publishes in its gradients bucket.
 
-    peers_{window}.json                  {"format": 1, "window": w, "validator": v, "uids": [ascending]}
-                                         the uids whose gradients the network uses for `window`
+    peers_{window}.json                  {"format": 2, "window": w, "validator": v, "uids": [ascending],
+                                          "sha256": {uid: hex}, "signature": hex}
+                                         the uids whose gradients the network uses for `window`, the sha256 of the
+                                         exact bytes the validator scored for each, and the validator's hotkey
+                                         signature over the rest of the document (`Peers.message()`)
     evaluation-{window}-{validator}.json {"format": 1, "window": w, "validator": v, "step": s, "random_loss": x,
                                           "peers": [...], "uids": {uid: {score, indicator, improvement_own,
                                           improvement_random, losses: {own_before, ...} | null, reason}}}
@@ -14,12 +17,15 @@ failure raises InvalidFile with a one-line reason.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 
 from templar_lib.scoring import Losses, Score
 from templar_lib.wire.container import InvalidFile, expect, is_int, no_duplicate_keys
 
-PEERS_FORMAT = 1
+PEERS_FORMAT = 2
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"(?:[0-9a-f]{2}){1,256}")
 EVALUATION_FORMAT = 1
 MAX_PEERS_BYTES = 1 << 20
 MAX_EVALUATION_BYTES = 16 << 20
@@ -27,31 +33,48 @@ MAX_EVALUATION_BYTES = 16 << 20
 
 @dataclass(frozen=True)
 class Peers:
-    """peers_{window}.json: the uids whose gradients a validator accepts for `window`, ascending."""
+    """peers_{window}.json: the uids whose gradients a validator accepts for `window`, ascending, the sha256 of the
+    bytes it scored for each, and its signature of `message()` (empty until signed)."""
 
     window: int
     validator: int
     uids: list[int]
+    sha256: dict[int, str] = field(default_factory=dict)
+    signature: str = ""
     format: int = PEERS_FORMAT
+
+    def message(self) -> bytes:
+        """What the validator signs: everything but the signature, as canonical JSON."""
+        return json.dumps({"format": self.format, "window": self.window, "validator": self.validator,
+                           "uids": sorted(self.uids), "sha256": {str(u): h for u, h in sorted(self.sha256.items())}},
+                          sort_keys=True, separators=(",", ":")).encode()
 
 
 def write_peers(peers: Peers) -> bytes:
     return json.dumps({"format": peers.format, "window": peers.window, "validator": peers.validator,
-                       "uids": sorted(peers.uids)}, sort_keys=True).encode()
+                       "uids": sorted(peers.uids), "sha256": {str(u): h for u, h in sorted(peers.sha256.items())},
+                       "signature": peers.signature}, sort_keys=True).encode()
 
 
 def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: int = MAX_PEERS_BYTES) -> Peers:
     """Parse and validate peers_{window}.json. Raises InvalidFile."""
     raw = _json_object(data, "peers file", max_bytes)
-    expect(set(raw) == {"format", "window", "validator", "uids"},
-           "peers file must have exactly format, window, validator, uids")
-    expect(raw["format"] == PEERS_FORMAT, f"unsupported format {raw['format']!r}")
-    expect(is_int(raw["window"]) and raw["window"] == window, f"peers window {raw['window']!r} does not match {window}")
+    expect(set(raw) == {"format", "window", "validator", "uids", "sha256", "signature"},
+           "peers file must have exactly format, window, validator, uids, sha256, signature")
+    expect(raw["format"] == PEERS_FORMAT, f"unsupported format {str(raw['format'])[:20]!r}")
+    expect(is_int(raw["window"]) and raw["window"] == window,
+           f"peers window {str(raw['window'])[:20]!r} does not match {window}")
     expect(is_int(raw["validator"]) and raw["validator"] >= 0, "validator must be a uid")
     uids = raw["uids"]
     expect(isinstance(uids, list) and len(uids) <= max_uids and all(is_int(u) and 0 <= u < max_uids for u in uids)
            and uids == sorted(set(uids)), "uids must be ascending distinct uids")
-    return Peers(window=window, validator=raw["validator"], uids=uids)
+    hashes = raw["sha256"]
+    expect(isinstance(hashes, dict) and set(hashes) == {str(u) for u in uids}
+           and all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes.values()),
+           "sha256 must give a hex digest for every listed uid")
+    expect(isinstance(raw["signature"], str) and _HEX.fullmatch(raw["signature"]) is not None, "signature must be hex")
+    return Peers(window=window, validator=raw["validator"], uids=uids,
+                 sha256={int(uid): digest for uid, digest in hashes.items()}, signature=raw["signature"])
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class EvaluationReport:
     random_loss: float  # θ_window on the validator's random pages
     peers: list[int]
     scores: dict[int, Score]  # every uid considered, ascending
+    random_pages: list[int] = field(default_factory=list)  # which: random_pages(seed of the closing block's hash)
+    seed_block: int = -1  # the block whose hash seeded them (anyone can recompute the pages afterwards)
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -73,7 +98,8 @@ def write_evaluation(report: EvaluationReport) -> bytes:
         row.pop("uid")
         rows[str(uid)] = row
     return json.dumps({"format": EVALUATION_FORMAT, "window": report.window, "validator": report.validator,
-                       "step": report.step, "random_loss": report.random_loss, "peers": report.peers, "uids": rows},
+                       "step": report.step, "random_loss": report.random_loss, "peers": report.peers, "uids": rows,
+                       "random_pages": report.random_pages, "seed_block": report.seed_block},
                       sort_keys=True, indent=1).encode()
 
 
@@ -85,28 +111,39 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                     max_bytes: int = MAX_EVALUATION_BYTES) -> EvaluationReport:
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
     raw = _json_object(data, "evaluation file", max_bytes)
-    expect(set(raw) == {"format", "window", "validator", "step", "random_loss", "peers", "uids"},
-           "evaluation file has the wrong fields")
+    expect(set(raw) == {"format", "window", "validator", "step", "random_loss", "peers", "uids", "random_pages",
+                        "seed_block"}, "evaluation file has the wrong fields")
     expect(raw["format"] == EVALUATION_FORMAT and raw["window"] == window and raw["validator"] == validator,
            "evaluation file is for another window or validator")
     expect(is_int(raw["step"]) and raw["step"] >= 0 and _is_number(raw["random_loss"]), "step or random loss malformed")
     expect(isinstance(raw["peers"], list) and all(is_int(uid) for uid in raw["peers"]), "peers must be uids")
+    expect(isinstance(raw["random_pages"], list) and all(is_int(page) for page in raw["random_pages"])
+           and is_int(raw["seed_block"]), "random pages or seed block malformed")
     expect(isinstance(raw["uids"], dict), "uids must be an object")
     scores = {}
     for key, row in raw["uids"].items():
         expect(key.isdigit() and isinstance(row, dict) and set(row) == _SCORE_FIELDS, f"uid {key[:12]!r}: malformed")
         losses = row["losses"]
         expect(losses is None or (isinstance(losses, dict) and set(losses) == _LOSS_FIELDS
-                                  and all(_is_number(v) for v in losses.values())), f"uid {key}: malformed losses")
+                                  and all(_is_number(losses[name]) for name in _LOSS_FIELDS - {"own_pages"})
+                                  and isinstance(losses["own_pages"], list)
+                                  and all(isinstance(pair, list) and len(pair) == 2 and all(map(_is_number, pair))
+                                          for pair in losses["own_pages"])), f"uid {key}: malformed losses")
         expect(_is_number(row["score"]) and is_int(row["indicator"]) and isinstance(row["reason"], str)
                and all(row[name] is None or _is_number(row[name]) for name in ("improvement_own",
                                                                               "improvement_random")),
                f"uid {key}: malformed score")
         scores[int(key)] = Score(uid=int(key), score=float(row["score"]), indicator=row["indicator"],
                                  improvement_own=row["improvement_own"], improvement_random=row["improvement_random"],
-                                 losses=Losses(**losses) if losses is not None else None, reason=row["reason"])
+                                 losses=_losses(losses), reason=row["reason"])
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
-                            dict(sorted(scores.items())))
+                            dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"])
+
+
+def _losses(raw: dict | None) -> Losses | None:
+    if raw is None:
+        return None
+    return Losses(**{**raw, "own_pages": [tuple(pair) for pair in raw["own_pages"]]})
 
 
 def _json_object(data: bytes, what: str, max_bytes: int) -> dict:

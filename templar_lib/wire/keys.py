@@ -16,7 +16,9 @@
                  ratings-{window}.json                     a validator's ratings after `window`
                  weights-{window}.json                     the weights those ratings give
                  held-out-{window}.json                    held-out loss of θ_window
-                 node-cursor.json                          the resident node's last window per job
+                 node-cursor.json                          the resident node's last window per role
+                 seen-{window}.json                        a validator's first sightings of a window's gradients
+                 seen-{window}-{uid}.safetensors           the bytes of uid's sighting
 
 The state files come in families of one key per window (`Family`: `MODEL.key(12)`, `MODEL.window_of(key)`).
 """
@@ -76,6 +78,11 @@ FINGERPRINT = Family("fingerprint-", ".json")
 RATINGS = Family("ratings-", ".json")
 WEIGHTS = Family("weights-", ".json")
 HELD_OUT = Family("held-out-", ".json")
+SEEN = Family("seen-", ".json")
+
+
+def seen_bytes_key(window: int, uid: int) -> str:
+    return f"seen-{window}-{uid}.safetensors"
 
 
 def momentum(uid: int) -> Family:
