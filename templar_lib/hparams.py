@@ -57,9 +57,12 @@ class HParams:
     openskill_beta: float = 7.0
     openskill_tau: float = 0.1
     binary_score_ma_alpha: float = 0.05
-    score_ema_alpha: float = 0.1  # weights follow this moving average of scores (ratings.py)
+    score_ema_alpha: float = 0.2  # weights follow this moving average of scores (ratings.py)
     ban_windows: int = 10  # windows a uid that changed its file after it was scored earns nothing
     topk_peers: int = 20  # peers aggregated per window
+    # a uid enters the peers list only with a score of at least this share of the window's best: scores are
+    # improvements the validator measures, which no upload can inflate, so only real work clears the floor
+    peer_score_ratio: float = 0.2
     max_peers: int = 256  # uids a validator considers
     # --- limits for untrusted input ---
     max_gradient_bytes: int = 256 * 1024 * 1024
@@ -81,7 +84,8 @@ class HParams:
         for name in ("warmup_steps", "weight_decay", "openskill_tau"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
-        for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha"):
+        for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha",
+                     "peer_score_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:

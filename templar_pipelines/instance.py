@@ -18,13 +18,20 @@ telemetry:
   enabled: false
 
 # Runs that advance the model state (θ_w -> θ_{w+1}, miner momentum) are serialised through this pool.
-# Queued runs start one at a time, oldest first: a backfill over windows applies them in order (window w + 1
-# needs the θ that window w's run writes).
+# Queued runs of the model lane start one at a time, oldest first: a backfill over windows applies them in order
+# (window w + 1 needs the θ that window w's run writes). A validator's watch of the open window runs beside them.
 concurrency:
   pools:
     default_limit: 1
   runs:
-    max_concurrent_runs: 1
+    max_concurrent_runs: 2
+    tag_concurrency_limits:
+      - key: templar/lane
+        value: model
+        limit: 1
+      - key: templar/lane
+        value: watch
+        limit: 1
 
 run_coordinator:
   module: dagster.core.run_coordinator

@@ -1,8 +1,6 @@
-"""The local network through Dagster: one `local_network_job` run per window on the instance under TEMPLAR_HOME.
-
-The block clock of the embedded LocalChain is advanced by hand: window w is registered as a partition, the chain
-moves to the start of window w + 1 (so w is complete), and the job runs every role of w. The runs, their
-materialisations and metadata are stored in the same instance `dagster dev` opens.
+"""The local network through Dagster: a resident node (node.py) that runs every role on the embedded LocalChain and
+moves its clock itself, one block whenever nothing is due, so the roles run in the production order
+(templar_lib.schedule) on the instance under TEMPLAR_HOME, the same runs `dagster dev` shows.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from templar_lib.chain import LocalChain
-from templar_pipelines.in_process import execute_window, node_instance
+from templar_pipelines.node import NodeRun, run_node
 from templar_pipelines.resources import resources_from_env
 
 SUMMARY = {"gradients": ("loss", "bytes"), "evaluations": ("valid_gradients", "peers"),
@@ -21,32 +19,28 @@ SUMMARY = {"gradients": ("loss", "bytes"), "evaluations": ("valid_gradients", "p
 
 def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, str] | None = None,
                       on_window: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the next `windows` windows (after the newest θ in the state store); returns one summary per window."""
-    from templar_pipelines.definitions import defs
-
+    """Run the next `windows` windows (from the newest θ in the state store); returns one summary per window."""
     home = Path(home).resolve()
     environ = {**(environ if environ is not None else os.environ), "TEMPLAR_HOME": str(home)}
     resources = resources_from_env(environ)
-    hparams = resources["hparams"].load()
     chain = resources["chain"].open()
     if not isinstance(chain, LocalChain):
         raise ValueError(f"a local network runs on a LocalChain (local://...), not {chain!r}")
     start = max(resources["node"].store().model_windows())
-    job = defs.resolve_job_def("local_network_job")
-    summaries = []
-    with node_instance(home, environ) as instance:
-        for window in range(start, start + windows):
-            chain.advance_to_block((window + 1) * hparams.blocks_per_window)
-            result = execute_window(job, window, instance=instance, resources=resources,
-                                    source="templar local-network")
-            summary = {"window": window, "run_id": result.run_id}
-            for node, keys in SUMMARY.items():
-                metadata = result.asset_materializations_for_node(node)[0].metadata
-                summary |= {f"{node}.{key}": metadata[key].value for key in keys}
-            summaries.append(summary)
-            if on_window is not None:
-                on_window(format_summary(summary))
-    return summaries
+    chain.advance_to_block(start * chain.blocks_per_window)
+    summaries: dict[int, dict] = {}
+
+    def collect(run: NodeRun) -> None:
+        summary = summaries.setdefault(run.window, {"window": run.window, "run_ids": {}})
+        summary["run_ids"][run.job] = run.run_id
+        for asset, keys in SUMMARY.items():
+            summary |= {f"{asset}.{key}": run.metadata[asset][key] for key in keys if asset in run.metadata}
+        if "checkpoint.sha256" in summary and on_window is not None:
+            on_window(format_summary(summary))
+
+    run_node(home, until_window=start + windows - 1, environ=environ, wait=lambda _seconds: chain.advance(1),
+             on_run=collect, source="templar local-network", stop_on_failure=True)
+    return [summaries[window] for window in sorted(summaries) if window >= start]
 
 
 def format_summary(summary: dict) -> str:

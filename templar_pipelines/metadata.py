@@ -69,14 +69,25 @@ def evaluations_metadata(evaluation: WindowEvaluation) -> dict:
     }
 
 
+def sightings_metadata(watch) -> dict:
+    rows = [{"uid": uid, "first_seen_block": s.block, "bytes": s.size, "sha256": s.sha256[:16]}
+            for uid, s in watch.sightings().items()]
+    return {"seen": len(rows), "closing_block": watch.closes,
+            "sightings": _table([("uid", "int"), ("first_seen_block", "int"), ("bytes", "int"), ("sha256", "string")],
+                                rows),
+            "not_seen": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in watch.reasons().items())
+                                            or "none")}
+
+
 def ratings_metadata(ratings: Ratings) -> dict:
     rows = [{"uid": uid, "mu": round(r.mu, 3), "sigma": round(r.sigma, 3), "ordinal": round(r.ordinal, 3),
-             "binary_ma": round(r.binary_ma, 4), "final": round(r.final, 4)} for uid, r in ratings.by_uid.items()]
+             "binary_ma": round(r.binary_ma, 4), "score_ema": round(r.score_ema, 6),
+             "banned_until": r.banned_until, "final": round(r.final, 6)} for uid, r in ratings.by_uid.items()]
     return {"window": ratings.window,
             "ratings": _table([("uid", "int"), ("mu", "float"), ("sigma", "float"), ("ordinal", "float"),
-                               ("binary_ma", "float"), ("final", "float")], rows),
-            "final_scores": bar_chart("final score = ordinal × max(0, binary moving average)",
-                                      ratings.final_scores())}
+                               ("binary_ma", "float"), ("score_ema", "float"), ("banned_until", "int"),
+                               ("final", "float")], rows),
+            "final_scores": bar_chart("final = moving average of scores (0 while banned)", ratings.final_scores())}
 
 
 def weights_metadata(weights: Mapping[int, float] | None, status: str, block: int) -> dict:

@@ -23,15 +23,16 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 
 from templar_lib import schedule
 from templar_lib.buckets import LocalBucket, ObjectMissing
-from templar_lib.chain import ChainError
+from templar_lib.chain import ChainError, window_of
 from templar_lib.state import WriteBehind
+from templar_lib.watch import Watch
 from templar_lib.wire.keys import NODE_CURSOR
 from templar_pipelines.in_process import execute_window, node_instance
 from templar_pipelines.jobs import JOBS
@@ -48,59 +49,75 @@ class NodeRun:
     run_id: str
     success: bool
     seconds: float
+    metadata: dict[str, dict] = field(default_factory=dict, repr=False)  # asset -> its materialization's values
 
 
 def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), until_window: int | None = None,
              poll_seconds: float = 2.0, environ: Mapping[str, str] | None = None,
-             wait: Callable[[float], None] = time.sleep, on_run: Callable[[NodeRun], None] | None = None
-             ) -> list[NodeRun]:
+             wait: Callable[[float], None] = time.sleep, on_run: Callable[[NodeRun], None] | None = None,
+             source: str = "templar node", stop_on_failure: bool = False) -> list[NodeRun]:
     """Follow the chain and run `jobs` for every due window, in this process; returns the runs made.
 
     until_window: stop once every selected role has handled this window (None: run until interrupted).
-    wait(seconds) is called when nothing is due (tests advance a manual chain clock there). A failed run is
-    retried on the next poll; the runs after it in that poll wait, so windows still run in order. Roles this node
-    does not run are not planned: another node (or the sensor) runs them.
+    wait(seconds) is called when nothing is due (tests and the local network advance a manual chain clock there).
+    A failed run is retried on the next poll (or, with stop_on_failure, raises RuntimeError); the runs after it in that
+    poll wait, so windows still run in order.
+    A node that validates keeps the watch of each open window itself (`watch_job` is the daemon's way): it looks at
+    every miner's bucket at every poll, between its runs.
     """
     from templar_pipelines.definitions import defs
 
-    roles = [role for role, job in JOBS.items() if job in jobs]
     unknown = set(jobs) - set(JOBS.values())
     if unknown or not jobs:
         raise ValueError(f"unknown jobs {sorted(unknown)}: choose one or more of {sorted(JOBS.values())}")
+    roles = [role for role, job in JOBS.items() if job in jobs or (role == "watch" and JOBS["validator"] in jobs)]
     home = Path(home).resolve()
     environ = {"TEMPLAR_STATE_WRITE_BEHIND": "1", **(environ if environ is not None else os.environ),
                "TEMPLAR_HOME": str(home)}
     resources = resources_from_env(environ)
-    chain = resources["chain"].open()
-    offset = resources["hparams"].load().validator_offset
+    chain, node = resources["chain"].open(), resources["node"]
     state = LocalBucket(home / "state")
     try:
         cursor = load_cursor(state.get(NODE_CURSOR).decode())
     except ObjectMissing:
         cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
+    watches: dict[int, Watch] = {}
     with node_instance(home, environ) as instance, _flushing_state():
         while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
-                current = chain.window()
+                block = chain.block()
+                for window, watch in list(watches.items()):
+                    if block >= watch.closes:
+                        del watches[window]
+                    else:
+                        watch.poll(block)
             except ChainError as error:  # a node outlives a chain endpoint's bad minute
                 log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
                 wait(poll_seconds)
                 continue
-            cursor = cursor if cursor is not None else schedule.initial_cursor(current, offset)
-            due = [(role, window) for role, window in schedule.due_runs(current, offset, cursor, roles)
+            current = window_of(block, chain.blocks_per_window)
+            cursor = cursor if cursor is not None else schedule.initial_cursor(current)
+            due = [(role, window) for role, window in schedule.due_runs(current, cursor)
                    if until_window is None or window <= until_window]
             if not due:
                 wait(poll_seconds)
                 continue
             for role, window in due:
-                run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance, resources=resources)
-                runs.append(run)
-                if on_run is not None:
-                    on_run(run)
-                if not run.success:
-                    wait(poll_seconds)
-                    break
+                if role == "watch" and role in roles:
+                    watches[window] = node.watch(window, chain)
+                elif role in roles:
+                    run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance, resources=resources,
+                                   source=source)
+                    runs.append(run)
+                    if on_run is not None:
+                        on_run(run)
+                    if not run.success:
+                        if stop_on_failure:
+                            raise RuntimeError(f"{run.job} for window {window} failed (run {run.run_id}): its events "
+                                               f"are in the Dagster instance under {home / 'dagster'}")
+                        wait(poll_seconds)
+                        break
                 cursor = schedule.advanced(cursor, [(role, window)])
                 state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
     return runs
@@ -115,11 +132,17 @@ def _flushing_state() -> Iterator[None]:
         WriteBehind.flush_all()
 
 
-def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict) -> NodeRun:
+def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict,
+             source: str) -> NodeRun:
     started = time.perf_counter()
-    result = execute_window(job, window, instance=instance, resources=resources, source="templar node",
+    result = execute_window(job, window, instance=instance, resources=resources, source=source,
                             tags={"templar/run_key": f"{job.name}:{window}"}, raise_on_error=False)
-    run = NodeRun(job.name, window, result.run_id, result.success, time.perf_counter() - started)
+    metadata = {}
+    for event in result.get_asset_materialization_events() if result.success else []:
+        materialization = event.step_materialization_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {key: value.value for key, value in
+                                                                materialization.metadata.items()}
+    run = NodeRun(job.name, window, result.run_id, result.success, time.perf_counter() - started, metadata)
     if not run.success:
         log.warning("%s for window %d failed (run %s); retrying at the next poll", job.name, window, result.run_id)
     return run

@@ -31,6 +31,7 @@ from templar_lib.commitments import PeerBuckets, peer_buckets
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
+from templar_lib.watch import Watch
 
 
 class HParamsResource(dg.ConfigurableResource):
@@ -110,6 +111,8 @@ class NodeResource(dg.ConfigurableResource):
                                                       "rebuilt from checkpoints")
     write_behind: bool = Field(default=False, description="keep θ and momentum in memory for the next window and "
                                                           "write their files in the background (a resident node)")
+    watch_poll_seconds: float = Field(default=3.0, description="seconds between a validator's looks at every "
+                                                               "miner's bucket while a window is open")
     hparams: HParamsResource
     buckets: BucketsResource
     training: TrainingResource
@@ -134,6 +137,13 @@ class NodeResource(dg.ConfigurableResource):
         model = self.training.model(dataset.vocab_size)
         load_parameters_(model, state.parameters)
         return model, state
+
+    def watch(self, window: int, chain: Chain) -> Watch:
+        """The validator's first sightings of `window` (its state directory holds them): every uid but its own."""
+        hparams, validator = self.hparams.load(), self.validator(chain)
+        uids = [uid for uid in chain.metagraph().uids if uid != validator][: hparams.max_peers]
+        return Watch(window, blocks_per_window=hparams.blocks_per_window, state=self.store().bucket,
+                     peers=self.buckets.peers(chain), uids=uids, max_bytes=hparams.max_gradient_bytes)
 
     def miners(self, chain: Chain) -> list[int]:
         """The uids this node mines for: configured, else every uid without a validator permit (local network)."""

@@ -10,7 +10,8 @@ For window w, once it has closed, on the same θ_w the miners trained on:
    pages, apply the uid's gradient alone with the window's outer step (sign, lr, weight decay), loss on its own pages
    and on the random pages again (scoring.py: the least-improved own page against the random pages).
 4. scores -> ratings (ratings.py: the moving average of scores sets the weights) -> weights (weights.py), set on the
-   chain; `peers_{w}.json` (valid uids with a positive score, best first, at most topk_peers, each with the sha256
+   chain; `peers_{w}.json` (valid uids with a score of at least peer_score_ratio of the best, best first, at most
+   topk_peers, each with the sha256
    of the bytes scored, signed by the validator's hotkey) and `evaluation-{w}-{validator}.json` (wire.documents)
    written to the validator's gradients bucket. A uid the aggregator of w − 1 found with other bytes than were
    scored (`refused` in aggregation-{w−1}) is banned (ratings.py).
@@ -159,7 +160,9 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         scores[uid] = score_losses(uid, losses)
     del scratch
 
-    positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
+    best = max((s.score for s in scores.values()), default=0.0)
+    positive = sorted((uid for uid, s in scores.items()
+                       if not s.reason and s.score > 0 and s.score >= hparams.peer_score_ratio * best),
                       key=lambda uid: (-scores[uid].score, uid))
     chosen = sorted(positive[: hparams.topk_peers])
     peers = Peers(window=window, validator=validator_uid, uids=chosen,

@@ -13,9 +13,10 @@ from templar_pipelines.resources import BucketsResource, ChainResource, HParamsR
           retry_policy=NETWORK_RETRY)
 def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
                 hparams: HParamsResource, node: NodeResource) -> dg.MaterializeResult:
-    """aggregation-{window}: the accepted gradients (those in peers_{window}.json) combined into one update."""
+    """aggregation-{window}: exactly the gradients a validator scored (their sha256 in its signed peers_{window}.json)
+    combined into one update; fails (and is retried) until the validator has published the list."""
     window, live_chain = partition_window(context), chain.open()
-    result = aggregator_step(window, state=node.sync_state(window), uids=node.miners(live_chain),
+    result = aggregator_step(window, state=node.sync_state(window), chain=live_chain,
                              peers=buckets.peers(live_chain), aggregator=buckets.aggregator(), hparams=hparams.load(),
                              peers_list=buckets.gradients())
     return dg.MaterializeResult(metadata=aggregation_metadata(result))

@@ -1,26 +1,43 @@
+import time
+
 import dagster as dg
 
-from templar_lib.roles.validator import EvaluationOptions, evaluate_window, rate_window
+from templar_lib.roles.validator import EvaluationOptions, evaluate_window, rate_window, swaps_found
 from templar_lib.wire import evaluation_key, read_evaluation
 from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
 from templar_pipelines.assets.miner import gradients
-from templar_pipelines.metadata import evaluations_metadata, ratings_metadata
+from templar_pipelines.metadata import evaluations_metadata, ratings_metadata, sightings_metadata
 from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
-@dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"pytorch"}, deps=[gradients],
-          op_tags=GPU_TAGS, retry_policy=NETWORK_RETRY)
+@dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"s3"})
+def gradient_sightings(context: dg.AssetExecutionContext, chain: ChainResource,
+                       node: NodeResource) -> dg.MaterializeResult:
+    """While the window is open, the validator looks at every miner's bucket every few seconds and keeps what it sees
+    first, with the chain block it saw it at (templar_lib.watch): the clock lateness and copies are judged by. Ends
+    when the window closes; on a window already closed it reports what was seen live."""
+    window, live_chain = partition_window(context), chain.open()
+    watch = node.watch(window, live_chain)
+    while (block := live_chain.block()) < watch.closes:
+        if block >= watch.opens:
+            watch.poll(block)
+        time.sleep(node.watch_poll_seconds)
+    return dg.MaterializeResult(metadata=sightings_metadata(watch))
+
+
+@dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"pytorch"},
+          deps=[gradients, gradient_sightings], op_tags=GPU_TAGS, retry_policy=NETWORK_RETRY)
 def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
                 hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
-    """Loss before/after each miner's gradient on θ_w; invalid, late or missing gradients score 0 with a reason."""
+    """Loss before/after each gradient the validator saw before the window closed, on θ_w; invalid, late or missing
+    gradients score 0 with a reason. Publishes the signed peers list with the sha256 of every file scored."""
     window, dataset = partition_window(context), buckets.dataset()
     validator_chain = chain.open_as(node.validator(chain.open()))
     model, state = node.model_at(window, dataset)
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
-                                 peers=buckets.peers(validator_chain), own_bucket=buckets.gradients(),
-                                 hparams=hparams.load(),
-                                 options=EvaluationOptions(check_upload_time=buckets.enforce_upload_window))
+                                 watch=node.watch(window, validator_chain), own_bucket=buckets.gradients(),
+                                 hparams=hparams.load(), options=EvaluationOptions())
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation))
 
@@ -28,14 +45,18 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"python"}, deps=[evaluations])
 def ratings(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
             hparams: HParamsResource, node: NodeResource) -> dg.MaterializeResult:
-    """OpenSkill ratings after this window (from the ratings after the previous one and this window's scores), and
-    the weights they give (set on the chain by `chain_weights`)."""
-    window, store = partition_window(context), node.store()
+    """What each miner has earned after this window (ratings.py: the moving average of scores, the OpenSkill rating),
+    and the weights it gives (set on the chain by `chain_weights`). A uid the aggregator of the previous window found
+    with other bytes than were scored is banned."""
+    window, store, settings = partition_window(context), node.store(), hparams.load()
     live_chain = chain.open()
     validator = node.validator(live_chain)
     report = read_evaluation(buckets.gradients().get(evaluation_key(window, validator)), window=window,
                              validator=validator)
+    model = node.training.model(buckets.dataset().vocab_size)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    banned = swaps_found(buckets.aggregator(), window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
     hotkeys = {neuron.uid: neuron.hotkey for neuron in live_chain.metagraph().neurons}
-    updated, weights = rate_window(report, store.load_ratings(window - 1), hotkeys, hparams.load())
+    updated, weights = rate_window(report, store.load_ratings(window - 1), hotkeys, settings, banned=banned)
     store.save_ratings(updated, weights)
     return dg.MaterializeResult(metadata=ratings_metadata(updated))

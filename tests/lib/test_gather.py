@@ -1,6 +1,6 @@
 """gather(): valid, missing, oversized, corrupt, late, slow and uncommitted peers, on local and S3 buckets."""
 
-from datetime import datetime, timedelta, timezone
+import json
 
 import pytest
 import torch
@@ -53,19 +53,14 @@ def test_gather_sorts_valid_from_skipped_with_reasons(make_bucket):
     assert set(result.gradients) | set(result.skipped) == set(range(7))
 
 
-def test_gather_checks_upload_time_against_the_window(tmp_path):
+def test_gather_gives_the_sha256_of_every_valid_file(tmp_path):
+    import hashlib
+
     bucket = LocalBucket(tmp_path)
-    bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
-    now = datetime.now(timezone.utc)
-    on_time = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
-                     time_range=(now - timedelta(minutes=1), now + timedelta(minutes=1)))
-    assert list(on_time.gradients) == [0]
-    late = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
-                  time_range=(now - timedelta(minutes=10), now - timedelta(minutes=5)))
-    assert late.skipped[0].startswith("late: uploaded")
-    early = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS,
-                   time_range=(now + timedelta(minutes=5), now + timedelta(minutes=10)))
-    assert early.skipped[0].startswith("early")
+    data = gradient_bytes(0)
+    bucket.put(gradient_key(WINDOW, 0), data)
+    result = gather(WINDOW, [0], PeerBuckets.of({0: bucket}), shapes=SHAPES, hparams=HPARAMS)
+    assert result.sha256 == {0: hashlib.sha256(data).hexdigest()}
 
 
 def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(moto_server, s3_bucket):
@@ -104,12 +99,17 @@ def test_commitments_are_validated_and_opened(tmp_path):
 def test_peers_list_round_trip_and_validation(tmp_path):
     bucket = LocalBucket(tmp_path)
     assert fetch_peers(bucket, 3) is None
-    publish_peers(bucket, Peers(window=3, validator=0, uids=[5, 1, 2]))
-    assert fetch_peers(bucket, 3) == Peers(window=3, validator=0, uids=[1, 2, 5])
-    for bad in (b'{"format":1,"window":3,"validator":0,"uids":[2,2]}',
-                b'{"format":1,"window":4,"validator":0,"uids":[]}',
-                b'{"format":1,"window":3,"validator":0,"uids":[-1]}', b"[]", b"\xff",
-                b'{"format":1,"window":3,"validator":0,"uids":[1],"uids":[2]}'):
+    digests = {uid: f"{uid:064x}" for uid in (1, 2, 5)}
+    publish_peers(bucket, Peers(window=3, validator=0, uids=[5, 1, 2], sha256=digests, signature="ab" * 64))
+    assert fetch_peers(bucket, 3) == Peers(window=3, validator=0, uids=[1, 2, 5], sha256=digests,
+                                           signature="ab" * 64)
+    valid = {"format": 2, "window": 3, "validator": 0, "uids": [1], "sha256": {"1": "0" * 64}, "signature": "ab"}
+    for change in ({"uids": [2, 2]}, {"window": 4}, {"uids": [-1]}, {"format": 1}, {"sha256": {}},
+                   {"sha256": {"1": "xyz"}}, {"signature": "not hex"}, {"signature": ""}):
+        bucket.put(peers_key(3), json.dumps(valid | change).encode())
+        with pytest.raises(InvalidFile):
+            fetch_peers(bucket, 3)
+    for bad in (b"[]", b"\xff", b'{"format":2,"window":3,"validator":0,"uids":[1],"uids":[2]}'):
         bucket.put(peers_key(3), bad)
         with pytest.raises(InvalidFile):
             fetch_peers(bucket, 3)

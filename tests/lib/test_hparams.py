@@ -9,8 +9,11 @@ def test_defaults_are_the_seed_era_values():
     hp = HParams()
     assert (hp.topk_compression, hp.target_chunk, hp.blocks_per_window, hp.pages_per_window) == (32, 64, 7, 6)
     assert (hp.learning_rate, hp.momentum_decay, hp.weight_decay) == (4e-4, 0.999, 0.1)
-    assert (hp.warmup_steps, hp.t_max, hp.checkpoint_frequency, hp.validator_offset) == (250, 5000, 100, 2)
+    assert (hp.warmup_steps, hp.t_max, hp.checkpoint_frequency) == (250, 5000, 100)
     assert (hp.openskill_beta, hp.openskill_tau, hp.binary_score_ma_alpha) == (7, 0.1, 0.05)
+    assert (hp.score_ema_alpha, hp.ban_windows) == (0.1, 10)
+    with pytest.raises(HParamsError, match="validator_offset: unknown"):  # the schedule fixes it (schedule.py)
+        HParams.from_dict({"validator_offset": 2})
 
 
 def test_load_json_and_yaml_then_environment_overrides(tmp_path):

@@ -27,6 +27,8 @@ def test_two_windows_end_to_end_write_every_artifact(dataset, tmp_path):
         peers = json.loads(gradients.get(f"peers_{window}.json"))
         evaluation = json.loads(gradients.get(f"evaluation-{window}-0.json"))
         assert peers["uids"] == report.windows[window].peers and evaluation["peers"] == peers["uids"]
+        assert set(peers["sha256"]) == {str(uid) for uid in peers["uids"]} and peers["signature"]
+        assert evaluation["seed_block"] == (window + 1) * FAST.blocks_per_window
         assert set(evaluation["uids"]) == {"1", "2", "3"}
         assert all(row["losses"]["own_before"] > 0 for row in evaluation["uids"].values())
         shapes = {n: tuple(t.shape) for n, t in latest_checkpoint(aggregator).parameters.items()}
@@ -50,36 +52,68 @@ def test_network_runs_are_deterministic(dataset, tmp_path):
             (tmp_path / "b" / "aggregator" / f"aggregation-{window}.safetensors").read_bytes()
 
 
-def assert_adversaries_lose(report, windows: int) -> None:
-    last = report.windows[-1]
-    honest = [uid for uid, role in report.roles.items() if role == "honest"]
-    cheats = [uid for uid, role in report.roles.items() if role != "honest"]
-    assert len(report.windows) == windows
-    worst_honest = min(last.final[uid] for uid in honest)
-    best_cheat = max(last.final.get(uid, 0.0) for uid in cheats)
-    assert worst_honest > best_cheat, (last.final, report.roles)
-    assert sum(last.weights.get(uid, 0.0) for uid in cheats) <= 0.05
-    assert all(last.weights.get(uid, 0.0) > 0 for uid in honest)
-    assert report.windows[-1].miner_loss < report.windows[0].miner_loss - 0.5  # training still works
+# Each attack at the fraction it is meant for, in the production order (templar_lib.schedule), 5 windows: the model
+# attacks at 2 of 5, a majority attack at 3 of 5, the rest at 1 of 5. Kinds that are honest in their first window by
+# construction (a replay of its first gradient, training on θ three windows old) run 8, so what they earned honestly
+# has worn off. The same rows, longer, are bench/adversaries.py's (docs/RELIABILITY.md has the table).
+ATTACKS = {"sign_flip": 2, "scale": 2, "noise": 2, "swap_after_score": 2, "majority_scale": 3, "copy": 1,
+           "replay": 1, "free_rider": 1, "wrong_data": 1, "lagging": 1, "missing": 1, "malformed": 1,
+           "backdate_copy": 1, "late_combine": 1, "sybil_mean": 1, "teach_random": 1, "lazy": 1}
+SLOW_TO_WEAR_OFF = {"replay", "lagging"}
+# doing the assigned work plus something useless: paid per compute below an honest miner, not nothing
+PAID_PER_COMPUTE = {"lazy", "teach_random"}
+
+
+@pytest.fixture(scope="module")
+def honest_runs(dataset, tmp_path_factory):
+    """All-honest networks of 5 miners over 5 and 8 windows: the progress every attack is measured against."""
+    return {windows: run_network(dataset, tmp_path_factory.mktemp(f"honest{windows}"), miners=5, windows=windows,
+                                 hparams=FAST, random_page_count=2) for windows in (5, 8)}
+
+
+def progress(report) -> float:
+    return report.initial_held_out_loss - report.windows[-1].held_out_loss
+
+
+def weight_per_compute(report, uids) -> float:
+    weight = sum(w.weights.get(uid, 0.0) for w in report.windows for uid in uids)
+    compute = sum(w.compute[uid] for w in report.windows for uid in uids)
+    return weight / compute if compute else (float("inf") if weight > 0 else 0.0)
 
 
 @pytest.mark.parametrize("kind", ADVERSARIES)
-def test_each_adversary_at_twenty_percent_is_caught(dataset, tmp_path, kind):
-    report = run_network(dataset, tmp_path, miners=5, windows=10, adversaries={kind: 1}, hparams=FAST,
-                         random_page_count=2)
-    assert list(report.roles.values()).count(kind) == 1
-    assert_adversaries_lose(report, 10)
-    if kind in ("missing", "malformed", "scale", "free_rider", "copy", "lagging"):
-        cheat = next(uid for uid, role in report.roles.items() if role == kind)
-        assert all(cheat in w.reasons for w in report.windows[1:])  # rejected with a reason every window
+def test_each_attack_in_production_order_keeps_progress_and_earns_nothing(dataset, tmp_path, honest_runs, kind):
+    windows = 8 if kind in SLOW_TO_WEAR_OFF else 5
+    report = run_network(dataset, tmp_path, miners=5, windows=windows, adversaries={kind: ATTACKS[kind]},
+                         hparams=FAST, random_page_count=2)
+    honest = [uid for uid, role in report.roles.items() if role == "honest"]
+    cheats = [uid for uid, role in report.roles.items() if role != "honest"]
+    last = report.windows[-1]
+    assert progress(report) >= 0.9 * progress(honest_runs[windows]), (kind, progress(report))
+    assert all(last.weights.get(uid, 0.0) > 0 for uid in honest), (kind, last.weights)
+    if kind in PAID_PER_COMPUTE:
+        assert weight_per_compute(report, cheats) <= weight_per_compute(report, honest), (kind, last.weights)
+    else:
+        assert sum(last.weights.get(uid, 0.0) for uid in cheats) <= 0.05, (kind, last.weights, last.reasons)
 
 
-def test_mixed_forty_percent_adversaries_are_caught(dataset, tmp_path):
-    adversaries = parse_adversaries("wrong_data:1,copy:1,noise:1,replay:1")
+def test_mixed_forty_percent_adversaries_rank_below_every_honest_miner(dataset, tmp_path):
+    adversaries = parse_adversaries("sybil_mean:1,backdate_copy:1,lazy:1,sign_flip:1")
     report = run_network(dataset, tmp_path, miners=10, windows=10, adversaries=adversaries, hparams=FAST,
                          random_page_count=2, seed=1)
     assert sum(role != "honest" for role in report.roles.values()) == 4
-    assert_adversaries_lose(report, 10)
+    last = report.windows[-1]
+    honest = [uid for uid, role in report.roles.items() if role == "honest"]
+    cheats = [uid for uid, role in report.roles.items() if role != "honest"]
+    assert min(last.final[uid] for uid in honest) > max(last.final.get(uid, 0.0) for uid in cheats), last.final
+
+
+def test_equal_work_gets_pay_of_the_same_order(dataset, tmp_path):
+    """8 honest miners: over the last windows the lowest mean weight is at least half the highest (bench/adversaries.py
+    runs the 20-window figure)."""
+    report = run_network(dataset, tmp_path, miners=8, windows=10, hparams=FAST, seed=5, random_page_count=2)
+    mean = {uid: sum(w.weights.get(uid, 0.0) for w in report.windows[-5:]) / 5 for uid in report.roles}
+    assert min(mean.values()) >= 0.5 * max(mean.values()), mean
 
 
 def test_parse_adversaries():
