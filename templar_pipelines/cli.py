@@ -65,8 +65,10 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
         print(f"dataset: built {manifest.total_pages} pages ({manifest.train_pages} for training) of "
               f"{manifest.rows_per_page}×{manifest.sequence_length} tokens, vocab {manifest.vocab_size}, "
               f"in {time.perf_counter() - started:.1f}s -> {bucket.root}")
+    # a local network's chain secret (its block hashes, so the validators' random pages) follows the seed, so a local
+    # network is reproducible; on a real chain nobody knows a block's hash before it is made
     chain = LocalChain(home / "chain.sqlite", clock=clock, seconds_per_block=seconds_per_block,
-                       blocks_per_window=hparams.blocks_per_window)
+                       blocks_per_window=hparams.blocks_per_window, secret=f"local-network-{seed}")
     validator, uids = register_local_network(chain, miners, (home / "gradients").as_uri())
     print(f"chain: {chain.path} at block {chain.block()}, validator uid {validator}, miner uids {uids}")
     store = StateStore(home / "state")

@@ -44,7 +44,11 @@ def run_local_network(home: str | Path, *, windows: int, environ: Mapping[str, s
 
 
 def format_summary(summary: dict) -> str:
-    return (f"window {summary['window']:>3}: miner loss {summary['gradients.loss']:.4f}, "
-            f"held-out {summary['checkpoint.held_out_loss']:.4f}, valid gradients "
-            f"{summary['evaluations.valid_gradients']}, peers {summary['evaluations.peers']}, "
-            f"weights {summary['chain_weights.status']}, θ sha256 {summary['checkpoint.sha256'][:12]}")
+    """One line per window; a part this process did not run (a run before a restart) shows as "?"."""
+    def value(key: str, style: str = "") -> str:
+        return format(summary[key], style) if key in summary else "?"
+
+    return (f"window {summary['window']:>3}: miner loss {value('gradients.loss', '.4f')}, "
+            f"held-out {value('checkpoint.held_out_loss', '.4f')}, valid gradients "
+            f"{value('evaluations.valid_gradients')}, peers {value('evaluations.peers')}, "
+            f"weights {value('chain_weights.status')}, θ sha256 {value('checkpoint.sha256')[:12]}")

@@ -87,26 +87,24 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
         while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
                 block = chain.block()
-                for window, watch in list(watches.items()):
-                    if block >= watch.closes:
-                        del watches[window]
-                    else:
-                        watch.poll(block)
+                current = window_of(block, chain.blocks_per_window)
+                cursor = cursor if cursor is not None else schedule.initial_cursor(current)
+                if "watch" in roles and cursor["watch"] >= current > cursor["validator"]:
+                    # the watch of the open window (a restarted node reopens it: its sightings are on disk)
+                    watch = watches.get(current) or node.watch(current, chain)
+                    watches = {current: watch}
+                    watch.poll(block)
             except ChainError as error:  # a node outlives a chain endpoint's bad minute
                 log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
                 wait(poll_seconds)
                 continue
-            current = window_of(block, chain.blocks_per_window)
-            cursor = cursor if cursor is not None else schedule.initial_cursor(current)
             due = [(role, window) for role, window in schedule.due_runs(current, cursor)
                    if until_window is None or window <= until_window]
             if not due:
                 wait(poll_seconds)
                 continue
             for role, window in due:
-                if role == "watch" and role in roles:
-                    watches[window] = node.watch(window, chain)
-                elif role in roles:
+                if role in roles and role != "watch":  # the watch is kept between runs (above)
                     run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance, resources=resources,
                                    source=source)
                     runs.append(run)

@@ -150,6 +150,12 @@ class LocalChain:
     def window(self) -> int:
         return window_of(self.block(), self.blocks_per_window)
 
+    @property
+    def manual(self) -> bool:
+        """Whether the clock moves only when told (advance), not with wall time."""
+        with contextlib.closing(self._connect()) as db:
+            return self._meta(db, "clock") == "manual"
+
     def advance(self, blocks: int = 1) -> int:
         """Manual clock: move forward `blocks` blocks (recording their time); returns the new block."""
         with self._transaction() as db:

@@ -33,7 +33,7 @@ from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint
 from templar_lib.data import Dataset, random_pages
-from templar_lib.gather import publish_peers
+from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
@@ -43,7 +43,7 @@ from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
-                              max_aggregation_bytes, read_gradient, write_evaluation)
+                              max_aggregation_bytes, peers_key, read_gradient, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,24 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     chosen = sorted(positive[: hparams.topk_peers])
     peers = Peers(window=window, validator=validator_uid, uids=chosen,
                   sha256={uid: sightings[uid].sha256 for uid in chosen})
-    peers = dataclasses.replace(peers, signature=chain.sign(peers.message()))
     report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block)
-    keys = [publish_peers(own_bucket, peers), evaluation_key(window, validator_uid)]
+    keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)
+
+
+def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:
+    """Sign and publish a peers list, unless the bucket already holds this very list signed by us: signatures are
+    randomised (sr25519), so re-running a window keeps the published bytes instead of signing them again."""
+    try:
+        published = fetch_peers(bucket, peers.window)
+    except InvalidFile:
+        published = None
+    hotkey = chain.metagraph().hotkey(chain.uid)
+    if published is not None and published.message() == peers.message() and hotkey is not None \
+            and chain.verify(hotkey, published.message(), published.signature):
+        return peers_key(peers.window)
+    return publish_peers(bucket, dataclasses.replace(peers, signature=chain.sign(peers.message())))
 
 
 def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int, str], hparams: HParams,

@@ -57,6 +57,7 @@ class NetworkWindow:
     compute: dict[int, float]  # honest miner-windows each uid spent
     refused: dict[int, str]  # listed uids the aggregator left out
     seconds: float
+    close_to_next_seconds: float  # after the close: validator + aggregator + replay, what miners of w + 1 wait for
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,11 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
                     files[uid] = gradients.get(gradient_key(window, uid))
         act(window, "mine")
 
+    closed: dict[int, float] = {}
+
     def validate(window: int) -> None:
         nonlocal ratings
+        closed[window] = time.perf_counter()
         result = validator_step(window, chain=validator_chain, model=model, state=state, dataset=data,
                                 watch=watches.pop(window), own_bucket=gradients, ratings=ratings, hparams=hparams,
                                 banned=banned, options=options)
@@ -168,7 +172,8 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()}, final=ratings.final_scores(),
             weights=dict(validation.weights or {}), peers=evaluation.peers,
             compute={uid: KINDS[node.kind].compute for uid, node in nodes.items()}, refused=result.skipped,
-            seconds=time.perf_counter() - started.pop(window))
+            seconds=time.perf_counter() - started.pop(window),
+            close_to_next_seconds=time.perf_counter() - closed.pop(window))
         report.append(entry)
         log.info("network window %d: miner loss %.4f, held-out %.4f, peers %s, %.1fs", window, entry.miner_loss,
                  entry.held_out_loss, entry.peers, entry.seconds)

@@ -11,13 +11,15 @@ from templar_lib.schedule import advanced, due_runs, initial_cursor
 import dagster as dg
 
 
-def test_due_windows_never_plans_a_window_before_zero():
-    requests = due_runs(0, 2, initial_cursor(0, 2))
-    cursor = advanced(initial_cursor(0, 2), requests)
-    assert requests == [("miner", 0)] and cursor == {"aggregator": -2, "miner": 0, "validator": -3}
-    requests = due_runs(2, 2, cursor)
-    assert requests == [("aggregator", 0), ("aggregator", 1), ("miner", 1), ("miner", 2),
-                        ("validator", 0)]
+def test_the_schedule_never_plans_a_window_before_zero_or_a_run_before_the_ones_it_needs():
+    cursor = initial_cursor(0)
+    requests = due_runs(0, cursor)
+    assert requests == [("watch", 0), ("miner", 0)]  # window 0 cannot be scored before it has closed
+    cursor = advanced(cursor, requests)
+    assert cursor == {"watch": 0, "miner": 0, "validator": -1, "aggregator": -1}
+    assert due_runs(0, cursor) == []
+    assert due_runs(2, cursor) == [("validator", 0), ("aggregator", 0), ("watch", 1), ("miner", 1), ("validator", 1),
+                                   ("aggregator", 1), ("watch", 2), ("miner", 2)]
 
 
 def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(network_home, network_env):
@@ -29,13 +31,13 @@ def test_resident_node_runs_each_role_once_per_window_in_order_and_resumes(netwo
 
     runs = run_node(network_home, until_window=1, environ=network_env, wait=next_window)
     assert all(run.success for run in runs)
-    # θ_{w+1} is aggregated as soon as w completes, before mining w + 1; validators wait validator_offset (2)
+    # a closed window is scored, then aggregated, before anyone mines the next (the node keeps the watch itself)
     assert [(run.job, run.window) for run in runs] == [
-        ("miner_job", 0), ("aggregator_job", 0), ("miner_job", 1), ("aggregator_job", 1), ("validator_job", 0),
-        ("validator_job", 1)]
+        ("miner_job", 0), ("validator_job", 0), ("aggregator_job", 0), ("miner_job", 1), ("validator_job", 1),
+        ("aggregator_job", 1)]
     assert StateStore(network_home / "state").model_windows()[-1] == 2  # θ_2 after aggregating windows 0 and 1
     cursor = json.loads((network_home / "state" / "node-cursor.json").read_text())
-    assert cursor == {"aggregator": 1, "miner": 1, "validator": 1}
+    assert cursor == {"watch": 1, "aggregator": 1, "miner": 1, "validator": 1}
     with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
         recorded = instance.get_run_records(dg.RunsFilter(tags={"templar/source": "templar node"}))
         assert sorted(record.dagster_run.tags["templar/run_key"] for record in recorded) == sorted(
@@ -54,14 +56,14 @@ def test_unknown_jobs_are_refused(network_home, network_env):
 def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_env, monkeypatch):
     answers = iter([ChainError("endpoint down"), ChainError("endpoint down")])
 
-    def flaky_window(self):
+    def flaky_block(self):
         error = next(answers, None)
         if error is not None:
             raise error
-        return self._block_window()
+        return self._real_block()
 
-    monkeypatch.setattr(LocalChain, "_block_window", LocalChain.window, raising=False)
-    monkeypatch.setattr(LocalChain, "window", flaky_window)
+    monkeypatch.setattr(LocalChain, "_real_block", LocalChain.block, raising=False)
+    monkeypatch.setattr(LocalChain, "block", flaky_block)
     waits = []
     runs = run_node(network_home, jobs=["miner_job"], until_window=0, environ=network_env,
                     wait=waits.append)

@@ -111,30 +111,38 @@ def test_a_window_without_its_previous_state_fails_clearly(network_home, network
         failure.event_specific_data.user_failure_data)
 
 
-def test_new_block_sensor_requests_each_window_once(network_home, network_env):
+def test_new_block_sensor_requests_each_window_once_in_the_production_order(network_home, network_env):
     chain = LocalChain(network_home / "chain.sqlite")
     chain.advance_to_block(5 * 7)  # the chain is in window 5
     resources = resources_from_env(network_env)
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(cursor=json.dumps({"aggregated": 2, "mined": 3, "validated": 1}),
-                                     resources=resources, instance=instance) as context:
+        cursor = json.dumps({"watch": 3, "miner": 3, "validator": 2, "aggregator": 2})
+        with dg.build_sensor_context(cursor=cursor, resources=resources, instance=instance) as context:
             result = new_block_sensor(context)
         keys = [r.run_key for r in result.run_requests]
-        # θ_{w+1} is aggregated before anyone mines window w + 1; validators wait validator_offset (2) windows
-        assert keys == ["aggregator_job:3", "aggregator_job:4", "miner_job:4", "miner_job:5", "validator_job:2",
-                        "validator_job:3"]
-        assert json.loads(result.cursor) == {"aggregator": 4, "miner": 5, "validator": 3}
-        assert result.dynamic_partitions_requests[0].partition_keys == ["2", "3", "4", "5"]
+        # a closed window is scored, then aggregated, before anyone mines the next; the watch opens with the window
+        assert keys == ["validator_job:3", "aggregator_job:3", "watch_job:4", "miner_job:4", "validator_job:4",
+                        "aggregator_job:4", "watch_job:5", "miner_job:5"]
+        assert json.loads(result.cursor) == {"watch": 5, "miner": 5, "validator": 4, "aggregator": 4}
+        assert result.dynamic_partitions_requests[0].partition_keys == ["3", "4", "5"]
         with dg.build_sensor_context(cursor=result.cursor, resources=resources, instance=instance) as context:
             again = new_block_sensor(context)
         assert not again.run_requests and "nothing new" in again.skip_reason.skip_message
         with dg.build_sensor_context(resources=resources, instance=instance) as context:
             first = new_block_sensor(context)
-        assert [r.run_key for r in first.run_requests] == ["aggregator_job:4", "miner_job:5", "validator_job:3"]
-        chain.advance(7)  # window 6 opens
+        assert [r.run_key for r in first.run_requests] == ["watch_job:5", "miner_job:5"]
+        chain.advance(7)  # window 6 opens: window 5 has closed
         with dg.build_sensor_context(cursor=first.cursor, resources=resources, instance=instance) as context:
             later = new_block_sensor(context)
-        assert [r.run_key for r in later.run_requests] == ["aggregator_job:5", "miner_job:6", "validator_job:4"]
+        assert [r.run_key for r in later.run_requests] == ["validator_job:5", "aggregator_job:5", "watch_job:6",
+                                                           "miner_job:6"]
+
+
+def test_a_cursor_from_before_the_watch_is_read():
+    from templar_pipelines.sensors import load_cursor
+
+    assert load_cursor('{"aggregated": 2, "mined": 3, "validated": 1}') == {
+        "watch": 1, "miner": 3, "validator": 1, "aggregator": 2}
 
 
 def test_checkpoint_audit_passes_then_fails_on_tampering(network_home, network_env):

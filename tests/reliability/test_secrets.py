@@ -43,8 +43,8 @@ def test_bucket_credentials_stay_out_of_runs_metadata_logs_and_wandb(network_hom
     assert boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").list_objects_v2(
         Bucket=name)["KeyCount"] >= 2  # aggregation + checkpoint really went through S3 with those credentials
     with dg.DagsterInstance.from_config(str(network_home / "dagster")) as instance:
-        events = "\n".join(repr(record) for record in instance.all_logs(summaries[0]["run_id"]))
-        run = instance.get_run_by_id(summaries[0]["run_id"])
+        events = "\n".join(repr(record) for record in instance.all_logs(summaries[0]["run_ids"]["validator_job"]))
+        run = instance.get_run_by_id(summaries[0]["run_ids"]["validator_job"])
         texts = {"events": events, "run": repr(run), "captured logs": caplog.text,
                  "stdout/stderr": "".join(capfd.readouterr()), "wandb files": all_text_under(network_home / "wandb"),
                  "state and buckets": all_text_under(network_home / "state")
