@@ -79,10 +79,13 @@ class Watch:
         is recorded at or after the window's closing block (nor before it opened)."""
         if not self.opens <= block < self.closes:
             return 0
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.uids) or 1)),
-                                                   thread_name_prefix=f"watch-{self.window}") as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.uids) or 1)),
+                                                     thread_name_prefix=f"watch-{self.window}")
+        try:
             futures = {pool.submit(self._look, uid, block): uid for uid in self.uids}
             done, pending = concurrent.futures.wait(futures, timeout=self.poll_timeout)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a peer that does not answer holds no one up
         new = 0
         for future in done:
             uid = futures[future]

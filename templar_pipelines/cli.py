@@ -113,10 +113,10 @@ def simulate(home: Path, *, hparams: HParams, miners: int, windows: int, adversa
     counts = parse_adversaries(adversaries)
     print(f"network: 1 validator, 1 aggregator, {miners} miners"
           + (f" ({', '.join(f'{k}×{n}' for k, n in counts.items())})" if counts else "") + f", {windows} windows")
-    print(f"{'window':>6} {'miner loss':>10} {'random-page loss':>16} {'peers':<24} {'seconds':>7}")
+    print(f"{'window':>6} {'miner loss':>10} {'random-page loss':>16} {'held-out':>9} {'peers':<24} {'seconds':>7}")
 
     def show(entry) -> None:
-        print(f"{entry.window:>6} {entry.miner_loss:>10.4f} {entry.random_loss:>16.4f} "
+        print(f"{entry.window:>6} {entry.miner_loss:>10.4f} {entry.random_loss:>16.4f} {entry.held_out_loss:>9.4f} "
               f"{','.join(map(str, entry.peers)):<24} {entry.seconds:>7.2f}", flush=True)
 
     run_home = Path(tempfile.mkdtemp(prefix="network-", dir=home))
@@ -136,11 +136,12 @@ def simulate(home: Path, *, hparams: HParams, miners: int, windows: int, adversa
         print(f"report written to {json_path}")
 
 
-def local_network(home: Path, *, windows: int, json_path: Path | None) -> None:
-    """Run `windows` more windows of the local network, one local_network_job run per window."""
+def local_network(home: Path, *, windows: int, adversaries: str, json_path: Path | None) -> None:
+    """Run `windows` more windows of the local network through Dagster, the roles in the production order."""
+    from templar_lib.simulate import parse_adversaries
     from templar_pipelines.local_network import run_local_network
 
-    reports = run_local_network(home, windows=windows, on_window=print)
+    reports = run_local_network(home, windows=windows, adversaries=parse_adversaries(adversaries), on_window=print)
     if json_path is not None:
         json_path.write_text(json.dumps(reports, indent=1))
     hparams_file = os.environ.get("TEMPLAR_HPARAMS_FILE")
@@ -179,6 +180,8 @@ def audit(home: Path, *, window: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from templar_lib.simulate.adversaries import ADVERSARIES
+
     parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, default=None, help="state directory (default $TEMPLAR_HOME or .templar)")
     parser.add_argument("--hparams", type=Path, default=None, help="JSON/YAML hyper-parameter file")
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     network_parser = commands.add_parser("local-network", help="run windows of the local network through Dagster")
     network_parser.add_argument("--miners", type=int, default=4)
     network_parser.add_argument("--windows", type=int, default=5)
+    network_parser.add_argument("--adversaries", default="", help=f"KIND:COUNT,... cheating miners among the last "
+                                                                  f"uids, of the kinds: {', '.join(ADVERSARIES)}")
     network_parser.add_argument("--json", type=Path, default=None, help="write per-window results here")
     node_parser = commands.add_parser("node", help="a resident node: follow the chain, run role jobs in-process")
     node_parser.add_argument("--jobs", default="aggregator_job,miner_job,validator_job",
@@ -209,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     simulate_parser = commands.add_parser("simulate", help="a whole network in-process, with cheating miners")
     simulate_parser.add_argument("--miners", type=int, default=5)
     simulate_parser.add_argument("--windows", type=int, default=10)
-    simulate_parser.add_argument("--adversaries", default="", help="KIND:COUNT,... e.g. sign_flip:1,copy:1")
+    simulate_parser.add_argument("--adversaries", default="", help=f"KIND:COUNT,... e.g. sign_flip:1,copy:1; kinds: "
+                                                                   f"{', '.join(ADVERSARIES)}")
     simulate_parser.add_argument("--seed", type=int, default=0)
     simulate_parser.add_argument("--json", type=Path, default=None, help="write the per-window report here")
     args = parser.parse_args(argv)
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
              clock=args.clock, seconds_per_block=args.seconds_per_block)
     elif args.command == "local-network":
         init(home, hparams=hparams, max_chars=None, miners=args.miners)
-        local_network(home, windows=args.windows, json_path=args.json)
+        local_network(home, windows=args.windows, adversaries=args.adversaries, json_path=args.json)
     elif args.command == "node":
         node(home, jobs=[job for job in args.jobs.split(",") if job], until_window=args.until_window,
              poll_seconds=args.poll)

@@ -11,7 +11,7 @@ def test_defaults_are_the_seed_era_values():
     assert (hp.learning_rate, hp.momentum_decay, hp.weight_decay) == (4e-4, 0.999, 0.1)
     assert (hp.warmup_steps, hp.t_max, hp.checkpoint_frequency) == (250, 5000, 100)
     assert (hp.openskill_beta, hp.openskill_tau, hp.binary_score_ma_alpha) == (7, 0.1, 0.05)
-    assert (hp.score_ema_alpha, hp.ban_windows) == (0.1, 10)
+    assert (hp.score_ema_alpha, hp.ban_windows, hp.peer_score_ratio) == (0.2, 10, 0.2)
     with pytest.raises(HParamsError, match="validator_offset: unknown"):  # the schedule fixes it (schedule.py)
         HParams.from_dict({"validator_offset": 2})
 

@@ -58,8 +58,8 @@ def test_ratings_match_openskill_called_directly():
         assert ours.by_uid[uid].mu == pytest.approx(rating.mu) and ours.by_uid[uid].sigma == pytest.approx(rating.sigma)
         assert ours.by_uid[uid].ordinal == pytest.approx(rating.ordinal())
     assert ours.by_uid[1].binary_ma == pytest.approx(0.05) and ours.by_uid[2].binary_ma == pytest.approx(-0.05)
-    # pay follows the moving average of scores (α = 0.1), not the rank
-    assert [ours.by_uid[uid].final for uid in (1, 2, 3)] == pytest.approx([0.03, 0.01, 0.02])
+    # pay follows the moving average of scores (α = 0.2), not the rank
+    assert [ours.by_uid[uid].final for uid in (1, 2, 3)] == pytest.approx([0.06, 0.02, 0.04])
     # a second window starts from the carried ratings
     again = update_ratings(ours, 1, scores, indicators, hotkeys, HPARAMS)
     second = model.rate([[model.rating(mu=r.mu, sigma=r.sigma)] for (r,) in expected], scores=[0.3, 0.1, 0.2])

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from templar_lib.buckets import S3Bucket
+from templar_lib.buckets import LocalBucket, S3Bucket
 from templar_lib.chain import LocalChain
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.checkpoints import ModelState
@@ -14,7 +14,8 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.roles.miner import compute_gradient
-from templar_lib.roles.validator import EvaluationOptions, evaluate_window
+from templar_lib.roles.validator import evaluate_window
+from templar_lib.watch import Watch
 from templar_lib.wire import gradient_key, write_gradient
 from tests.conftest import FAST_HPARAMS
 from tests.s3 import FaultProxy
@@ -47,9 +48,13 @@ def test_validator_window_completes_with_the_reachable_peers(dataset, moto_serve
                    if uid in proxies else s3_bucket for uid in uids}
         started = time.monotonic()
         state = ModelState(0, 0, {n: p.detach() for n, p in model.named_parameters()})
+        watch = Watch(0, blocks_per_window=hparams.blocks_per_window, state=LocalBucket(tmp_path / "validator"),
+                      peers=PeerBuckets.of(buckets), uids=uids, max_bytes=hparams.max_gradient_bytes,
+                      poll_timeout=6.0)
+        watch.poll(chain.block())  # the validator's look while window 0 is open
+        chain.advance(hparams.blocks_per_window)  # window 0 closes
         evaluation = evaluate_window(0, chain=chain.as_uid(validator), model=model, state=state, dataset=data,
-                                     peers=PeerBuckets.of(buckets), own_bucket=s3_bucket, hparams=hparams,
-                                     options=EvaluationOptions(gather_timeout=6.0, check_upload_time=False))
+                                     watch=watch, own_bucket=s3_bucket, hparams=hparams)
         elapsed = time.monotonic() - started
     finally:
         for proxy in proxies.values():
