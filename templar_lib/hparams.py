@@ -60,8 +60,8 @@ class HParams:
     score_ema_alpha: float = 0.2  # weights follow this moving average of scores (ratings.py)
     ban_windows: int = 10  # windows a uid that changed its file after it was scored earns nothing
     topk_peers: int = 20  # peers aggregated per window
-    # a uid enters the peers list only with a score of at least this share of the window's best: scores are
-    # improvements the validator measures, which no upload can inflate, so only real work clears the floor
+    # a score below this share of the window's best counts as 0 (not aggregated, not paid): scores are improvements
+    # the validator measures, which no upload can inflate, so only real work clears the floor
     peer_score_ratio: float = 0.2
     max_peers: int = 256  # uids a validator considers
     # --- limits for untrusted input ---

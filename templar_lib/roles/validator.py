@@ -10,8 +10,9 @@ For window w, once it has closed, on the same θ_w the miners trained on:
    pages, apply the uid's gradient alone with the window's outer step (sign, lr, weight decay), loss on its own pages
    and on the random pages again (scoring.py: the least-improved own page against the random pages).
 4. scores -> ratings (ratings.py: the moving average of scores sets the weights) -> weights (weights.py), set on the
-   chain; `peers_{w}.json` (valid uids with a score of at least peer_score_ratio of the best, best first, at most
-   topk_peers, each with the sha256
+   chain; `peers_{w}.json` (valid uids with a positive score, best first, at most topk_peers; a score below
+   peer_score_ratio of the window's best counts as 0, with that reason: too small to use, so not paid), each with the
+   sha256
    of the bytes scored, signed by the validator's hotkey) and `evaluation-{w}-{validator}.json` (wire.documents)
    written to the validator's gradients bucket. A uid the aggregator of w − 1 found with other bytes than were
    scored (`refused` in aggregation-{w−1}) is banned (ratings.py).
@@ -161,8 +162,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     del scratch
 
     best = max((s.score for s in scores.values()), default=0.0)
-    positive = sorted((uid for uid, s in scores.items()
-                       if not s.reason and s.score > 0 and s.score >= hparams.peer_score_ratio * best),
+    for uid, score in scores.items():  # a contribution too small for the network to use is neither used nor paid
+        if not score.reason and 0 < score.score < hparams.peer_score_ratio * best:
+            scores[uid] = dataclasses.replace(score, score=0.0, indicator=-1, reason=(
+                f"score {score.score:.3g} below {hparams.peer_score_ratio:g} of the window's best {best:.3g}"))
+    positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
                       key=lambda uid: (-scores[uid].score, uid))
     chosen = sorted(positive[: hparams.topk_peers])
     peers = Peers(window=window, validator=validator_uid, uids=chosen,
