@@ -199,6 +199,10 @@ class Adversary:
     remembers: bool = False  # keeps θ of the last four windows
     compute: float = 1.0  # honest miner-windows of compute a real attacker spends
     backdates: bool = False  # claims a time before the window opened for its file
+    honest_first: bool = False  # its first window is honest work (compute 1)
+
+    def compute_in(self, window: int) -> float:
+        return 1.0 if self.honest_first and window == 0 else self.compute
 
 
 KINDS: dict[str, Adversary] = {
@@ -207,7 +211,7 @@ KINDS: dict[str, Adversary] = {
     "scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 10))),
     "noise": Adversary(_noise, compute=0.0),
     "copy": Adversary(_copy, when="public", compute=0.0),
-    "replay": Adversary(_replay, compute=0.0),
+    "replay": Adversary(_replay, compute=0.0, honest_first=True),
     "free_rider": Adversary(lambda turn: write_gradient(_values(turn.honest(), torch.zeros_like)), compute=0.0),
     "wrong_data": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.dataset.miner_pages(
         turn.window, turn.miner.uid + 10_000, turn.hparams.pages_per_window)))),

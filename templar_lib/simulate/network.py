@@ -171,7 +171,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             ordinals={u: r.ordinal for u, r in ratings.by_uid.items()},
             binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()}, final=ratings.final_scores(),
             weights=dict(validation.weights or {}), peers=evaluation.peers,
-            compute={uid: KINDS[node.kind].compute for uid, node in nodes.items()}, refused=result.skipped,
+            compute={uid: KINDS[node.kind].compute_in(window) for uid, node in nodes.items()}, refused=result.skipped,
             seconds=time.perf_counter() - started.pop(window),
             close_to_next_seconds=time.perf_counter() - closed.pop(window))
         report.append(entry)
