@@ -44,7 +44,8 @@ def row(kind: str, report, honest_progress: float) -> str:
     cheats = [uid for uid, role in report.roles.items() if role != "honest"]
     weights = [last.weights.get(uid, 0.0) for uid in honest]
     reason = next((last.reasons[uid] for uid in cheats if uid in last.reasons), "")
-    return (f"| {kind} | {ATTACKS.get(kind, len(cheats))}/{len(report.roles)} | {progress(report) / honest_progress:.1%} | "
+    attackers = f"{ATTACKS.get(kind, len(cheats))}/{len(report.roles)}"
+    return (f"| {kind} | {attackers} | {progress(report) / honest_progress:.1%} | "
             f"{sum(last.weights.get(uid, 0.0) for uid in cheats):.3f} | {min(weights):.3f} / {max(weights):.3f} | "
             f"{weight_per_compute(report, cheats):.3f} / {weight_per_compute(report, honest):.3f} | {reason[:60]} |")
 

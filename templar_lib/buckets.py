@@ -22,13 +22,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat as stat_module
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlparse
+
+from templar_lib.transport import DeadlinePassed, Guard, TransferRefused
 
 _KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 
@@ -56,6 +60,10 @@ class BucketUnreachable(BucketError):
     """The endpoint could not be reached, or kept failing after the bounded retries."""
 
 
+class BucketTimeout(BucketUnreachable):
+    """The caller's deadline passed before the endpoint had answered in full."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
@@ -68,7 +76,7 @@ class Bucket(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
 
-    def get(self, key: str, max_bytes: int | None = None) -> bytes: ...
+    def get(self, key: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -76,7 +84,10 @@ class Bucket(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def stat(self, key: str) -> ObjectInfo: ...
+    def stat(self, key: str, deadline: float | None = None) -> ObjectInfo: ...
+
+    def abort(self) -> None:
+        """Cut every read in flight (from another thread); deadlines are time.monotonic() values."""
 
 
 def validate_key(key: str) -> str:
@@ -89,12 +100,17 @@ def validate_key(key: str) -> str:
 
 class LocalBucket:
     """A directory used as a bucket. Writes go to a temporary file in the same directory, are fsynced, then
-    renamed over the key, so a reader sees the old object or the new one, never a part."""
+    renamed over the key, so a reader sees the old object or the new one, never a part.
 
-    def __init__(self, root: str | Path) -> None:
+    peer=True: the directory is a stranger's (a file:// commitment on a local network): only regular files inside it
+    are read, opened without following a symlink and without blocking (a FIFO is refused, not waited on), and no
+    refusal says anything about what the path points to."""
+
+    def __init__(self, root: str | Path, *, peer: bool = False) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
+        self.peer = peer
 
     def __repr__(self) -> str:
         return f"LocalBucket({self.url!r})"
@@ -128,10 +144,9 @@ class LocalBucket:
             raise ObjectMissing(f"{key}: no such object in {self.url}")
         return path
 
-    def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        path = self._path(key)
+    def get(self, key: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
         try:
-            with path.open("rb") as handle:
+            with self._open(key) as handle:
                 if max_bytes is None:
                     return handle.read()
                 data = handle.read(max_bytes + 1)
@@ -140,6 +155,31 @@ class LocalBucket:
         if len(data) > max_bytes:
             raise ObjectTooLarge(f"{key}: larger than the limit of {max_bytes} bytes")
         return data
+
+    def _open(self, key: str):
+        path = self._path(key)
+        if not self.peer:
+            return path.open("rb")
+        self._inside(key, path)
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise BucketAccessDenied(f"{key}: not a regular file inside {self.url}") from None
+        if not stat_module.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise BucketAccessDenied(f"{key}: not a regular file inside {self.url}")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+
+    def _inside(self, key: str, path: Path) -> None:
+        """A stranger's key must not lead out of its directory through a symlinked folder."""
+        if not Path(os.path.realpath(path.parent)).is_relative_to(self.root):
+            raise BucketAccessDenied(f"{key}: not a regular file inside {self.url}")
+
+    def abort(self) -> None:
+        """Nothing to cut: a local read does not wait on anyone."""
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -156,11 +196,16 @@ class LocalBucket:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def stat(self, key: str) -> ObjectInfo:
+    def stat(self, key: str, deadline: float | None = None) -> ObjectInfo:
+        path = self._path(key)
+        if self.peer:
+            self._inside(key, path)
         try:
-            status = self._path(key).stat()
+            status = path.lstat() if self.peer else path.stat()
         except FileNotFoundError:
             raise ObjectMissing(f"{key}: no such object in {self.url}") from None
+        if self.peer and not stat_module.S_ISREG(status.st_mode):
+            raise BucketAccessDenied(f"{key}: not a regular file inside {self.url}")
         return ObjectInfo(size=status.st_size, modified=datetime.fromtimestamp(status.st_mtime, tz=timezone.utc))
 
 
@@ -169,11 +214,15 @@ class S3Bucket:
 
     Retries: botocore's "standard" mode (exponential backoff with jitter on throttling, 5xx, connection errors and
     timeouts), `max_attempts` in total; every request has connect/read timeouts. `prefix` scopes all keys.
+
+    guard: a peer's bucket (an endpoint a stranger runs) is read through a transport.Guard: its address checked at
+    connect time, a minimum transfer rate, a deadline per call (`deadline=` of get and stat), and `abort()`.
     """
 
     def __init__(self, name: str, *, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None, credentials: tuple[str, str] | None = None, client=None,
-                 max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 30.0) -> None:
+                 max_attempts: int = 4, connect_timeout: float = 5.0, read_timeout: float = 30.0,
+                 guard: Guard | None = None) -> None:
         self.name = name
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
@@ -186,12 +235,26 @@ class S3Bucket:
             config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"},
                             connect_timeout=connect_timeout, read_timeout=read_timeout,
                             signature_version="s3v4", s3={"addressing_style": "path"})
-            if credentials is not None:  # explicit (e.g. a peer's published read-only keys)
-                session = boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
+            if credentials is not None or guard is not None:
+                # a peer's bucket: its published read-only keys, or no signature at all (our own credentials are
+                # never sent to a stranger's endpoint); one shared session's loaded service model serves every
+                # peer's client (a validator opens one per uid)
+                if credentials is None:
+                    from botocore import UNSIGNED
+
+                    config = config.merge(Config(signature_version=UNSIGNED))
+                client = _peer_session().create_client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config,
+                    aws_access_key_id=credentials[0] if credentials else None,
+                    aws_secret_access_key=credentials[1] if credentials else None)
             else:  # boto3's own chain: environment, named profile, instance role
                 session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
-            client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config)
+                client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region or "auto",
+                                        config=config)
         self._client = client
+        self.guard = guard
+        if guard is not None:
+            guard.attach(client)
 
     def __repr__(self) -> str:
         return f"S3Bucket({self.url!r})"
@@ -217,6 +280,10 @@ class S3Bucket:
             if code == "NoSuchBucket":
                 raise BucketError(f"{key}: bucket {self.name!r} does not exist at the endpoint") from None
             raise BucketUnreachable(f"{key}: {self.url} answered {code or status}") from None
+        except DeadlinePassed:
+            raise BucketTimeout(f"{key}: no answer by the deadline") from None
+        except TransferRefused as error:
+            raise BucketUnreachable(f"{key}: {error}") from None
         except (ConnectionError, HTTPClientError) as error:
             raise BucketUnreachable(f"{key}: cannot reach {self.url} ({type(error).__name__})") from None
         except BotoCoreError as error:
@@ -226,23 +293,30 @@ class S3Bucket:
         with self._errors(key):
             self._client.put_object(Bucket=self.name, Key=self._key(key), Body=bytes(data))
 
-    def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        with self._errors(key):
+    def _until(self, deadline: float | None):
+        return self.guard.until(deadline) if self.guard is not None else contextlib.nullcontext()
+
+    def abort(self) -> None:
+        """Cut every transfer in flight (a guarded peer's bucket only)."""
+        if self.guard is not None:
+            self.guard.abort()
+
+    def get(self, key: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        with self._errors(key), self._until(deadline):
             response = self._client.get_object(Bucket=self.name, Key=self._key(key))
             body = response["Body"]
             try:
                 declared = response.get("ContentLength")
                 if max_bytes is not None and declared is not None and declared > max_bytes:
                     raise ObjectTooLarge(f"{key}: {declared} bytes, larger than the limit of {max_bytes}")
-                parts, received = [], 0
+                data = bytearray()
                 for part in body.iter_chunks(chunk_size=1 << 20):
-                    received += len(part)
-                    if max_bytes is not None and received > max_bytes:
+                    data += part
+                    if max_bytes is not None and len(data) > max_bytes:
                         raise ObjectTooLarge(f"{key}: larger than the limit of {max_bytes} bytes")
-                    parts.append(part)
             finally:
                 body.close()
-            return b"".join(parts)
+            return bytes(data)
 
     def exists(self, key: str) -> bool:
         try:
@@ -251,8 +325,8 @@ class S3Bucket:
             return False
         return True
 
-    def stat(self, key: str) -> ObjectInfo:
-        with self._errors(key):
+    def stat(self, key: str, deadline: float | None = None) -> ObjectInfo:
+        with self._errors(key), self._until(deadline):
             response = self._client.head_object(Bucket=self.name, Key=self._key(key))
         return ObjectInfo(size=int(response["ContentLength"]), modified=response["LastModified"])
 
@@ -289,15 +363,31 @@ class Buckets:
         return cls(LocalBucket(home / "gradients"), LocalBucket(home / "dataset"), LocalBucket(home / "aggregator"))
 
 
-def open_bucket(url: str, *, client=None, credentials: tuple[str, str] | None = None) -> Bucket:
+_PEER_SESSION = None
+_PEER_SESSION_LOCK = threading.Lock()
+
+
+def _peer_session():
+    """One botocore session for the clients made with explicit credentials (its credential chain is never used)."""
+    global _PEER_SESSION
+    with _PEER_SESSION_LOCK:
+        if _PEER_SESSION is None:
+            import botocore.session
+
+            _PEER_SESSION = botocore.session.get_session()
+        return _PEER_SESSION
+
+
+def open_bucket(url: str, *, client=None, credentials: tuple[str, str] | None = None,
+                guard: Guard | None = None, peer: bool = False) -> Bucket:
     """A bucket from its URL: `file:///abs/dir` (a plain path too) or `s3://name[/prefix][?endpoint_url=..&region=..
     &profile=..]`. For s3://, `client` is an existing boto3 S3 client (e.g. from dagster-aws S3Resource) and
     `credentials` an explicit (access key id, secret) pair; by default boto3's credential chain is used."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return LocalBucket(unquote(parsed.path))
+        return LocalBucket(unquote(parsed.path), peer=peer)
     if parsed.scheme == "" and url:
-        return LocalBucket(url)
+        return LocalBucket(url, peer=peer)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"s3 bucket URL without a bucket name: {url!r}")
@@ -307,5 +397,5 @@ def open_bucket(url: str, *, client=None, credentials: tuple[str, str] | None = 
             raise ValueError(f"unknown s3 bucket URL option(s) {sorted(unknown)}")
         return S3Bucket(parsed.netloc, prefix=unquote(parsed.path), endpoint_url=options.get("endpoint_url"),
                         region=options.get("region"), profile=options.get("profile"), credentials=credentials,
-                        client=client)
+                        client=client, guard=guard)
     raise ValueError(f"unsupported bucket URL scheme {parsed.scheme!r} (supported: file://, s3://)")

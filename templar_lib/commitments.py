@@ -18,6 +18,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 from templar_lib.buckets import Bucket, open_bucket
+from templar_lib.transport import Guard, Limits
 from templar_lib.wire import InvalidFile
 
 MAX_COMMITMENT_BYTES = 1024
@@ -79,10 +80,13 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> BucketCommit
     return BucketCommitment(url=url, access_key_id=key_id, secret_access_key=secret)
 
 
-def open_commitment(commitment: BucketCommitment) -> Bucket:
-    """The bucket a commitment points to, with its published read credentials when it has them."""
+def open_commitment(commitment: BucketCommitment, *, allow_private: bool = False) -> Bucket:
+    """The bucket a commitment points to, with its published read credentials when it has them, read as a stranger's
+    (transport.Guard; a local directory only through its regular files). allow_private: loopback and private
+    addresses may be read (a local network, tests)."""
     credentials = (commitment.access_key_id, commitment.secret_access_key) if commitment.access_key_id else None
-    return open_bucket(commitment.url, credentials=credentials)
+    return open_bucket(commitment.url, credentials=credentials, guard=Guard(Limits(allow_private=allow_private)),
+                       peer=True)
 
 
 class PeerBuckets(NamedTuple):
@@ -106,7 +110,7 @@ def peer_buckets(commitments: Mapping[int, str], *, allow_local: bool = False) -
     buckets, reasons = {}, {}
     for uid, text in sorted(commitments.items()):
         try:
-            buckets[uid] = open_commitment(parse_commitment(text, allow_local=allow_local))
+            buckets[uid] = open_commitment(parse_commitment(text, allow_local=allow_local), allow_private=allow_local)
         except (InvalidFile, ValueError) as error:
             reasons[uid] = f"bad bucket commitment: {error}"
     return PeerBuckets(buckets, reasons)

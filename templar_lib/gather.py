@@ -13,17 +13,19 @@ import concurrent.futures
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from templar_lib.buckets import Bucket, BucketAccessDenied, BucketError, ObjectMissing, ObjectTooLarge
+from templar_lib.buckets import Bucket, BucketAccessDenied, BucketError, BucketTimeout, ObjectMissing, ObjectTooLarge
 from templar_lib.commitments import PeerBuckets
 from templar_lib.hparams import HParams
-from templar_lib.wire import Gradient, InvalidFile, Peers, gradient_key, peers_key, read_gradient, read_peers, \
-    write_peers
+from templar_lib.wire import (Gradient, InvalidFile, Peers, gradient_byte_limit, gradient_key, peers_key,
+                              read_gradient, read_peers, write_peers)
 from templar_lib.wire.documents import MAX_PEERS_BYTES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------- gather
@@ -37,65 +39,80 @@ class GatherResult:
     sha256: dict[int, str] = field(default_factory=dict)  # of each valid file's bytes
 
 
+MAX_WORKERS = 256  # a worker per uid up to a subnet's size: a slow peer never holds a slot another needs
+
+
+def fetch_each(uids: Iterable[int], fetch: Callable[[int, float], T], peers: PeerBuckets, *,
+               timeout: float) -> tuple[dict[int, T], list[int]]:
+    """fetch(uid, deadline) for every uid at once, each in a worker of its own, all by one deadline
+    (time.monotonic()); returns (results by uid, the uids still running at the deadline). Their buckets are aborted
+    at the deadline (every socket shut down), so no worker is left reading once this returns."""
+    uids = sorted(set(uids))
+    deadline = time.monotonic() + timeout
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(MAX_WORKERS, len(uids))),
+                                                     thread_name_prefix="fetch")
+    try:
+        futures = {executor.submit(fetch, uid, deadline): uid for uid in uids}
+        done, pending = concurrent.futures.wait(futures, timeout=timeout)
+        late = sorted(futures[future] for future in pending)
+        for uid in late:
+            bucket = peers.buckets.get(uid)
+            if bucket is not None:
+                bucket.abort()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return {futures[future]: future.result() for future in done}, late
+
+
 def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
-           shapes: Mapping[str, tuple[int, ...]], hparams: HParams, timeout: float = 60.0,
-           max_workers: int = 16) -> GatherResult:
+           shapes: Mapping[str, tuple[int, ...]], hparams: HParams, timeout: float = 60.0) -> GatherResult:
     """Download and validate `gradient-{window}-{uid}` for each uid within `timeout` seconds in total.
 
     Never raises for a peer's fault: every uid ends in `gradients` or in `skipped` with a reason. Times the buckets
-    report are the miners' to set and decide nothing here (watch.py is the clock).
+    report are the miners' to set and decide nothing here (watch.py is the clock). A file may be as large as a real
+    one of this model can be (wire.max_gradient_bytes), never more.
     """
     started = time.perf_counter()
-    uids = sorted(set(uids))
-    gradients: dict[int, Gradient] = {}
-    skipped: dict[int, str] = {}
-    sizes: dict[int, int] = {}
-    digests: dict[int, str] = {}
+    limit = gradient_byte_limit(shapes, hparams)
 
-    def fetch(uid: int) -> tuple[Gradient | None, str | None, int]:
+    def fetch(uid: int, deadline: float) -> tuple[Gradient | None, str | None, int, str | None]:
         bucket = peers.buckets.get(uid)
         if bucket is None:
-            return None, peers.reason(uid), 0
+            return None, peers.reason(uid), 0, None
         key = gradient_key(window, uid)
         try:
-            data = bucket.get(key, max_bytes=hparams.max_gradient_bytes)
+            data = bucket.get(key, max_bytes=limit, deadline=deadline)
             gradient = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
                                      target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                                     max_bytes=hparams.max_gradient_bytes)
-            digests[uid] = hashlib.sha256(data).hexdigest()
-            return gradient, None, len(data)
+                                     max_bytes=limit)
+            return gradient, None, len(data), hashlib.sha256(data).hexdigest()
         except ObjectMissing:
-            return None, f"missing: no {key}", 0
+            return None, f"missing: no {key}", 0, None
         except ObjectTooLarge as error:
-            return None, f"too big: {error}", 0
+            return None, f"too big: {error}", 0, None
         except InvalidFile as error:
-            return None, f"invalid: {error}", 0
+            return None, f"invalid: {error}", 0, None
         except BucketAccessDenied as error:
-            return None, f"access denied: {error}", 0
+            return None, f"access denied: {error}", 0, None
+        except BucketTimeout:
+            return None, f"timeout: not downloaded within {timeout:g}s", 0, None
         except BucketError as error:
-            return None, f"unreachable: {error}", 0
+            return None, f"unreachable: {error}", 0, None
 
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(uids) or 1)),
-                                                     thread_name_prefix=f"gather-{window}")
-    try:
-        futures = {executor.submit(fetch, uid): uid for uid in uids}
-        done, pending = concurrent.futures.wait(futures, timeout=timeout)
-        for future in done:
-            uid = futures[future]
-            gradient, reason, size = future.result()
-            sizes[uid] = size
-            if gradient is not None:
-                gradients[uid] = gradient
-            else:
-                skipped[uid] = reason
-        for future in pending:
-            skipped[futures[future]] = f"timeout: not downloaded within {timeout:g}s"
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
+    results, late = fetch_each(uids, fetch, peers, timeout=timeout)
+    gradients: dict[int, Gradient] = {}
+    skipped = {uid: f"timeout: not downloaded within {timeout:g}s" for uid in late}
+    sizes, digests = {}, {}
+    for uid, (gradient, reason, size, digest) in results.items():
+        sizes[uid] = size
+        if gradient is not None:
+            gradients[uid], digests[uid] = gradient, digest
+        else:
+            skipped[uid] = reason
     for uid, reason in sorted(skipped.items()):
         log.info("window %d: skipping uid %d: %s", window, uid, reason)
     return GatherResult(window, dict(sorted(gradients.items())), dict(sorted(skipped.items())), sizes,
-                        time.perf_counter() - started, {uid: digests[uid] for uid in sorted(gradients)})
+                        time.perf_counter() - started, dict(sorted(digests.items())))
 
 
 # ---------------------------------------------------------------------------------------------------- peers list

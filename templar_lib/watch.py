@@ -17,15 +17,16 @@ order is unknown, so neither is rejected as the other's copy (screening.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from templar_lib.buckets import BucketAccessDenied, BucketError, LocalBucket, ObjectMissing, ObjectTooLarge
+from templar_lib.buckets import (BucketAccessDenied, BucketError, BucketTimeout, LocalBucket, ObjectMissing,
+                                 ObjectTooLarge)
 from templar_lib.commitments import PeerBuckets
+from templar_lib.gather import fetch_each
 from templar_lib.wire import InvalidFile, gradient_key, keys
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ class Watch:
     of each uid's newest content), so a watch that polls in one process is scored in another."""
 
     def __init__(self, window: int, *, blocks_per_window: int, state: LocalBucket, peers: PeerBuckets,
-                 uids: Iterable[int], max_bytes: int, poll_timeout: float = 30.0, workers: int = 16) -> None:
+                 uids: Iterable[int], max_bytes: int, poll_timeout: float = 30.0) -> None:
         self.window = window
         self.opens, self.closes = window * blocks_per_window, (window + 1) * blocks_per_window
         self.state, self.peers, self.uids = state, peers, sorted(set(uids))
-        self.max_bytes, self.poll_timeout, self.workers = max_bytes, poll_timeout, workers
+        self.max_bytes, self.poll_timeout = max_bytes, poll_timeout
         self._seen: dict[int, Sighting] = {}
         self._reasons: dict[int, str] = {}  # why a uid has nothing seen yet, from the last poll
         self._load()
@@ -79,50 +80,44 @@ class Watch:
         is recorded at or after the window's closing block (nor before it opened)."""
         if not self.opens <= block < self.closes:
             return 0
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(self.uids) or 1)),
-                                                     thread_name_prefix=f"watch-{self.window}")
-        try:
-            futures = {pool.submit(self._look, uid, block): uid for uid in self.uids}
-            done, pending = concurrent.futures.wait(futures, timeout=self.poll_timeout)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # a peer that does not answer holds no one up
+        looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline), self.peers,
+                                 timeout=self.poll_timeout)
         new = 0
-        for future in done:
-            uid = futures[future]
-            sighting, reason = future.result()
+        for uid, (sighting, reason) in looks.items():
             if sighting is not None:
                 new += 1
                 self._seen[uid] = sighting
                 self._reasons.pop(uid, None)
             elif reason and uid not in self._seen:
                 self._reasons[uid] = reason
-        for future in pending:
-            uid = futures[future]
+        for uid in late:
             if uid not in self._seen:
                 self._reasons[uid] = f"timeout: no answer within {self.poll_timeout:g}s"
         self._save()
         log.debug("watch of window %d at block %d: %d new", self.window, block, new)
         return new
 
-    def _look(self, uid: int, block: int) -> tuple[Sighting | None, str | None]:
+    def _look(self, uid: int, block: int, deadline: float) -> tuple[Sighting | None, str | None]:
         """(a new sighting, None) when uid's content is new; (None, reason) when there is nothing to see."""
         bucket = self.peers.buckets.get(uid)
         if bucket is None:
             return None, self.peers.reason(uid)
         key = gradient_key(self.window, uid)
         try:
-            info = bucket.stat(key)
+            info = bucket.stat(key, deadline=deadline)
             before = self._seen.get(uid)
             modified = info.modified.isoformat()
             if before is not None and (before.size, before.modified) == (info.size, modified):
                 return None, None  # unchanged since the last look
-            data = bucket.get(key, max_bytes=self.max_bytes)
+            data = bucket.get(key, max_bytes=self.max_bytes, deadline=deadline)
         except ObjectMissing:
             return None, f"missing: no {key}"
         except ObjectTooLarge as error:
             return None, f"too big: {error}"
         except BucketAccessDenied as error:
             return None, f"access denied: {error}"
+        except BucketTimeout:
+            return None, f"timeout: no answer within {self.poll_timeout:g}s"
         except BucketError as error:
             return None, f"unreachable: {error}"
         digest = hashlib.sha256(data).hexdigest()

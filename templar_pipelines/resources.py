@@ -32,6 +32,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
+from templar_lib.wire import gradient_byte_limit
 
 
 class HParamsResource(dg.ConfigurableResource):
@@ -142,8 +143,10 @@ class NodeResource(dg.ConfigurableResource):
         """The validator's first sightings of `window` (its state directory holds them): every uid but its own."""
         hparams, validator = self.hparams.load(), self.validator(chain)
         uids = [uid for uid in chain.metagraph().uids if uid != validator][: hparams.max_peers]
+        model = self.training.model(self.buckets.dataset().vocab_size)
+        limit = gradient_byte_limit({name: tuple(p.shape) for name, p in model.named_parameters()}, hparams)
         return Watch(window, blocks_per_window=hparams.blocks_per_window, state=self.store().bucket,
-                     peers=self.buckets.peers(chain), uids=uids, max_bytes=hparams.max_gradient_bytes)
+                     peers=self.buckets.peers(chain), uids=uids, max_bytes=limit)
 
     def miners(self, chain: Chain) -> list[int]:
         """The uids this node mines for: configured, else every uid without a validator permit (local network)."""

@@ -44,6 +44,7 @@ from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
+                              gradient_byte_limit,
                               max_aggregation_bytes, peers_key, read_gradient, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
 
@@ -139,7 +140,8 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         try:
             gradients[uid] = read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes,
                                            topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
-                                           hparams_hash=hparams.protocol_hash(), max_bytes=hparams.max_gradient_bytes)
+                                           hparams_hash=hparams.protocol_hash(),
+                                           max_bytes=gradient_byte_limit(shapes, hparams))
         except InvalidFile as error:
             reasons[uid] = f"invalid: {error}"
     reasons |= screen(gradients, model_hash=state.fingerprint or model_fingerprint(theta),

@@ -34,7 +34,7 @@ from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.state import StateStore
 from templar_lib.training import held_out_loss
 from templar_lib.watch import Watch
-from templar_lib.wire import gradient_key
+from templar_lib.wire import gradient_byte_limit, gradient_key
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,9 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
 
     def watch(window: int) -> None:
         watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
-                                max_bytes=hparams.max_gradient_bytes)
+                                max_bytes=limit)
 
+    limit = gradient_byte_limit({n: tuple(p.shape) for n, p in model.named_parameters()}, hparams)
     runs = {"watch": watch, "miner": mine, "validator": validate, "aggregator": aggregate}
     for block in range(windows * bpw + 1):
         chain.advance_to_block(block)

@@ -16,11 +16,11 @@ from templar_lib.wire.aggregation import Aggregation, max_aggregation_bytes, rea
 from templar_lib.wire.container import DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, InvalidFile, index_dtype, parse_header
 from templar_lib.wire.documents import EvaluationReport, Peers, read_evaluation, read_peers, write_evaluation, \
     write_peers
-from templar_lib.wire.gradient import Gradient, read_gradient, write_gradient
+from templar_lib.wire.gradient import Gradient, gradient_byte_limit, max_gradient_bytes, read_gradient, write_gradient
 from templar_lib.wire.keys import aggregation_key, evaluation_key, gradient_key, peers_key
 
 __all__ = ["DEFAULT_MAX_BYTES", "MAX_HEADER_BYTES", "Aggregation", "AggregationFormat", "EvaluationReport",
-           "Gradient", "GradientFormat", "InvalidFile", "Peers", "aggregation_key", "evaluation_key", "gradient_key",
-           "index_dtype", "max_aggregation_bytes", "parse_header", "peers_key", "read_aggregation",
-           "read_evaluation", "read_gradient", "read_peers", "write_aggregation", "write_evaluation",
-           "write_gradient", "write_peers"]
+           "Gradient", "GradientFormat", "InvalidFile", "Peers", "aggregation_key", "evaluation_key",
+           "gradient_byte_limit", "gradient_key", "index_dtype", "max_aggregation_bytes", "max_gradient_bytes",
+           "parse_header", "peers_key", "read_aggregation", "read_evaluation", "read_gradient", "read_peers",
+           "write_aggregation", "write_evaluation", "write_gradient", "write_peers"]

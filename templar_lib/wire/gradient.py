@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from templar_lib.compression import Sparse, dequantize_int8, quantize_int8
+from templar_lib.compression import Sparse, chunk_shape, dequantize_int8, quantize_int8
 from templar_lib.encodings import (CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_ENCODINGS, GradientFormat,
                                    torch_dtype)
 from templar_lib.hparams import HParams
@@ -80,6 +80,31 @@ class Gradient:
     def with_tensors(self, tensors: dict[str, Sparse], **changes) -> Gradient:
         """The same file with other coefficients (and any other field changed)."""
         return dataclasses.replace(self, tensors=tensors, **changes)
+
+
+GRADIENT_HEADER_BYTES = 1 << 20  # a gradient's JSON header: a few kB for the 1b preset
+
+
+def max_gradient_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk: int, topk: int) -> int:
+    """The largest gradient file any honest miner can write for a model of these shapes: readers refuse a larger one
+    before reading past it, so an endless body costs the size of a real file, not a fixed cap.
+
+    Per chunk of c positions keeping k: format 1 at most an int32 index and a float32 value per kept coefficient;
+    format 2 at most (c + 31 k) / 8 bytes of index streams (unary gaps and remainders of up to 30 bits) and 4 bytes per
+    value; plus an int8 scale per parameter and the header."""
+    total = GRADIENT_HEADER_BYTES + 8
+    for shape in shapes.values():
+        chunk_size = math.prod(chunk_shape(shape, target_chunk))
+        k = min(topk, chunk_size)
+        per_chunk = max(8 * k, -(-(chunk_size + 31 * k) // 8) + 4 * k)
+        total += (math.prod(shape) // chunk_size) * per_chunk + 64
+    return total
+
+
+def gradient_byte_limit(shapes: Mapping[str, tuple[int, ...]], hparams: HParams) -> int:
+    """What a reader of this network's gradients accepts: the model's bound, within the deployment's cap."""
+    return min(hparams.max_gradient_bytes, max_gradient_bytes(shapes, target_chunk=hparams.target_chunk,
+                                                              topk=hparams.topk_compression))
 
 
 # ---------------------------------------------------------------------------------------------------- writing
