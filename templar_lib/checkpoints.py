@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -96,6 +97,28 @@ def state_from_file(path: Path) -> ModelState:
 
 def state_sha256(state: ModelState) -> str:
     return hashlib.sha256(state_bytes(state)).hexdigest()
+
+
+PROBES = 8  # θ values a miner publishes with its gradient (sync checks)
+
+
+def probe_positions(window: int, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, int]]:
+    """Where θ is probed in `window`: PROBES (parameter, flat index) pairs drawn from sha256 of the window. Public:
+    they only tell which θ a miner trained on, not how to fake it (the fingerprint binds all of θ)."""
+    names = sorted(shapes)
+    positions = []
+    for index in range(PROBES):
+        digest = int.from_bytes(hashlib.sha256(f"probe:{window}:{index}".encode()).digest()[:16], "little")
+        name = names[digest % len(names)]
+        positions.append((name, (digest // len(names)) % math.prod(shapes[name])))
+    return positions
+
+
+def probe_values(parameters: Mapping[str, torch.Tensor], window: int) -> list[float]:
+    """θ's values at the probe positions of `window`, as float32 numbers (exact: compared bit for bit)."""
+    shapes = {name: tuple(p.shape) for name, p in parameters.items()}
+    return [float(parameters[name].detach().reshape(-1)[index].float())
+            for name, index in probe_positions(window, shapes)]
 
 
 def model_fingerprint(parameters: Mapping[str, torch.Tensor]) -> str:

@@ -80,13 +80,11 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> BucketCommit
     return BucketCommitment(url=url, access_key_id=key_id, secret_access_key=secret)
 
 
-def open_commitment(commitment: BucketCommitment, *, allow_private: bool = False) -> Bucket:
+def open_commitment(commitment: BucketCommitment, *, limits: Limits = Limits()) -> Bucket:
     """The bucket a commitment points to, with its published read credentials when it has them, read as a stranger's
-    (transport.Guard; a local directory only through its regular files). allow_private: loopback and private
-    addresses may be read (a local network, tests)."""
+    (transport.Guard with these limits; a local directory only through its regular files)."""
     credentials = (commitment.access_key_id, commitment.secret_access_key) if commitment.access_key_id else None
-    return open_bucket(commitment.url, credentials=credentials, guard=Guard(Limits(allow_private=allow_private)),
-                       peer=True)
+    return open_bucket(commitment.url, credentials=credentials, guard=Guard(limits), peer=True)
 
 
 class PeerBuckets(NamedTuple):
@@ -105,12 +103,18 @@ class PeerBuckets(NamedTuple):
         return self.skipped.get(uid, "no bucket: the uid has no usable bucket commitment")
 
 
-def peer_buckets(commitments: Mapping[int, str], *, allow_local: bool = False) -> PeerBuckets:
-    """Buckets of every uid with a valid commitment, and a reason for each uid whose commitment is unusable."""
+def peer_buckets(commitments: Mapping[int, str], *, allow_local: bool = False,
+                 limits: Limits | None = None) -> PeerBuckets:
+    """Buckets of every uid with a valid commitment, and a reason for each uid whose commitment is unusable.
+    allow_local: file:// and http:// commitments and loopback / private addresses are accepted (a local network
+    only); limits: the transfer limits (transport.Limits; default: production's, with allow_local)."""
+    limits = limits or Limits(allow_private=allow_local)
+    if limits.allow_private and not allow_local:
+        raise ValueError("private addresses are only for a local network (allow_local)")
     buckets, reasons = {}, {}
     for uid, text in sorted(commitments.items()):
         try:
-            buckets[uid] = open_commitment(parse_commitment(text, allow_local=allow_local), allow_private=allow_local)
+            buckets[uid] = open_commitment(parse_commitment(text, allow_local=allow_local), limits=limits)
         except (InvalidFile, ValueError) as error:
             reasons[uid] = f"bad bucket commitment: {error}"
     return PeerBuckets(buckets, reasons)

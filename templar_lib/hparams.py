@@ -59,11 +59,16 @@ class HParams:
     binary_score_ma_alpha: float = 0.05
     score_ema_alpha: float = 0.2  # weights follow this moving average of scores (ratings.py)
     ban_windows: int = 10  # windows a uid that changed its file after it was scored earns nothing
+    miss_penalty: float = 0.8  # pay factor per miss among a uid's last miss_window evaluated windows (ratings.py)
+    miss_window: int = 8
+    miss_exclude: int = 6  # misses among them that reset the uid and exclude it until it does better
     topk_peers: int = 20  # peers aggregated per window
     # a score below this share of the window's best counts as 0 (not aggregated, not paid): scores are improvements
     # the validator measures, which no upload can inflate, so only real work clears the floor
     peer_score_ratio: float = 0.2
     max_peers: int = 256  # uids a validator considers
+    scored_per_window: int = 32  # uids a validator scores per window at most (sampled beyond: roles/validator.py)
+    sync_max_lag: int = 2  # outer steps a miner's θ may lag and still be scored, at (1 − lag / (max + 1)) of it
     # --- limits for untrusted input ---
     max_gradient_bytes: int = 256 * 1024 * 1024
 
@@ -76,16 +81,17 @@ class HParams:
             if isinstance(value, float) and not math.isfinite(value):
                 raise HParamsError(f"{field.name}: must be finite, got {value!r}")
         positive = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
-                    "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers",
-                    "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows")
+                    "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers", "scored_per_window",
+                    "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows", "miss_window",
+                    "miss_exclude")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "weight_decay", "openskill_tau"):
+        for name in ("warmup_steps", "weight_decay", "openskill_tau", "sync_max_lag"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha",
-                     "peer_score_ratio"):
+                     "peer_score_ratio", "miss_penalty"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:

@@ -6,7 +6,14 @@ Per uid, after every window it was evaluated in:
     binary_ma_u ← (1 − α_b) · binary_ma_u + α_b · indicator_u   α_b = binary_score_ma_alpha
     OpenSkill PlackettLuce rating (β = openskill_beta, τ = openskill_tau), the uids ranked by this window's score
 
-    final_u = score_ema_u, or 0 while the uid is banned
+    final_u = score_ema_u · miss_penalty^m_u     m_u = misses among the uid's last miss_window evaluated windows
+            = 0 while the uid is banned, or once m_u ≥ miss_exclude (its moving average and rating restart)
+
+A miss is a window the uid was evaluated in and scored zero for a reason (missing, late, invalid, stale, a copy, a
+broken norm, too small to use): each costs a share of its pay for the next miss_window windows, and a uid that misses
+most of them starts over. With the defaults (0.8, 8, 6): one miss costs 20 % of the pay, three about half, six of
+eight everything. A uid the validator did not sample in a window (roles/validator.py) is not evaluated there: nothing
+about it changes.
 
 Pay follows contribution: a score is a measured improvement (scoring.py), so its moving average is proportional to
 the work a miner did, while a rank throws the size of the difference away (two honest miners a hair apart get very
@@ -22,7 +29,7 @@ score_ema 0 and binary_ma 0, so it earns nothing until it has been evaluated; a 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 from openskill.models import PlackettLuce
@@ -39,14 +46,17 @@ class UidRating:
     binary_ma: float = 0.0
     score_ema: float = 0.0
     banned_until: int = -1  # last window of a ban (-1: not banned)
+    recent: str = ""  # the last evaluated windows, oldest first: "1" a miss, "0" not
+    evaluated: int = -1  # the last window the uid was evaluated in
+    final: float = 0.0  # what the weights follow, as of the last window the uid was evaluated in
+
+    @property
+    def misses(self) -> int:
+        return self.recent.count("1")
 
     @property
     def ordinal(self) -> float:
         return self.mu - 3.0 * self.sigma
-
-    @property
-    def final(self) -> float:
-        return self.score_ema
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,13 @@ def model(hparams: HParams) -> PlackettLuce:
 
 
 def update_ratings(ratings: Ratings, window: int, scores: Mapping[int, float], indicators: Mapping[int, int],
-                   hotkeys: Mapping[int, str], hparams: HParams, banned: Mapping[int, str] | None = None) -> Ratings:
+                   hotkeys: Mapping[int, str], hparams: HParams, banned: Mapping[int, str] | None = None,
+                   missed: Iterable[int] = ()) -> Ratings:
     """Fold one window in. scores/indicators: uid -> value for every uid evaluated this window (invalid ones with
     score 0 and indicator −1); hotkeys: the metagraph now (uid -> hotkey); banned: uids to ban from this window on
-    (uid -> reason), e.g. found to have changed their file after it was scored."""
-    skill = model(hparams)
+    (uid -> reason), e.g. found to have changed their file after it was scored; missed: the evaluated uids whose
+    zero had a reason (a miss)."""
+    skill, missed = model(hparams), set(missed)
     current = {uid: r for uid, r in ratings.by_uid.items() if hotkeys.get(uid) == r.hotkey}
     for uid in set(scores) | set(banned or {}):
         if uid not in current and uid in hotkeys:
@@ -85,7 +97,8 @@ def update_ratings(ratings: Ratings, window: int, scores: Mapping[int, float], i
             current[uid] = UidRating(hotkeys[uid], fresh.mu, fresh.sigma)
     for uid in banned or {}:
         if uid in current:
-            current[uid] = replace(current[uid], score_ema=0.0, banned_until=window + hparams.ban_windows - 1)
+            current[uid] = replace(current[uid], score_ema=0.0, final=0.0,
+                                   banned_until=window + hparams.ban_windows - 1)
     ranked = sorted(uid for uid in scores if uid in hotkeys)
     effective = {uid: 0.0 if current[uid].banned_until >= window else float(scores[uid]) for uid in ranked}
     if len(ranked) >= 2:
@@ -95,7 +108,12 @@ def update_ratings(ratings: Ratings, window: int, scores: Mapping[int, float], i
             current[uid] = replace(current[uid], mu=rating.mu, sigma=rating.sigma)
     for uid in ranked:
         rating = current[uid]
-        current[uid] = replace(
+        rating = replace(
             rating, binary_ma=update_moving_average(rating.binary_ma, indicators[uid], hparams.binary_score_ma_alpha),
-            score_ema=update_moving_average(rating.score_ema, effective[uid], hparams.score_ema_alpha))
+            score_ema=update_moving_average(rating.score_ema, effective[uid], hparams.score_ema_alpha),
+            recent=(rating.recent + ("1" if uid in missed else "0"))[-hparams.miss_window:], evaluated=window)
+        if rating.misses >= hparams.miss_exclude:  # missed most windows: starts over
+            fresh = skill.rating()
+            rating = replace(rating, mu=fresh.mu, sigma=fresh.sigma, score_ema=0.0, binary_ma=0.0)
+        current[uid] = replace(rating, final=rating.score_ema * hparams.miss_penalty ** rating.misses)
     return Ratings(window=window, by_uid=dict(sorted(current.items())))

@@ -45,6 +45,7 @@ class Score:
     improvement_random: float | None = None
     losses: Losses | None = None
     reason: str = ""  # why the score is zero, for invalid / missing / late gradients
+    sync_lag: int = 0  # outer steps behind θ_w the miner trained on (its score is scaled down by it)
 
 
 def relative_improvement(before: float, after: float) -> float:

@@ -1,6 +1,9 @@
 """Screening of a window's valid gradient files before they are scored (DESIGN §2).
 
-1. stale model  the header's fingerprint of θ_w differs from ours: the miner trained on another (old) model.
+1. stale model  the header's fingerprint of θ_w differs from ours: the miner trained on another (old) model. The
+                validator first asks how far behind (sync_lag, from the θ values the miner publishes at the window's
+                probe positions): up to sync_max_lag outer steps it is scored with its score scaled down by the lag
+                (roles/validator.py); further behind, or with θ_w's probe values but not its fingerprint, rejected.
 2. norm         every parameter's values must have unit L2 norm (or be all zero), within UNIT_NORM_TOLERANCE of 1:
                 miners send the direction of what they kept (roles.miner), since the aggregation normalises each
                 peer and the outer step takes a sign, so magnitude carries nothing and the rule is a constant no
@@ -17,7 +20,7 @@ Each rejected uid gets a one-line reason; the rest pass. Pure function of its in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -38,6 +41,15 @@ def norm_reason(gradient: Gradient) -> str | None:
     for name, norm in sorted(norms.items()):
         if norm != 0.0 and abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
             return f"norm: {name[:60]} has ‖values‖ {norm:.4g}, the protocol sends unit norms"
+    return None
+
+
+def sync_lag(probes: Sequence[float], history: Mapping[int, Sequence[float]]) -> int | None:
+    """How many outer steps behind the θ a miner trained on is: the smallest lag whose θ has exactly the miner's
+    probe values (history: lag -> that θ's values at the window's probe positions), or None for none of them."""
+    for lag in sorted(history):
+        if list(probes) == list(history[lag]):
+            return lag
     return None
 
 
@@ -68,13 +80,15 @@ def similarity(a: Gradient, b: Gradient) -> tuple[float, float]:
     return overlap, cosine
 
 
-def screen(gradients: Mapping[int, Gradient], *, model_hash: str, first_seen: Mapping[int, int] | None = None,
-           copy_overlap: float = 0.95, copy_cosine: float = 0.98) -> dict[int, str]:
-    """Reasons for the uids to reject, by uid (the others pass). first_seen: the block each file was first seen at
-    by the validator (unknown: every pair is a tie)."""
+def screen(gradients: Mapping[int, Gradient], *, model_hash: str | None,
+           first_seen: Mapping[int, int] | None = None, copy_overlap: float = 0.95,
+           copy_cosine: float = 0.98) -> dict[int, str]:
+    """Reasons for the uids to reject, by uid (the others pass). model_hash: θ_w's fingerprint every file must carry
+    (None: the caller judged how far behind each is, sync_lag). first_seen: the block each file was first seen at by
+    the validator (unknown: every pair is a tie)."""
     rejected: dict[int, str] = {}
     for uid, gradient in gradients.items():
-        if gradient.model_hash != model_hash:
+        if model_hash is not None and gradient.model_hash != model_hash:
             rejected[uid] = (f"stale model: trained on θ {gradient.model_hash[:12] or '(none)'}, "
                              f"expected {model_hash[:12]}")
         elif (reason := norm_reason(gradient)) is not None:

@@ -217,6 +217,14 @@ class StateStore:
                                f"order, or catch up from a checkpoint)") from None
         return dataclasses.replace(state, fingerprint=self._fingerprint(window))
 
+    def parameters_at(self, window: int) -> dict[str, torch.Tensor] | None:
+        """θ_window's parameters when this node still has them (None otherwise): what a validator compares a lagging
+        miner's probes with."""
+        try:
+            return self.load_model(window).parameters
+        except StateMissing:
+            return None
+
     def model_windows(self) -> list[int]:
         windows = {keys.MODEL.window_of(key) for key in self.bucket.list(keys.MODEL.prefix)} - {None}
         held = self.writer.model if self.writer is not None else None

@@ -85,6 +85,9 @@ class _Cheats:
         kinds = [kind for kind, count in sorted(adversaries.items()) for _ in range(count)]
         if len(kinds) > len(miners):
             raise ValueError(f"{len(kinds)} adversaries for {len(miners)} miners")
+        if hostile := sorted({kind for kind in kinds if KINDS[kind].endpoint}):
+            # a hostile endpoint holds the validator for production's timeouts here: `templar simulate` scales them
+            raise ValueError(f"{', '.join(hostile)} runs in `templar simulate`, not through Dagster")
         self.roles = {uid: "honest" for uid in miners} | dict(zip(miners[len(miners) - len(kinds):], kinds))
         self.miners: dict[int, Miner] = {}
         self.model = None

@@ -2,8 +2,9 @@
 
     aggregator_step   peers_{w}.json, signed by a uid with a validator permit (else nothing is aggregated: the
                       schedule runs the validator first, and a forged or missing list must never fall back to
-                      unscored files) -> gather the listed uids' files -> keep those whose bytes hash to the sha256
-                      the validator published -> combine (scatter-mean of normalised coefficients, uids ascending)
+                      unscored files) -> gather the listed uids' files (at most topk_peers) -> keep those whose
+                      bytes hash to the sha256 the validator published; the list's reserves, best first, fill the
+                      places of any left out -> combine (scatter-mean of normalised coefficients, uids ascending)
                       -> aggregation-{w}.safetensors, with every listed uid left out and why (`refused`)
     advance_window    θ_{w+1} = replay of aggregation-{w} onto θ_w, exactly as every other node computes it
                       -> checkpoint-{w+1} when (w + 1) is a multiple of checkpoint_frequency -> the node's state
@@ -34,7 +35,7 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_
 from templar_lib.state import StateStore
 from templar_lib.training import held_out_loss
-from templar_lib.wire import InvalidFile, Peers, aggregation_key, write_aggregation
+from templar_lib.wire import Gradient, InvalidFile, Peers, aggregation_key, write_aggregation
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,18 @@ def signed_peers(chain: Chain, peers_list: Bucket, window: int) -> Peers:
     return listed
 
 
+def _scored_files(window: int, uids: list[int], listed: Peers, peers: PeerBuckets, shapes: dict, hparams: HParams,
+                  timeout: float) -> tuple[dict[int, Gradient], dict[int, str]]:
+    """The gradients of `uids` whose bytes hash to what the validator scored, and why the others were left out."""
+    gathered = gather(window, uids, peers, shapes=shapes, hparams=hparams, timeout=timeout)
+    refused = dict(gathered.skipped)
+    for uid, digest in gathered.sha256.items():
+        if digest != listed.sha256[uid]:
+            refused[uid] = (f"{CHANGED_AFTER_SCORING}: sha256 {digest[:12]} is not the {listed.sha256[uid][:12]} "
+                            f"validator {listed.validator} scored")
+    return {uid: g for uid, g in gathered.gradients.items() if uid not in refused}, refused
+
+
 def aggregator_step(window: int, *, state: ModelState, chain: Chain, peers: PeerBuckets, aggregator: Bucket,
                     hparams: HParams, peers_list: Bucket, gather_timeout: float = 60.0) -> AggregatorResult:
     """Publish aggregation-{window} from the files a validator scored, on θ_w (state.window must equal `window`).
@@ -96,13 +109,16 @@ def aggregator_step(window: int, *, state: ModelState, chain: Chain, peers: Peer
     started = time.perf_counter()
     listed = signed_peers(chain, peers_list, window)
     shapes = {name: tuple(p.shape) for name, p in state.parameters.items()}
-    gathered = gather(window, listed.uids, peers, shapes=shapes, hparams=hparams, timeout=gather_timeout)
-    refused = dict(gathered.skipped)
-    for uid, digest in gathered.sha256.items():
-        if digest != listed.sha256[uid]:
-            refused[uid] = (f"{CHANGED_AFTER_SCORING}: sha256 {digest[:12]} is not the {listed.sha256[uid][:12]} "
-                            f"validator {listed.validator} scored")
-    accepted = {uid: g for uid, g in gathered.gradients.items() if uid not in refused}
+    started_at = time.monotonic()
+    accepted, refused = _scored_files(window, listed.uids, listed, peers, shapes, hparams, gather_timeout)
+    missing = len(listed.uids) - len(accepted)
+    if missing and listed.reserves:  # the next best fill the places the listed left, in their order
+        remaining = max(1.0, gather_timeout - (time.monotonic() - started_at))
+        backups, backup_refused = _scored_files(window, listed.reserves, listed, peers, shapes, hparams, remaining)
+        filled = [uid for uid in listed.reserves if uid in backups][:missing]
+        accepted |= {uid: backups[uid] for uid in filled}
+        refused |= {uid: reason for uid, reason in backup_refused.items()
+                    if reason.startswith(CHANGED_AFTER_SCORING)}
     lr = learning_rate_at(state.step, hparams)
     aggregation = aggregate_window(window, state.step, lr, {uid: g.tensors for uid, g in accepted.items()},
                                    list(shapes), hparams.protocol_hash(), format=hparams.aggregation_format)

@@ -12,7 +12,7 @@ import torch
 
 from templar_lib.aggregation import learning_rate_at
 from templar_lib.buckets import Bucket
-from templar_lib.checkpoints import model_fingerprint
+from templar_lib.checkpoints import model_fingerprint, probe_values
 from templar_lib.compression import unit_norm
 from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
@@ -75,8 +75,9 @@ def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int
     """Loss and compressed gradient of θ_w (held by `model`) on `tokens`; folds into `feedback` in place.
     model_hash: θ_w's fingerprint when the caller already has it (one per window, however many uids it mines)."""
     loss, sparse = fold_gradient(model, feedback, tokens, step=step, hparams=hparams)
-    model_hash = model_hash or model_fingerprint(parameters_of(model))
-    return loss, Gradient.of(window, uid, sparse, hparams, model_hash)
+    parameters = parameters_of(model)
+    model_hash = model_hash or model_fingerprint(parameters)
+    return loss, Gradient.of(window, uid, sparse, hparams, model_hash, probes=probe_values(parameters, window))
 
 
 def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, feedback: ErrorFeedback,

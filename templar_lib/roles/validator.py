@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +33,14 @@ import torch
 from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at
 from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.chain import Chain, ChainError
-from templar_lib.checkpoints import ModelState, model_fingerprint
+from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.data import Dataset, random_pages
 from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
-from templar_lib.screening import screen
+from templar_lib.screening import screen, sync_lag
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
@@ -116,13 +117,78 @@ def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor
                   own_pages=list(zip(before, after)))
 
 
+SAMPLING_BINS = 4  # rating bins the scored uids are drawn from when there are more than scored_per_window
+
+
+def sample_uids(candidates: list[int], ratings: Ratings, window: int, budget: int, seed: str) -> list[int]:
+    """Which of `candidates` the validator scores in `window` when there are more than `budget`.
+
+    Half the budget goes to rating bins: the candidates ranked by what they have earned (final score) are cut into
+    SAMPLING_BINS bins, each with an equal share drawn without replacement with weight (windows since last evaluated
+    + 1)³, so the best and the worst are both re-scored regularly. The other half goes to the uids that have waited
+    longest (ties drawn at random), so no uid waits more than about n / (budget / 2) windows. Seeded with the closing
+    block's hash: nobody knows during the window whether it will be scored, and anyone can recompute the draw
+    afterwards."""
+    if len(candidates) <= budget:
+        return sorted(candidates)
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"sample:{window}:{seed}".encode()).hexdigest(), 16)
+                                               % (1 << 63))
+
+    def waited(uid: int) -> float:
+        return float(window - (ratings.by_uid[uid].evaluated if uid in ratings.by_uid else -1))
+
+    def draw(members: list[int], count: int) -> list[int]:
+        if count <= 0 or not members:
+            return []
+        weights = torch.tensor([waited(uid) ** 3 for uid in members])
+        picks = torch.multinomial(weights, min(count, len(members)), replacement=False, generator=generator)
+        return [members[pick] for pick in picks.tolist()]
+
+    ranked = sorted(candidates, key=lambda uid: (-(ratings.by_uid[uid].final if uid in ratings.by_uid else 0.0), uid))
+    bins = [ranked[len(ranked) * i // SAMPLING_BINS: len(ranked) * (i + 1) // SAMPLING_BINS]
+            for i in range(SAMPLING_BINS)]
+    per_bin = budget // 2 // SAMPLING_BINS
+    chosen = [uid for members in bins for uid in draw(members, per_bin)]
+    taken = set(chosen)
+    order = torch.randperm(len(ranked), generator=generator).tolist()
+    rest = sorted((uid for uid in ranked if uid not in taken), key=lambda uid: (-waited(uid), order[ranked.index(uid)]))
+    return sorted(chosen + rest[: budget - len(chosen)])
+
+
+def sync_lags(window: int, gradients: Mapping[int, Gradient], theta: Mapping[str, torch.Tensor], fingerprint: str,
+              history: Callable[[int], Mapping[str, torch.Tensor] | None], hparams: HParams) -> dict[int, int | str]:
+    """How many outer steps behind θ_w (`theta`) each gradient's θ is (0: its fingerprint is θ_w's), or why it cannot
+    be scored. history(window) gives θ of an earlier window when this node still has it."""
+    behind = {uid: g for uid, g in gradients.items() if g.model_hash != fingerprint}
+    lags: dict[int, int | str] = {uid: 0 for uid in gradients if uid not in behind}
+    if not behind:
+        return lags
+    probes = {0: probe_values(theta, window)}
+    for lag in range(1, min(hparams.sync_max_lag, window) + 1):
+        earlier = history(window - lag)
+        if earlier is not None:
+            probes[lag] = probe_values(earlier, window)
+    for uid, gradient in behind.items():
+        lag = sync_lag(gradient.probes, probes)
+        if lag is None:
+            lags[uid] = (f"stale model: trained on θ {gradient.model_hash[:12] or '(none)'}, not θ_{window} "
+                         f"{fingerprint[:12]} nor one of the {hparams.sync_max_lag} before it")
+        elif lag == 0:
+            lags[uid] = f"diverged: θ {gradient.model_hash[:12]} has θ_{window}'s probe values, not its fingerprint"
+        else:
+            lags[uid] = lag
+    return lags
+
+
 def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
-                    watch: Watch, own_bucket: Bucket, hparams: HParams,
+                    watch: Watch, own_bucket: Bucket, hparams: HParams, ratings: Ratings = Ratings(),
+                    history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
                     options: EvaluationOptions = EvaluationOptions()) -> WindowEvaluation:
-    """Score every other uid's gradient for `window` as the watch saw it, on θ_w, which `model` holds (`state`: its
+    """Score the other uids' gradients for `window` as the watch saw them, on θ_w, which `model` holds (`state`: its
     step and fingerprint), as the validator `chain` acts for; writes the signed peers_{w}.json and
     evaluation-{w}-{validator}.json to `own_bucket`. Needs the window closed (its closing block seeds the random
-    pages)."""
+    pages). With more uids seen than scored_per_window, a sample of them is scored (`ratings`: what they have earned
+    and when they were last evaluated; sample_uids); the others are `unsampled` and nothing about them changes."""
     started = time.perf_counter()
     validator_uid = chain.uid
     seed_block = (window + 1) * hparams.blocks_per_window
@@ -134,9 +200,10 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
     sightings, gradients, reasons = watch.sightings(), {}, dict(watch.reasons())
-    for uid in uids:
-        if uid not in sightings:
-            continue
+    seen = sample_uids([uid for uid in uids if uid in sightings], ratings, window, hparams.scored_per_window, seed)
+    unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen)
+    uids = [uid for uid in uids if uid not in unsampled]
+    for uid in seen:
         try:
             gradients[uid] = read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes,
                                            topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
@@ -144,8 +211,12 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
                                            max_bytes=gradient_byte_limit(shapes, hparams))
         except InvalidFile as error:
             reasons[uid] = f"invalid: {error}"
-    reasons |= screen(gradients, model_hash=state.fingerprint or model_fingerprint(theta),
-                      first_seen={uid: sightings[uid].block for uid in gradients})
+    lags = sync_lags(window, gradients, theta, state.fingerprint or model_fingerprint(theta), history, hparams)
+    for uid, lag in lags.items():
+        if isinstance(lag, str):
+            reasons[uid] = lag
+    in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
+    reasons |= screen(in_sync, model_hash=None, first_seen={uid: sightings[uid].block for uid in in_sync})
 
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)
@@ -160,7 +231,9 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         own = [dataset.tokens([page]) for page in dataset.miner_pages(window, uid, hparams.pages_per_window)]
         losses = evaluate_gradient(scratch, theta, gradients[uid], window=window, step=state.step, own=own,
                                    random=random, random_before=random_before, hparams=hparams)
-        scores[uid] = score_losses(uid, losses)
+        measured, lag = score_losses(uid, losses), lags[uid]
+        scores[uid] = dataclasses.replace(measured, score=measured.score * (1 - lag / (hparams.sync_max_lag + 1)),
+                                          sync_lag=lag)
     del scratch
 
     best = max((s.score for s in scores.values()), default=0.0)
@@ -170,10 +243,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
                 f"score {score.score:.3g} below {hparams.peer_score_ratio:g} of the window's best {best:.3g}"))
     positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
                       key=lambda uid: (-scores[uid].score, uid))
-    chosen = sorted(positive[: hparams.topk_peers])
-    peers = Peers(window=window, validator=validator_uid, uids=chosen,
-                  sha256={uid: sightings[uid].sha256 for uid in chosen})
-    report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block)
+    chosen, reserves = sorted(positive[: hparams.topk_peers]), positive[hparams.topk_peers: 2 * hparams.topk_peers]
+    peers = Peers(window=window, validator=validator_uid, uids=chosen, reserves=reserves,
+                  sha256={uid: sightings[uid].sha256 for uid in chosen + reserves})
+    report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block,
+                              unsampled)
     keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)
@@ -195,11 +269,12 @@ def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:
 
 def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int, str], hparams: HParams,
                 banned: Mapping[int, str] | None = None) -> tuple[Ratings, dict[int, float] | None]:
-    """Step 4: fold the window's scores into the ratings, banning `banned` (uid -> reason); the weights they give
-    (None: nothing positive)."""
+    """Step 4: fold the window's scores into the ratings, banning `banned` (uid -> reason), each zero with a reason
+    a miss; the weights they give (None: nothing positive)."""
     scores = report.scores
     new_ratings = update_ratings(ratings, report.window, {u: s.score for u, s in scores.items()},
-                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned)
+                                 {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned,
+                                 missed=[u for u, s in scores.items() if s.reason])
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
 
 
@@ -217,10 +292,12 @@ def submit_weights(chain: Chain, weights: dict[int, float] | None) -> str:
 def validator_step(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
                    watch: Watch, own_bucket: Bucket, ratings: Ratings, hparams: HParams,
                    banned: Mapping[int, str] | None = None,
+                   history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
                    options: EvaluationOptions = EvaluationOptions()) -> ValidatorResult:
     """The whole validator window: evaluate, rate (banning `banned`), set weights."""
     evaluation = evaluate_window(window, chain=chain, model=model, state=state, dataset=dataset, watch=watch,
-                                 own_bucket=own_bucket, hparams=hparams, options=options)
+                                 own_bucket=own_bucket, hparams=hparams, ratings=ratings, history=history,
+                                 options=options)
     hotkeys = {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons}
     new_ratings, weights = rate_window(evaluation.report, ratings, hotkeys, hparams, banned=banned)
     status = submit_weights(chain, weights)

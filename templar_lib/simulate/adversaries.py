@@ -19,6 +19,7 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     teach_random    trains on its pages and on the validator's random pages as far as it can predict them
     lazy            trains on one page of its share
     majority_scale  honest ×3 values (meant for a majority: against a median it would move the reference)
+    slow_endpoint   commits an endpoint on loopback that trickles its bodies or never answers (endpoints.py)
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class Adversary:
     remembers: bool = False  # keeps θ of the last four windows
     compute: float = 1.0  # honest miner-windows of compute a real attacker spends
     backdates: bool = False  # claims a time before the window opened for its file
+    endpoint: str | None = None  # commits a hostile endpoint of this mode instead of its bucket (endpoints.py)
     honest_first: bool = False  # its first window is honest work (compute 1)
 
     def compute_in(self, window: int) -> float:
@@ -225,6 +227,7 @@ KINDS: dict[str, Adversary] = {
     "teach_random": Adversary(_teach_random, compute=1.5),
     "lazy": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
     "majority_scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 3))),
+    "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")
 

@@ -10,6 +10,7 @@ closes the validator scores it, the aggregator combines what was scored and ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from templar_lib import schedule
 from templar_lib.buckets import Bucket, LocalBucket
 from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import ModelState
-from templar_lib.commitments import peer_buckets, register_local_network
+from templar_lib.commitments import BucketCommitment, peer_buckets, register_local_network
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model, parameters_of
@@ -31,14 +32,19 @@ from templar_lib.ratings import Ratings
 from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
                                validator_step)
 from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
+from templar_lib.simulate.endpoints import HostileServer
 from templar_lib.state import StateStore
 from templar_lib.training import held_out_loss
+from templar_lib.transport import Limits
 from templar_lib.watch import Watch
 from templar_lib.wire import gradient_byte_limit, gradient_key
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
 PUBLIC_OFFSET = 2  # the block of a window at which the honest uploads are public (after the watch saw them)
+# a simulated window lasts seconds, not 84 s: production's limits scaled down, loopback allowed (a local network)
+SIMULATED_LIMITS = Limits(connect_timeout=1.0, read_timeout=1.0, grace=0.5, allow_private=True)
+SIMULATED_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class NetworkWindow:
     refused: dict[int, str]  # listed uids the aggregator left out
     seconds: float
     close_to_next_seconds: float  # after the close: validator + aggregator + replay, what miners of w + 1 wait for
+    role_seconds: dict[str, float]  # watch (every poll of the window), validator, aggregator (with the replay)
+    scored: list[int]  # the uids the validator scored (sampled, when more were seen than it scores)
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         raise ValueError("more adversaries than miners")
     data = Dataset.open(dataset)
     gradients, aggregator = LocalBucket(home / "gradients"), LocalBucket(home / "aggregator")
-    store, seen = StateStore(home / "state", keep_windows=2), LocalBucket(home / "validator")
+    store, seen = StateStore(home / "state", keep_windows=hparams.sync_max_lag + 2), LocalBucket(home / "validator")
     bpw = hparams.blocks_per_window
     chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=bpw, secret=f"simulation-{seed}")
     validator_uid, uids = register_local_network(chain, miners, gradients.url)
@@ -96,107 +104,132 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
     order = torch.randperm(miners, generator=torch.Generator().manual_seed(seed)).tolist()
     roles = {uids[position]: kinds[index] for index, position in enumerate(order)}
 
-    model = build_model(preset, seed=seed, vocab_size=data.vocab_size)
-    state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
-    initial_loss = held_out_loss(model, data, batch_size=hparams.batch_size)
-    nodes = {uid: Miner.start(uid, kind, parameters_of(model), hparams) for uid, kind in roles.items()}
-    peers = peer_buckets(chain.commitments(), allow_local=True)
-    options = EvaluationOptions(random_page_count=random_page_count)
-    validator_chain = chain.as_uid(validator_uid)
-    ratings, report, banned = Ratings(), [], {}
-    watches: dict[int, Watch] = {}
-    honest: dict[int, tuple[list[float], dict[int, bytes]]] = {}  # window -> (honest losses, honest files)
-    validated: dict[int, ValidatorResult] = {}
-    started: dict[int, float] = {}
-    cursor = schedule.initial_cursor(0)
+    with contextlib.ExitStack() as stack:
+        for server in _hostile_endpoints(chain, roles):
+            stack.callback(server.close)
+        model = build_model(preset, seed=seed, vocab_size=data.vocab_size)
+        state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+        initial_loss = held_out_loss(model, data, batch_size=hparams.batch_size)
+        nodes = {uid: Miner.start(uid, kind, parameters_of(model), hparams) for uid, kind in roles.items()}
+        peers = peer_buckets(chain.commitments(), allow_local=True, limits=SIMULATED_LIMITS)
+        options = EvaluationOptions(random_page_count=random_page_count)
+        validator_chain = chain.as_uid(validator_uid)
+        ratings, report, banned = Ratings(), [], {}
+        watches: dict[int, Watch] = {}
+        honest: dict[int, tuple[list[float], dict[int, bytes]]] = {}  # window -> (honest losses, honest files)
+        validated: dict[int, ValidatorResult] = {}
+        started: dict[int, float] = {}
+        cursor = schedule.initial_cursor(0)
 
-    def turn(window: int, uid: int) -> Turn:
-        return Turn(window, nodes[uid], model, state, data, hparams, chain, gradients, honest[window][1],
-                    validator_uid)
+        def turn(window: int, uid: int) -> Turn:
+            return Turn(window, nodes[uid], model, state, data, hparams, chain, gradients, honest[window][1],
+                        validator_uid)
 
-    def act(window: int, when: str) -> None:
-        """Every cheat whose moment this is uploads what it uploads."""
-        for uid in sorted(nodes):
-            behaviour = KINDS[nodes[uid].kind]
-            if behaviour.when != when or behaviour.upload is None:
-                continue
-            upload = behaviour.upload(turn(window, uid))
-            if upload is not None:
-                gradients.put(gradient_key(window, uid), upload)
-                if behaviour.backdates:
-                    backdate(turn(window, uid), 30.0)
+        def act(window: int, when: str) -> None:
+            """Every cheat whose moment this is uploads what it uploads."""
+            for uid in sorted(nodes):
+                behaviour = KINDS[nodes[uid].kind]
+                if behaviour.when != when or behaviour.upload is None:
+                    continue
+                upload = behaviour.upload(turn(window, uid))
+                if upload is not None:
+                    gradients.put(gradient_key(window, uid), upload)
+                    if behaviour.backdates:
+                        backdate(turn(window, uid), 30.0)
 
-    def mine(window: int) -> None:
-        started[window] = time.perf_counter()
-        losses, files = [], {}
-        honest[window] = (losses, files)
-        for uid in sorted(nodes):
-            node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
-            if behaviour.remembers:  # keep the last four θ
-                node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
-            if behaviour.mines:
-                result = miner_step(window, uid, model=model, step=state.step, feedback=node.feedback, dataset=data,
-                                    gradients=gradients, hparams=hparams)
-                if node.kind == "honest":
-                    losses.append(result.loss)
-                    files[uid] = gradients.get(gradient_key(window, uid))
-        act(window, "mine")
+        def mine(window: int) -> None:
+            started[window] = time.perf_counter()
+            losses, files = [], {}
+            honest[window] = (losses, files)
+            for uid in sorted(nodes):
+                node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
+                if behaviour.remembers:  # keep the last four θ
+                    node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
+                if behaviour.mines:
+                    result = miner_step(window, uid, model=model, step=state.step, feedback=node.feedback, dataset=data,
+                                        gradients=gradients, hparams=hparams)
+                    if node.kind == "honest":
+                        losses.append(result.loss)
+                        files[uid] = gradients.get(gradient_key(window, uid))
+            act(window, "mine")
 
-    closed: dict[int, float] = {}
+        closed: dict[int, float] = {}
+        timings: dict[int, dict[str, float]] = {}
 
-    def validate(window: int) -> None:
-        nonlocal ratings
-        closed[window] = time.perf_counter()
-        result = validator_step(window, chain=validator_chain, model=model, state=state, dataset=data,
-                                watch=watches.pop(window), own_bucket=gradients, ratings=ratings, hparams=hparams,
-                                banned=banned, options=options)
-        ratings, validated[window] = result.ratings, result
-        act(window, "scored")
+        @contextlib.contextmanager
+        def timed(role: str, window: int):
+            began = time.perf_counter()
+            yield
+            spent = timings.setdefault(window, {"watch": 0.0, "validator": 0.0, "aggregator": 0.0})
+            spent[role] += time.perf_counter() - began
 
-    def aggregate(window: int) -> None:
-        nonlocal state, banned
-        result = aggregator_step(window, state=state, chain=chain, peers=peers, aggregator=aggregator,
-                                 hparams=hparams, peers_list=gradients)
-        banned = {uid: reason for uid, reason in result.skipped.items() if reason.startswith(CHANGED_AFTER_SCORING)}
-        advance = advance_window(window, state=state, aggregator=aggregator, store=store, model=model, dataset=data,
-                                 hparams=hparams)
-        state = advance.state
-        validation = validated.pop(window)
-        evaluation = validation.evaluation
-        losses, _ = honest.pop(window)
-        entry = NetworkWindow(
-            window=window, miner_loss=sum(losses) / max(1, len(losses)), random_loss=evaluation.random_loss,
-            held_out_loss=advance.held_out_loss, scores={u: s.score for u, s in evaluation.scores.items()},
-            reasons={u: s.reason for u, s in evaluation.scores.items() if s.reason},
-            ordinals={u: r.ordinal for u, r in ratings.by_uid.items()},
-            binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()}, final=ratings.final_scores(),
-            weights=dict(validation.weights or {}), peers=evaluation.peers,
-            compute={uid: KINDS[node.kind].compute_in(window) for uid, node in nodes.items()}, refused=result.skipped,
-            seconds=time.perf_counter() - started.pop(window),
-            close_to_next_seconds=time.perf_counter() - closed.pop(window))
-        report.append(entry)
-        log.info("network window %d: miner loss %.4f, held-out %.4f, peers %s, %.1fs", window, entry.miner_loss,
-                 entry.held_out_loss, entry.peers, entry.seconds)
-        if on_window is not None:
-            on_window(entry)
+        def validate(window: int) -> None:
+            nonlocal ratings
+            closed[window] = time.perf_counter()
+            with timed("validator", window):
+                result = validator_step(window, chain=validator_chain, model=model, state=state, dataset=data,
+                                        watch=watches.pop(window), own_bucket=gradients, ratings=ratings,
+                                        hparams=hparams, banned=banned, history=store.parameters_at, options=options)
+            ratings, validated[window] = result.ratings, result
+            act(window, "scored")
 
-    def watch(window: int) -> None:
-        watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
-                                max_bytes=limit)
+        def aggregate(window: int) -> None:
+            nonlocal state, banned
+            with timed("aggregator", window):
+                result = aggregator_step(window, state=state, chain=chain, peers=peers, aggregator=aggregator,
+                                         hparams=hparams, peers_list=gradients)
+                advance = advance_window(window, state=state, aggregator=aggregator, store=store, model=model,
+                                         dataset=data, hparams=hparams)
+            banned = {uid: why for uid, why in result.skipped.items() if why.startswith(CHANGED_AFTER_SCORING)}
+            state = advance.state
+            validation = validated.pop(window)
+            evaluation = validation.evaluation
+            losses, _ = honest.pop(window)
+            entry = NetworkWindow(
+                window=window, miner_loss=sum(losses) / max(1, len(losses)), random_loss=evaluation.random_loss,
+                held_out_loss=advance.held_out_loss, scores={u: s.score for u, s in evaluation.scores.items()},
+                reasons={u: s.reason for u, s in evaluation.scores.items() if s.reason},
+                ordinals={u: r.ordinal for u, r in ratings.by_uid.items()},
+                binary_ma={u: r.binary_ma for u, r in ratings.by_uid.items()}, final=ratings.final_scores(),
+                weights=dict(validation.weights or {}), peers=evaluation.peers,
+                compute={uid: KINDS[node.kind].compute_in(window) for uid, node in nodes.items()},
+                refused=result.skipped,
+                seconds=time.perf_counter() - started.pop(window),
+                close_to_next_seconds=time.perf_counter() - closed.pop(window), role_seconds=timings.pop(window),
+                scored=sorted(u for u, s in evaluation.scores.items() if s.losses is not None))
+            report.append(entry)
+            log.info("network window %d: miner loss %.4f, held-out %.4f, peers %s, %.1fs", window, entry.miner_loss,
+                     entry.held_out_loss, entry.peers, entry.seconds)
+            if on_window is not None:
+                on_window(entry)
 
-    limit = gradient_byte_limit({n: tuple(p.shape) for n, p in model.named_parameters()}, hparams)
-    runs = {"watch": watch, "miner": mine, "validator": validate, "aggregator": aggregate}
-    for block in range(windows * bpw + 1):
-        chain.advance_to_block(block)
-        window, offset = divmod(block, bpw)
-        if offset == 0 and window >= 1:
-            act(window - 1, "close")  # too late: the watch of window − 1 stopped looking at its closing block
-        if offset == PUBLIC_OFFSET and window in honest:
-            act(window, "public")
-        for role, planned in schedule.due_runs(window, cursor):
-            if planned < windows:
-                runs[role](planned)
-            cursor = schedule.advanced(cursor, [(role, planned)])
-        if window in watches:
-            watches[window].poll(block)
-    return NetworkReport(roles=dict(sorted(roles.items())), initial_held_out_loss=initial_loss, windows=report)
+        def watch(window: int) -> None:
+            watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
+                                    max_bytes=limit, poll_timeout=SIMULATED_POLL_SECONDS)
+
+        limit = gradient_byte_limit({n: tuple(p.shape) for n, p in model.named_parameters()}, hparams)
+        runs = {"watch": watch, "miner": mine, "validator": validate, "aggregator": aggregate}
+        for block in range(windows * bpw + 1):
+            chain.advance_to_block(block)
+            window, offset = divmod(block, bpw)
+            if offset == 0 and window >= 1:
+                act(window - 1, "close")  # too late: the watch of window − 1 stopped looking at its closing block
+            if offset == PUBLIC_OFFSET and window in honest:
+                act(window, "public")
+            for role, planned in schedule.due_runs(window, cursor):
+                if planned < windows:
+                    runs[role](planned)
+                cursor = schedule.advanced(cursor, [(role, planned)])
+            if window in watches and offset in (0, PUBLIC_OFFSET, bpw - 1):  # after each kind of upload
+                with timed("watch", window):
+                    watches[window].poll(block)
+        return NetworkReport(roles=dict(sorted(roles.items())), initial_held_out_loss=initial_loss, windows=report)
+
+
+def _hostile_endpoints(chain: LocalChain, roles: dict[int, str]) -> list[HostileServer]:
+    """A loopback endpoint for every miner of a kind that commits one, half of them trickling, half silent."""
+    servers = []
+    for index, uid in enumerate(uid for uid, kind in sorted(roles.items()) if KINDS[kind].endpoint):
+        servers.append(HostileServer("silent" if index % 2 else KINDS[roles[uid]].endpoint))
+        chain.as_uid(uid).commit(BucketCommitment(f"s3://grads?endpoint_url={servers[-1].url}").encode())
+    return servers

@@ -1,10 +1,11 @@
 """The JSON files a validator publishes in its gradients bucket.
 
     peers_{window}.json                  {"format": 2, "window": w, "validator": v, "uids": [ascending],
-                                          "sha256": {uid: hex}, "signature": hex}
-                                         the uids whose gradients the network uses for `window`, the sha256 of the
-                                         exact bytes the validator scored for each, and the validator's hotkey
-                                         signature over the rest of the document (`Peers.message()`)
+                                          "reserves": [best first], "sha256": {uid: hex}, "signature": hex}
+                                         the uids whose gradients the network uses for `window`, the next best to fill
+                                         a place one of them leaves, the sha256 of the exact bytes the validator scored
+                                         for each, and the validator's hotkey signature over the rest of the document
+                                         (`Peers.message()`)
     evaluation-{window}-{validator}.json {"format": 1, "window": w, "validator": v, "step": s, "random_loss": x,
                                           "peers": [...], "uids": {uid: {score, indicator, improvement_own,
                                           improvement_random, losses: {own_before, ...} | null, reason}}}
@@ -42,25 +43,26 @@ class Peers:
     sha256: dict[int, str] = field(default_factory=dict)
     signature: str = ""
     format: int = PEERS_FORMAT
+    reserves: list[int] = field(default_factory=list)  # best first: they fill the places listed uids leave
+
+    def _document(self) -> dict:
+        return {"format": self.format, "window": self.window, "validator": self.validator, "uids": sorted(self.uids),
+                "reserves": list(self.reserves), "sha256": {str(u): h for u, h in sorted(self.sha256.items())}}
 
     def message(self) -> bytes:
         """What the validator signs: everything but the signature, as canonical JSON."""
-        return json.dumps({"format": self.format, "window": self.window, "validator": self.validator,
-                           "uids": sorted(self.uids), "sha256": {str(u): h for u, h in sorted(self.sha256.items())}},
-                          sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self._document(), sort_keys=True, separators=(",", ":")).encode()
 
 
 def write_peers(peers: Peers) -> bytes:
-    return json.dumps({"format": peers.format, "window": peers.window, "validator": peers.validator,
-                       "uids": sorted(peers.uids), "sha256": {str(u): h for u, h in sorted(peers.sha256.items())},
-                       "signature": peers.signature}, sort_keys=True).encode()
+    return json.dumps(peers._document() | {"signature": peers.signature}, sort_keys=True).encode()
 
 
 def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: int = MAX_PEERS_BYTES) -> Peers:
     """Parse and validate peers_{window}.json. Raises InvalidFile."""
     raw = _json_object(data, "peers file", max_bytes)
-    expect(set(raw) == {"format", "window", "validator", "uids", "sha256", "signature"},
-           "peers file must have exactly format, window, validator, uids, sha256, signature")
+    expect(set(raw) == {"format", "window", "validator", "uids", "reserves", "sha256", "signature"},
+           "peers file must have exactly format, window, validator, uids, reserves, sha256, signature")
     expect(raw["format"] == PEERS_FORMAT, f"unsupported format {str(raw['format'])[:20]!r}")
     expect(is_int(raw["window"]) and raw["window"] == window,
            f"peers window {str(raw['window'])[:20]!r} does not match {window}")
@@ -68,12 +70,16 @@ def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: in
     uids = raw["uids"]
     expect(isinstance(uids, list) and len(uids) <= max_uids and all(is_int(u) and 0 <= u < max_uids for u in uids)
            and uids == sorted(set(uids)), "uids must be ascending distinct uids")
+    reserves = raw["reserves"]
+    expect(isinstance(reserves, list) and len(reserves) <= max_uids
+           and all(is_int(u) and 0 <= u < max_uids for u in reserves) and len(set(reserves)) == len(reserves)
+           and not set(reserves) & set(uids), "reserves must be distinct uids not already listed")
     hashes = raw["sha256"]
-    expect(isinstance(hashes, dict) and set(hashes) == {str(u) for u in uids}
+    expect(isinstance(hashes, dict) and set(hashes) == {str(u) for u in uids + reserves}
            and all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes.values()),
            "sha256 must give a hex digest for every listed uid")
     expect(isinstance(raw["signature"], str) and _HEX.fullmatch(raw["signature"]) is not None, "signature must be hex")
-    return Peers(window=window, validator=raw["validator"], uids=uids,
+    return Peers(window=window, validator=raw["validator"], uids=uids, reserves=reserves,
                  sha256={int(uid): digest for uid, digest in hashes.items()}, signature=raw["signature"])
 
 
@@ -89,6 +95,7 @@ class EvaluationReport:
     scores: dict[int, Score]  # every uid considered, ascending
     random_pages: list[int] = field(default_factory=list)  # which: random_pages(seed of the closing block's hash)
     seed_block: int = -1  # the block whose hash seeded them (anyone can recompute the pages afterwards)
+    unsampled: list[int] = field(default_factory=list)  # seen but not scored this window (roles/validator.py)
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -99,7 +106,8 @@ def write_evaluation(report: EvaluationReport) -> bytes:
         rows[str(uid)] = row
     return json.dumps({"format": EVALUATION_FORMAT, "window": report.window, "validator": report.validator,
                        "step": report.step, "random_loss": report.random_loss, "peers": report.peers, "uids": rows,
-                       "random_pages": report.random_pages, "seed_block": report.seed_block},
+                       "random_pages": report.random_pages, "seed_block": report.seed_block,
+                       "unsampled": report.unsampled},
                       sort_keys=True, indent=1).encode()
 
 
@@ -112,13 +120,14 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
     raw = _json_object(data, "evaluation file", max_bytes)
     expect(set(raw) == {"format", "window", "validator", "step", "random_loss", "peers", "uids", "random_pages",
-                        "seed_block"}, "evaluation file has the wrong fields")
+                        "seed_block", "unsampled"}, "evaluation file has the wrong fields")
     expect(raw["format"] == EVALUATION_FORMAT and raw["window"] == window and raw["validator"] == validator,
            "evaluation file is for another window or validator")
     expect(is_int(raw["step"]) and raw["step"] >= 0 and _is_number(raw["random_loss"]), "step or random loss malformed")
     expect(isinstance(raw["peers"], list) and all(is_int(uid) for uid in raw["peers"]), "peers must be uids")
     expect(isinstance(raw["random_pages"], list) and all(is_int(page) for page in raw["random_pages"])
            and is_int(raw["seed_block"]), "random pages or seed block malformed")
+    expect(isinstance(raw["unsampled"], list) and all(is_int(uid) for uid in raw["unsampled"]), "unsampled malformed")
     expect(isinstance(raw["uids"], dict), "uids must be an object")
     scores = {}
     for key, row in raw["uids"].items():
@@ -137,7 +146,8 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                                  improvement_own=row["improvement_own"], improvement_random=row["improvement_random"],
                                  losses=_losses(losses), reason=row["reason"])
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
-                            dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"])
+                            dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
+                            list(raw["unsampled"]))
 
 
 def _losses(raw: dict | None) -> Losses | None:

@@ -3,6 +3,7 @@
 The templar header of both formats:
 
     {"format": f, "kind": "gradient", "window": w, "uid": u, "hparams_hash": "...", "model_hash": "...",
+     "probes": [θ values at checkpoints.probe_positions(w)],
      "params": {name: {"shape": [R, C], "chunk": [r, c], ...}, ...}}
 
 Format 1, rows (`GradientFormat.ROWS`): per parameter `name`
@@ -60,6 +61,7 @@ class Gradient:
     model_hash: str = ""  # fingerprint of the θ_window the miner trained on (checkpoints.model_fingerprint)
     format: int = HParams.gradient_format
     values: str = HParams.gradient_value_dtype
+    probes: tuple[float, ...] = ()  # that θ's values at the window's probe positions (how far behind it is)
     scales: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,11 +73,11 @@ class Gradient:
             raise ValueError(f"{self.values} values need gradient format {int(GradientFormat.RICE)}")
 
     @classmethod
-    def of(cls, window: int, uid: int, tensors: dict[str, Sparse], hparams: HParams, model_hash: str = ""
-           ) -> Gradient:
+    def of(cls, window: int, uid: int, tensors: dict[str, Sparse], hparams: HParams, model_hash: str = "",
+           probes: tuple[float, ...] = ()) -> Gradient:
         """A gradient in the wire format and value encoding `hparams` prescribe."""
         return cls(window, uid, tensors, hparams.protocol_hash(), model_hash, hparams.gradient_format,
-                   hparams.gradient_value_dtype)
+                   hparams.gradient_value_dtype, probes=tuple(probes))
 
     def with_tensors(self, tensors: dict[str, Sparse], **changes) -> Gradient:
         """The same file with other coefficients (and any other field changed)."""
@@ -83,6 +85,7 @@ class Gradient:
 
 
 GRADIENT_HEADER_BYTES = 1 << 20  # a gradient's JSON header: a few kB for the 1b preset
+MAX_PROBES = 64
 
 
 def max_gradient_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk: int, topk: int) -> int:
@@ -117,7 +120,8 @@ def write_gradient(gradient: Gradient) -> bytes:
     else:
         tensors, params = _rows_tensors(gradient)
     header = {"format": int(gradient.format), "kind": "gradient", "window": gradient.window, "uid": gradient.uid,
-              "hparams_hash": gradient.hparams_hash, "model_hash": gradient.model_hash, "params": params}
+              "hparams_hash": gradient.hparams_hash, "model_hash": gradient.model_hash,
+              "probes": [float(value) for value in gradient.probes], "params": params}
     return save_templar_file(tensors, header)
 
 
@@ -181,13 +185,17 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
                f"hparams hash {header['hparams_hash'][:32]!r} differs from ours {hparams_hash!r}")
     model_hash = header.get("model_hash", "")
     expect(isinstance(model_hash, str) and len(model_hash) <= 64, "model_hash must be a short string")
+    probes = header.get("probes", [])
+    expect(isinstance(probes, list) and len(probes) <= MAX_PROBES
+           and all(isinstance(v, float) and math.isfinite(v) for v in probes), "probes must be a few finite numbers")
     params = header.get("params")
     expect(isinstance(params, dict), "params must be an object")
     expect(set(params) == set(shapes), set_difference("parameters", set(params), set(shapes)))
     read = _read_rice if header["format"] == GradientFormat.RICE else _read_rows
     tensors, values, scales = read(data, entries, params, shapes, topk, target_chunk)
     return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"],
-                    model_hash=model_hash, format=header["format"], values=values, scales=scales)
+                    model_hash=model_hash, format=header["format"], values=values, scales=scales,
+                    probes=tuple(probes))
 
 
 def _read_rows(data: bytes, entries: dict[str, dict], params: dict, shapes: Mapping[str, tuple[int, ...]],

@@ -40,9 +40,11 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     window, dataset = partition_window(context), buckets.dataset()
     validator_chain = chain.open_as(node.validator(chain.open()))
     model, state = node.model_at(window, dataset)
+    store = node.store()
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
                                  watch=node.watch(window, validator_chain), own_bucket=buckets.gradients(),
-                                 hparams=hparams.load(), options=EvaluationOptions())
+                                 hparams=hparams.load(), ratings=store.load_ratings(window - 1),
+                                 history=store.parameters_at, options=EvaluationOptions())
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation))
 

@@ -103,9 +103,13 @@ def test_peers_list_round_trip_and_validation(tmp_path):
     publish_peers(bucket, Peers(window=3, validator=0, uids=[5, 1, 2], sha256=digests, signature="ab" * 64))
     assert fetch_peers(bucket, 3) == Peers(window=3, validator=0, uids=[1, 2, 5], sha256=digests,
                                            signature="ab" * 64)
-    valid = {"format": 2, "window": 3, "validator": 0, "uids": [1], "sha256": {"1": "0" * 64}, "signature": "ab"}
+    valid = {"format": 2, "window": 3, "validator": 0, "uids": [1], "reserves": [4], "signature": "ab",
+             "sha256": {"1": "0" * 64, "4": "1" * 64}}
+    bucket.put(peers_key(3), json.dumps(valid).encode())
+    assert fetch_peers(bucket, 3).reserves == [4]  # the document every change below breaks
     for change in ({"uids": [2, 2]}, {"window": 4}, {"uids": [-1]}, {"format": 1}, {"sha256": {}},
-                   {"sha256": {"1": "xyz"}}, {"signature": "not hex"}, {"signature": ""}):
+                   {"sha256": {"1": "xyz", "4": "1" * 64}}, {"signature": "not hex"}, {"signature": ""},
+                   {"reserves": [1]}, {"reserves": [4, 4]}, {"sha256": {"1": "0" * 64}}):
         bucket.put(peers_key(3), json.dumps(valid | change).encode())
         with pytest.raises(InvalidFile):
             fetch_peers(bucket, 3)

@@ -41,9 +41,10 @@ def network(tmp_path):
     return chain, validator, miners, bucket, files, state, LocalBucket(tmp_path / "aggregator")
 
 
-def publish(chain, signer: int, bucket, uids, files, validator=None) -> None:
+def publish(chain, signer: int, bucket, uids, files, validator=None, reserves=()) -> None:
     peers = Peers(WINDOW, signer if validator is None else validator, uids,
-                  {uid: hashlib.sha256(files[uid]).hexdigest() for uid in uids})
+                  {uid: hashlib.sha256(files[uid]).hexdigest() for uid in [*uids, *reserves]},
+                  reserves=list(reserves))
     publish_peers(bucket, dataclasses.replace(peers, signature=chain.as_uid(signer).sign(peers.message())))
 
 
@@ -78,6 +79,16 @@ def test_only_the_scored_bytes_are_combined_and_a_swap_is_named(network):
     assert result.skipped[miners[2]].startswith("missing")
     published = read_aggregation(aggregator.get(result.key), window=WINDOW, shapes=SHAPES)
     assert published.peers == [miners[0]] and published.refused == result.skipped
+
+
+def test_a_reserve_fills_the_place_a_listed_uid_left(network):
+    chain, validator, miners, bucket, files, state, aggregator = network
+    publish(chain, validator, bucket, miners[:2], files, reserves=[miners[2]])
+    swapped = Gradient(WINDOW, miners[1], {n: encode(torch.ones(s), 32, 64) for n, s in SHAPES.items()},
+                       HPARAMS.protocol_hash(), format=1, values="float32")
+    bucket.put(gradient_key(WINDOW, miners[1]), write_gradient(swapped))  # changed after it was scored
+    result = aggregate(chain, bucket, state, aggregator)
+    assert result.peers == [miners[0], miners[2]] and result.skipped[miners[1]].startswith(CHANGED_AFTER_SCORING)
 
 
 def test_random_pages_follow_the_closing_block_nobody_knew(tmp_path):

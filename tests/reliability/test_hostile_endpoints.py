@@ -19,7 +19,7 @@ from templar_lib.hparams import HParams
 from templar_lib.transport import Guard, Limits, address_refusal
 from templar_lib.wire import Gradient, gradient_key, write_gradient
 from tests.conftest import ROOT
-from tests.hostile import HostileServer
+from templar_lib.simulate.endpoints import HostileServer
 
 SHAPES = {"w": (64, 128), "b": (60,)}
 HPARAMS = HParams()

@@ -1,4 +1,5 @@
-"""Hostile HTTP endpoints on loopback, for the tests of what strangers' buckets can do to a validator.
+"""Hostile HTTP endpoints on loopback: what a stranger's bucket endpoint can do to a validator, for the simulator's
+`slow_endpoint` miners and the tests.
 
     silent    accepts the connection and never answers (a HEAD or GET that hangs)
     trickle   answers the headers of a large object, then sends its body at one byte a second
