@@ -1,10 +1,14 @@
-"""Asset checks of the newest published checkpoint: one audit (templar_lib.audit), three verdicts."""
+"""Asset checks of the newest published checkpoint: one audit (templar_lib.audit), three verdicts.
+
+A check that could not be evaluated (the checkpoint does not load, or there is no earlier checkpoint to replay from)
+is reported as not passed, with `status: skipped` and the reason in its metadata: never as passed.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from templar_lib.audit import Audit, audit_checkpoint
+from templar_lib.audit import CHECKS, HELD_OUT_LOSS, MATCHES_MANIFEST, SKIPPED, Audit, Verdict, audit_checkpoint
 from templar_pipelines.assets.aggregator import published_checkpoint
 from templar_pipelines.resources import BucketsResource, HParamsResource, TrainingResource
 
@@ -20,23 +24,27 @@ def run_audit(buckets: BucketsResource, hparams: HParamsResource, training: Trai
                             dataset=dataset, window=window, max_regression=MAX_HELD_OUT_REGRESSION)
 
 
-def _metadata(audit: Audit) -> dict:
-    return {"window": audit.window if audit.window is not None else -1, "sha256": audit.sha256,
-            "reason": "; ".join(audit.reasons) or "ok",
-            "held_out_loss": audit.held_out_loss if audit.held_out_loss is not None else float("nan")}
+def check_result(audit: Audit, verdict: Verdict) -> dg.AssetCheckResult:
+    """One verdict as a check result: passed only when passed; skipped and the advisory loss check at WARN."""
+    advisory = verdict.status == SKIPPED or verdict.name == HELD_OUT_LOSS
+    numbers = {"window": audit.window, "previous_window": audit.previous_window,
+               "held_out_loss": audit.held_out_loss, "previous_held_out_loss": audit.previous_held_out_loss}
+    metadata = {"status": verdict.status, "reason": verdict.reason, "sha256": audit.sha256,
+                **{key: value for key, value in numbers.items() if value is not None}}
+    return dg.AssetCheckResult(check_name=verdict.name, passed=verdict.passed, metadata=metadata,
+                               description=f"{verdict.status}: {verdict.reason}",
+                               severity=dg.AssetCheckSeverity.WARN if advisory else dg.AssetCheckSeverity.ERROR)
 
 
 @dg.multi_asset_check(
-    specs=[dg.AssetCheckSpec("checkpoint_matches_manifest", asset=published_checkpoint, blocking=True),
-           dg.AssetCheckSpec("checkpoint_replays_from_previous", asset=published_checkpoint),
-           dg.AssetCheckSpec("held_out_loss_within_threshold", asset=published_checkpoint)])
+    specs=[dg.AssetCheckSpec(name, asset=published_checkpoint, description=description,
+                             blocking=name == MATCHES_MANIFEST)  # nothing downstream may consume a broken one
+           for name, description in CHECKS.items()],
+    description="The checkpoint audit (templar_lib.audit): the newest published checkpoint loads, replays from the "
+                "previous one, and its held-out loss did not regress.")
 def checkpoint_audit(buckets: BucketsResource, hparams: HParamsResource, training: TrainingResource):
     """Loads and sha256 matches the manifest; replay from the previous checkpoint reproduces it; held-out loss
-    did not regress more than MAX_HELD_OUT_REGRESSION."""
+    did not regress more than MAX_HELD_OUT_REGRESSION. Unevaluated checks are not passed."""
     audit = run_audit(buckets, hparams, training)
-    metadata = _metadata(audit)
-    yield dg.AssetCheckResult(check_name="checkpoint_matches_manifest", passed=audit.loads, metadata=metadata)
-    yield dg.AssetCheckResult(check_name="checkpoint_replays_from_previous", passed=audit.replay_matches is not False,
-                              metadata=metadata)
-    yield dg.AssetCheckResult(check_name="held_out_loss_within_threshold", passed=audit.regression_ok is not False,
-                              metadata=metadata, severity=dg.AssetCheckSeverity.WARN)
+    for verdict in audit.verdicts:
+        yield check_result(audit, verdict)

@@ -7,7 +7,10 @@
     templar node [--jobs miner_job,…] [--until-window W]
                                                    a resident node: follow the chain and run this node's role jobs
                                                    in this process (no process start-up per window; GPU nodes)
-    templar audit [--window W]                     audit the newest (or given) published checkpoint
+    templar audit [--window W]                     audit the newest (or given) published checkpoint: every check
+                                                   with its verdict and reason; exit 0 only when all passed
+    templar chain status                           the local chain: block, window, clock mode, registered uids
+    templar chain advance --blocks N | --windows N move the local chain's manual clock (the sensor follows it)
     templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
                                                    the training core in-process (honest miners, no chain)
     templar simulate --miners N --windows W [--adversaries KIND:COUNT,...] [--seed S] [--json FILE]
@@ -166,17 +169,82 @@ def node(home: Path, *, jobs: list[str], until_window: int | None, poll_seconds:
 
 
 def audit(home: Path, *, window: int | None) -> None:
-    """The same audit as the checkpoint_audit checks, of the deployment the environment configures."""
+    """The same audit as the checkpoint_audit checks (checks.run_audit), of the deployment the environment configures:
+    every check with its verdict and reason; exit 0 only when all of them passed."""
     from templar_pipelines.checks import run_audit
     from templar_pipelines.resources import resources_from_env
 
     resources = resources_from_env({**os.environ, "TEMPLAR_HOME": str(home)})
     result = run_audit(resources["buckets"], resources["hparams"], resources["training"], window=window)
-    print(f"checkpoint-{result.window}: loads {result.loads}, replay matches {result.replay_matches}, "
-          f"held-out loss {result.held_out_loss} (previous {result.previous_held_out_loss}), sha256 {result.sha256}")
-    for reason in result.reasons:
-        print(f"  - {reason}")
-    sys.exit(0 if result.passed else 1)
+    audited = f"checkpoint-{result.window}" if result.window is not None else "no checkpoint"
+    print(f"audit of {audited} in {resources['buckets'].aggregator_url}"
+          + (f" against checkpoint-{result.previous_window}" if result.previous_window is not None else "")
+          + (f" (θ sha256 {result.sha256})" if result.sha256 else ""))
+    for verdict in result.verdicts:
+        print(f"  {verdict.status.upper():<7} {verdict.name:<33} {verdict.reason}")
+    failing = [verdict for verdict in result.verdicts if not verdict.passed]
+    print(f"{len(result.verdicts) - len(failing)} of {len(result.verdicts)} checks passed"
+          + (f"; not passed: {', '.join(v.name for v in failing)}" if failing else ""))
+    sys.exit(1 if failing else 0)
+
+
+def open_local_chain(home: Path):
+    """The deployment's chain if it is the embedded LocalChain with a file already there; exits with the reason
+    otherwise (a real chain's clock is nobody's to move, and opening a missing file would create an empty chain)."""
+    from urllib.parse import unquote, urlparse
+
+    from templar_pipelines.resources import resources_from_env
+
+    resource = resources_from_env({**os.environ, "TEMPLAR_HOME": str(home)})["chain"]
+    if not resource.is_local:
+        sys.exit(f"templar chain: {resource.url} is not a local chain: only the embedded LocalChain (local://…) has "
+                 f"a clock to read and move here")
+    path = Path(unquote(urlparse(resource.url).path))
+    if not path.exists():
+        sys.exit(f"templar chain: no local chain at {path}: run `templar init` first")
+    return resource.open()
+
+
+def chain_status(home: Path) -> None:
+    """Block, window, blocks per window, clock mode and registered uids of the local chain."""
+    chain = open_local_chain(home)
+    neurons = chain.metagraph().neurons
+    uids = ", ".join(f"{n.uid} (validator)" if n.validator_permit else str(n.uid) for n in neurons) or "none"
+    clock = "manual (moves on `templar chain advance` or `templar local-network`)" if chain.manual else \
+        "wall (follows real time)"
+    print(f"chain: {chain.path}\nblock: {chain.block()}\nwindow: {chain.window()}\n"
+          f"blocks per window: {chain.blocks_per_window}\nclock: {clock}\nuids: {uids}")
+
+
+def chain_advance(home: Path, *, blocks: int | None, windows: int | None) -> None:
+    """Move the local chain's manual clock forward `blocks` blocks, or to the first block `windows` windows on."""
+    chain = open_local_chain(home)
+    if not chain.manual:
+        sys.exit(f"templar chain advance: {chain.path} has a wall clock (blocks follow real time): nothing to move")
+    if (blocks if blocks is not None else windows) < 1:
+        sys.exit("templar chain advance: the clock only moves forward (give a count of at least 1)")
+    before, window = chain.block(), chain.window()
+    after = chain.advance(blocks) if blocks is not None else \
+        chain.advance_to_block((window + windows) * chain.blocks_per_window)
+    now = chain.window()
+    print(f"block {before} -> {after}, window {window} -> {now}")
+    if now > window:  # what the (started) sensor makes of it: `make ui` -> Automation -> new_block_sensor
+        print(f"new_block_sensor (when started) opens window {now}'s partition and requests the runs now due on "
+              f"its next tick: window {now - 1}'s validator and aggregator, window {now}'s watch and miners")
+    else:
+        print(f"window {now} stays open until block {(now + 1) * chain.blocks_per_window}")
+
+
+def add_chain_parser(commands) -> None:
+    """`templar chain status | advance --blocks N | --windows N`: the embedded LocalChain's manual clock."""
+    chain_parser = commands.add_parser("chain", help="the local chain: its block and uids, and its manual clock")
+    chain_commands = chain_parser.add_subparsers(dest="chain_command", required=True)
+    chain_commands.add_parser("status", help="block, window, blocks per window, clock mode, registered uids")
+    advance_parser = chain_commands.add_parser("advance", help="move the manual clock forward (the sensor then "
+                                                               "opens the new windows)")
+    step = advance_parser.add_mutually_exclusive_group(required=True)
+    step.add_argument("--blocks", type=int, help="blocks to move forward")
+    step.add_argument("--windows", type=int, help="windows to move forward (to the first block of the window)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                              help="comma-separated role jobs this node runs")
     node_parser.add_argument("--until-window", type=int, default=None, help="stop after this window (default: never)")
     node_parser.add_argument("--poll", type=float, default=2.0, help="seconds between chain polls when idle")
-    audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint")
-    audit_parser.add_argument("--window", type=int, default=None)
+    audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint (exit 1 unless every "
+                                                     "check passed)")
+    audit_parser.add_argument("--window", type=int, default=None, help="audit this checkpoint (default: the newest)")
+    add_chain_parser(commands)
     train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
     train_parser.add_argument("--miners", type=int, default=4)
     train_parser.add_argument("--windows", type=int, default=10)
@@ -235,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
              poll_seconds=args.poll)
     elif args.command == "audit":
         audit(home, window=args.window)
+    elif args.command == "chain" and args.chain_command == "status":
+        chain_status(home)
+    elif args.command == "chain":
+        chain_advance(home, blocks=args.blocks, windows=args.windows)
     elif args.command == "train":
         train(home, hparams=hparams, miners=args.miners, windows=args.windows, mode=args.mode, json_path=args.json)
     elif args.command == "simulate":
