@@ -1,0 +1,346 @@
+"""SparseLoCo against Templar's own outputs (tests/data/sparseloco, one-covenant/templar 142666f0): chunk sides, one
+parameter's round trip, three peers over two rounds with error feedback carried, the median-norm-clipped combine and
+the outer SGD step; then the shapes Templar cannot handle, and the wire format (byte-identical round trip, validation,
+fuzzing, bytes per kept value on the tiny preset).
+
+Selections are compared as sets of flat positions (top-k order is implementation-defined), dense results with
+torch.testing.assert_close at float32 tolerance.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load, load_file
+
+from templar_lib.compression import chunk_side
+from templar_lib.model import build_model
+from templar_lib.sparseloco import (SparseDelta, clip_factors, combine_deltas, decode_delta, encode_delta,
+                                    flat_positions, keep_count, layout, outer_step)
+from templar_lib.wire.container import InvalidFile, save_templar_file
+from templar_lib.wire.sparse import (SparseGradient, max_sparse_gradient_bytes, pack_codes, read_sparse_gradient,
+                                     unpack_codes, write_sparse_gradient)
+
+DATA = Path(__file__).parents[1] / "data" / "sparseloco"
+META = json.loads((DATA / "vectors.json").read_text())
+HP = META["hparams"]
+PARAMS = META["params"]
+RT_NAMES = [name for name in PARAMS if name not in META["no_rt"]]
+ROUNDS = range(META["n_rounds"])
+PEERS = range(META["n_peers"])
+SETTINGS = dict(decay=HP["momentum_decay"], topk=HP["topk_compression"], target_chunk=HP["target_chunk"],
+                bins=HP["quantization_bins"], sigmas=float(HP["quantization_range"]))
+
+
+@pytest.fixture(scope="module")
+def vectors() -> dict[str, torch.Tensor]:
+    return load_file(DATA / "vectors.safetensors")
+
+
+def encode(delta: torch.Tensor, error: torch.Tensor | None = None) -> tuple[SparseDelta, torch.Tensor]:
+    return encode_delta(delta, error, **SETTINGS)
+
+
+def check_record(vectors: dict, prefix: str, name: str, sent: SparseDelta, error_after: torch.Tensor) -> None:
+    """One ef_compress record of Templar's against ours: selection, codes, shift, table, transmitted, e_after."""
+    positions = flat_positions(sent).reshape(-1)
+    order = positions.argsort()
+    sel = vectors[f"{prefix}/sel"].long()
+    dense = decode_delta(sent).reshape(-1)
+    assert (sent.chunk, sent.k) == (tuple(PARAMS[name]["chunk"]), PARAMS[name]["k"])
+    if PARAMS[name]["zero"]:  # every |value| ties: any k positions per chunk, all sent as exactly 0
+        assert torch.equal(dense, torch.zeros_like(dense)) and torch.equal(error_after, torch.zeros_like(error_after))
+        assert sorted(sent.codes.reshape(-1).tolist()) == sorted(vectors[f"{prefix}/q_sel"].tolist())
+    else:
+        assert torch.equal(positions[order], sel)
+        assert torch.equal(sent.codes.reshape(-1)[order], vectors[f"{prefix}/q_sel"])
+        torch.testing.assert_close(dense[sel], vectors[f"{prefix}/transmit_sel"])
+        unchosen = torch.ones_like(dense, dtype=torch.bool).index_fill_(0, sel, False)
+        assert torch.equal(dense[unchosen], torch.zeros_like(dense[unchosen]))
+    torch.testing.assert_close(sent.shift, float(vectors[f"{prefix}/shift"]), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(sent.table, vectors[f"{prefix}/lookup"])
+    torch.testing.assert_close(error_after, vectors[f"{prefix}/e_after"])
+
+
+def record_delta(vectors: dict, prefix: str, name: str) -> SparseDelta:
+    """Templar's own compressed record as a SparseDelta (its selection and codes, in its order)."""
+    meta = PARAMS[name]
+    n_chunks, k = meta["n_chunks"], meta["k"]
+    return SparseDelta(shape=tuple(meta["shape"]), chunk=tuple(meta["chunk"]),
+                       idx=vectors[f"{prefix}/idx"].long().reshape(n_chunks, k),
+                       codes=vectors[f"{prefix}/vals_q"].reshape(n_chunks, k),
+                       shift=float(vectors[f"{prefix}/shift"]), table=vectors[f"{prefix}/lookup"])
+
+
+def dense_of(vectors: dict, prefix: str, shape: list[int]) -> torch.Tensor:
+    dense = torch.zeros(math.prod(shape))
+    dense[vectors[f"{prefix}/sel"].long()] = vectors[f"{prefix}/vals"]
+    return dense.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- conformance
+def test_chunk_side_matches_templar_split_for_every_size(vectors):
+    sizes = vectors["split/n"].tolist()
+    assert [chunk_side(n, HP["target_chunk"]) for n in sizes] == vectors["split/chunk"].tolist()
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_layout_and_k_match_templar(name):
+    _, chunk = layout(PARAMS[name]["shape"], HP["target_chunk"])
+    assert chunk == tuple(PARAMS[name]["chunk"])
+    assert keep_count(math.prod(chunk), HP["topk_compression"]) == PARAMS[name]["k"]
+
+
+@pytest.mark.parametrize("name", RT_NAMES)
+def test_round_trip_matches_templar(vectors, name):
+    sent, error_after = encode(vectors[f"rt/{name}/delta"], vectors[f"rt/{name}/e_before"])
+    check_record(vectors, f"rt/{name}", name, sent, error_after)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_three_peers_over_two_rounds_match_templar(vectors, name):
+    errors = [None] * len(PEERS)  # error feedback starts at zero and is carried from round to round
+    for t in ROUNDS:
+        for k in PEERS:
+            prefix = f"r{t}/peer{k}/{name}"
+            sent, errors[k] = encode(vectors[f"{prefix}/delta"], errors[k])
+            check_record(vectors, prefix, name, sent, errors[k])
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("group, peers", [("combine", list(PEERS)), ("combine_pair02", META["pair"])])
+def test_combine_matches_templar(vectors, name, group, peers):
+    for t in ROUNDS:
+        sent = [record_delta(vectors, f"r{t}/peer{k}/{name}", name) for k in peers]
+        prefix = f"r{t}/{group}/{name}"
+        clipping = clip_factors(sent)
+        torch.testing.assert_close(clipping.norms, vectors[f"{prefix}/norms"])
+        torch.testing.assert_close(clipping.median.reshape(1), vectors[f"{prefix}/median"])
+        torch.testing.assert_close(clipping.factors, vectors[f"{prefix}/clip"])
+        torch.testing.assert_close(combine_deltas(sent), dense_of(vectors, prefix, PARAMS[name]["shape"]))
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_outer_step_from_our_own_peers_matches_templar(vectors, name):
+    """End to end: our encodings of the peers' deltas, combined, then θ ← θ − 0.4·update, round after round."""
+    errors = [None] * len(PEERS)
+    theta = vectors[f"r0/theta/{name}"]
+    for t in ROUNDS:
+        sent = []
+        for k in PEERS:
+            delta, errors[k] = encode(vectors[f"r{t}/peer{k}/{name}/delta"], errors[k])
+            sent.append(delta)
+        theta = outer_step(theta, combine_deltas(sent), lr=HP["outer_learning_rate"])
+        torch.testing.assert_close(theta, vectors[f"r{t}/p_next/{name}"])
+
+
+@pytest.mark.parametrize("name", META["pg_params"])
+def test_pseudo_gradient_is_start_minus_after(vectors, name):
+    prefix = f"pg/{name}"
+    assert torch.equal(vectors[f"{prefix}/theta_start"] - vectors[f"{prefix}/theta_after"], vectors[f"{prefix}/delta"])
+
+
+# ---------------------------------------------------------------------------------------------------- beyond Templar
+UNSUPPORTED_CHUNKS = {"prime.bias": (97,), "prime2d.weight": (67, 71), "conv.weight": (4, 64)}
+
+
+@pytest.mark.parametrize("name", META["unsupported"])
+def test_shapes_templar_cannot_chunk_are_sent_sensibly(name):
+    shape = tuple(META["unsupported"][name]["shape"])
+    generator = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(shape, generator=generator) for _ in range(3)]
+    sent = [encode(delta) for delta in deltas]
+    first, error_after = sent[0]
+    assert first.chunk == UNSUPPORTED_CHUNKS[name] and first.k == 64
+    assert decode_delta(first).shape == shape and error_after.shape == shape
+    torch.testing.assert_close(error_after + decode_delta(first), deltas[0])  # e_after = e − transmitted
+    kept = flat_positions(first).reshape(-1)
+    assert kept.unique().numel() == first.n_chunks * 64
+    if first.n_chunks == 1:  # one chunk, the whole tensor: its 64 largest |values|
+        assert deltas[0].reshape(-1).abs()[kept].min() >= deltas[0].reshape(-1).abs().sort().values[-64]
+    assert combine_deltas([s for s, _ in sent]).shape == shape
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_a_single_value_is_sent_exactly(shape):
+    delta = torch.full(shape, -0.25)
+    sent, error_after = encode(delta)
+    assert sent.k == 1
+    assert torch.equal(decode_delta(sent), delta) and torch.equal(error_after, torch.zeros(shape))
+
+
+def test_empty_and_non_finite_tensors_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        encode(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="finite"):
+        encode(torch.tensor([1.0, float("nan"), 2.0]))
+
+
+def test_all_zero_tensor_and_its_combine_are_zero_without_nan():
+    sent, error_after = encode(torch.zeros(32, 64), torch.zeros(32, 64))
+    assert torch.isfinite(sent.table).all() and math.isfinite(sent.shift)
+    assert torch.equal(decode_delta(sent), torch.zeros(32, 64)) and torch.equal(error_after, torch.zeros(32, 64))
+    assert torch.equal(combine_deltas([sent, sent]), torch.zeros(32, 64))
+
+
+def test_ties_go_to_the_lower_positions_and_no_error_means_zeros():
+    sent, _ = encode(torch.ones(8, 128))  # chunk (8, 64): each chunk keeps its first 64 positions
+    assert torch.equal(sent.idx, torch.arange(64).expand(2, 64))
+    delta = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
+    plain, with_zeros = encode(delta), encode(delta, torch.zeros(96, 64))
+    assert torch.equal(plain[0].idx, with_zeros[0].idx) and torch.equal(plain[1], with_zeros[1])
+
+
+def test_a_peer_whose_norm_overflows_is_dropped_not_nan():
+    honest, _ = encode(torch.randn(96, 64, generator=torch.Generator().manual_seed(3)))
+    huge = SparseDelta(honest.shape, honest.chunk, honest.idx, honest.codes, 0.0, torch.full((4,), 3e38))
+    for peers in ([honest, huge], [huge, huge, honest]):  # the median is finite, then inf
+        update = combine_deltas(peers)
+        assert torch.isfinite(update).all()
+        assert clip_factors(peers).factors.tolist()[peers.index(huge)] == 0.0
+
+
+def test_peers_of_different_shapes_are_refused():
+    a, _ = encode(torch.ones(96, 64))
+    b, _ = encode(torch.ones(64, 96))
+    with pytest.raises(ValueError, match="disagree"):
+        combine_deltas([a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        combine_deltas([])
+
+
+@pytest.mark.parametrize("bins", [2, 3, 4, 16, 256])
+def test_codes_pack_and_unpack(bins):
+    codes = torch.randint(0, bins, (7, 9), generator=torch.Generator().manual_seed(bins), dtype=torch.int64)
+    packed = pack_codes(codes.to(torch.uint8), bins)
+    assert packed.numel() == math.ceil(63 * {2: 1, 3: 2, 4: 2, 16: 4, 256: 8}[bins] / 8)
+    assert torch.equal(unpack_codes(packed, 63, bins).long(), codes.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------------- wire format
+WIRE_SHAPES = {"rows96.weight": (96, 64), "odd70.bias": (70,), "tiny_odd.weight": (7, 9), "prime.bias": (97,),
+               "conv.weight": (4, 8, 16), "zero.weight": (32, 64), "scalar": ()}
+
+
+def wire_gradient(seed: int = 0, **settings) -> SparseGradient:
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {name: torch.randn(shape, generator=generator) for name, shape in WIRE_SHAPES.items()}
+    deltas["zero.weight"].zero_()
+    tensors = {name: encode_delta(delta, None, **(SETTINGS | settings))[0] for name, delta in deltas.items()}
+    return SparseGradient(window=12, uid=3, tensors=tensors, hparams_hash="h", model_hash="m" * 32, probes=(0.5, -1.0))
+
+
+def read_wire(data: bytes, **options) -> SparseGradient:
+    arguments = dict(window=12, uid=3, shapes=WIRE_SHAPES, topk=HP["topk_compression"],
+                     target_chunk=HP["target_chunk"], hparams_hash="h",
+                     max_bytes=max_sparse_gradient_bytes(WIRE_SHAPES, topk=64, target_chunk=64))
+    return read_sparse_gradient(data, **(arguments | options))
+
+
+def test_wire_round_trip_is_byte_identical_and_decodes_to_what_was_sent():
+    sent = wire_gradient()
+    data = write_sparse_gradient(sent)
+    back = read_wire(data)
+    assert write_sparse_gradient(back) == data and write_sparse_gradient(wire_gradient()) == data
+    assert (back.model_hash, back.probes) == ("m" * 32, (0.5, -1.0))
+    for name, delta in sent.tensors.items():
+        assert torch.equal(decode_delta(back.tensors[name]), decode_delta(delta))
+        assert back.tensors[name].shift == delta.shift
+
+
+def test_wire_carries_other_bin_counts():
+    data = write_sparse_gradient(wire_gradient(bins=16))
+    assert write_sparse_gradient(read_wire(data, bins=16)) == data
+    with pytest.raises(InvalidFile, match="bins"):
+        read_wire(data)
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(window=13), "window"), (dict(uid=4), "uid"), (dict(hparams_hash="other"), "hparams hash"),
+    (dict(topk=32), "values per chunk"), (dict(target_chunk=32), "chunk"), (dict(max_bytes=100), "exceeds"),
+    (dict(shapes=WIRE_SHAPES | {"rows96.weight": (64, 96)}), "shape"),
+    (dict(shapes={n: s for n, s in WIRE_SHAPES.items() if n != "scalar"}), "parameters differ"),
+])
+def test_wire_refuses_a_file_for_another_model_window_or_peer(options, reason):
+    with pytest.raises(InvalidFile, match=reason):
+        read_wire(write_sparse_gradient(wire_gradient()), **options)
+
+
+def tampered(part: str, change) -> bytes:
+    """A structurally valid file (safetensors, header) with one tensor of rows96.weight replaced by change(tensor)."""
+    data = write_sparse_gradient(wire_gradient())
+    tensors = load(data)
+    tensors[f"rows96.weight.{part}"] = change(tensors[f"rows96.weight.{part}"].clone())
+    header = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["templar"])
+    return save_templar_file(tensors, header)
+
+
+@pytest.mark.parametrize("part, change, reason", [
+    ("quant", lambda q: q.index_fill_(0, torch.tensor([2]), float("nan")), "non-finite"),
+    ("quant", lambda q: q.index_fill_(0, torch.tensor([0]), float("inf")), "non-finite"),
+    ("quant", lambda q: q.fill_(3e38), "non-finite"),  # each finite, table + shift overflows
+    ("bits", lambda b: torch.cat([b, torch.zeros(1, dtype=torch.uint8)]), "trailing"),
+    ("bits", lambda b: b[:-1], "ends early|wrong length|mismatch"),
+    ("bits", lambda b: b.index_fill_(0, torch.tensor([b.numel() - 8]), 255), "index|stream|trailing"),
+])
+def test_wire_refuses_bad_content_with_a_reason(part, change, reason):
+    with pytest.raises(InvalidFile, match=reason):
+        read_wire(tampered(part, change))
+
+
+def test_wire_refuses_nonzero_code_padding():
+    generator = torch.Generator().manual_seed(0)
+    sent, _ = encode(torch.randn(7, 9, generator=generator))  # 62 codes: 2 unused bit pairs in the last byte
+    shapes = {"w": (7, 9)}
+    data = write_sparse_gradient(SparseGradient(1, 2, {"w": sent}))
+    tensors = load(data)
+    tensors["w.bits"][15] |= 0b11000000
+    header = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["templar"])
+    with pytest.raises(InvalidFile, match="padding"):
+        read_sparse_gradient(save_templar_file(tensors, header), window=1, uid=2, shapes=shapes, topk=64,
+                             target_chunk=64, max_bytes=1 << 20)
+
+
+FUZZ = settings(max_examples=1000, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+VALID = write_sparse_gradient(wire_gradient())
+
+
+def mutations(valid: bytes):
+    """Byte-level damage to a valid file: flips, truncations, splices, insertions, noise."""
+    positions = st.integers(0, len(valid) - 1)
+    return st.one_of(
+        st.tuples(positions, st.integers(0, 255)).map(lambda p: valid[:p[0]] + bytes([p[1]]) + valid[p[0] + 1:]),
+        st.tuples(positions, st.integers(0, 7)).map(
+            lambda p: valid[:p[0]] + bytes([valid[p[0]] ^ (1 << p[1])]) + valid[p[0] + 1:]),
+        positions.map(lambda p: valid[:p]),
+        st.tuples(positions, st.binary(min_size=1, max_size=64)).map(lambda p: valid[:p[0]] + p[1] + valid[p[0]:]),
+        st.tuples(positions, positions).map(lambda p: valid[:min(p)] + valid[max(p):]),
+        st.binary(max_size=2048),
+    )
+
+
+@FUZZ
+@given(data=mutations(VALID))
+def test_damaged_files_raise_invalid_file_and_nothing_else(data):
+    try:
+        gradient = read_wire(data)
+    except InvalidFile as error:
+        assert str(error)
+    else:  # a change that left the file valid (a hash's character, a probe's digit) is still canonical
+        assert write_sparse_gradient(gradient) == data and set(gradient.tensors) == set(WIRE_SHAPES)
+
+
+# ---------------------------------------------------------------------------------------------------- size
+def test_tiny_preset_costs_at_most_two_bytes_per_kept_value():
+    shapes = {name: tuple(p.shape) for name, p in build_model("tiny", device="meta").named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: encode(torch.randn(shape, generator=generator))[0] for name, shape in shapes.items()}
+    data = write_sparse_gradient(SparseGradient(7, 1, tensors, "h" * 64, "m" * 64, tuple(float(i) for i in range(8))))
+    kept = sum(sent.idx.numel() for sent in tensors.values())
+    assert len(data) / kept <= 2.0, f"{len(data) / kept:.3f} bytes per kept value"
+    assert len(data) <= max_sparse_gradient_bytes(shapes, topk=64, target_chunk=64)
