@@ -68,6 +68,7 @@ class BucketTimeout(BucketUnreachable):
 class ObjectInfo:
     size: int
     modified: datetime  # timezone-aware UTC: when the object was last written
+    etag: str = ""  # the server's entity tag, where it has one (S3): tells apart two writes within one second
 
 
 @runtime_checkable
@@ -272,13 +273,13 @@ class S3Bucket:
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":  # a 404 too: told apart first, a mistyped bucket is not a missing file
+                raise BucketError(f"{key}: bucket {self.name!r} does not exist at the endpoint") from None
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise ObjectMissing(f"{key}: no such object in {self.url}") from None
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden") \
                     or status == 403:
                 raise BucketAccessDenied(f"{key}: access denied by {self.url} ({code})") from None
-            if code == "NoSuchBucket":
-                raise BucketError(f"{key}: bucket {self.name!r} does not exist at the endpoint") from None
             raise BucketUnreachable(f"{key}: {self.url} answered {code or status}") from None
         except DeadlinePassed:
             raise BucketTimeout(f"{key}: no answer by the deadline") from None
@@ -328,7 +329,8 @@ class S3Bucket:
     def stat(self, key: str, deadline: float | None = None) -> ObjectInfo:
         with self._errors(key), self._until(deadline):
             response = self._client.head_object(Bucket=self.name, Key=self._key(key))
-        return ObjectInfo(size=int(response["ContentLength"]), modified=response["LastModified"])
+        return ObjectInfo(size=int(response["ContentLength"]), modified=response["LastModified"],
+                          etag=str(response.get("ETag", ""))[:200])
 
     def list(self, prefix: str = "") -> list[str]:
         keys = []

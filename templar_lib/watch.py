@@ -40,7 +40,8 @@ class Sighting:
     sha256: str
     block: int  # the chain block of the poll that first saw this content
     size: int
-    modified: str  # what the bucket reported (the miner's claim; only used to notice a change)
+    modified: str  # the version the bucket reported, LastModified and ETag (the miner's claim; only used to
+    # notice a change: S3 times have whole seconds, so two same-size writes within one differ by their ETag)
 
 
 class Watch:
@@ -106,7 +107,7 @@ class Watch:
         try:
             info = bucket.stat(key, deadline=deadline)
             before = self._seen.get(uid)
-            modified = info.modified.isoformat()
+            modified = info.modified.isoformat() + (f" {info.etag}" if info.etag else "")
             if before is not None and (before.size, before.modified) == (info.size, modified):
                 return None, None  # unchanged since the last look
             data = bucket.get(key, max_bytes=self.max_bytes, deadline=deadline)

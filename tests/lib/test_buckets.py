@@ -1,4 +1,5 @@
-"""Bucket contract, run against LocalBucket on a temp dir and S3Bucket on a real S3 endpoint (moto) on loopback."""
+"""Bucket contract, run against LocalBucket on a temp dir and S3Bucket on each real S3 server on loopback (moto and
+SeaweedFS, tests/s3.py); the fault tests put a fault-injecting proxy in front of moto."""
 
 import threading
 from datetime import datetime, timedelta, timezone
@@ -7,14 +8,14 @@ import pytest
 
 from templar_lib.buckets import (BucketAccessDenied, BucketUnreachable, LocalBucket, ObjectMissing, ObjectTooLarge,
                                  S3Bucket, open_bucket, validate_key)
-from tests.s3 import FaultProxy
+from tests.s3 import S3_SERVERS, FaultProxy
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *S3_SERVERS])
 def bucket(request, tmp_path):
     if request.param == "local":
         return LocalBucket(tmp_path / "bucket")
-    return request.getfixturevalue("s3_bucket")
+    return request.getfixturevalue("new_s3_bucket")(request.param)
 
 
 def test_put_get_list_delete(bucket):

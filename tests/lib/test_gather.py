@@ -1,4 +1,5 @@
-"""gather(): valid, missing, oversized, corrupt, late, slow and uncommitted peers, on local and S3 buckets."""
+"""gather(): valid, missing, oversized, corrupt, late, slow and uncommitted peers, on local buckets and on each S3
+server (moto, SeaweedFS)."""
 
 import json
 
@@ -11,7 +12,7 @@ from templar_lib.commitments import BucketCommitment, PeerBuckets, parse_commitm
 from templar_lib.gather import fetch_peers, gather, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.wire import Gradient, InvalidFile, Peers, gradient_key, peers_key, write_gradient
-from tests.s3 import FaultProxy
+from tests.s3 import S3_SERVERS, FaultProxy
 
 SHAPES = {"w": (64, 128), "b": (60,)}
 HPARAMS = HParams(max_gradient_bytes=64 * 1024)
@@ -24,11 +25,11 @@ def gradient_bytes(uid: int, window: int = WINDOW, scale: float = 1.0) -> bytes:
     return write_gradient(Gradient(window, uid, tensors, HPARAMS.protocol_hash(), format=1, values="float32"))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *S3_SERVERS])
 def make_bucket(request, tmp_path):
     if request.param == "local":
         return lambda uid: LocalBucket(tmp_path / f"uid{uid}")
-    shared = request.getfixturevalue("s3_bucket")
+    shared = request.getfixturevalue("new_s3_bucket")(request.param)
     return lambda uid: shared  # all peers in one S3 bucket: keys differ by uid
 
 
@@ -63,14 +64,14 @@ def test_gather_gives_the_sha256_of_every_valid_file(tmp_path):
     assert result.sha256 == {0: hashlib.sha256(data).hexdigest()}
 
 
-def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(moto_server, s3_bucket):
-    proxy = FaultProxy(int(moto_server.rsplit(":", 1)[1]))
+def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(s3_server, server_bucket):
+    proxy = FaultProxy(int(s3_server.rsplit(":", 1)[1]))
     try:
-        slow = S3Bucket(s3_bucket.name, endpoint_url=proxy.url, read_timeout=30)
-        s3_bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
-        s3_bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
+        slow = S3Bucket(server_bucket.name, endpoint_url=proxy.url, read_timeout=30)
+        server_bucket.put(gradient_key(WINDOW, 0), gradient_bytes(0))
+        server_bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
         proxy.inject("delay", 1, 5.0)
-        result = gather(WINDOW, [0, 1], PeerBuckets.of({0: s3_bucket, 1: slow}), shapes=SHAPES, hparams=HPARAMS,
+        result = gather(WINDOW, [0, 1], PeerBuckets.of({0: server_bucket, 1: slow}), shapes=SHAPES, hparams=HPARAMS,
                         timeout=2.0)
         assert list(result.gradients) == [0]
         assert result.skipped[1].startswith("timeout") and result.seconds < 4.0

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from templar_lib.commitments import PeerBuckets
 from templar_lib.compression import encode
 from templar_lib.watch import Watch
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, write_gradient
+from tests.s3 import S3_SERVERS
 
 WINDOW, BPW = 3, 7  # window 3 is blocks 21..27
 
@@ -21,11 +23,11 @@ def gradient_bytes(uid: int, seed: int = 0) -> bytes:
     return write_gradient(Gradient(WINDOW, uid, tensors, "h"))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *S3_SERVERS])
 def miner_bucket(request, tmp_path):
     if request.param == "local":
         return LocalBucket(tmp_path / "miner")
-    return request.getfixturevalue("s3_bucket")
+    return request.getfixturevalue("new_s3_bucket")(request.param)
 
 
 def watch_of(tmp_path, bucket, uids=(1, 2)) -> Watch:
@@ -59,6 +61,23 @@ def test_a_new_content_is_a_new_sighting_and_the_newest_before_the_close_counts(
     assert watch.sightings()[1].block == 23 and watch.read(1) == second
     bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1, seed=2))  # a swap after the last look before the close
     assert watch.poll(28) == 0 and watch.read(1) == second  # the window has closed: nothing more is recorded
+
+
+def test_a_same_size_change_within_the_second_is_a_new_sighting(tmp_path, miner_bucket):
+    """S3 LastModified has whole seconds: the watch tells the two writes apart by the bucket's ETag."""
+    watch = watch_of(tmp_path, miner_bucket, uids=(1,))
+    first = gradient_bytes(1, seed=0)
+    second = next(data for data in map(lambda seed: gradient_bytes(1, seed), range(1, 50)) if len(data) == len(first))
+    time.sleep(1 - time.time() % 1)  # at the start of a second: both uploads and the poll between fit in it
+    miner_bucket.put(gradient_key(WINDOW, 1), first)
+    watch.poll(21)
+    miner_bucket.put(gradient_key(WINDOW, 1), second)  # same size, within the second of the first upload
+    if not isinstance(miner_bucket, LocalBucket) and (  # a local file's time has nanoseconds: never the same
+            miner_bucket.stat(gradient_key(WINDOW, 1)).modified.isoformat()
+            != watch.sightings()[1].modified.split(" ")[0]):
+        pytest.skip("the two uploads fell in different seconds (a slow machine): not the case under test")
+    watch.poll(23)
+    assert watch.sightings()[1].block == 23 and watch.read(1) == second
 
 
 def test_backdating_the_file_changes_nothing(tmp_path):
