@@ -27,7 +27,8 @@ from templar_lib.checkpoints import model_fingerprint  # noqa: E402
 from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, parameters_of  # noqa: E402
-from templar_lib.roles.miner import mine_window, new_feedback, window_pages  # noqa: E402
+from templar_lib.roles.miner import mine_window, window_pages  # noqa: E402
+from templar_lib.strategies import new_feedback  # noqa: E402
 from templar_lib.state import StateStore, WriteBehind  # noqa: E402
 from templar_lib.training import loss_and_gradients, miner_autocast  # noqa: E402
 from templar_lib.wire import Gradient, gradient_key, read_gradient, write_gradient  # noqa: E402

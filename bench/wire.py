@@ -76,7 +76,7 @@ def main() -> None:
                               gradient_value_dtype=values)
             report = train(dataset, miners=4, windows=args.windows, hparams=hparams)
             print(f"  {label:<12} {report.initial_held_out_loss:.4f} -> {report.final_held_out_loss:.4f}  "
-                  f"({report.windows[-1].gradient_bytes} bytes per window)")
+                  f"({report.windows[-1].bytes_per_miner * 4:.0f} bytes per window)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -27,22 +27,27 @@ from templar_lib.wire import Aggregation
 
 
 def learning_rate_at(step: int, hparams: HParams) -> float:
-    """Learning rate of outer step `step` (0-based).
+    """Learning rate of outer step `step` (0-based): cosine_schedule of learning_rate, warmup_steps, t_max."""
+    return cosine_schedule(step, base=hparams.learning_rate, warmup=hparams.warmup_steps, t_max=hparams.t_max,
+                           floor_ratio=hparams.lr_floor_ratio)
 
-    1. warm-up (step < warmup_steps):  lr · (0.1 + 0.9 · step / warmup_steps)
-    2. then t = step − warmup_steps within periods T₀, 2T₀, 4T₀, …:  t_cur = t minus the whole periods before it
-    3. cosine:  floor + (lr − floor) · (1 + cos(π · t_cur / T_i)) / 2,   floor = lr_floor_ratio · lr
+
+def cosine_schedule(step: int, *, base: float, warmup: int, t_max: int, floor_ratio: float) -> float:
+    """Rate of step `step` (0-based):
+
+    1. warm-up (step < warmup):  base · (0.1 + 0.9 · step / warmup)
+    2. then t = step − warmup within periods T₀, 2T₀, 4T₀, … (T₀ = t_max):  t_cur = t minus the whole periods before it
+    3. cosine:  floor + (base − floor) · (1 + cos(π · t_cur / T_i)) / 2,   floor = floor_ratio · base
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    base = hparams.learning_rate
-    if step < hparams.warmup_steps:
-        return base * (0.1 + 0.9 * step / hparams.warmup_steps)
-    t_cur, period = step - hparams.warmup_steps, hparams.t_max
+    if step < warmup:
+        return base * (0.1 + 0.9 * step / warmup)
+    t_cur, period = step - warmup, t_max
     while t_cur >= period:
         t_cur -= period
         period *= 2
-    floor = hparams.lr_floor_ratio * base
+    floor = floor_ratio * base
     return floor + (base - floor) * (1 + math.cos(math.pi * t_cur / period)) / 2
 
 

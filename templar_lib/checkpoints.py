@@ -33,11 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from templar_lib.aggregation import apply_aggregation_
 from templar_lib.buckets import Bucket, BucketError
 from templar_lib.encodings import CODES, FLOAT_CODES, name_of
 from templar_lib.hparams import HParams
-from templar_lib.wire import InvalidFile, aggregation_key, max_aggregation_bytes, parse_header, read_aggregation
+from templar_lib.strategies import strategy_of
+from templar_lib.wire import InvalidFile, aggregation_key, parse_header
 from templar_lib.wire.container import load_tensors
 from templar_lib.wire.keys import CHECKPOINT, CHECKPOINT_MANIFEST
 
@@ -232,19 +232,18 @@ def catch_up(state: ModelState, aggregations: Bucket, target_window: int, *, hpa
         raise ValueError(f"cannot catch up backwards from window {state.window} to {target_window}")
     parameters = {name: p.clone() for name, p in state.parameters.items()}
     shapes = {name: tuple(p.shape) for name, p in parameters.items()}
-    # an aggregator without a peers list combines every gradient it accepts: up to max_peers, not topk_peers
-    limit = max_aggregation_bytes(shapes, target_chunk=hparams.target_chunk, topk=hparams.topk_compression,
-                                  peers=max(hparams.max_peers, hparams.topk_peers))
+    strategy = strategy_of(hparams)
+    limit = strategy.aggregation_limit(shapes)
     step = state.step
     for window in range(state.window, target_window):
         try:
-            aggregation = read_aggregation(aggregations.get(aggregation_key(window), max_bytes=limit), window=window,
-                                           shapes=shapes, target_chunk=hparams.target_chunk, max_bytes=limit)
+            aggregation = strategy.read_aggregation(aggregations.get(aggregation_key(window), max_bytes=limit),
+                                                    window=window, shapes=shapes)
         except (InvalidFile, BucketError) as error:
             raise CatchUpError(f"cannot replay window {window}: {error}") from None
         if aggregation.step != step:
             raise CatchUpError(f"aggregation-{window} is outer step {aggregation.step}, expected {step}")
-        apply_aggregation_(parameters, aggregation, weight_decay=hparams.weight_decay)
+        strategy.replay_(parameters, aggregation)
         step += 1
     return ModelState(window=target_window, step=step, parameters=parameters)
 

@@ -2,6 +2,7 @@
 a gradient's kept values travel. Torch-free on import (hyper-parameters validate against it).
 
     GradientFormat     1 rows: (n_chunks, k) index and value tensors; 2 Rice: Rice-coded sorted indices
+    SPARSELOCO_FORMAT  3: the sparseloco strategy's gradient and aggregation files (wire/sparse.py)
     AggregationFormat  1 coefficients: the combined coefficients; 2 signs: the update's signs, bit-packed
 
     code   dtype      bytes   held by
@@ -32,6 +33,9 @@ class GradientFormat(IntEnum):
 class AggregationFormat(IntEnum):
     COEFFICIENTS = 1  # the combined coefficients in compressed rows
     SIGNS = 2  # the signs of the update, bit-packed
+
+
+SPARSELOCO_FORMAT = 3  # both file kinds of the sparseloco strategy; formats 1 and 2 are the demo strategy's
 
 
 CODES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8", "U8": "uint8", "I16": "int16",

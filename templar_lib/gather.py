@@ -20,8 +20,9 @@ from typing import TypeVar
 from templar_lib.buckets import Bucket, BucketAccessDenied, BucketError, BucketTimeout, ObjectMissing, ObjectTooLarge
 from templar_lib.commitments import PeerBuckets
 from templar_lib.hparams import HParams
-from templar_lib.wire import (Gradient, InvalidFile, Peers, gradient_byte_limit, gradient_key, peers_key,
-                              read_gradient, read_peers, write_peers)
+from templar_lib.strategies import strategy_of
+from templar_lib.wire import (Gradient, InvalidFile, Peers, gradient_key, peers_key,
+                              read_peers, write_peers)
 from templar_lib.wire.documents import MAX_PEERS_BYTES
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
     one of this model can be (wire.max_gradient_bytes), never more.
     """
     started = time.perf_counter()
-    limit = gradient_byte_limit(shapes, hparams)
+    strategy = strategy_of(hparams)
+    limit = strategy.gradient_limit(shapes)
 
     def fetch(uid: int, deadline: float) -> tuple[Gradient | None, str | None, int, str | None]:
         bucket = peers.buckets.get(uid)
@@ -82,9 +84,7 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
         key = gradient_key(window, uid)
         try:
             data = bucket.get(key, max_bytes=limit, deadline=deadline)
-            gradient = read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
-                                     target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                                     max_bytes=limit)
+            gradient = strategy.read_gradient(data, window=window, uid=uid, shapes=shapes)
             return gradient, None, len(data), hashlib.sha256(data).hexdigest()
         except ObjectMissing:
             return None, f"missing: no {key}", 0, None

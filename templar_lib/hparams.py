@@ -23,6 +23,12 @@ import yaml
 from templar_lib.encodings import FLOAT_ENCODINGS, VALUE_ENCODINGS, AggregationFormat, GradientFormat
 
 ENV_PREFIX = "TEMPLAR_HP_"
+STRATEGIES = ("demo", "sparseloco")  # what a network runs (templar_lib/strategies.py)
+# what `templar train` also runs beside them: uncompressed baselines on the same tokens (templar_lib/simulate/core.py)
+TRAINING_STRATEGIES = (*STRATEGIES, "dense-adamw", "local-sgd", "dense-sign")
+# what a sparseloco gradient means beyond the shared fields: every node of such a network must agree on them
+SPARSELOCO_FIELDS = ("strategy", "inner_steps", "inner_learning_rate", "inner_weight_decay", "inner_grad_clip",
+                     "outer_learning_rate", "error_decay", "sparse_topk", "quantization_bins", "quantization_range")
 
 
 class HParamsError(ValueError):
@@ -41,6 +47,19 @@ class HParams:
     # aggregation-{window}: 1 the combined coefficients (every node decodes them), 2 the signs of the update,
     # bit-packed (the same θ, smaller, and nothing to decode: wire/aggregation.py). Readers take either by the header
     aggregation_format: int = int(AggregationFormat.COEFFICIENTS)
+    # --- training strategy: "demo" (one accumulated gradient per window, DCT + top-k, sign-SGD: the fields above and
+    # the outer optimiser below) or "sparseloco" (inner AdamW steps, 2-bit sparse pseudo-gradients: the fields below;
+    # templar_lib/inner.py, sparseloco.py). Defaults measured on the tiny preset (bench/RESULTS.md, convergence)
+    strategy: str = "demo"
+    inner_steps: int = 3  # H: AdamW steps per window on the miner's own pages
+    inner_learning_rate: float = 2e-3  # with the outer schedule's warm-up and cosine, in inner steps
+    inner_weight_decay: float = 0.1
+    inner_grad_clip: float = 1.0  # L2 norm over all parameters
+    outer_learning_rate: float = 1.0  # plain SGD on the combined pseudo-gradients (no sign, no weight decay)
+    error_decay: float = 0.95  # β: e <- β·e + Δ
+    sparse_topk: int = 64  # values kept per chunk (no DCT; made even, at most the chunk)
+    quantization_bins: int = 4  # 2-bit codes
+    quantization_range: float = 6.0  # the bins span this many standard deviations of the kept values
     # --- windows and data (DESIGN §2, §3) ---
     blocks_per_window: int = 7  # chain blocks per window (12 s blocks -> 84 s windows)
     pages_per_window: int = 6  # dataset pages each miner trains on per window
@@ -83,15 +102,16 @@ class HParams:
         positive = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
                     "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers", "scored_per_window",
                     "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows", "miss_window",
-                    "miss_exclude")
+                    "miss_exclude", "inner_steps", "inner_learning_rate", "inner_grad_clip", "outer_learning_rate",
+                    "sparse_topk", "quantization_range")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "weight_decay", "openskill_tau", "sync_max_lag"):
+        for name in ("warmup_steps", "weight_decay", "openskill_tau", "sync_max_lag", "inner_weight_decay"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha",
-                     "peer_score_ratio", "miss_penalty"):
+                     "peer_score_ratio", "miss_penalty", "error_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if self.learning_rate * self.weight_decay >= 1.0:
@@ -105,6 +125,11 @@ class HParams:
                                    f"{getattr(self, name)!r}")
         if self.gradient_value_dtype not in FLOAT_ENCODINGS and self.gradient_format != GradientFormat.RICE:
             raise HParamsError("gradient_value_dtype: int8 values need gradient_format 2")
+        if self.strategy not in STRATEGIES:
+            raise HParamsError(f"strategy: one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.quantization_bins not in (2, 4, 16, 256):
+            raise HParamsError(f"quantization_bins: 2, 4, 16 or 256 (codes of 1, 2, 4 or 8 bits), got "
+                               f"{self.quantization_bins!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -153,6 +178,8 @@ class HParams:
         fields = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window",
                   "pages_per_window", "batch_size", "sequence_length", "learning_rate", "weight_decay", "warmup_steps",
                   "t_max", "lr_floor_ratio")
+        if self.strategy != "demo":  # a demo network's hash predates strategies and stays what it was
+            fields += SPARSELOCO_FIELDS
         canonical = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

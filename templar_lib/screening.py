@@ -33,12 +33,13 @@ def parameter_norms(gradient: Gradient) -> dict[str, float]:
     return {name: float(torch.linalg.vector_norm(s.vals.float())) for name, s in gradient.tensors.items()}
 
 
-def norm_reason(gradient: Gradient) -> str | None:
-    """Why a gradient's values break the unit-norm rule, or None."""
+def norm_reason(gradient: Gradient, *, unit_norm: bool = True) -> str | None:
+    """Why a gradient's values break the norm rules, or None: an all-zero file is empty; with unit_norm (the demo
+    strategy) every parameter's values must have unit norm (or be all zero)."""
     norms = parameter_norms(gradient)
     if norms and all(norm == 0.0 for norm in norms.values()):
         return "empty: every value is zero"
-    for name, norm in sorted(norms.items()):
+    for name, norm in sorted(norms.items()) if unit_norm else ():
         if norm != 0.0 and abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
             return f"norm: {name[:60]} has ‖values‖ {norm:.4g}, the protocol sends unit norms"
     return None
@@ -82,7 +83,7 @@ def similarity(a: Gradient, b: Gradient) -> tuple[float, float]:
 
 def screen(gradients: Mapping[int, Gradient], *, model_hash: str | None,
            first_seen: Mapping[int, int] | None = None, copy_overlap: float = 0.95,
-           copy_cosine: float = 0.98) -> dict[int, str]:
+           copy_cosine: float = 0.98, unit_norm: bool = True) -> dict[int, str]:
     """Reasons for the uids to reject, by uid (the others pass). model_hash: θ_w's fingerprint every file must carry
     (None: the caller judged how far behind each is, sync_lag). first_seen: the block each file was first seen at by
     the validator (unknown: every pair is a tie)."""
@@ -91,7 +92,7 @@ def screen(gradients: Mapping[int, Gradient], *, model_hash: str | None,
         if model_hash is not None and gradient.model_hash != model_hash:
             rejected[uid] = (f"stale model: trained on θ {gradient.model_hash[:12] or '(none)'}, "
                              f"expected {model_hash[:12]}")
-        elif (reason := norm_reason(gradient)) is not None:
+        elif (reason := norm_reason(gradient, unit_norm=unit_norm)) is not None:
             rejected[uid] = reason
     remaining = sorted(uid for uid in gradients if uid not in rejected)
     seen = first_seen or {}

@@ -150,6 +150,11 @@ class SparseDelta:
     def bins(self) -> int:
         return int(self.table.shape[0])
 
+    @property
+    def vals(self) -> torch.Tensor:
+        """values(), under the name compression.Sparse gives its values (screening compares either)."""
+        return self.values()
+
     def values(self) -> torch.Tensor:
         """Dequantised values v̂ = table[code] + shift: (n_chunks, k) float32, in idx's order."""
         shift = torch.tensor(self.shift, dtype=torch.float32, device=self.table.device)
@@ -207,6 +212,13 @@ def _quantise(vals: torch.Tensor, bins: int, sigmas: float) -> tuple[torch.Tenso
         0, flat_codes, torch.ones_like(flat_centred))
     table = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))  # empty bin: 0
     return codes, float(shift), table
+
+
+def with_values(sent: SparseDelta, values: torch.Tensor, sigmas: float = SIGMAS) -> SparseDelta:
+    """The same positions carrying other values (n_chunks, k), quantised as step 4 does (what a miner who sends
+    something else than its error's top-k would upload)."""
+    codes, shift, table = _quantise(values.float(), sent.bins, sigmas)
+    return SparseDelta(shape=sent.shape, chunk=sent.chunk, idx=sent.idx, codes=codes, shift=shift, table=table)
 
 
 def decode_delta(sent: SparseDelta) -> torch.Tensor:

@@ -11,7 +11,7 @@
                                                    with its verdict and reason; exit 0 only when all passed
     templar chain status                           the local chain: block, window, clock mode, registered uids
     templar chain advance --blocks N | --windows N move the local chain's manual clock (the sensor follows it)
-    templar train [--home DIR] --miners N --windows W [--mode compressed|dense] [--json FILE]
+    templar train [--home DIR] --miners N --windows W [--strategy sparseloco|demo|dense-adamw|...] [--json FILE]
                                                    the training core in-process (honest miners, no chain)
     templar simulate --miners N --windows W [--adversaries KIND:COUNT,...] [--seed S] [--json FILE]
                                                    a whole network in-process: validator, aggregator, LocalChain,
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from templar_lib.buckets import LocalBucket
 from templar_lib.data import build_dataset, read_manifest
-from templar_lib.hparams import HParams
+from templar_lib.hparams import TRAINING_STRATEGIES, HParams
 from templar_lib.wire.keys import MANIFEST as MANIFEST_KEY
 
 log = logging.getLogger("templar")
@@ -84,20 +84,22 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
     print(f"dagster: instance in {prepare_dagster_home(home / 'dagster', os.environ)}")
 
 
-def train(home: Path, *, hparams: HParams, miners: int, windows: int, mode: str, json_path: Path | None) -> None:
+def train(home: Path, *, hparams: HParams, miners: int, windows: int, strategy: str | None,
+          json_path: Path | None) -> None:
     from templar_lib.simulate import train as run  # torch/transformers import only for commands that train
 
     bucket = dataset_bucket(home)
     if not bucket.exists(MANIFEST_KEY):
         sys.exit(f"no dataset in {bucket.root}: run `templar init` first")
-    print(f"{mode} training: {miners} miners, {windows} windows, tiny preset, CPU")
-    print(f"{'window':>6} {'lr':>9} {'train loss':>10} {'held-out':>9} {'bytes':>9} {'seconds':>7}")
+    strategy = strategy or hparams.strategy
+    print(f"{strategy} training: {miners} miners, {windows} windows, tiny preset, CPU")
+    print(f"{'window':>6} {'lr':>9} {'train loss':>10} {'held-out':>9} {'bytes/miner':>9} {'seconds':>7}")
 
     def show(entry) -> None:
         print(f"{entry.window:>6} {entry.lr:>9.2e} {entry.train_loss:>10.4f} {entry.held_out_loss:>9.4f} "
-              f"{entry.gradient_bytes:>9} {entry.seconds:>7.2f}", flush=True)
+              f"{entry.bytes_per_miner:>9.0f} {entry.seconds:>7.2f}", flush=True)
 
-    report = run(bucket, miners=miners, windows=windows, hparams=hparams, mode=mode, on_window=show)
+    report = run(bucket, miners=miners, windows=windows, hparams=hparams, strategy=strategy, on_window=show)
     print(f"held-out loss {report.initial_held_out_loss:.4f} -> {report.final_held_out_loss:.4f}")
     if json_path is not None:
         json_path.write_text(json.dumps(dataclasses.asdict(report), indent=1))
@@ -279,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
     train_parser.add_argument("--miners", type=int, default=4)
     train_parser.add_argument("--windows", type=int, default=10)
-    train_parser.add_argument("--mode", choices=("compressed", "dense"), default="compressed")
+    train_parser.add_argument("--strategy", choices=TRAINING_STRATEGIES, default=None,
+                              help="the network's (HParams.strategy) by default; dense-adamw, local-sgd and dense-sign "
+                                   "are uncompressed baselines (templar_lib/simulate/core.py)")
     train_parser.add_argument("--json", type=Path, default=None, help="write the per-window report here")
     simulate_parser = commands.add_parser("simulate", help="a whole network in-process, with cheating miners")
     simulate_parser.add_argument("--miners", type=int, default=5)
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "chain":
         chain_advance(home, blocks=args.blocks, windows=args.windows)
     elif args.command == "train":
-        train(home, hparams=hparams, miners=args.miners, windows=args.windows, mode=args.mode, json_path=args.json)
+        train(home, hparams=hparams, miners=args.miners, windows=args.windows, strategy=args.strategy,
+              json_path=args.json)
     elif args.command == "simulate":
         simulate(home, hparams=hparams, miners=args.miners, windows=args.windows, adversaries=args.adversaries,
                  seed=args.seed, json_path=args.json)

@@ -17,14 +17,13 @@ mutated, and every reduction is ordered.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
-from templar_lib.aggregation import aggregate_window, learning_rate_at, update_norm
+from templar_lib.aggregation import update_norm
 from templar_lib.buckets import Bucket
 from templar_lib.chain import Chain
 from templar_lib.checkpoints import CheckpointInfo, ModelState, catch_up, save_checkpoint
@@ -34,8 +33,9 @@ from templar_lib.gather import fetch_peers, gather
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_
 from templar_lib.state import StateStore
+from templar_lib.strategies import strategy_of
 from templar_lib.training import held_out_loss
-from templar_lib.wire import Gradient, InvalidFile, Peers, aggregation_key, write_aggregation
+from templar_lib.wire import Gradient, InvalidFile, Peers, aggregation_key
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,9 @@ def aggregator_step(window: int, *, state: ModelState, chain: Chain, peers: Peer
         accepted |= {uid: backups[uid] for uid in filled}
         refused |= {uid: reason for uid, reason in backup_refused.items()
                     if reason.startswith(CHANGED_AFTER_SCORING)}
-    lr = learning_rate_at(state.step, hparams)
-    aggregation = aggregate_window(window, state.step, lr, {uid: g.tensors for uid, g in accepted.items()},
-                                   list(shapes), hparams.protocol_hash(), format=hparams.aggregation_format)
-    aggregation = dataclasses.replace(aggregation, refused=dict(sorted(refused.items())))
-    data = write_aggregation(aggregation)
+    combined, lr, data = strategy_of(hparams).aggregate(window, state.step, accepted, list(shapes), refused)
     aggregator.put(aggregation_key(window), data)
-    return AggregatorResult(window, state.step, lr, aggregation.peers, dict(sorted(refused.items())),
+    return AggregatorResult(window, state.step, lr, combined, dict(sorted(refused.items())),
                             aggregation_key(window), len(data), time.perf_counter() - started)
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at
 from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
@@ -41,12 +40,12 @@ from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
+from templar_lib.strategies import strategy_of
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
-                              gradient_byte_limit,
-                              max_aggregation_bytes, peers_key, read_gradient, write_evaluation)
+                              peers_key, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
 
 log = logging.getLogger(__name__)
@@ -108,9 +107,7 @@ def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor
     on the random pages (scratch is reused)."""
     load_parameters_(scratch, dict(theta))
     before = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
-    single = aggregate_window(window, step, learning_rate_at(step, hparams), {gradient.uid: gradient.tensors},
-                              list(theta))
-    apply_aggregation_(parameters_of(scratch), single, weight_decay=hparams.weight_decay)
+    strategy_of(hparams).apply_alone_(parameters_of(scratch), gradient, window=window, step=step)
     after = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
     return Losses(own_before=sum(before) / len(before), own_after=sum(after) / len(after),
                   random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size),
@@ -199,16 +196,13 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
-    sightings, gradients, reasons = watch.sightings(), {}, dict(watch.reasons())
+    sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
     seen = sample_uids([uid for uid in uids if uid in sightings], ratings, window, hparams.scored_per_window, seed)
     unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen)
     uids = [uid for uid in uids if uid not in unsampled]
     for uid in seen:
         try:
-            gradients[uid] = read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes,
-                                           topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
-                                           hparams_hash=hparams.protocol_hash(),
-                                           max_bytes=gradient_byte_limit(shapes, hparams))
+            gradients[uid] = strategy.read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes)
         except InvalidFile as error:
             reasons[uid] = f"invalid: {error}"
     lags = sync_lags(window, gradients, theta, state.fingerprint or model_fingerprint(theta), history, hparams)
@@ -216,7 +210,8 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         if isinstance(lag, str):
             reasons[uid] = lag
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
-    reasons |= screen(in_sync, model_hash=None, first_seen={uid: sightings[uid].block for uid in in_sync})
+    reasons |= screen(in_sync, model_hash=None, first_seen={uid: sightings[uid].block for uid in in_sync},
+                      unit_norm=strategy.unit_norm)
 
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)
@@ -309,8 +304,7 @@ def swaps_found(aggregator: Bucket, window: int, *, shapes: Mapping[str, tuple[i
                 hparams: HParams) -> dict[int, str]:
     """The uids the aggregator of `window` left out because their file changed after it was scored, with the reason
     (to ban from window + 1 on); {} when there is no such aggregation (the first window, a node that joined late)."""
-    limit = max_aggregation_bytes(shapes, target_chunk=hparams.target_chunk, topk=hparams.topk_compression,
-                                  peers=max(hparams.max_peers, hparams.topk_peers))
+    limit = strategy_of(hparams).aggregation_limit(shapes)
     try:
         refused = read_refusals(aggregator.get(aggregation_key(window), max_bytes=limit), window=window,
                                 max_bytes=limit)

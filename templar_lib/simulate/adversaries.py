@@ -34,14 +34,17 @@ import torch
 
 from templar_lib.buckets import Bucket
 from templar_lib.chain import Chain
-from templar_lib.checkpoints import ModelState, model_fingerprint
+from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.compression import Sparse, densify, unit_norm
 from templar_lib.data import Dataset, random_pages
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
-from templar_lib.roles.miner import compute_gradient, new_feedback
-from templar_lib.wire import Gradient, gradient_key, read_gradient, write_gradient
+from templar_lib.roles.miner import compute_gradient
+from templar_lib.sparseloco import decode_delta, encode_delta, with_values
+from templar_lib.strategies import Strategy, new_feedback, strategy_of
+from templar_lib.wire import Gradient, gradient_key, write_gradient
+from templar_lib.wire.sparse import SparseGradient, write_sparse_gradient
 
 
 @dataclass
@@ -50,8 +53,10 @@ class Miner:
 
     uid: int
     kind: str
-    feedback: ErrorFeedback
-    kept: Gradient | None = None  # replay: the one gradient it keeps re-sending
+    feedback: ErrorFeedback  # what its own computations (Turn.honest) fold into
+    state: dict[str, torch.Tensor] | None = None  # its honest mining state (roles.miner.miner_step), when it mines
+    kept: Gradient | SparseGradient | None = None  # replay: the one gradient it keeps re-sending
+    own: dict[str, torch.Tensor] | None = None  # sparseloco: the state its own computations (Turn.honest) carry
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)  # lagging: θ of past windows
 
     @classmethod
@@ -75,22 +80,37 @@ class Turn:
     honest_sent: dict[int, bytes]  # uid -> the file an honest miner uploaded this window
     validator_uid: int
 
+    @property
+    def strategy(self) -> Strategy:
+        return strategy_of(self.hparams)
+
     def honest(self, pages: list[int] | None = None, on_model: torch.nn.Module | None = None,
-               step: int | None = None, rows: int | None = None) -> Gradient:
-        """The gradient an honest miner would send (on other pages, another θ or step, or only the first `rows`
-        sequences, when given); folds into this miner's error feedback like an honest one."""
+               step: int | None = None, rows: int | None = None) -> Gradient | SparseGradient:
+        """The file an honest miner would send (on other pages, another θ or step, or only the first `rows`
+        sequences, when given), under the network's strategy; carries this miner's own state like an honest one."""
         pages = pages if pages is not None else self.own_pages()
-        tokens = self.dataset.tokens(pages)[:rows]
-        return compute_gradient(self.window, self.miner.uid, model=on_model or self.model,
-                                step=self.state.step if step is None else step, feedback=self.miner.feedback,
-                                tokens=tokens, hparams=self.hparams)[1]
+        tokens = self.dataset.tokens(pages)[:rows if rows is None else max(rows, self.hparams.inner_steps)]
+        step = self.state.step if step is None else step
+        if self.hparams.strategy == "demo":
+            return compute_gradient(self.window, self.miner.uid, model=on_model or self.model, step=step,
+                                    feedback=self.miner.feedback, tokens=tokens, hparams=self.hparams)[1]
+        model = on_model or self.model
+        mined = self.strategy.mine(model, self.miner.own, tokens, step=step)
+        self.miner.own = mined.state
+        parameters = parameters_of(model)
+        return SparseGradient(self.window, self.miner.uid, mined.sent, self.hparams.protocol_hash(),
+                              model_fingerprint(parameters), tuple(probe_values(parameters, self.window)))
+
+    def write(self, gradient: Gradient | SparseGradient) -> bytes:
+        """The file's bytes in its own format."""
+        return write_gradient(gradient) if isinstance(gradient, Gradient) else write_sparse_gradient(gradient)
 
     def own_pages(self) -> list[int]:
         return self.dataset.miner_pages(self.window, self.miner.uid, self.hparams.pages_per_window)
 
-    def public(self) -> dict[int, Gradient]:
+    def public(self) -> dict[int, Gradient | SparseGradient]:
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
-        return {uid: read_gradient(data, window=self.window, uid=uid, shapes=shapes)
+        return {uid: self.strategy.read_gradient(data, window=self.window, uid=uid, shapes=shapes)
                 for uid, data in sorted(self.honest_sent.items())}
 
     @property
@@ -98,16 +118,18 @@ class Turn:
         return torch.Generator().manual_seed(self.window * 1000 + self.miner.uid)
 
 
-def _values(gradient: Gradient, function: Callable[[torch.Tensor], torch.Tensor]) -> Gradient:
-    return gradient.with_tensors({n: Sparse(s.idx, function(s.vals), s.shape, s.chunk)
-                                  for n, s in gradient.tensors.items()})
+def _values(gradient, function: Callable[[torch.Tensor], torch.Tensor]):
+    """The same positions with function(values) (a sparseloco file re-quantises them)."""
+    return gradient.with_tensors({n: Sparse(s.idx, function(s.vals), s.shape, s.chunk) if isinstance(s, Sparse)
+                                  else with_values(s, function(s.vals)) for n, s in gradient.tensors.items()})
 
 
 def _noise(turn: Turn) -> bytes:
-    gradient = turn.honest()
-    noise = {n: torch.randn(s.vals.shape, generator=turn.generator) for n, s in gradient.tensors.items()}
-    return write_gradient(gradient.with_tensors({n: unit_norm(Sparse(s.idx, noise[n], s.shape, s.chunk))
-                                                 for n, s in gradient.tensors.items()}))
+    """Noise of the honest file's norm on its positions (demo: unit norm, as the protocol sends)."""
+    def noise(values: torch.Tensor) -> torch.Tensor:
+        random = torch.randn(values.shape, generator=turn.generator)
+        return random * (values.norm() / random.norm().clamp_min(1e-12))
+    return turn.write(_values(turn.honest(), noise))
 
 
 def _relabelled(turn: Turn) -> Gradient | None:
@@ -121,7 +143,7 @@ def _relabelled(turn: Turn) -> Gradient | None:
 
 def _copy(turn: Turn) -> bytes | None:
     copied = _relabelled(turn)
-    return write_gradient(copied) if copied is not None else None
+    return turn.write(copied) if copied is not None else None
 
 
 def backdate(turn: Turn, seconds: float) -> None:
@@ -132,13 +154,19 @@ def backdate(turn: Turn, seconds: float) -> None:
     os.utime(turn.gradients.local_path(gradient_key(turn.window, turn.miner.uid)), (stamp, stamp))
 
 
-def _combined(turn: Turn) -> Gradient | None:
+def _combined(turn: Turn) -> Gradient | SparseGradient | None:
     """The mean of the window's public uploads plus a quarter of its own work (one of its four sequences), the top-k
     of each chunk kept, at unit norm: what a miner that spends a quarter of the compute can make of others' work."""
     public = turn.public()
     if not public:
         return None
     own = turn.honest(rows=max(1, turn.dataset.manifest.rows_per_page * turn.hparams.pages_per_window // 4))
+    if isinstance(own, SparseGradient):  # decoded, mixed, and sent again through error-free compression
+        hparams = turn.hparams
+        return own.with_tensors({name: encode_delta(
+            decode_delta(sent) * 0.25 + sum(decode_delta(g.tensors[name]) for g in public.values()) / len(public),
+            None, topk=hparams.sparse_topk, target_chunk=hparams.target_chunk, bins=hparams.quantization_bins,
+            sigmas=hparams.quantization_range)[0] for name, sent in own.tensors.items()})
     tensors = {}
     for name, sparse in own.tensors.items():
         total = densify(unit_norm(sparse)) * 0.25
@@ -152,7 +180,7 @@ def _combined(turn: Turn) -> Gradient | None:
 
 def _combine(turn: Turn) -> bytes | None:
     combined = _combined(turn)
-    return write_gradient(combined) if combined is not None else None
+    return turn.write(combined) if combined is not None else None
 
 
 def _teach_random(turn: Turn) -> bytes:
@@ -161,34 +189,34 @@ def _teach_random(turn: Turn) -> bytes:
     guess = turn.chain.block_hash(turn.chain.block())
     predicted = random_pages(turn.window, f"{guess}:{turn.validator_uid}", turn.hparams.pages_per_window,
                              turn.dataset.manifest.train_pages)
-    return write_gradient(turn.honest(pages=turn.own_pages() + predicted[:1]))
+    return turn.write(turn.honest(pages=turn.own_pages() + predicted[:1]))
 
 
 def _swap(turn: Turn) -> bytes:
     """Its honest file, read back from the bucket and sign-flipped."""
     shapes = {n: tuple(p.shape) for n, p in turn.model.named_parameters()}
-    mine = read_gradient(turn.gradients.get(gradient_key(turn.window, turn.miner.uid)), window=turn.window,
-                         uid=turn.miner.uid, shapes=shapes)
-    return write_gradient(_values(mine, lambda v: -v))
+    mine = turn.strategy.read_gradient(turn.gradients.get(gradient_key(turn.window, turn.miner.uid)),
+                                       window=turn.window, uid=turn.miner.uid, shapes=shapes)
+    return turn.write(_values(mine, lambda v: -v))
 
 
 def _replay(turn: Turn) -> bytes:
     if turn.miner.kept is None:
         turn.miner.kept = turn.honest()
     # a careful replayer even claims the current θ
-    return write_gradient(turn.miner.kept.with_tensors(turn.miner.kept.tensors, window=turn.window,
-                                                       model_hash=model_fingerprint(parameters_of(turn.model))))
+    return turn.write(turn.miner.kept.with_tensors(turn.miner.kept.tensors, window=turn.window,
+                                                   model_hash=model_fingerprint(parameters_of(turn.model))))
 
 
 def _lagging(turn: Turn) -> bytes:
     stale = copy.deepcopy(turn.model)
     lag = min(3, len(turn.miner.history) - 1)
     load_parameters_(stale, turn.miner.history[-1 - lag])
-    return write_gradient(turn.honest(on_model=stale, step=max(0, turn.state.step - lag)))
+    return turn.write(turn.honest(on_model=stale, step=max(0, turn.state.step - lag)))
 
 
 def _malformed(turn: Turn) -> bytes:
-    data = write_gradient(turn.honest())
+    data = turn.write(turn.honest())
     return data[: len(data) // 2] + bytes(range(256))
 
 
@@ -209,13 +237,13 @@ class Adversary:
 
 KINDS: dict[str, Adversary] = {
     "honest": Adversary(mines=True),
-    "sign_flip": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: -v))),
-    "scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 10))),
+    "sign_flip": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: -v))),
+    "scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 10))),
     "noise": Adversary(_noise, compute=0.0),
     "copy": Adversary(_copy, when="public", compute=0.0),
     "replay": Adversary(_replay, compute=0.0, honest_first=True),
-    "free_rider": Adversary(lambda turn: write_gradient(_values(turn.honest(), torch.zeros_like)), compute=0.0),
-    "wrong_data": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.dataset.miner_pages(
+    "free_rider": Adversary(lambda turn: turn.write(_values(turn.honest(), torch.zeros_like)), compute=0.0),
+    "wrong_data": Adversary(lambda turn: turn.write(turn.honest(pages=turn.dataset.miner_pages(
         turn.window, turn.miner.uid + 10_000, turn.hparams.pages_per_window)))),
     "lagging": Adversary(_lagging, remembers=True),
     "missing": Adversary(compute=0.0),
@@ -225,8 +253,8 @@ KINDS: dict[str, Adversary] = {
     "late_combine": Adversary(_combine, when="close", compute=0.25, backdates=True),
     "sybil_mean": Adversary(_combine, when="public", compute=0.25),
     "teach_random": Adversary(_teach_random, compute=1.5),
-    "lazy": Adversary(lambda turn: write_gradient(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
-    "majority_scale": Adversary(lambda turn: write_gradient(_values(turn.honest(), lambda v: v * 3))),
+    "lazy": Adversary(lambda turn: turn.write(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
+    "majority_scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 3))),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")

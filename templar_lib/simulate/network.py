@@ -37,7 +37,8 @@ from templar_lib.state import StateStore
 from templar_lib.training import held_out_loss
 from templar_lib.transport import Limits
 from templar_lib.watch import Watch
-from templar_lib.wire import gradient_byte_limit, gradient_key
+from templar_lib.strategies import strategy_of
+from templar_lib.wire import gradient_key
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,9 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
                 if behaviour.remembers:  # keep the last four θ
                     node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
                 if behaviour.mines:
-                    result = miner_step(window, uid, model=model, step=state.step, feedback=node.feedback, dataset=data,
+                    result = miner_step(window, uid, model=model, step=state.step, state=node.state, dataset=data,
                                         gradients=gradients, hparams=hparams)
+                    node.state = result.state
                     if node.kind == "honest":
                         losses.append(result.loss)
                         files[uid] = gradients.get(gradient_key(window, uid))
@@ -207,7 +209,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
                                     max_bytes=limit, poll_timeout=SIMULATED_POLL_SECONDS)
 
-        limit = gradient_byte_limit({n: tuple(p.shape) for n, p in model.named_parameters()}, hparams)
+        limit = strategy_of(hparams).gradient_limit({n: tuple(p.shape) for n, p in model.named_parameters()})
         runs = {"watch": watch, "miner": mine, "validator": validate, "aggregator": aggregate}
         for block in range(windows * bpw + 1):
             chain.advance_to_block(block)

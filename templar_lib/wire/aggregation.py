@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from templar_lib.compression import CombinedCoefficients, chunk_shape
-from templar_lib.encodings import AggregationFormat
+from templar_lib.encodings import SPARSELOCO_FORMAT, AggregationFormat
 from templar_lib.hparams import HParams
 from templar_lib.wire.container import (DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, check_finite, declared_layout, expect,
                                         index_code, index_dtype, is_int, load_tensors, parse_templar_file,
@@ -60,8 +60,8 @@ CHANGED_AFTER_SCORING = "changed after it was scored"  # a refusal that proves a
 
 def read_refusals(data: bytes, *, window: int, max_bytes: int) -> dict[int, str]:
     """The `refused` entry of an aggregation file's header, without loading its tensors. Raises InvalidFile."""
-    _, header = parse_templar_file(data, kind="aggregation", formats=tuple(AggregationFormat), window=window,
-                                   max_bytes=max_bytes)
+    _, header = parse_templar_file(data, kind="aggregation", formats=(*AggregationFormat, SPARSELOCO_FORMAT),
+                                   window=window, max_bytes=max_bytes)
     refused = header.get("refused")
     expect(isinstance(refused, dict) and all(key.isascii() and key.isdigit() and isinstance(reason, str)
                                              for key, reason in refused.items()), "refused must map uids to reasons")

@@ -47,6 +47,7 @@ distinct, at most max_peers) and refused; again only write_sparse_aggregation's 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from templar_lib.encodings import SPARSELOCO_FORMAT
 from templar_lib.index_coding import decode_indices, encode_indices, rice_parameter, sort_rows
 from templar_lib.sparseloco import BINS, SparseDelta, combine_deltas, keep_count, layout
 from templar_lib.wire.container import (InvalidFile, check_finite, expect, is_int, load_tensors, parse_templar_file,
                                         save_templar_file, set_difference)
 
-SPARSE_FORMAT = 3  # gradient and aggregation format number of these files (formats 1 and 2 are DeMo's)
+SPARSE_FORMAT = SPARSELOCO_FORMAT  # gradient and aggregation files (formats 1 and 2 are the demo strategy's)
 HEADER_BYTES = 1 << 20  # bound on the safetensors + templar header of one file (a few kB for the 1b preset)
 MAX_PROBES = 64  # as wire/gradient.py
 PARAM_FIELDS = {"shape", "chunk", "k", "rice"}
@@ -78,6 +80,10 @@ class SparseGradient:
     hparams_hash: str = ""
     model_hash: str = ""  # fingerprint of the θ_window the miner trained on (checkpoints.model_fingerprint)
     probes: tuple[float, ...] = ()  # that θ's values at the window's probe positions
+
+    def with_tensors(self, tensors: dict[str, SparseDelta], **changes) -> SparseGradient:
+        """The same file with other deltas (and any other field changed), as wire.Gradient.with_tensors."""
+        return dataclasses.replace(self, tensors=tensors, **changes)
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,7 +11,8 @@ from templar_lib.checkpoints import ModelState, model_fingerprint
 from templar_lib.data import Dataset, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
-from templar_lib.roles.miner import mine_window, new_feedback
+from templar_lib.roles.miner import mine_window
+from templar_lib.strategies import new_feedback
 from templar_lib.state import MomentumLost, StateMissing, StateStore, WriteBehind
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)

@@ -2,14 +2,13 @@
 repeated misses cost."""
 
 import dataclasses
-import hashlib
 
 import pytest
 import torch
 
 from templar_lib.checkpoints import probe_positions, probe_values
 from templar_lib.hparams import HParams
-from templar_lib.ratings import Ratings, UidRating, update_ratings
+from templar_lib.ratings import Ratings, update_ratings
 from templar_lib.roles.validator import sample_uids, sync_lags
 from templar_lib.screening import sync_lag
 from templar_lib.wire import Gradient

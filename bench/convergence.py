@@ -1,0 +1,97 @@
+"""Strategies side by side at equal tokens and equal rounds: held-out loss per round and bytes per miner per round.
+
+    python bench/convergence.py [--rounds 200] [--strategies sparseloco,demo,dense-adamw,local-sgd]
+                                [--every 20] [--set sparseloco:outer_learning_rate=0.7 ...]
+
+The tiny preset, 4 miners, each with 3 pages of 2 × 128 tokens per round (6 sequences: the issue's calibration),
+from the same θ_0 (seed 0) and the same pages per (round, miner) under every strategy (templar_lib.simulate.train).
+Each strategy runs with deploy/simulate-hparams.yaml plus its own settings below (tuned on this setting, see
+bench/RESULTS.md; `--set strategy:field=value` overrides one). Prints a row every `--every` rounds, then per strategy
+the final held-out loss, its ratio to dense AdamW's and the bytes one miner sends per round against dense bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from templar_lib.buckets import LocalBucket  # noqa: E402
+from templar_lib.data import build_dataset  # noqa: E402
+from templar_lib.hparams import HParams  # noqa: E402
+from templar_lib.simulate import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# the calibration: 4 miners × 6 sequences of 128 tokens per round, full rates from the start
+SETTING = dict(pages_per_window=3, batch_size=6, warmup_steps=0)
+TUNED = {  # per strategy: what the sweep in bench/RESULTS.md chose for this setting
+    "demo": dict(learning_rate=2e-3),
+    "dense-sign": dict(learning_rate=2e-3),
+    "sparseloco": dict(strategy="sparseloco"),  # the HParams defaults of the strategy
+    "local-sgd": dict(strategy="sparseloco"),
+    "dense-adamw": dict(inner_learning_rate=2e-3),
+}
+
+
+def hparams_for(strategy: str, overrides: list[str]) -> HParams:
+    values = SETTING | TUNED[strategy]
+    for override in overrides:
+        name, _, assignment = override.partition(":")
+        if name == strategy:
+            field, _, value = assignment.partition("=")
+            values[field] = float(value) if "." in value or "e" in value else int(value)
+    return HParams.load(ROOT / "deploy" / "simulate-hparams.yaml").replace(**values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--strategies", default="sparseloco,demo,dense-adamw,local-sgd")
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], help="strategy:field=value")
+    args = parser.parse_args()
+    strategies = args.strategies.split(",")
+    work = Path(tempfile.mkdtemp(prefix="bench-convergence-"))
+    try:
+        dataset = LocalBucket(work / "dataset")
+        build_dataset(dataset, sequence_length=128, max_chars=300_000, held_out_pages=8)
+        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+              f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds", flush=True)
+        reports = {}
+        for strategy in strategies:
+            started = time.perf_counter()
+            reports[strategy] = train(dataset, miners=4, windows=args.rounds, hparams=hparams_for(strategy, args.set),
+                                      strategy=strategy)
+            curve = " ".join(f"{w.held_out_loss:.3f}" for w in reports[strategy].windows[args.every - 1::args.every])
+            print(f"{strategy}: {time.perf_counter() - started:.0f} s; held-out every {args.every} rounds: {curve}",
+                  flush=True)
+        print("| round | " + " | ".join(strategies) + " |")
+        print("|---|" + "---|" * len(strategies))
+        for index in range(args.every - 1, args.rounds, args.every):
+            print(f"| {index + 1} | " + " | ".join(f"{reports[s].windows[index].held_out_loss:.3f}"
+                                                    for s in strategies) + " |")
+        reference = reports.get("dense-adamw")
+        dense_bytes = max(w.bytes_per_miner for r in reports.values() for w in r.windows
+                          if r.strategy in ("dense-adamw", "local-sgd", "dense-sign")) if any(
+            s in reports for s in ("dense-adamw", "local-sgd", "dense-sign")) else None
+        print("| strategy | initial | final held-out | vs dense AdamW | bytes / miner / round | vs dense bf16 |")
+        print("|---|---|---|---|---|---|")
+        for strategy, report in reports.items():
+            sent = sum(w.bytes_per_miner for w in report.windows) / len(report.windows)
+            ratio = f"{report.final_held_out_loss / reference.final_held_out_loss - 1:+.1%}" if reference else "–"
+            smaller = f"{dense_bytes / sent:.0f}× fewer" if dense_bytes else "–"
+            print(f"| {strategy} | {report.initial_held_out_loss:.3f} | {report.final_held_out_loss:.3f} | {ratio} | "
+                  f"{sent:,.0f} | {smaller} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

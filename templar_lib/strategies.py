@@ -1,0 +1,225 @@
+"""Training strategies (HParams.strategy): what a miner computes and sends for a window, how a validator applies one
+miner's file alone, how the aggregator combines the accepted files and how every node replays the result.
+
+    demo        one accumulated gradient of θ_w on the miner's pages, folded into error-feedback momentum, DCT +
+                top-k, unit-norm values (gradient formats 1, 2); the aggregation is the scatter-mean of the peers'
+                normalised coefficients, the outer step θ ← θ·(1 − lr·wd) − lr·sign(IDCT(·))   (Templar, March 2025)
+    sparseloco  H inner AdamW steps from θ_w (inner.py), the pseudo-gradient Δ = θ_w − θ_H with error feedback,
+                top-k per chunk and 2-bit values (sparseloco.py; gradient format 3); the aggregation carries the
+                accepted peers' files (aggregation format 3), the outer step θ ← θ − outer_lr·combine_deltas(·)
+                                                                                                 (Templar, July 2025)
+
+Every node of a network runs the same strategy: its fields are in HParams.protocol_hash, which every gradient file
+carries, so a file of another strategy (or other settings) is refused by the reader with a reason. A miner's state
+(the "momentum" of the node's state store: flat float32 tensors) is the error-feedback momentum for demo, the error
+and the inner AdamW moments for sparseloco; both are saved and recomputed the same way (roles/miner.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at
+from templar_lib.compression import Sparse, unit_norm
+from templar_lib.error_feedback import ErrorFeedback
+from templar_lib.hparams import HParams
+from templar_lib.inner import InnerState, inner_steps
+from templar_lib.model import parameters_of
+from templar_lib.sparseloco import SparseDelta, combine_deltas, encode_delta
+from templar_lib.training import loss_and_gradients, miner_autocast
+from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
+                              read_gradient, write_aggregation, write_gradient)
+from templar_lib.wire.sparse import (SparseAggregation, SparseGradient, max_sparse_aggregation_bytes,
+                                     max_sparse_gradient_bytes, read_sparse_aggregation, read_sparse_gradient,
+                                     sparse_update, write_sparse_aggregation, write_sparse_gradient)
+
+
+@dataclass(frozen=True)
+class Mined:
+    """What a miner computed for one window."""
+
+    loss: float  # θ_w's mean loss on the pages (sparseloco: the first inner step's, which is on θ_w)
+    inner_losses: list[float]  # the loss of every inner step (demo: the one gradient's)
+    sent: dict  # name -> what is sent for that parameter (compression.Sparse or sparseloco.SparseDelta)
+    state: dict[str, torch.Tensor]  # the miner's state after the window, for the state store
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor] | None = None) -> ErrorFeedback:
+    """A demo miner's error feedback under these hyper-parameters: from `momentum` (moved to the parameters' device:
+    a state file loads on the CPU), or zeros shaped like `parameters`."""
+    settings = dict(topk=hparams.topk_compression, target_chunk=hparams.target_chunk,
+                    momentum_decay=hparams.momentum_decay, value_dtype=hparams.gradient_value_dtype)
+    if momentum is None:
+        return ErrorFeedback.zeros_like(parameters, **settings)
+    return ErrorFeedback({name: m.to(parameters[name].device) if name in parameters else m
+                          for name, m in momentum.items()}, **settings)
+
+
+def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch.Tensor, *, step: int,
+                  hparams: HParams) -> tuple[float, dict[str, Sparse]]:
+    """Loss of the model's θ on `tokens`, and its gradient folded into `feedback` at outer step `step`'s learning
+    rate (in place); returns what to transmit: each parameter's kept coefficients at unit norm (the momentum keeps
+    what was actually taken out of it)."""
+    loss, gradients = loss_and_gradients(model, tokens, hparams.batch_size, autocast_dtype=miner_autocast(model))
+    sent = feedback.step(gradients, lr=learning_rate_at(step, hparams))
+    return loss, {name: unit_norm(sparse) for name, sparse in sent.items()}
+
+
+class DemoStrategy:
+    name = "demo"
+    unit_norm = True  # miners send each parameter's values at unit norm (screening.norm_reason)
+
+    def __init__(self, hparams: HParams) -> None:
+        self.hparams = hparams
+
+    def mine(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokens: torch.Tensor, *,
+             step: int) -> Mined:
+        feedback = new_feedback(parameters_of(model), self.hparams, momentum=state)
+        loss, sent = fold_gradient(model, feedback, tokens, step=step, hparams=self.hparams)
+        return Mined(loss, [loss], sent, feedback.momentum)
+
+    def write_gradient(self, window: int, uid: int, sent: dict, *, model_hash: str = "",
+                       probes: tuple[float, ...] = ()) -> bytes:
+        return write_gradient(Gradient.of(window, uid, sent, self.hparams, model_hash, probes=probes))
+
+    def gradient_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        return gradient_byte_limit(shapes, self.hparams)
+
+    def read_gradient(self, data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]]) -> Gradient:
+        hparams = self.hparams
+        return read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
+                             target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
+                             max_bytes=self.gradient_limit(shapes))
+
+    def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: Gradient, *, window: int,
+                     step: int) -> None:
+        """θ_w + this file's update alone, in place: the outer step an aggregation of this one peer would make."""
+        single = aggregate_window(window, step, learning_rate_at(step, self.hparams), {gradient.uid: gradient.tensors},
+                                  list(parameters))
+        apply_aggregation_(parameters, single, weight_decay=self.hparams.weight_decay)
+
+    def aggregate(self, window: int, step: int, accepted: Mapping[int, Gradient], names: list[str],
+                  refused: Mapping[int, str]) -> tuple[list[int], float, bytes]:
+        """(the peers combined, ascending; the step's learning rate; the aggregation file)."""
+        hparams, lr = self.hparams, learning_rate_at(step, self.hparams)
+        aggregation = aggregate_window(window, step, lr, {uid: g.tensors for uid, g in accepted.items()}, names,
+                                       hparams.protocol_hash(), format=hparams.aggregation_format)
+        aggregation = dataclasses.replace(aggregation, refused=dict(sorted(refused.items())))
+        return aggregation.peers, lr, write_aggregation(aggregation)
+
+    def aggregation_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        hparams = self.hparams
+        # an aggregator without a peers list combines every gradient it accepts: up to max_peers, not topk_peers
+        return max_aggregation_bytes(shapes, target_chunk=hparams.target_chunk, topk=hparams.topk_compression,
+                                     peers=max(hparams.max_peers, hparams.topk_peers))
+
+    def read_aggregation(self, data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]]) -> Aggregation:
+        return read_aggregation(data, window=window, shapes=shapes, target_chunk=self.hparams.target_chunk,
+                                max_bytes=self.aggregation_limit(shapes))
+
+    def replay_(self, parameters: Mapping[str, torch.Tensor], aggregation: Aggregation) -> None:
+        apply_aggregation_(parameters, aggregation, weight_decay=self.hparams.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------- sparseloco
+class SparseLoCoStrategy:
+    name = "sparseloco"
+    # the values' size is the step: the aggregator clips each peer to the median norm, the validator scores the
+    # file as it would be applied alone (no unit-norm rule to check)
+    unit_norm = False
+
+    def __init__(self, hparams: HParams) -> None:
+        self.hparams = hparams
+
+    def mine(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokens: torch.Tensor, *,
+             step: int) -> Mined:
+        parameters = parameters_of(model)
+        inner = InnerState.zeros_like(parameters) if state is None else InnerState.from_tensors(state, parameters)
+        errors = None if state is None else {name: state[f"error.{name}"].to(p.device)
+                                             for name, p in parameters.items()}
+        losses, delta = inner_steps(model, inner, tokens, step=step, hparams=self.hparams)
+        sent, after = self.encode(delta, errors)
+        return Mined(losses[0], losses, sent, inner.tensors | {f"error.{name}": e for name, e in after.items()})
+
+    def encode(self, deltas: Mapping[str, torch.Tensor], errors: Mapping[str, torch.Tensor] | None
+               ) -> tuple[dict[str, SparseDelta], dict[str, torch.Tensor]]:
+        """Each parameter's pseudo-gradient through error feedback, top-k and 2-bit values: (what to send, the error
+        after sending it). errors: None for zeros (a miner's first window)."""
+        hparams, sent, after = self.hparams, {}, {}
+        for name, delta in deltas.items():
+            sent[name], after[name] = encode_delta(delta, None if errors is None else errors[name],
+                                                   decay=hparams.error_decay, topk=hparams.sparse_topk,
+                                                   target_chunk=hparams.target_chunk, bins=hparams.quantization_bins,
+                                                   sigmas=hparams.quantization_range)
+        return sent, after
+
+    def write_gradient(self, window: int, uid: int, sent: dict, *, model_hash: str = "",
+                       probes: tuple[float, ...] = ()) -> bytes:
+        return write_sparse_gradient(SparseGradient(window, uid, sent, self.hparams.protocol_hash(), model_hash,
+                                                    tuple(probes)))
+
+    def gradient_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        hparams = self.hparams
+        return min(hparams.max_gradient_bytes, max_sparse_gradient_bytes(
+            shapes, topk=hparams.sparse_topk, target_chunk=hparams.target_chunk, bins=hparams.quantization_bins))
+
+    def read_gradient(self, data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]]
+                      ) -> SparseGradient:
+        hparams = self.hparams
+        return read_sparse_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.sparse_topk,
+                                    target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
+                                    max_bytes=self.gradient_limit(shapes), bins=hparams.quantization_bins)
+
+    def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,
+                     step: int) -> None:
+        """θ_w − outer_lr·combine_deltas([Δ]), in place: the outer step an aggregation of this one peer makes (the
+        median of one norm is its own, so only the clip's ε touches it)."""
+        with torch.no_grad():
+            for name, p in parameters.items():
+                if name in gradient.tensors:
+                    update = combine_deltas([gradient.tensors[name]])
+                    p.sub_(update.to(p.device, p.dtype), alpha=self.hparams.outer_learning_rate)
+
+    def aggregate(self, window: int, step: int, accepted: Mapping[int, SparseGradient], names: list[str],
+                  refused: Mapping[int, str]) -> tuple[list[int], float, bytes]:
+        peers, lr = sorted(accepted), self.hparams.outer_learning_rate
+        tensors = {name: [accepted[uid].tensors[name] for uid in peers] for name in names} if peers else {}
+        aggregation = SparseAggregation(window, step, lr, peers, tensors, self.hparams.protocol_hash(),
+                                        dict(sorted(refused.items())))
+        return peers, lr, write_sparse_aggregation(aggregation)
+
+    def aggregation_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        hparams = self.hparams
+        return max_sparse_aggregation_bytes(shapes, topk=hparams.sparse_topk, target_chunk=hparams.target_chunk,
+                                            peers=max(hparams.max_peers, hparams.topk_peers),
+                                            bins=hparams.quantization_bins)
+
+    def read_aggregation(self, data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]]
+                         ) -> SparseAggregation:
+        hparams = self.hparams
+        return read_sparse_aggregation(data, window=window, shapes=shapes, topk=hparams.sparse_topk,
+                                       target_chunk=hparams.target_chunk,
+                                       max_peers=max(hparams.max_peers, hparams.topk_peers),
+                                       max_bytes=self.aggregation_limit(shapes), hparams_hash=hparams.protocol_hash(),
+                                       bins=hparams.quantization_bins)
+
+    def replay_(self, parameters: Mapping[str, torch.Tensor], aggregation: SparseAggregation) -> None:
+        """θ ← θ − lr·combine_deltas(peers) per parameter, in place (a parameter no peer sent is unchanged)."""
+        with torch.no_grad():
+            for name, update in sparse_update(aggregation).items():
+                p = parameters[name]
+                p.sub_(update.to(p.device, p.dtype), alpha=aggregation.lr)
+
+
+Strategy = DemoStrategy | SparseLoCoStrategy
+STRATEGIES = {"demo": DemoStrategy, "sparseloco": SparseLoCoStrategy}
+
+
+def strategy_of(hparams: HParams) -> Strategy:
+    """The strategy these hyper-parameters run."""
+    return STRATEGIES[hparams.strategy](hparams)

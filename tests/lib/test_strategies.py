@@ -1,0 +1,111 @@
+"""The training strategies (templar_lib/strategies.py): one driver run against every strategy, the inner loop, a
+network end to end under sparseloco, catch-up bit-identical, and a file of the other strategy refused."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from templar_lib.buckets import LocalBucket
+from templar_lib.checkpoints import ModelState, catch_up, latest_checkpoint
+from templar_lib.data import Dataset
+from templar_lib.hparams import HParams, HParamsError
+from templar_lib.inner import InnerState, adamw_step_
+from templar_lib.model import build_model
+from templar_lib.simulate import run_network
+from templar_lib.strategies import STRATEGIES, strategy_of
+from templar_lib.wire import InvalidFile
+
+FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2)
+EACH = pytest.mark.parametrize("name", sorted(STRATEGIES))
+
+
+@pytest.fixture(scope="module")
+def model_and_data(dataset):
+    data = Dataset.open(dataset)
+    return build_model("tiny", seed=0, vocab_size=data.vocab_size), data
+
+
+@EACH
+def test_mining_is_deterministic_restores_theta_and_round_trips_the_wire(name, model_and_data):
+    model, data = model_and_data
+    hparams, strategy = FAST.replace(strategy=name), strategy_of(FAST.replace(strategy=name))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = data.tokens(data.miner_pages(0, 1, hparams.pages_per_window))
+    first = strategy.mine(model, None, tokens, step=0)
+    assert all(torch.equal(p, theta[n]) for n, p in model.named_parameters())  # θ_w again
+    again = strategy.mine(model, None, tokens, step=0)
+    files = [strategy.write_gradient(0, 1, mined.sent, model_hash="ab" * 16) for mined in (first, again)]
+    assert files[0] == files[1]  # same θ, pages, step and state: same bytes
+    read = strategy.read_gradient(files[0], window=0, uid=1, shapes=shapes)
+    assert strategy.write_gradient(0, 1, read.tensors, model_hash="ab" * 16) == files[0]
+    assert len(files[0]) <= strategy.gradient_limit(shapes)
+    before = {k: v.clone() for k, v in first.state.items()}  # demo's error feedback updates it in place
+    later = strategy.mine(model, first.state, tokens, step=1)  # the state carries over windows
+    assert set(later.state) == set(before) and not all(torch.equal(later.state[k], before[k]) for k in before)
+    with pytest.raises(InvalidFile):  # a file of the other strategy, or other settings, is refused with a reason
+        other = strategy_of(FAST.replace(strategy=next(s for s in STRATEGIES if s != name)))
+        other.read_gradient(files[0], window=0, uid=1, shapes=shapes)
+
+
+@EACH
+def test_applying_a_file_alone_moves_theta_as_its_aggregation_replays(name, model_and_data):
+    model, data = model_and_data
+    strategy = strategy_of(FAST.replace(strategy=name))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    mined = strategy.mine(model, None, data.tokens(data.miner_pages(0, 1, 2)), step=0)
+    gradient = strategy.read_gradient(strategy.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes)
+    alone = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy.apply_alone_(alone, gradient, window=0, step=0)
+    _, _, data_bytes = strategy.aggregate(0, 0, {1: gradient}, list(shapes), {})
+    replayed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy.replay_(replayed, strategy.read_aggregation(data_bytes, window=0, shapes=shapes))
+    assert all(torch.equal(alone[n], replayed[n]) for n in shapes)
+    assert any(not torch.equal(alone[n], p) for n, p in model.named_parameters())
+
+
+def test_our_adamw_is_torchs():
+    generator = torch.Generator().manual_seed(0)
+    ours = {"w": torch.randn(4, 5, generator=generator), "b": torch.randn(5, generator=generator)}
+    theirs = {n: torch.nn.Parameter(p.clone()) for n, p in ours.items()}
+    optimizer = torch.optim.AdamW(theirs.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    state = InnerState.zeros_like(ours)
+    for _ in range(5):
+        gradients = {n: torch.randn(p.shape, generator=generator) for n, p in ours.items()}
+        for n, p in theirs.items():
+            p.grad = gradients[n].clone()
+        optimizer.step()
+        adamw_step_(ours, gradients, state, lr=1e-2, weight_decay=0.1)
+    for n in ours:
+        torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=1e-6, atol=1e-7)
+    restored = InnerState.from_tensors(state.tensors, ours)
+    assert restored.t == 5 and all(torch.equal(restored.m[n], state.m[n]) for n in ours)
+
+
+def test_strategy_settings_are_validated_and_part_of_the_protocol():
+    with pytest.raises(HParamsError, match="strategy"):
+        HParams(strategy="diloco")
+    with pytest.raises(HParamsError, match="quantization_bins"):
+        HParams(strategy="sparseloco", quantization_bins=3)
+    sparse = HParams(strategy="sparseloco")
+    assert HParams().protocol_hash() != sparse.protocol_hash() != sparse.replace(inner_steps=4).protocol_hash()
+    assert HParams().protocol_hash() == HParams(inner_steps=4).protocol_hash()  # demo does not use them
+
+
+def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(dataset, tmp_path):
+    hparams = FAST.replace(strategy="sparseloco")
+    report = run_network(dataset, tmp_path, miners=3, windows=3, hparams=hparams, random_page_count=2)
+    assert report.windows[-1].held_out_loss < report.initial_held_out_loss - 0.1
+    assert all(w.peers and not w.reasons for w in report.windows)  # honest miners: every file scored and used
+    aggregator = LocalBucket(tmp_path / "aggregator")
+    data = Dataset.open(dataset)
+    theta_0 = ModelState(0, 0, {n: p.detach().clone() for n, p in
+                                build_model("tiny", seed=0, vocab_size=data.vocab_size).named_parameters()})
+    replayed = catch_up(theta_0, aggregator, 2, hparams=hparams)
+    published = latest_checkpoint(aggregator)
+    assert published.window == 2 and published.step == replayed.step == 2
+    assert all(torch.equal(replayed.parameters[n], published.parameters[n]) for n in published.parameters)
+    demo = dataclasses.replace(hparams, strategy="demo")  # a node on the other strategy cannot replay it
+    with pytest.raises(Exception, match="cannot replay window 0"):
+        catch_up(theta_0, aggregator, 1, hparams=demo)
