@@ -20,7 +20,7 @@ Each rejected uid gets a one-line reason; the rest pass. Pure function of its in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -83,16 +83,17 @@ def similarity(a: Gradient, b: Gradient) -> tuple[float, float]:
 
 def screen(gradients: Mapping[int, Gradient], *, model_hash: str | None,
            first_seen: Mapping[int, int] | None = None, copy_overlap: float = 0.95,
-           copy_cosine: float = 0.98, unit_norm: bool = True) -> dict[int, str]:
+           copy_cosine: float = 0.98, norm_rule: Callable[[Gradient], str | None] = norm_reason) -> dict[int, str]:
     """Reasons for the uids to reject, by uid (the others pass). model_hash: θ_w's fingerprint every file must carry
     (None: the caller judged how far behind each is, sync_lag). first_seen: the block each file was first seen at by
-    the validator (unknown: every pair is a tie)."""
+    the validator (unknown: every pair is a tie). norm_rule: why a file's values break the strategy's norm rule
+    (default: the demo strategy's unit norms)."""
     rejected: dict[int, str] = {}
     for uid, gradient in gradients.items():
         if model_hash is not None and gradient.model_hash != model_hash:
             rejected[uid] = (f"stale model: trained on θ {gradient.model_hash[:12] or '(none)'}, "
                              f"expected {model_hash[:12]}")
-        elif (reason := norm_reason(gradient, unit_norm=unit_norm)) is not None:
+        elif (reason := norm_rule(gradient)) is not None:
             rejected[uid] = reason
     remaining = sorted(uid for uid in gradients if uid not in rejected)
     seen = first_seen or {}

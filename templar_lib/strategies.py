@@ -29,6 +29,7 @@ from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.inner import InnerState, inner_steps
 from templar_lib.model import parameters_of
+from templar_lib.screening import norm_reason
 from templar_lib.sparseloco import SparseDelta, combine_deltas, encode_delta
 from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
@@ -72,7 +73,6 @@ def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch
 
 class DemoStrategy:
     name = "demo"
-    unit_norm = True  # miners send each parameter's values at unit norm (screening.norm_reason)
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -96,9 +96,18 @@ class DemoStrategy:
                              target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
                              max_bytes=self.gradient_limit(shapes))
 
+    def reference(self, model: torch.nn.Module, tokens: torch.Tensor, *, step: int) -> None:
+        """Nothing: the demo strategy's norm rule is a constant (unit norms)."""
+        return None
+
+    def norm_reason(self, gradient: Gradient, reference: None = None) -> str | None:
+        """Miners send each parameter's values at unit norm (screening.norm_reason); all zero is empty."""
+        return norm_reason(gradient)
+
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: Gradient, *, window: int,
-                     step: int) -> None:
-        """θ_w + this file's update alone, in place: the outer step an aggregation of this one peer would make."""
+                     step: int, reference: None = None) -> None:
+        """θ_w + this file's update alone, in place: the outer step an aggregation of this one peer would make (its
+        values are unit norm per parameter, so their size carries nothing)."""
         single = aggregate_window(window, step, learning_rate_at(step, self.hparams), {gradient.uid: gradient.tensors},
                                   list(parameters))
         apply_aggregation_(parameters, single, weight_decay=self.hparams.weight_decay)
@@ -128,10 +137,20 @@ class DemoStrategy:
 
 # ---------------------------------------------------------------------------------------------------- sparseloco
 class SparseLoCoStrategy:
+    """The values' size is the step, and a miner sets it: a file scaled ×10 moves θ further and, applied alone, would
+    score higher for the same work (measured: bench/RESULTS.md, adversaries under sparseloco). So the validator
+    measures its own reference per parameter each window, ‖Δ_ref‖₂ of H inner AdamW steps from fresh moments on its
+    random pages (an upper bound of what an honest file sends: honest files measured at 0.2–1.0 of it), and
+
+        rejects a file with any parameter's values above NORM_BOUND · ‖Δ_ref‖   (a constant rule: no majority moves it)
+        scores every file at SCORING_NORM · ‖Δ_ref‖ per parameter              (direction only: scaling earns nothing)
+
+    while the aggregator clips each peer to the median norm of the peers (Templar's rule; minorities are bounded
+    by it, majorities by the validator's bound)."""
+
     name = "sparseloco"
-    # the values' size is the step: the aggregator clips each peer to the median norm, the validator scores the
-    # file as it would be applied alone (no unit-norm rule to check)
-    unit_norm = False
+    NORM_BOUND = 2.0
+    SCORING_NORM = 0.5  # about an honest file's median share of the reference
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -175,14 +194,35 @@ class SparseLoCoStrategy:
                                     target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
                                     max_bytes=self.gradient_limit(shapes), bins=hparams.quantization_bins)
 
+    def reference(self, model: torch.nn.Module, tokens: torch.Tensor, *, step: int) -> dict[str, float]:
+        """‖Δ_ref‖₂ per parameter: H inner AdamW steps from fresh moments on `tokens` (the model keeps θ_w)."""
+        _, delta = inner_steps(model, InnerState.zeros_like(parameters_of(model)), tokens, step=step,
+                               hparams=self.hparams)
+        return {name: float(torch.linalg.vector_norm(d)) for name, d in delta.items()}
+
+    def norm_reason(self, gradient: SparseGradient, reference: Mapping[str, float] | None = None) -> str | None:
+        """All zero is empty; a parameter's values above NORM_BOUND times the validator's reference break the rule."""
+        if (reason := norm_reason(gradient, unit_norm=False)) is not None or reference is None:
+            return reason
+        for name, sent in sorted(gradient.tensors.items()):
+            norm = float(torch.linalg.vector_norm(sent.values()))
+            if norm > self.NORM_BOUND * reference[name]:
+                return (f"norm: {name[:60]} has ‖values‖ {norm:.3g}, above {self.NORM_BOUND:g}× the validator's "
+                        f"reference {reference[name]:.3g}")
+        return None
+
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,
-                     step: int) -> None:
+                     step: int, reference: Mapping[str, float] | None = None) -> None:
         """θ_w − outer_lr·combine_deltas([Δ]), in place: the outer step an aggregation of this one peer makes (the
-        median of one norm is its own, so only the clip's ε touches it)."""
+        median of one norm is its own, so only the clip's ε touches it); with a reference, each parameter's update
+        at SCORING_NORM · reference instead (what the validator scores)."""
         with torch.no_grad():
             for name, p in parameters.items():
                 if name in gradient.tensors:
                     update = combine_deltas([gradient.tensors[name]])
+                    if reference is not None:
+                        norm = float(torch.linalg.vector_norm(update))
+                        update = update * (self.SCORING_NORM * reference[name] / norm if norm > 0 else 0.0)
                     p.sub_(update.to(p.device, p.dtype), alpha=self.hparams.outer_learning_rate)
 
     def aggregate(self, window: int, step: int, accepted: Mapping[int, SparseGradient], names: list[str],

@@ -102,12 +102,12 @@ class ValidatorResult:
 
 def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor], gradient: Gradient, *,
                       window: int, step: int, own: list[torch.Tensor], random: torch.Tensor, random_before: float,
-                      hparams: HParams) -> Losses:
+                      hparams: HParams, reference: Mapping[str, float] | None = None) -> Losses:
     """Losses of θ_w and of θ_w + this uid's update alone, on each of its own pages (`own`, one tensor per page) and
     on the random pages (scratch is reused)."""
     load_parameters_(scratch, dict(theta))
     before = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
-    strategy_of(hparams).apply_alone_(parameters_of(scratch), gradient, window=window, step=step)
+    strategy_of(hparams).apply_alone_(parameters_of(scratch), gradient, window=window, step=step, reference=reference)
     after = [evaluate_loss(scratch, page, hparams.batch_size) for page in own]
     return Losses(own_before=sum(before) / len(before), own_after=sum(after) / len(after),
                   random_before=random_before, random_after=evaluate_loss(scratch, random, hparams.batch_size),
@@ -210,12 +210,12 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         if isinstance(lag, str):
             reasons[uid] = lag
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
-    reasons |= screen(in_sync, model_hash=None, first_seen={uid: sightings[uid].block for uid in in_sync},
-                      unit_norm=strategy.unit_norm)
-
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)
     random = dataset.tokens(random_ids)
+    reference = strategy.reference(model, random, step=state.step) if in_sync else None  # the norm rule's, if any
+    reasons |= screen(in_sync, model_hash=None, first_seen={uid: sightings[uid].block for uid in in_sync},
+                      norm_rule=lambda gradient: strategy.norm_reason(gradient, reference))
     scratch = copy.deepcopy(model)
     random_before = evaluate_loss(model, random, hparams.batch_size)
     scores: dict[int, Score] = {}
@@ -225,7 +225,7 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
             continue
         own = [dataset.tokens([page]) for page in dataset.miner_pages(window, uid, hparams.pages_per_window)]
         losses = evaluate_gradient(scratch, theta, gradients[uid], window=window, step=state.step, own=own,
-                                   random=random, random_before=random_before, hparams=hparams)
+                                   random=random, random_before=random_before, hparams=hparams, reference=reference)
         measured, lag = score_losses(uid, losses), lags[uid]
         scores[uid] = dataclasses.replace(measured, score=measured.score * (1 - lag / (hparams.sync_max_lag + 1)),
                                           sync_lag=lag)

@@ -109,3 +109,20 @@ def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(
     demo = dataclasses.replace(hparams, strategy="demo")  # a node on the other strategy cannot replay it
     with pytest.raises(Exception, match="cannot replay window 0"):
         catch_up(theta_0, aggregator, 1, hparams=demo)
+
+
+@pytest.mark.parametrize("kind", ["scale", "majority_scale"])
+def test_a_larger_step_earns_nothing_under_sparseloco(dataset, tmp_path, kind):
+    """The values' size is the step under sparseloco: ×10 (a minority) and ×3 (a majority, which would own the
+    aggregator's median) are refused by the validator's own reference, in the production order, and earn nothing."""
+    from tests.lib.test_network import ATTACKS
+
+    report = run_network(dataset, tmp_path, miners=5, windows=3, adversaries={kind: ATTACKS[kind]},
+                         hparams=FAST.replace(strategy="sparseloco"), random_page_count=2)
+    cheats = [uid for uid, role in report.roles.items() if role != "honest"]
+    honest = [uid for uid, role in report.roles.items() if role == "honest"]
+    for window in report.windows:
+        assert all(window.reasons[uid].startswith("norm:") for uid in cheats), window.reasons
+        assert not set(cheats) & set(window.peers)
+    last = report.windows[-1]
+    assert sum(last.weights.get(uid, 0.0) for uid in cheats) == 0.0 and all(last.weights[uid] > 0 for uid in honest)
