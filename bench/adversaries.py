@@ -1,6 +1,7 @@
 """Every attack of the adversary suite, longer: one row per attack, in the production order (templar_lib.schedule).
 
     python bench/adversaries.py [--windows 5] [--only sign_flip,lazy] [--skip-fair] [--skip-mixed]
+                                [--strategy demo|sparseloco]
 
 Per attack, at the fraction it is meant for (tests/lib/test_network.py's ATTACKS: 2 of 5 for the model attacks, 3
 of 5 for majority_scale, 1 of 5 for the rest), tiny preset, deploy/simulate-hparams.yaml:
@@ -56,8 +57,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated kinds (default: every kind)")
     parser.add_argument("--skip-fair", action="store_true")
     parser.add_argument("--skip-mixed", action="store_true")
+    parser.add_argument("--strategy", default=None, help="demo | sparseloco (default: the file's)")
     args = parser.parse_args()
     hparams = HParams.load(ROOT / "deploy" / "simulate-hparams.yaml")
+    hparams = hparams.replace(strategy=args.strategy) if args.strategy else hparams
     work = Path(tempfile.mkdtemp(prefix="bench-adversaries-"))
     try:
         dataset = LocalBucket(work / "dataset")

@@ -2,7 +2,7 @@
 
 Per window w, outer step s, from θ_w and the miner's AdamW state (m, v, t) carried over windows:
 
-    the window's token rows (n, T) are cut into H consecutive slices, one per inner step h = 0..H−1:
+    the window's token rows (n, T) are cut into H consecutive slices (n ≥ H), one per inner step h = 0..H−1:
         g = ∇ mean loss of the slice (micro-batches of batch_size)       float32, training.loss_and_gradients
         g ← g · min(1, inner_grad_clip / ‖g‖₂)                            over all parameters together
         θ ← AdamW(θ, g; lr_t, betas (0.9, 0.95), eps 1e-8, weight decay inner_weight_decay)
@@ -103,13 +103,14 @@ def inner_steps(model: torch.nn.Module, state: InnerState, tokens: torch.Tensor,
                 hparams: HParams) -> tuple[list[float], dict[str, torch.Tensor]]:
     """H AdamW steps from the model's θ_w on the rows of `tokens` (n, T), then θ_w restored; returns (the loss of
     each inner step, Δ = θ_w − θ_after float32 per parameter). `state` is advanced in place."""
-    if tokens.shape[0] < hparams.inner_steps:
-        raise ValueError(f"{hparams.inner_steps} inner steps need at least as many rows, not {tokens.shape[0]}")
+    if tokens.shape[0] == 0:
+        raise ValueError("no rows to train on")
     parameters = parameters_of(model)
     start = {n: p.detach().clone() for n, p in parameters.items()}
     losses = []
     try:
-        for h, rows in enumerate(torch.tensor_split(tokens, hparams.inner_steps)):
+        # H slices; fewer when there are fewer rows (only a miner that skips most of its pages has)
+        for h, rows in enumerate(torch.tensor_split(tokens, min(hparams.inner_steps, tokens.shape[0]))):
             loss, gradients = loss_and_gradients(model, rows, hparams.batch_size)
             clip_gradients_(gradients, hparams.inner_grad_clip)
             adamw_step_(parameters, gradients, state, lr=inner_learning_rate_at(step * hparams.inner_steps + h,

@@ -89,7 +89,7 @@ class Turn:
         """The file an honest miner would send (on other pages, another θ or step, or only the first `rows`
         sequences, when given), under the network's strategy; carries this miner's own state like an honest one."""
         pages = pages if pages is not None else self.own_pages()
-        tokens = self.dataset.tokens(pages)[:rows if rows is None else max(rows, self.hparams.inner_steps)]
+        tokens = self.dataset.tokens(pages)[:rows]
         step = self.state.step if step is None else step
         if self.hparams.strategy == "demo":
             return compute_gradient(self.window, self.miner.uid, model=on_model or self.model, step=step,
