@@ -30,8 +30,8 @@ import torch
 from templar_lib.compression import CombinedCoefficients, chunk_shape
 from templar_lib.encodings import SPARSELOCO_FORMAT, AggregationFormat
 from templar_lib.hparams import HParams
-from templar_lib.wire.container import (DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, check_finite, declared_layout, expect,
-                                        index_code, index_dtype, is_int, load_tensors, parse_templar_file,
+from templar_lib.wire.container import (DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, check_finite, check_step, declared_layout,
+                                        expect, index_code, index_dtype, load_tensors, parse_templar_file,
                                         save_templar_file)
 
 
@@ -135,12 +135,7 @@ def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int
     Raises InvalidFile."""
     entries, header = parse_templar_file(data, kind="aggregation", formats=tuple(AggregationFormat), window=window,
                                          max_bytes=max_bytes)
-    expect(is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
-    expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
-           "lr must be a finite non-negative number")
-    peers = header.get("peers")
-    expect(isinstance(peers, list) and all(is_int(uid) and uid >= 0 for uid in peers)
-           and peers == sorted(set(peers)), "peers must be ascending distinct uids")
+    peers = check_step(header)
     refused = header.get("refused")
     expect(isinstance(refused, dict) and len(refused) <= 65536
            and all(key.isascii() and key.isdigit() and isinstance(reason, str) and len(reason) <= 500

@@ -168,3 +168,35 @@ def set_difference(what: str, found: set[str], expected: set[str]) -> str:
 def expect(condition: bool, reason: str) -> None:
     if not condition:
         raise InvalidFile(reason)
+
+
+MAX_PROBES = 64  # θ values a gradient header may carry (checkpoints.PROBES are published)
+
+
+def check_sender(header: dict, uid: int, hparams_hash: str | None) -> tuple[str, tuple[float, ...]]:
+    """A gradient header's uid, hyper-parameters hash (when given, it must be ours), model hash and probes:
+    (model_hash, probes). Raises InvalidFile."""
+    expect(is_int(header.get("uid")) and header["uid"] == uid,
+           f"header uid {str(header.get('uid'))[:20]} does not match {uid}")
+    expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
+    if hparams_hash is not None:
+        expect(header["hparams_hash"] == hparams_hash,
+               f"hparams hash {header['hparams_hash'][:32]!r} differs from ours {hparams_hash!r}")
+    model_hash = header.get("model_hash", "")
+    expect(isinstance(model_hash, str) and len(model_hash) <= 64, "model_hash must be a short string")
+    probes = header.get("probes", [])
+    expect(isinstance(probes, list) and len(probes) <= MAX_PROBES
+           and all(isinstance(v, float) and math.isfinite(v) for v in probes), "probes must be a few finite numbers")
+    return model_hash, tuple(probes)
+
+
+def check_step(header: dict) -> list[int]:
+    """An aggregation header's outer step (≥ 0), learning rate (finite, ≥ 0) and peers (ascending distinct uids):
+    the peers. Raises InvalidFile."""
+    expect(is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
+    expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
+           "lr must be a finite non-negative number")
+    peers = header.get("peers")
+    expect(isinstance(peers, list) and all(is_int(uid) and uid >= 0 for uid in peers)
+           and peers == sorted(set(peers)), "peers must be ascending distinct uids")
+    return peers

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 
 from templar_lib.compression import Sparse, chunk_shape, dequantize_int8, quantize_int8
-from templar_lib.encodings import (CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_ENCODINGS, GradientFormat,
-                                   torch_dtype)
+from templar_lib.encodings import CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_ENCODINGS, GradientFormat, torch_dtype
 from templar_lib.hparams import HParams
 from templar_lib.index_coding import decode_indices, encode_indices, sort_rows
-from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices,
+from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices, check_sender,
                                         declared_layout, expect, index_code, index_dtype, is_int, load_tensors,
                                         parse_templar_file, save_templar_file, set_difference)
 
@@ -85,7 +84,6 @@ class Gradient:
 
 
 GRADIENT_HEADER_BYTES = 1 << 20  # a gradient's JSON header: a few kB for the 1b preset
-MAX_PROBES = 64
 
 
 def max_gradient_bytes(shapes: Mapping[str, tuple[int, ...]], *, target_chunk: int, topk: int) -> int:
@@ -178,16 +176,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     """
     entries, header = parse_templar_file(data, kind="gradient", formats=tuple(GradientFormat), window=window,
                                          max_bytes=max_bytes)
-    expect(is_int(header.get("uid")) and header["uid"] == uid, f"header uid {header.get('uid')!r} does not match {uid}")
-    expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
-    if hparams_hash is not None:
-        expect(header["hparams_hash"] == hparams_hash,
-               f"hparams hash {header['hparams_hash'][:32]!r} differs from ours {hparams_hash!r}")
-    model_hash = header.get("model_hash", "")
-    expect(isinstance(model_hash, str) and len(model_hash) <= 64, "model_hash must be a short string")
-    probes = header.get("probes", [])
-    expect(isinstance(probes, list) and len(probes) <= MAX_PROBES
-           and all(isinstance(v, float) and math.isfinite(v) for v in probes), "probes must be a few finite numbers")
+    model_hash, probes = check_sender(header, uid, hparams_hash)
     params = header.get("params")
     expect(isinstance(params, dict), "params must be an object")
     expect(set(params) == set(shapes), set_difference("parameters", set(params), set(shapes)))
@@ -195,7 +184,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     tensors, values, scales = read(data, entries, params, shapes, topk, target_chunk)
     return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"],
                     model_hash=model_hash, format=header["format"], values=values, scales=scales,
-                    probes=tuple(probes))
+                    probes=probes)
 
 
 def _read_rows(data: bytes, entries: dict[str, dict], params: dict, shapes: Mapping[str, tuple[int, ...]],

@@ -58,12 +58,11 @@ import torch
 from templar_lib.encodings import SPARSELOCO_FORMAT
 from templar_lib.index_coding import decode_indices, encode_indices, rice_parameter, sort_rows
 from templar_lib.sparseloco import BINS, SparseDelta, combine_deltas, keep_count, layout
-from templar_lib.wire.container import (InvalidFile, check_finite, expect, is_int, load_tensors, parse_templar_file,
-                                        save_templar_file, set_difference)
+from templar_lib.wire.container import (InvalidFile, check_finite, check_sender, check_step, expect, is_int,
+                                        load_tensors, parse_templar_file, save_templar_file, set_difference)
 
 SPARSE_FORMAT = SPARSELOCO_FORMAT  # gradient and aggregation files (formats 1 and 2 are the demo strategy's)
 HEADER_BYTES = 1 << 20  # bound on the safetensors + templar header of one file (a few kB for the 1b preset)
-MAX_PROBES = 64  # as wire/gradient.py
 PARAM_FIELDS = {"shape", "chunk", "k", "rice"}
 PARTS = ("bits", "quant")
 MAX_REFUSED = 1024  # entries of an aggregation's `refused`
@@ -217,7 +216,7 @@ def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[
     """
     entries, header = parse_templar_file(data, kind="gradient", formats=(SPARSE_FORMAT,), window=window,
                                          max_bytes=max_bytes)
-    _check_identity(header, uid, hparams_hash)
+    check_sender(header, uid, hparams_hash)
     expect(is_int(header.get("bins")) and header["bins"] == bins, f"bins {str(header.get('bins'))[:20]}, "
                                                                   f"expected {bins}")
     params = header.get("params")
@@ -234,21 +233,6 @@ def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[
                               model_hash=header.get("model_hash", ""), probes=tuple(header.get("probes", [])))
     expect(write_sparse_gradient(gradient) == bytes(data), "file is not in its canonical encoding")
     return gradient
-
-
-def _check_identity(header: dict, uid: int, hparams_hash: str | None) -> None:
-    """uid, hyper-parameters hash, model hash and probes of the templar header."""
-    expect(is_int(header.get("uid")) and header["uid"] == uid, f"header uid {str(header.get('uid'))[:20]} does not "
-                                                               f"match {uid}")
-    expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")
-    if hparams_hash is not None:
-        expect(header["hparams_hash"] == hparams_hash,
-               f"hparams hash {header['hparams_hash'][:32]!r} differs from ours {hparams_hash!r}")
-    model_hash = header.get("model_hash", "")
-    expect(isinstance(model_hash, str) and len(model_hash) <= 64, "model_hash must be a short string")
-    probes = header.get("probes", [])
-    expect(isinstance(probes, list) and len(probes) <= MAX_PROBES
-           and all(isinstance(v, float) and math.isfinite(v) for v in probes), "probes must be a few finite numbers")
 
 
 def _declared_param(name: str, declared: object, entries: dict[str, dict], shape: tuple[int, ...], topk: int,
@@ -373,12 +357,7 @@ def read_sparse_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tu
     """
     entries, header = parse_templar_file(data, kind="aggregation", formats=(SPARSE_FORMAT,), window=window,
                                          max_bytes=max_bytes)
-    expect(is_int(header.get("step")) and header["step"] >= 0, "step must be a non-negative integer")
-    expect(isinstance(header.get("lr"), float) and math.isfinite(header["lr"]) and header["lr"] >= 0,
-           "lr must be a finite non-negative number")
-    peers = header.get("peers")
-    expect(isinstance(peers, list) and all(is_int(uid) and uid >= 0 for uid in peers)
-           and peers == sorted(set(peers)), "peers must be ascending distinct uids")
+    peers = check_step(header)
     expect(len(peers) <= max_peers, f"{len(peers)} peers, at most {max_peers} allowed")
     refused = _read_refused(header.get("refused"), peers)
     expect(isinstance(header.get("hparams_hash"), str), "hparams_hash missing")

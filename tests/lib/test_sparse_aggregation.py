@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from safetensors.torch import load
 
 from templar_lib.model import build_model
@@ -20,6 +19,7 @@ from templar_lib.wire.container import InvalidFile, save_templar_file
 from templar_lib.wire.sparse import (SparseAggregation, SparseGradient, max_sparse_aggregation_bytes,
                                      read_sparse_aggregation, sparse_update, write_sparse_aggregation,
                                      write_sparse_gradient)
+from tests.lib.test_sparseloco import mutations
 
 META = json.loads((Path(__file__).parents[1] / "data" / "sparseloco" / "vectors.json").read_text())
 TOPK, TARGET_CHUNK = META["hparams"]["topk_compression"], META["hparams"]["target_chunk"]
@@ -241,20 +241,6 @@ FUZZ = settings(max_examples=1000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ_SHAPES = {"rows96.weight": (96, 64), "odd70.bias": (70,), "tiny_odd.weight": (7, 9), "scalar": ()}
 FUZZ_VALID = write_sparse_aggregation(aggregation(3, shapes=FUZZ_SHAPES))
-
-
-def mutations(valid: bytes):
-    """Byte-level damage to a valid file: flips, truncations, splices, insertions, noise."""
-    positions = st.integers(0, len(valid) - 1)
-    return st.one_of(
-        st.tuples(positions, st.integers(0, 255)).map(lambda p: valid[:p[0]] + bytes([p[1]]) + valid[p[0] + 1:]),
-        st.tuples(positions, st.integers(0, 7)).map(
-            lambda p: valid[:p[0]] + bytes([valid[p[0]] ^ (1 << p[1])]) + valid[p[0] + 1:]),
-        positions.map(lambda p: valid[:p]),
-        st.tuples(positions, st.binary(min_size=1, max_size=64)).map(lambda p: valid[:p[0]] + p[1] + valid[p[0]:]),
-        st.tuples(positions, positions).map(lambda p: valid[:min(p)] + valid[max(p):]),
-        st.binary(max_size=2048),
-    )
 
 
 @FUZZ
