@@ -72,7 +72,10 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> BucketCommit
         if set(options) - {"endpoint_url", "region"}:
             raise InvalidFile("s3 bucket URL has unknown options")
         endpoint = options.get("endpoint_url", [""])[-1]
-        endpoint_scheme = urlparse(endpoint).scheme if endpoint else "https"
+        try:
+            endpoint_scheme = urlparse(endpoint).scheme if endpoint else "https"
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 host (found by the fuzzer)
+            raise InvalidFile("s3 endpoint does not parse") from None
         if endpoint_scheme != "https" and not (allow_local and endpoint_scheme == "http"):
             raise InvalidFile("s3 endpoint must be https")
     else:
