@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS)
+	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS) \
+	  --adversaries copy:1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

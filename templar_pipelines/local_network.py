@@ -127,6 +127,6 @@ def format_summary(summary: dict) -> str:
             f"{value('evaluations.valid_gradients')}, peers {value('evaluations.peers')}, "
             f"weights {value('chain_weights.status')}, θ sha256 {value('checkpoint.sha256')[:12]}")
     reasons = summary.get("reasons") or {}
-    return line + "".join(f"\n    uid {uid} ({summary['roles'].get(uid, '?')}): {reason[:70]}"
+    return line + "".join(f"\n    uid {uid} ({summary['roles'].get(uid, '?')}): {reason[:110]}"
                           for uid, reason in sorted(reasons.items()))
 
