@@ -11,7 +11,9 @@ Every window w goes through the same sequence of runs, each allowed once the cha
     watch(w + 1), miner(w + 1), …
 
 The sequence is strict: a run is never planned before the runs ahead of it, so the aggregation of w never runs on
-files nobody scored, and θ_{w+1} exists before anyone mines w + 1. The cost is latency: miners of w + 1 start once
+files nobody scored, and θ_{w+1} exists before anyone mines w + 1. Runs planned in order may still finish out of
+order (a run retried after a crash is queued again); `order` is each run's place, which a queue and each run's
+own check keep (templar_pipelines.partitions). The cost is latency: miners of w + 1 start once
 the validator and the aggregator of w are done (bench/RESULTS.md has it measured). A cursor holds, per role, the
 last window planned; a new cursor starts from the chain's present.
 """
@@ -33,6 +35,12 @@ def initial_cursor(current: int) -> dict[str, int]:
 def sequence(first: int, last: int) -> list[tuple[str, int]]:
     """Every run of windows first..last, in the order they must happen."""
     return [(role, window) for window in range(first, last + 1) for role in ROLES]
+
+
+def order(role: str, window: int) -> int:
+    """The place of (role, window) in `sequence`: windows in order, a window's runs in ROLES order. A run must not
+    start before the runs of lower places (a queue dequeues them first: templar_pipelines.partitions)."""
+    return window * len(ROLES) + ROLES.index(role)
 
 
 def due_runs(current: int, cursor: Mapping[str, int]) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ validator's ratings and weights, and the held-out losses people plot. File names
                                           replaced and written after it: it never describes another θ
     momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
     momentum-{uid}-{window}.pending       that momentum file was promised by a write in the background
+    pruned-momentum-{uid}.json            the windows whose momentum files keep_windows deleted
     ratings-{window}.json                 validator ratings after window `window`
     weights-{window}.json                 the chain weights those ratings give
     held-out-{window}.json                held-out loss of θ_window
@@ -18,9 +19,15 @@ The durability contract:
    and a killed run leaves the previous state intact. Tensors are written by safetensors straight into the
    temporary file and read through its mmap loader, never held in memory as one more buffer.
 2. With `keep_windows` = K, saving θ_w deletes θ files of windows ≤ w − K, and saving a uid's momentum after w
-   deletes its momentum files of windows ≤ w − K. An older θ is rebuilt from published checkpoints and aggregations
-   by `sync_to`; an older momentum is gone, so re-running a miner window more than K windows back starts that miner
-   from zeros.
+   deletes its momentum files of windows ≤ w − K. An older θ is rebuilt by `sync_to`: the published aggregations
+   replayed from the newest published checkpoint or θ file at or before it. A store with `keep_origin` (a node's:
+   NodeResource) never deletes its oldest θ file, the node's origin (θ_0 of `templar init`, or the checkpoint it
+   joined from), so θ of every window since, those before the first published checkpoint included, can be rebuilt:
+   a backfill of any window reproduces it. The windows whose momentum was deleted are recorded
+   (`pruned-momentum-{uid}.json`): loading one raises MomentumPruned (contract point 4's MomentumLost), and the miner
+   recomputes it from θ_window and the momentum before it instead of starting from zeros, when both are here (re-running
+   windows in order from the first whose momentum was deleted recomputes each in turn); when they are not, loading it
+   raises MomentumUnrecoverable, never a silent restart from zeros that would upload other bytes than live.
 3. A resident process (`templar node`) gives its stores one `WriteBehind` per state directory
    (`WriteBehind.for_directory`). A store with a writer writes θ and momentum in the background by default: the
    newest θ and each miner's newest momentum stay in memory for the next window, and their files are written by one
@@ -69,6 +76,31 @@ class MomentumLost(StateMissing):
                          f"stopped, and never reached the disk")
         self.uid = uid
         self.window = window
+
+
+class MomentumPruned(MomentumLost):
+    """A momentum file this node wrote once and later deleted (keep_windows): a backfill of an old window needs it."""
+
+    def __init__(self, uid: int, window: int, root: Path) -> None:
+        StateMissing.__init__(self, f"the momentum of uid {uid} after window {window} was deleted from {root} "
+                                    f"(only the newest keep_windows windows are kept)")
+        self.uid = uid
+        self.window = window
+
+
+class MomentumUnrecoverable(RuntimeError):
+    """A momentum file keep_windows deleted, which the miner cannot recompute exactly either (θ or the momentum before
+    it is gone too): mining that window again would upload other bytes than it did live, so it is refused. Not a
+    StateMissing: nothing may fall back to zeros."""
+
+
+def pruned_momentum_key(uid: int) -> str:
+    """The record of the windows whose momentum file of `uid` keep_windows deleted (templar_lib.wire.keys lists the
+    other state files)."""
+    return f"pruned-momentum-{uid}.json"
+
+
+_RECORDS = threading.Lock()  # read-modify-write of the pruned-momentum records (the writer thread and the caller)
 
 
 class WriteBehind:
@@ -141,23 +173,33 @@ class WriteBehind:
 class StateStore:
     """The state files of one node (the module docstring tells the whole contract)."""
 
-    def __init__(self, root: str | Path, *, keep_windows: int | None = None, writer: WriteBehind | None = None
-                 ) -> None:
+    def __init__(self, root: str | Path, *, keep_windows: int | None = None, writer: WriteBehind | None = None,
+                 keep_origin: bool = False) -> None:
         if keep_windows is not None and keep_windows < 1:
             raise ValueError(f"keep_windows must be >= 1 or None, got {keep_windows}")
         self.bucket = LocalBucket(root)
         self.root = self.bucket.root
         self.keep_windows = keep_windows
         self.writer = writer
+        self.keep_origin = keep_origin
 
-    def _prune(self, family: keys.Family, window: int) -> None:
-        """Delete the files of `family` for windows <= window − keep_windows (none when keep_windows is None)."""
+    def _prune(self, family: keys.Family, window: int, *, keep: int | None = None) -> list[int]:
+        """Delete the files of `family` for windows <= window − keep_windows (none when keep_windows is None), but
+        not the one of window `keep`; returns the windows deleted."""
         if self.keep_windows is None:
-            return
+            return []
+        deleted = []
         for key in self.bucket.list(family.prefix):
             number = family.window_of(key)
-            if number is not None and number <= window - self.keep_windows:
+            if number is not None and number <= window - self.keep_windows and number != keep:
                 self.bucket.delete(key)
+                deleted.append(number)
+        return sorted(deleted)
+
+    def origin(self) -> int | None:
+        """The window of the oldest θ file here: with keep_origin, the one θ keep_windows never deletes."""
+        windows = [keys.MODEL.window_of(key) for key in self.bucket.list(keys.MODEL.prefix)]
+        return min((w for w in windows if w is not None), default=None)
 
     # ------------------------------------------------------------------ θ
     def save_model(self, state: ModelState, *, background: bool = True) -> str | None:
@@ -182,8 +224,9 @@ class StateStore:
         self.bucket.delete(record)
         self.bucket.put_file(key, lambda path: save_file(tensors, path, metadata=metadata))
         self.bucket.put(record, json.dumps({"window": state.window, "fingerprint": state.fingerprint}).encode())
-        self._prune(keys.MODEL, state.window)
-        self._prune(keys.FINGERPRINT, state.window)
+        origin = self.origin() if self.keep_origin else None
+        self._prune(keys.MODEL, state.window, keep=origin)
+        self._prune(keys.FINGERPRINT, state.window, keep=origin)
         with self.bucket.local_path(key).open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -251,15 +294,45 @@ class StateStore:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
         self.bucket.put_file(keys.momentum(uid).key(window), lambda path: save_file(tensors, path))
         self.bucket.delete(keys.momentum_pending(uid).key(window))
-        self._prune(keys.momentum(uid), window)
+        self._record_pruned(uid, self._prune(keys.momentum(uid), window))
         self._prune(keys.momentum_pending(uid), window)
+
+    def _record_pruned(self, uid: int, windows: list[int]) -> None:
+        """Add `windows` to the record of uid's momentum windows deleted (kept as [first, last] ranges)."""
+        if not windows:
+            return
+        with _RECORDS:
+            ranges = self._pruned_ranges(uid)
+            for window in windows:
+                ranges.append([window, window])
+            merged: list[list[int]] = []
+            for first, last in sorted(ranges):
+                if merged and first <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], last)
+                else:
+                    merged.append([first, last])
+            document = {"uid": uid, "windows": merged}
+            self.bucket.put(pruned_momentum_key(uid), json.dumps(document, sort_keys=True).encode())
+
+    def _pruned_ranges(self, uid: int) -> list[list[int]]:
+        try:
+            document = json.loads(self.bucket.get(pruned_momentum_key(uid)))
+        except (ObjectMissing, ValueError):
+            return []
+        ranges = document.get("windows") if isinstance(document, dict) else None
+        return [[int(first), int(last)] for first, last in ranges] if isinstance(ranges, list) else []
+
+    def momentum_pruned(self, uid: int, window: int) -> bool:
+        """Whether uid's momentum after `window` was saved here once and then deleted by keep_windows."""
+        return any(first <= window <= last for first, last in self._pruned_ranges(uid))
 
     def load_momentum(self, uid: int, window: int) -> dict[str, torch.Tensor] | None:
         """Momentum after `window`, or None when the miner has no state there (it starts from zeros).
 
         The caller may update the returned tensors in place (ErrorFeedback does): a momentum held in memory is
         handed over once its file has landed, and is no longer held. Raises MomentumLost when its background write
-        never landed."""
+        never landed, MomentumPruned when keep_windows deleted it and it can be recomputed, MomentumUnrecoverable when
+        it cannot (contract points 2 and 4)."""
         key = keys.momentum(uid).key(window)
         if self.writer is not None:
             self.writer.wait(key)
@@ -272,7 +345,38 @@ class StateStore:
         except ObjectMissing:
             if self.bucket.exists(keys.momentum_pending(uid).key(window)):
                 raise MomentumLost(uid, window) from None
+            if self.momentum_pruned(uid, window):
+                self._pruned_momentum(uid, window)
             return None
+
+    def check_momentum(self, uid: int, window: int) -> None:
+        """Raise MomentumUnrecoverable when load_momentum(uid, window) would, without loading anything: a backfill
+        checks its first window before it starts."""
+        held = self.writer is not None and self.writer.momentum.get(uid, (None,))[0] == window
+        if held or self.bucket.exists(keys.momentum(uid).key(window)):
+            return
+        if not self.bucket.exists(keys.momentum_pending(uid).key(window)) and self.momentum_pruned(uid, window):
+            try:
+                self._pruned_momentum(uid, window)
+            except MomentumPruned:
+                return
+
+    def _pruned_momentum(self, uid: int, window: int) -> None:
+        """Raise for uid's momentum after `window`, deleted by keep_windows: MomentumPruned when the miner can
+        recompute it exactly (θ_window and the momentum before it are here), MomentumUnrecoverable otherwise."""
+        before = window - 1
+        held = self.writer is not None and self.writer.momentum.get(uid, (None,))[0] == before
+        if self.has_model(window) and (before < 0 or held or self.bucket.exists(keys.momentum(uid).key(before))
+                                       or not (self.momentum_pruned(uid, before)
+                                               or self.bucket.exists(keys.momentum_pending(uid).key(before)))):
+            raise MomentumPruned(uid, window, self.root) from None
+        first = next(first for first, last in self._pruned_ranges(uid) if first <= window <= last)
+        gone = f"θ_{window}" if not self.has_model(window) else f"its momentum after window {before}"
+        raise MomentumUnrecoverable(
+            f"the momentum of uid {uid} after window {window} was deleted from {self.root} (only the newest "
+            f"keep_windows windows are kept) and cannot be recomputed exactly: {gone} is gone too. Mining window "
+            f"{window + 1} again would upload other bytes than it did live: backfill the windows in order from "
+            f"window {first + 1} (each recomputes the momentum the next one needs)") from None
 
     # ------------------------------------------------------------------ metrics
     def record_held_out_loss(self, window: int, loss: float) -> None:
@@ -313,9 +417,9 @@ class StateStore:
 def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelState:
     """θ_window for this node, resyncing when it is behind (a late joiner, or a node that missed windows).
 
-    Start from the newest of: the node's own θ at or before `window`, and the newest valid published checkpoint at or
-    before `window`; replay the published aggregations up to `window` (bit-identical to a node that ran them all
-    live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
+    Start from the newest of: the node's own θ at or before `window` (its origin included, which a store with
+    keep_origin keeps), and the newest valid published checkpoint at or before `window`; replay the published
+    aggregations up to `window` (bit-identical to a node that ran them all live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
     needed for the replay is missing or invalid.
     """
     if store.has_model(window):

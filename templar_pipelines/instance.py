@@ -18,8 +18,11 @@ telemetry:
   enabled: false
 
 # Runs that advance the model state (θ_w -> θ_{w+1}, miner momentum) are serialised through this pool.
-# Queued runs of the model lane start one at a time, oldest first: a backfill over windows applies them in order
-# (window w + 1 needs the θ that window w's run writes). A validator's watch of the open window runs beside them.
+# Queued runs of the model lane start one at a time, lowest window first, a window's runs in the schedule's order
+# (each run's dagster/priority tag is its place: a retried run goes before the runs that need it), and a run refuses
+# to start while a run before it has not finished (templar_pipelines/partitions.py): a backfill over windows applies
+# them in order (window w + 1 needs the θ that window w's run writes). A validator's watch of the open window runs
+# beside them.
 concurrency:
   pools:
     default_limit: 1
@@ -37,7 +40,10 @@ run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
 
-# A run that failed (e.g. its node restarted) is retried once from the failed step: every step is idempotent.
+# A run that failed (e.g. its node restarted) is retried once from the failed step: every step is idempotent. A run
+# that refused to start before the run ahead of it is retried after that one, at no cost to its retries; a step that
+# failed with dg.Failure(allow_retries=False) (an earlier window must run first) tags its run
+# dagster/retry_on_asset_or_op_failure=false, so it is not retried (templar_pipelines/jobs.py).
 run_retries:
   enabled: true
   max_retries: 1

@@ -17,6 +17,14 @@ the ConfigMap templar-network, which all of them read (deploy/k8s/config.yaml).
   the model, TEMPLAR_DEVICE=meta on the others. The run pod only orchestrates and holds no GPU.
 
 Runs in this process (`templar local-network`, `templar node`, the tests) use the in-process executor and ignore both.
+
+Order and retries, the same for every job whatever starts its runs (templar_pipelines/partitions.py): each window
+job's partitioned config tags its runs with their place in the schedule (`dagster/priority`), so the queue starts a
+retried run before the runs that need it, and the node resource refuses to start a run while one before it has not
+finished. A step that fails in a way retrying cannot help (`dg.Failure(allow_retries=False)`: an earlier window must
+run first; a miner momentum that can be neither loaded nor recomputed) is not retried as a run either: the hook
+`failure_not_retried` tags its run `dagster/retry_on_asset_or_op_failure=false`, which the run-retry daemon reads
+when the run fails (dagster/_daemon/auto_run_reexecution), so only crashes and retryable failures are retried.
 """
 
 from __future__ import annotations
@@ -27,18 +35,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 
+from templar_lib.state import MomentumUnrecoverable
 from templar_pipelines.assets.aggregator import aggregation, checkpoint, published_checkpoint
 from templar_pipelines.assets.chain import chain_weights
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.assets.miner import gradients
 from templar_pipelines.assets.validator import evaluations, gradient_sightings, ratings
 from templar_pipelines.checks import checkpoint_audit
+from templar_pipelines.partitions import MODEL_LANE, WATCH_LANE, OutOfOrder, ordered_config
 
-# Runs of the model lane advance θ and momentum and must run one at a time in window order; a watch runs for a whole
-# window beside them (the instance limits each lane to one run: templar_pipelines/instance.py).
-LANE = "templar/lane"
-MODEL_LANE, WATCH_LANE = {LANE: "model"}, {LANE: "watch"}
+# Each window job's place in a window of templar_lib.schedule (`sync_job` replays what the aggregator published, in
+# its place; `local_network_job` is every role of a window in one run, in the window's first place).
+JOB_ROLES = {"watch_job": "watch", "miner_job": "miner", "validator_job": "validator", "aggregator_job": "aggregator",
+             "sync_job": "aggregator", "local_network_job": "watch"}
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 EXECUTOR_VARIABLE = "TEMPLAR_EXECUTOR"
@@ -124,17 +135,46 @@ def step_pods_executor(role: str | None, ops: Sequence[str]) -> dg.ExecutorDefin
                                        config_schema=k8s_job_executor.config_schema.as_field().config_type)
 
 
+def retrying_cannot_help(error: BaseException | None) -> bool:
+    """dg.Failure(allow_retries=False), or a miner's momentum that can be neither loaded nor recomputed (it stays so
+    until the windows before it are backfilled), anywhere in the error's chain of causes."""
+    while error is not None:
+        if isinstance(error, dg.Failure) and not error.allow_retries and not isinstance(error, OutOfOrder):
+            return True
+        if isinstance(error, MomentumUnrecoverable):
+            return True
+        error = error.__cause__
+    return False
+
+
+@dg.failure_hook(name="failure_not_retried")
+def failure_not_retried(context: dg.HookContext) -> None:
+    """A step that failed in a way retrying cannot help is not retried as a run either (module docstring)."""
+    if retrying_cannot_help(context.op_exception):
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
+        context.log.info(f"{context.step_key} failed in a way retrying cannot help: this run will not be retried")
+
+
+def window_job(name: str, selection, *, tags: Mapping[str, str], description: str,
+               executor_def: dg.ExecutorDefinition | None = None) -> dg.UnresolvedAssetJobDefinition:
+    """A job over window partitions: its runs tagged with their place in the schedule (JOB_ROLES), its
+    non-retryable failures not retried as runs."""
+    return dg.define_asset_job(name, selection=selection, tags=dict(tags), description=description,
+                               executor_def=executor_def, config=ordered_config(JOB_ROLES[name]),
+                               hooks={failure_not_retried})
+
+
 def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:
     """Every job of the code location by name, its steps placed as `executor` says (module docstring)."""
 
     def role_job(name: str, selection, ops: Sequence[str], *, role: str | None, tags: Mapping[str, str],
                  description: str) -> dg.UnresolvedAssetJobDefinition:
+        define = window_job if name in JOB_ROLES else dg.define_asset_job
         if executor == "k8s":
-            return dg.define_asset_job(name, selection=selection, tags=dict(tags), description=description,
-                                       executor_def=step_pods_executor(role, ops))
+            return define(name, selection=selection, tags=dict(tags), description=description,
+                          executor_def=step_pods_executor(role, ops))
         k8s = json.dumps(run_k8s_config(role, ops), sort_keys=True)
-        return dg.define_asset_job(name, selection=selection, tags={**tags, K8S_CONFIG_TAG: k8s},
-                                   description=description)
+        return define(name, selection=selection, tags={**tags, K8S_CONFIG_TAG: k8s}, description=description)
 
     jobs = [
         role_job("watch_job", [gradient_sightings], [gradient_sightings.op.name], role="validator", tags=WATCH_LANE,
@@ -153,7 +193,7 @@ def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:
                  [published_checkpoint.op.name, checkpoint_audit.node_def.name], role=None, tags={},
                  description="Find the newest published checkpoint and audit it."),
         # Local networks only (a LocalChain, every role in one run): no Kubernetes settings.
-        dg.define_asset_job(
+        window_job(
             "local_network_job", tags=MODEL_LANE,
             selection=[dataset_pages, gradients, gradient_sightings, evaluations, ratings, chain_weights, aggregation,
                        checkpoint],

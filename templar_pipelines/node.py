@@ -13,6 +13,9 @@ written every window exactly as in a fresh-process run, so any window can be re-
 Run either the sensor or `templar node` for a role, not both: each keeps its own cursor (the schedule's, by role).
 The node's cursor is `<home>/state/node-cursor.json` (written atomically after every run), so a restarted node
 goes on where it stopped.
+
+`run_backfill` re-runs past windows the same way, in window order, and stops at the first run that fails: every
+later window needs the θ and momentum that one writes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +35,11 @@ import dagster as dg
 from templar_lib import schedule
 from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.chain import ChainError, window_of
-from templar_lib.state import WriteBehind
+from templar_lib.state import MomentumUnrecoverable, WriteBehind
 from templar_lib.watch import Watch
 from templar_lib.wire.keys import NODE_CURSOR
 from templar_pipelines.in_process import execute_window, node_instance
-from templar_pipelines.jobs import JOBS
+from templar_pipelines.jobs import JOB_ROLES, JOBS
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import load_cursor
 
@@ -114,10 +118,71 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                         if stop_on_failure:
                             raise RuntimeError(f"{run.job} for window {window} failed (run {run.run_id}): its events "
                                                f"are in the Dagster instance under {home / 'dagster'}")
+                        log.warning("%s for window %d is retried at the next poll", run.job, window)
                         wait(poll_seconds)
                         break
                 cursor = schedule.advanced(cursor, [(role, window)])
                 state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
+    return runs
+
+
+BACKFILL_TAG = "templar/backfill"  # the runs of one run_backfill (a Dagster backfill's runs carry dagster/backfill)
+
+
+class BackfillStopped(RuntimeError):
+    """A backfill run failed; the windows after it were not run."""
+
+    def __init__(self, message: str, runs: list[NodeRun]) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
+def run_backfill(home: str | Path, windows: Sequence[int], *, jobs: Sequence[str] = ("local_network_job",),
+                 environ: Mapping[str, str] | None = None, on_run: Callable[[NodeRun], None] | None = None,
+                 source: str = "templar backfill") -> list[NodeRun]:
+    """Re-run `jobs` for past `windows`, in this process on the node's instance: windows in increasing order, a
+    window's jobs in the schedule's order (local_network_job: every role of a window in one run). θ of a window
+    no longer in the state store is rebuilt from the newest published checkpoint or the node's origin, and a miner's
+    pruned momentum recomputed (templar_lib.state, contract point 2), so the files are those of the live windows.
+
+    Stops at the first run that fails and raises BackfillStopped, which names the windows not run: each later window
+    needs the state that one writes. Refuses before any run when a miner's momentum before the first window can be
+    neither loaded nor recomputed (the message names the window to start from). Returns the runs made.
+    """
+    from templar_pipelines.definitions import defs
+
+    unknown = set(jobs) - set(JOB_ROLES)
+    if unknown or not jobs:
+        raise ValueError(f"unknown jobs {sorted(unknown)}: choose one or more of {sorted(JOB_ROLES)}")
+    ordered = sorted(jobs, key=lambda job: schedule.ROLES.index(JOB_ROLES[job]))
+    home = Path(home).resolve()
+    environ = {**(environ if environ is not None else os.environ), "TEMPLAR_HOME": str(home)}
+    resources = resources_from_env(environ)
+    backfill = uuid.uuid4().hex[:8]
+    runs: list[NodeRun] = []
+    windows = sorted(set(windows))
+    if windows and {"miner_job", "local_network_job"} & set(jobs):  # jobs that mine
+        # a miner whose momentum cannot be recomputed would upload other bytes than live: refused before any run
+        node, store = resources["node"], resources["node"].store()
+        try:
+            for uid in node.miners(resources["chain"].open()):
+                store.check_momentum(uid, windows[0] - 1)
+        except MomentumUnrecoverable as error:
+            raise BackfillStopped(f"backfill {backfill} not started: {error}", runs) from None
+    with node_instance(home, environ) as instance, _flushing_state():
+        for index, window in enumerate(windows):
+            for job in ordered:
+                run = _execute(defs.resolve_job_def(job), window, instance=instance, resources=resources,
+                               source=source, tags={BACKFILL_TAG: backfill})
+                runs.append(run)
+                if on_run is not None:
+                    on_run(run)
+                if not run.success:
+                    rest = windows[index + 1:]
+                    raise BackfillStopped(
+                        f"backfill {backfill} stopped: {job} for window {window} failed (run {run.run_id}; its "
+                        f"events are in the Dagster instance under {home / 'dagster'})"
+                        + (f"; windows {', '.join(map(str, rest))} were not run" if rest else ""), runs)
     return runs
 
 
@@ -131,10 +196,11 @@ def _flushing_state() -> Iterator[None]:
 
 
 def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance, resources: dict,
-             source: str) -> NodeRun:
+             source: str, tags: Mapping[str, str] | None = None) -> NodeRun:
+    """One run of `job` for `window`; its place in the schedule is tagged by the job (templar_pipelines.partitions)."""
     started = time.perf_counter()
     result = execute_window(job, window, instance=instance, resources=resources, source=source,
-                            tags={"templar/run_key": f"{job.name}:{window}"}, raise_on_error=False)
+                            tags={"templar/run_key": f"{job.name}:{window}", **(tags or {})}, raise_on_error=False)
     metadata = {}
     for event in result.get_asset_materialization_events() if result.success else []:
         materialization = event.step_materialization_data.materialization
@@ -142,5 +208,5 @@ def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance
                                                                 materialization.metadata.items()}
     run = NodeRun(job.name, window, result.run_id, result.success, time.perf_counter() - started, metadata)
     if not run.success:
-        log.warning("%s for window %d failed (run %s); retrying at the next poll", job.name, window, result.run_id)
+        log.warning("%s for window %d failed (run %s)", job.name, window, result.run_id)
     return run

@@ -32,7 +32,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
-from templar_lib.wire import gradient_byte_limit
+from templar_lib.strategies import strategy_of
 
 
 class HParamsResource(dg.ConfigurableResource):
@@ -110,6 +110,10 @@ class NodeResource(dg.ConfigurableResource):
                                                                 "first validator, a local network)")
     keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store; older θ is "
                                                       "rebuilt from checkpoints")
+    keep_origin: bool = Field(default=True, description="keep the node's first θ (θ_0 of `templar init`, or the "
+                                                        "checkpoint it joined from) besides the newest windows: θ of "
+                                                        "a window before the first published checkpoint is rebuilt "
+                                                        "from it (one more θ file)")
     write_behind: bool = Field(default=False, description="keep θ and momentum in memory for the next window and "
                                                           "write their files in the background (a resident node)")
     watch_poll_seconds: float = Field(default=3.0, description="seconds between a validator's looks at every "
@@ -118,13 +122,26 @@ class NodeResource(dg.ConfigurableResource):
     buckets: BucketsResource
     training: TrainingResource
 
+    @staticmethod
+    def _in_order() -> None:
+        """Inside a run, before its first use of the node: refuse to start while a run before it in the schedule has
+        not finished (templar_pipelines/partitions.py: the step fails with the reason, is not retried as a step, and
+        the run is retried after that one). Every window asset's first use of `node` goes through store(), miners()
+        or validator(); a failure here, in the step's own code, skips the step's retry policy, which a failure in
+        resource setup would not."""
+        from templar_pipelines.partitions import check_current_run
+
+        check_current_run()
+
     def store(self) -> StateStore:
+        self._in_order()
         writer = WriteBehind.for_directory(self.state_dir) if self.write_behind else None
-        return StateStore(self.state_dir, keep_windows=self.keep_windows, writer=writer)
+        return StateStore(self.state_dir, keep_windows=self.keep_windows, writer=writer, keep_origin=self.keep_origin)
 
     def sync_state(self, window: int) -> ModelState:
         """θ_window from the state store, replayed from published checkpoints and aggregations (and saved) when this
-        node is behind; dg.Failure with a clear message when neither has it."""
+        node is behind or θ_window is older than the windows it keeps (a backfill); dg.Failure with a clear message
+        when neither has it."""
         try:
             return sync_to(self.store(), self.buckets.aggregator(), window, hparams=self.hparams.load())
         except StateMissing as missing:  # retrying cannot help: the previous window must run first
@@ -144,18 +161,20 @@ class NodeResource(dg.ConfigurableResource):
         hparams, validator = self.hparams.load(), self.validator(chain)
         uids = [uid for uid in chain.metagraph().uids if uid != validator][: hparams.max_peers]
         model = self.training.model(self.buckets.dataset().vocab_size)
-        limit = gradient_byte_limit({name: tuple(p.shape) for name, p in model.named_parameters()}, hparams)
+        limit = strategy_of(hparams).gradient_limit({name: tuple(p.shape) for name, p in model.named_parameters()})
         return Watch(window, blocks_per_window=hparams.blocks_per_window, state=self.store().bucket,
                      peers=self.buckets.peers(chain), uids=uids, max_bytes=limit)
 
     def miners(self, chain: Chain) -> list[int]:
         """The uids this node mines for: configured, else every uid without a validator permit (local network)."""
+        self._in_order()
         if self.miner_uids:
             return sorted(self.miner_uids)
         return [n.uid for n in chain.metagraph().neurons if not n.validator_permit]
 
     def validator(self, chain: Chain) -> int:
         """The uid this node validates as: configured, else the chain's first validator (local network)."""
+        self._in_order()
         if self.validator_uid is not None:
             return self.validator_uid
         validators = chain.metagraph().validators
@@ -170,9 +189,14 @@ class WandbResource(dg.ConfigurableResource):
     directory: str | None = Field(default=None, description="where offline runs are kept")
     api_key: str | None = Field(default=None, description="set through dg.EnvVar('WANDB_API_KEY') only")
 
-    def log(self, role: str, window: int, metrics: Mapping[str, float]) -> None:
+    def log(self, role: str, window: int, metrics: Mapping[str, float],
+            per_uid: Mapping[str, Mapping[int, float]] | None = None) -> None:
         """Metrics of one window for `role`: a run `{role}-{window}` in the group `role` (offline runs cannot be
-        resumed, so one short run per window; `wandb sync` uploads them and the UI plots the group over windows)."""
+        resumed, so one short run per window; `wandb sync` uploads them and the UI plots the group over windows).
+        per_uid: series -> uid -> value, logged as `{series}/uid_{uid}` (W&B puts each series in a section of its
+        own, one chart per uid, e.g. `score/uid_3`)."""
+        metrics = {**metrics, **{f"{series}/uid_{uid}": float(value) for series, values in (per_uid or {}).items()
+                                 for uid, value in sorted(values.items())}}
         if self.mode == "disabled" or not metrics:
             return
         import wandb

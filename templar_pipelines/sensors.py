@@ -1,7 +1,9 @@
 """new_block_sensor: follow the chain's block clock and launch each window's role runs exactly once, in the order of
 templar_lib.schedule (the same rules `templar node` follows): the watch and the miners when a window opens, the
-validator and then the aggregator once it has closed. Runs of the model lane start one at a time in request order;
-the watch runs beside them (templar_pipelines/instance.py).
+validator and then the aggregator once it has closed. Runs of the model lane start one at a time in the schedule's
+order, which their jobs tag them with (`dagster/priority`: a run retried after a crash goes before the runs that
+need it) and which each run checks before it starts (templar_pipelines/partitions.py); the watch runs beside them
+(templar_pipelines/instance.py).
 
 The cursor is the schedule's (the last window planned per role); run keys are `{job}:{window}`, so a restarted
 daemon that re-evaluates a tick requests nothing twice.
