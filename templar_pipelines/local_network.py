@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from templar_lib.chain import LocalChain
-from templar_lib.model import build_model, load_parameters_, parameters_of
+from templar_lib.model import build_model, load_parameters_
 from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.wire import evaluation_key, gradient_key, read_evaluation
 from templar_pipelines.node import NodeRun, run_node
@@ -107,7 +107,7 @@ class _Cheats:
                   if kind == "honest" and gradients.exists(gradient_key(window, uid))}
         for uid in acting:
             behaviour = KINDS[self.roles[uid]]
-            miner = self.miners.setdefault(uid, Miner.start(uid, self.roles[uid], parameters_of(self.model), hparams))
+            miner = self.miners.setdefault(uid, Miner(uid, self.roles[uid]))
             turn = Turn(window, miner, self.model, state, dataset, hparams, self.chain, gradients, honest,
                         node.validator(self.chain))
             upload = behaviour.upload(turn)

@@ -37,7 +37,6 @@ from templar_lib.chain import Chain
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.compression import Sparse, densify, unit_norm
 from templar_lib.data import Dataset, random_pages
-from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient
@@ -53,15 +52,10 @@ class Miner:
 
     uid: int
     kind: str
-    feedback: ErrorFeedback  # what its own computations (Turn.honest) fold into
     state: dict[str, torch.Tensor] | None = None  # its honest mining state (roles.miner.miner_step), when it mines
+    own: dict[str, torch.Tensor] | None = None  # the state its own computations (Turn.honest) carry (None: zeros)
     kept: Gradient | SparseGradient | None = None  # replay: the one gradient it keeps re-sending
-    own: dict[str, torch.Tensor] | None = None  # sparseloco: the state its own computations (Turn.honest) carry
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)  # lagging: θ of past windows
-
-    @classmethod
-    def start(cls, uid: int, kind: str, parameters, hparams: HParams) -> Miner:
-        return cls(uid, kind, new_feedback(parameters, hparams))
 
 
 @dataclass(frozen=True)
@@ -91,10 +85,12 @@ class Turn:
         pages = pages if pages is not None else self.own_pages()
         tokens = self.dataset.tokens(pages)[:rows]
         step = self.state.step if step is None else step
-        if self.hparams.strategy == "demo":
-            return compute_gradient(self.window, self.miner.uid, model=on_model or self.model, step=step,
-                                    feedback=self.miner.feedback, tokens=tokens, hparams=self.hparams)[1]
         model = on_model or self.model
+        if self.hparams.strategy == "demo":
+            feedback = new_feedback(parameters_of(model), self.hparams, momentum=self.miner.own)
+            self.miner.own = feedback.momentum  # allocated on first use: an honest simulated miner never needs it
+            return compute_gradient(self.window, self.miner.uid, model=model, step=step, feedback=feedback,
+                                    tokens=tokens, hparams=self.hparams)[1]
         mined = self.strategy.mine(model, self.miner.own, tokens, step=step)
         self.miner.own = mined.state
         parameters = parameters_of(model)

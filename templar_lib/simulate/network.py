@@ -27,7 +27,7 @@ from templar_lib.checkpoints import ModelState
 from templar_lib.commitments import BucketCommitment, peer_buckets, register_local_network
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
-from templar_lib.model import build_model, parameters_of
+from templar_lib.model import build_model
 from templar_lib.ratings import Ratings
 from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
                                validator_step)
@@ -111,7 +111,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         model = build_model(preset, seed=seed, vocab_size=data.vocab_size)
         state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
         initial_loss = held_out_loss(model, data, batch_size=hparams.batch_size)
-        nodes = {uid: Miner.start(uid, kind, parameters_of(model), hparams) for uid, kind in roles.items()}
+        nodes = {uid: Miner(uid, kind) for uid, kind in roles.items()}
         peers = peer_buckets(chain.commitments(), allow_local=True, limits=SIMULATED_LIMITS)
         options = EvaluationOptions(random_page_count=random_page_count)
         validator_chain = chain.as_uid(validator_uid)
