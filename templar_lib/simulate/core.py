@@ -32,12 +32,10 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import TRAINING_STRATEGIES, HParams
 from templar_lib.inner import InnerState, adamw_step_, clip_gradients_, inner_steps
 from templar_lib.model import build_model
-from templar_lib.sparseloco import combine_deltas
 from templar_lib.strategies import SparseLoCoStrategy, new_feedback
 from templar_lib.training import HELD_OUT_PAGES, held_out_loss, loss_and_gradients
 from templar_lib.wire import Gradient, read_gradient, write_gradient
-from templar_lib.wire.sparse import SparseGradient, max_sparse_gradient_bytes, read_sparse_gradient, \
-    write_sparse_gradient
+from templar_lib.wire.sparse import SparseAggregation
 
 
 log = logging.getLogger(__name__)
@@ -127,32 +125,34 @@ def _demo_window(strategy, window, model, parameters, tokens, hparams, state) ->
 
 def _sparseloco_window(strategy, window, model, parameters, tokens, hparams, state
                        ) -> tuple[float, list[float], int]:
-    shapes = {name: tuple(p.shape) for name, p in parameters.items()}
-    limit = max_sparse_gradient_bytes(shapes, topk=hparams.sparse_topk, target_chunk=hparams.target_chunk,
-                                      bins=hparams.quantization_bins)
+    """sparseloco through the network's own code (strategies.SparseLoCoStrategy: mine, the wire, the replay of an
+    aggregation of every miner); local-sgd: the same inner steps, averaged uncompressed."""
+    sparse, shapes = SparseLoCoStrategy(hparams), {name: tuple(p.shape) for name, p in parameters.items()}
     losses, sent, deltas, wire_bytes = [], {}, [], 0
     for uid, rows in enumerate(tokens):
-        inner, error = state.setdefault(uid, (InnerState.zeros_like(parameters), None))
-        inner_losses, delta = inner_steps(model, inner, rows, step=window, hparams=hparams)
-        losses.append(inner_losses[0])
         if strategy == "local-sgd":
+            inner = state.setdefault(uid, InnerState.zeros_like(parameters))
+            inner_losses, delta = inner_steps(model, inner, rows, step=window, hparams=hparams)
+            losses.append(inner_losses[0])
             deltas.append(delta)
             wire_bytes += _dense_bytes(parameters)
             continue
-        tensors, error = SparseLoCoStrategy(hparams).encode(delta, error)
-        state[uid] = (inner, error)
-        file = write_sparse_gradient(SparseGradient(window, uid, tensors, hparams.protocol_hash()))
+        mined = sparse.mine(model, state.get(uid), rows, step=window)
+        state[uid] = mined.state
+        losses.append(mined.loss)
+        file = sparse.write_gradient(window, uid, mined.sent)
         wire_bytes += len(file)
-        sent[uid] = read_sparse_gradient(file, window=window, uid=uid, shapes=shapes, topk=hparams.sparse_topk,
-                                         target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                                         max_bytes=limit, bins=hparams.quantization_bins).tensors
-    with torch.no_grad():
-        for name, p in parameters.items():
-            if strategy == "local-sgd":
-                update = torch.stack([delta[name] for delta in deltas]).mean(0)
-            else:
-                update = combine_deltas([sent[uid][name] for uid in sorted(sent)])
-            p.sub_(update.to(p.dtype), alpha=hparams.outer_learning_rate)
+        sent[uid] = sparse.read_gradient(file, window=window, uid=uid, shapes=shapes)
+    if strategy == "local-sgd":
+        with torch.no_grad():
+            for name, p in parameters.items():
+                p.sub_(torch.stack([delta[name] for delta in deltas]).mean(0).to(p.dtype),
+                       alpha=hparams.outer_learning_rate)
+    else:
+        peers = sorted(sent)
+        sparse.replay_(parameters, SparseAggregation(window, window, hparams.outer_learning_rate, peers,
+                                                     {name: [sent[uid].tensors[name] for uid in peers]
+                                                      for name in shapes}))
     return hparams.outer_learning_rate, losses, wire_bytes
 
 
