@@ -20,18 +20,13 @@ window, the seconds the validator and the aggregator take after the close, befor
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from templar_lib.buckets import LocalBucket  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
+from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import parse_adversaries, run_network  # noqa: E402
 from tests.lib.test_network import ATTACKS, progress, weight_per_compute  # noqa: E402
@@ -61,11 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     hparams = HParams.load(ROOT / "deploy" / "simulate-hparams.yaml")
     hparams = hparams.replace(strategy=args.strategy) if args.strategy else hparams
-    work = Path(tempfile.mkdtemp(prefix="bench-adversaries-"))
-    try:
-        dataset = LocalBucket(work / "dataset")
-        build_dataset(dataset, sequence_length=hparams.sequence_length, max_chars=300_000, held_out_pages=8)
-        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+    with scratch_dataset("bench-adversaries-", sequence_length=hparams.sequence_length) as (work, dataset):
+        print(f"{machine()}; "
               f"{args.windows} windows, tiny preset", flush=True)
 
         def network(name: str, **options):
@@ -99,8 +91,6 @@ def main() -> None:
             print(f"\nfair pay, 8 honest miners, 20 windows, seed 5: mean weight over the last 10 windows "
                   f"{' '.join(f'{uid}:{w:.3f}' for uid, w in sorted(mean.items()))}; lowest / highest "
                   f"{min(mean.values()) / max(mean.values()):.2f}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,13 @@ the final held-out loss, its ratio to dense AdamW's and the bytes one miner send
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from templar_lib.buckets import LocalBucket  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
+from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import train  # noqa: E402
 
@@ -58,11 +53,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="strategy:field=value")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
-    work = Path(tempfile.mkdtemp(prefix="bench-convergence-"))
-    try:
-        dataset = LocalBucket(work / "dataset")
-        build_dataset(dataset, sequence_length=128, max_chars=300_000, held_out_pages=8)
-        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+    with scratch_dataset("bench-convergence-") as (work, dataset):
+        print(f"{machine()}; "
               f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds", flush=True)
         reports = {}
         for strategy in strategies:
@@ -89,8 +81,6 @@ def main() -> None:
             smaller = f"{dense_bytes / sent:.0f}× fewer" if dense_bytes else "–"
             print(f"| {strategy} | {report.initial_held_out_loss:.3f} | {report.final_held_out_loss:.3f} | {ratio} | "
                   f"{sent:,.0f} | {smaller} |")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.buckets import LocalBucket  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 
@@ -65,11 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     hparams = dataclasses.replace(HParams.load(ROOT / "deploy" / "simulate-hparams.yaml"), pages_per_window=1,
                                   scored_per_window=args.scored)
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    try:
-        dataset = LocalBucket(work / "dataset")
-        build_dataset(dataset, sequence_length=hparams.sequence_length, max_chars=300_000, held_out_pages=4)
-        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+    with scratch_dataset("bench-scale-", sequence_length=hparams.sequence_length,
+                         held_out_pages=4) as (work, dataset):
+        print(f"{machine()}; "
               f"tiny preset, {args.windows} windows, {args.scored} scored per window", flush=True)
         print("| uids | validator s/window | aggregator s/window | watch s/window | scored/window | all scored by "
               "| peak RSS | wall |")
@@ -85,8 +80,6 @@ def main() -> None:
         if len(rows) >= 2:
             print(f"validator time per window, {rows[-1]['uids']} uids / {rows[-2]['uids']} uids: "
                   f"{rows[-1]['validator'] / rows[-2]['validator']:.2f}x (target ≤ 1.5x)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from templar_lib.buckets import LocalBucket  # noqa: E402
+from bench.workspace import scratch_dataset  # noqa: E402
 from templar_lib.error_feedback import ErrorFeedback  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.simulate import train  # noqa: E402
@@ -66,10 +63,7 @@ def main() -> None:
     print(f"  baseline     {4 * kept:>10} bytes  32.0 bits/coefficient (int16 index + bf16 value)")
     if args.windows <= 0:
         return
-    work = Path(tempfile.mkdtemp(prefix="bench-wire-"))
-    try:
-        dataset = LocalBucket(work / "dataset")
-        build_dataset(dataset, sequence_length=128, max_chars=300_000, held_out_pages=8)
+    with scratch_dataset("bench-wire-") as (work, dataset):
         print(f"convergence: 4 miners, {args.windows} windows, lr 2e-3 without warm-up (held-out loss)")
         for label, (version, values) in ENCODINGS.items():
             hparams = HParams(learning_rate=2e-3, warmup_steps=0, gradient_format=version,
@@ -77,8 +71,6 @@ def main() -> None:
             report = train(dataset, miners=4, windows=args.windows, hparams=hparams)
             print(f"  {label:<12} {report.initial_held_out_loss:.4f} -> {report.final_held_out_loss:.4f}  "
                   f"({report.windows[-1].bytes_per_miner * 4:.0f} bytes per window)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
