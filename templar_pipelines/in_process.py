@@ -1,8 +1,12 @@
 """Running jobs in this process, without a daemon: what `templar local-network` and `templar node` share.
 
 `execute_window` runs one job for one window on the node's instance (the partition registered first), tagged with its
-source and this process's id; `recover_dead_runs` releases what the runs of a killed in-process runner held, since no
-daemon monitors them.
+source and this process's identity; `recover_dead_runs` releases what the runs of a killed in-process runner held, since
+no daemon monitors them.
+
+A process is identified by its pid and its start time (Linux: /proc/<pid>/stat field 22, clock ticks since boot), not
+by its pid alone: the kernel hands a dead process's pid to a new one (pid_max is 32768 on many hosts, and a restarted
+container's node is PID 1 again), and a run whose recorded pid merely looks alive would block the schedule forever.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dagster as dg
 
 from templar_pipelines.instance import prepare_dagster_home
 
-PID_TAG = "templar/pid"
+PID_TAG = "templar/pid"  # "pid:start" (start absent where the platform does not say: the pid alone is compared)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the runs' events stay in the instance
 
 
@@ -36,7 +40,7 @@ def execute_window(job: dg.JobDefinition, window: int, *, instance: dg.DagsterIn
     instance.add_dynamic_partitions("window", [str(window)])
     return job.execute_in_process(instance=instance, partition_key=str(window), resources=resources,
                                   run_config=QUIET, raise_on_error=raise_on_error,
-                                  tags={"templar/source": source, PID_TAG: str(os.getpid()), **(tags or {})})
+                                  tags={"templar/source": source, PID_TAG: process_identity(), **(tags or {})})
 
 
 def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -44,14 +48,17 @@ def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     pool slots.
 
     A process killed mid-run (SIGKILL, OOM, power loss) leaves its run STARTED and its `model_state` pool slot
-    claimed, which would block the next run forever. Without a daemon to monitor runs, the next invocation checks
-    the process id each run recorded and releases what a dead process held. Returns the run ids recovered.
+    claimed, which would block the next run forever; killed between creating a run and starting it, it leaves the run
+    NOT_STARTED, which the run order (templar_pipelines.partitions) would wait for forever. Without a daemon to
+    monitor runs, the next invocation checks the process each run recorded and releases what a dead one held.
+    Returns the run ids recovered.
     """
     recovered = []
-    in_flight = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    in_flight = dg.RunsFilter(statuses=[dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                                        dg.DagsterRunStatus.STARTED])
     for run in instance.get_runs(filters=in_flight):
-        pid = int(run.tags.get(PID_TAG, "0"))  # runs a daemon launched record none: its run monitoring owns them
-        if not pid or _alive(pid):
+        recorded = run.tags.get(PID_TAG)  # runs a daemon launched record none: its run monitoring owns them
+        if not recorded or _alive(recorded):
             continue
         instance.report_run_failed(run, f"the process running it died (found by the next "
                                         f"{run.tags.get('templar/source', 'in-process runner')})")
@@ -60,11 +67,31 @@ def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     return recovered
 
 
-def _alive(pid: int) -> bool:
+def process_identity(pid: int | None = None) -> str:
+    """"pid:start" for a live process (this one by default), "pid" where its start time cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    start = _start_time(pid)
+    return f"{pid}:{start}" if start is not None else str(pid)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # field 22; the command name before ")" may hold spaces
+
+
+def _alive(recorded: str) -> bool:
+    """Whether the process a run recorded (process_identity) is still the one running under that pid."""
+    pid_text, _, start = recorded.partition(":")
+    if not pid_text.isdecimal():
+        return False
+    pid = int(pid_text)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not start or _start_time(pid) in (start, None)

@@ -1,6 +1,7 @@
 """templar node: a resident process plans the sensor's runs and executes them in-process, in window order."""
 
 import json
+import os
 
 import pytest
 
@@ -72,15 +73,24 @@ def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_en
 
 
 def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
-    from templar_pipelines.in_process import PID_TAG, recover_dead_runs
+    """Runs a dead in-process runner left STARTED or NOT_STARTED (killed between creating and starting a run) are
+    failed; a pid the kernel gave to another process (here this one, under another start time) reads as dead; runs of
+    this live process, and a daemon's, are left alone."""
+    from templar_pipelines.in_process import PID_TAG, process_identity, recover_dead_runs
 
-    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    dead = str(2 ** 22 + 12345)  # above the default pid_max: no such process
+    recycled = f"{os.getpid()}:1"  # this pid, but a process that started one tick after boot
+    runs = {"node-run": (dg.DagsterRunStatus.STARTED, {"templar/source": "templar node", PID_TAG: dead}),
+            "network-run": (dg.DagsterRunStatus.STARTED, {"templar/source": "templar local-network", PID_TAG: dead}),
+            "never-started": (dg.DagsterRunStatus.NOT_STARTED, {PID_TAG: f"{dead}:777"}),
+            "recycled-pid": (dg.DagsterRunStatus.STARTED, {PID_TAG: recycled}),
+            "this-process": (dg.DagsterRunStatus.STARTED, {PID_TAG: process_identity()}),
+            "daemon-run": (dg.DagsterRunStatus.STARTED, {})}  # a daemon-launched run is the daemon's to monitor
     with dg.instance_for_test() as instance:
-        for run_id, tags in (("node-run", {"templar/source": "templar node", PID_TAG: str(dead)}),
-                             ("network-run", {"templar/source": "templar local-network", PID_TAG: str(dead)}),
-                             ("daemon-run", {})):  # a daemon-launched run is the daemon's to monitor
-            instance.add_run(dg.DagsterRun(job_name="miner_job", run_id=run_id, status=dg.DagsterRunStatus.STARTED,
-                                           tags=tags))
-        assert sorted(recover_dead_runs(instance)) == ["network-run", "node-run"]
-        assert instance.get_run_by_id("daemon-run").status == dg.DagsterRunStatus.STARTED
-        assert instance.get_run_by_id("node-run").status == dg.DagsterRunStatus.FAILURE
+        for run_id, (status, tags) in runs.items():
+            instance.add_run(dg.DagsterRun(job_name="miner_job", run_id=run_id, status=status, tags=tags))
+        assert sorted(recover_dead_runs(instance)) == ["network-run", "never-started", "node-run", "recycled-pid"]
+        for run_id in ("daemon-run", "this-process"):
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
+        for run_id in ("node-run", "never-started", "recycled-pid"):
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE

@@ -168,7 +168,8 @@ def run_node_until(home, window: int) -> None:
     from templar_pipelines.node import run_node
 
     chain = LocalChain(home / "chain.sqlite")
-    runs = run_node(home, until_window=window, environ=env_for(1), wait=lambda seconds: chain.advance(7))
+    runs = run_node(home, until_window=window, environ=env_for(1), wait=lambda seconds: chain.advance(7),
+                    stop_on_failure=True)  # a run that fails here fails the test instead of being retried forever
     assert runs and all(run.success for run in runs)
 
 
