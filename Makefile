@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_HOME ?= .templar
 DEMO_WINDOWS ?= 8
+DEMO_STRATEGY ?= sparseloco
 
 .PHONY: demo test venv bench ui clean
 
@@ -17,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS) \
+	TEMPLAR_HP_STRATEGY=$(DEMO_STRATEGY) \
+	  $(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS) \
 	  --adversaries copy:1
 
 test: $(STAMP)
@@ -34,7 +36,7 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	DAGSTER_HOME=$(abspath $(DEMO_HOME))/dagster TEMPLAR_HOME=$(abspath $(DEMO_HOME)) \
-	  TEMPLAR_HPARAMS_FILE=$(abspath deploy/simulate-hparams.yaml) $(BIN)/dagster dev -m templar_pipelines
+	  $(BIN)/dagster dev -m templar_pipelines
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -23,6 +23,8 @@ import yaml
 from templar_lib.encodings import FLOAT_ENCODINGS, VALUE_ENCODINGS, AggregationFormat, GradientFormat
 
 ENV_PREFIX = "TEMPLAR_HP_"
+FILE_ENV = "TEMPLAR_HPARAMS_FILE"
+HOME_FILE = "hparams.json"  # a network's hyper-parameters in its home, written by `templar init`
 STRATEGIES = ("demo", "sparseloco")  # what a network runs (templar_lib/strategies.py)
 # what `templar train` also runs beside them: uncompressed baselines on the same tokens (templar_lib/simulate/core.py)
 TRAINING_STRATEGIES = (*STRATEGIES, "dense-adamw", "local-sgd", "dense-sign")
@@ -198,3 +200,13 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         except ValueError:
             raise HParamsError(f"{name}: cannot parse {raw!r} as {fields[name]} (from environment {key})") from None
     return overrides
+
+
+def hparams_file(home: Path, environ: Mapping[str, str]) -> Path | None:
+    """The hyper-parameter file of a node whose home is `home`: TEMPLAR_HPARAMS_FILE, else the network's own file in
+    its home (what `templar init` set up, so `make ui`, `templar audit` and `templar node` read the same), else None
+    (the defaults)."""
+    if environ.get(FILE_ENV):
+        return Path(environ[FILE_ENV])
+    own = Path(home) / HOME_FILE
+    return own if own.is_file() else None

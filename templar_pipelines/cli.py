@@ -33,7 +33,7 @@ from pathlib import Path
 
 from templar_lib.buckets import LocalBucket
 from templar_lib.data import build_dataset, read_manifest
-from templar_lib.hparams import TRAINING_STRATEGIES, HParams
+from templar_lib.hparams import FILE_ENV, HOME_FILE, TRAINING_STRATEGIES, HParams, hparams_file
 from templar_lib.wire.keys import MANIFEST as MANIFEST_KEY
 
 log = logging.getLogger("templar")
@@ -79,6 +79,13 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
         model = build_model(preset, seed=seed, vocab_size=manifest.vocab_size)
         store.save_model(ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()}))
         print(f"state: θ_0 of the {preset} preset (seed {seed}) -> {store.root}")
+    settings = LocalBucket(home)
+    if force or not settings.exists(HOME_FILE):  # the network's settings, read by every later command on this home
+        settings.put(HOME_FILE, (json.dumps(hparams.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+        print(f"hparams: strategy {hparams.strategy}, protocol {hparams.protocol_hash()} -> {home / HOME_FILE}")
+    elif (kept := HParams.load(home / HOME_FILE)).protocol_hash() != hparams.protocol_hash():
+        print(f"hparams: this run's (protocol {hparams.protocol_hash()}, strategy {hparams.strategy}) differ from the "
+              f"network's in {home / HOME_FILE} (protocol {kept.protocol_hash()}, strategy {kept.strategy})")
     from templar_pipelines.instance import prepare_dagster_home
 
     print(f"dagster: instance in {prepare_dagster_home(home / 'dagster', os.environ)}")
@@ -149,11 +156,8 @@ def local_network(home: Path, *, windows: int, adversaries: str, json_path: Path
     reports = run_local_network(home, windows=windows, adversaries=parse_adversaries(adversaries), on_window=print)
     if json_path is not None:
         json_path.write_text(json.dumps(reports, indent=1))
-    hparams_file = os.environ.get("TEMPLAR_HPARAMS_FILE")
     print(f"\nthe runs are in the Dagster instance under {home / 'dagster'}; to browse them: make ui, or\n"
-          f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home}"
-          + (f" TEMPLAR_HPARAMS_FILE={hparams_file}" if hparams_file else "")
-          + " .venv/bin/dagster dev -m templar_pipelines")
+          f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home} .venv/bin/dagster dev -m templar_pipelines")
 
 
 def node(home: Path, *, jobs: list[str], until_window: int | None, poll_seconds: float) -> None:
@@ -295,9 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     home = (args.home or default_home()).resolve()
-    hparams = HParams.load(args.hparams, os.environ)
     if args.hparams is not None:  # the Dagster resources (local-network, node) and audit read it from the environment
-        os.environ["TEMPLAR_HPARAMS_FILE"] = str(args.hparams.resolve())
+        os.environ[FILE_ENV] = str(args.hparams.resolve())
+    hparams = HParams.load(hparams_file(home, os.environ), os.environ)
     if args.command == "init":
         init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force,
              clock=args.clock, seconds_per_block=args.seconds_per_block)

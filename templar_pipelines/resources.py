@@ -29,7 +29,7 @@ from templar_lib.chain import Chain, open_chain
 from templar_lib.checkpoints import ModelState
 from templar_lib.commitments import PeerBuckets, peer_buckets
 from templar_lib.data import Dataset
-from templar_lib.hparams import HParams
+from templar_lib.hparams import HParams, hparams_file
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
 from templar_lib.strategies import strategy_of
@@ -231,7 +231,8 @@ def _environment(values: Mapping[str, str]):
 def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableResource]:
     """Embedded local defaults under TEMPLAR_HOME (default ./.templar); each URL overridable by a variable."""
     home = Path(environ.get("TEMPLAR_HOME", ".templar")).resolve()
-    hparams = HParamsResource(file=environ.get("TEMPLAR_HPARAMS_FILE"),
+    file = hparams_file(home, environ)
+    hparams = HParamsResource(file=None if file is None else str(file),
                               overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")})
     chain = ChainResource(url=environ.get("TEMPLAR_CHAIN_URL", f"local://{home}/chain.sqlite"), hparams=hparams)
     s3 = None

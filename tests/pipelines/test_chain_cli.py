@@ -75,3 +75,22 @@ def test_advance_refuses_a_wall_clock_a_missing_chain_and_a_real_chain(home, tmp
         with pytest.raises(SystemExit, match="is not a local chain"):
             templar(home, capsys, "chain", *argv)
     assert LocalChain(home / "chain.sqlite").block() == 0
+
+
+def test_init_records_the_network_settings_that_later_commands_read(tmp_path, capsys, monkeypatch):
+    """`templar init` writes the network's hyper-parameters (overrides included) to its home; a later process on the
+    home reads them without being told (make ui, templar audit); an explicit other file wins and init says so."""
+    monkeypatch.delenv("TEMPLAR_HPARAMS_FILE", raising=False)
+    monkeypatch.setenv("TEMPLAR_HP_STRATEGY", "sparseloco")
+    home = tmp_path / "network"
+    assert "hparams: strategy sparseloco" in templar(home, capsys, "init", "--max-chars", "20000", "--miners", "1")
+    monkeypatch.delenv("TEMPLAR_HP_STRATEGY")
+    assert resources_from_env({"TEMPLAR_HOME": str(home)})["hparams"].load().strategy == "sparseloco"
+    assert resources_from_env({"TEMPLAR_HOME": str(tmp_path / "elsewhere")})["hparams"].load().strategy == "demo"
+    other = tmp_path / "other.yaml"
+    other.write_text("strategy: demo\n")
+    said = templar(home, capsys, "--hparams", str(other), "init", "--miners", "1")
+    assert "differ from the network's" in said and "strategy sparseloco" in said, said
+    named = {"TEMPLAR_HOME": str(home), "TEMPLAR_HPARAMS_FILE": str(other)}
+    assert resources_from_env(named)["hparams"].load().strategy == "demo"
+    assert resources_from_env({"TEMPLAR_HOME": str(home)})["hparams"].load().strategy == "sparseloco"  # untouched
