@@ -6,7 +6,7 @@ the file encoding on the CPU against the inner steps it would have to hide behin
                  Δ and e and writes e, 12 B per element at best, so its speed is reported as a share of the copy
                  bandwidth (the issue's target: ≥ 60 % on the 1b preset)
     inner        H AdamW steps of `--rows` sequences each, float32 as inner.inner_steps runs them; MFU from
-                 6 · parameters · tokens per step against --peak-tflops (the issue's target: ≥ 45 % on an H100-class GPU)
+                 6 · parameters · tokens per step against --peak-tflops (the issue's target: ≥ 45 %, H100-class)
     encoding     write_sparse_gradient of what the pass kept (Rice coding and safetensors on the CPU)
 
     python bench/sparseloco_device.py --device cuda --preset 1b --peak-tflops 989   # H100/H200 dense bf16 peak
