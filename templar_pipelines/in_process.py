@@ -7,12 +7,15 @@ no daemon monitors them.
 A process is identified by its pid and its start time (Linux: /proc/<pid>/stat field 22, clock ticks since boot), not
 by its pid alone: the kernel hands a dead process's pid to a new one (pid_max is 32768 on many hosts, and a restarted
 container's node is PID 1 again), and a run whose recorded pid merely looks alive would block the schedule forever.
+It also names the host: a run another host recorded (an instance whose storage several hosts share) is not this
+host's to judge, since its pids mean nothing here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import dagster as dg
 
 from templar_pipelines.instance import prepare_dagster_home
 
-PID_TAG = "templar/pid"  # "pid:start" (start absent where the platform does not say: the pid alone is compared)
+PID_TAG = "templar/pid"  # "pid:start@host" (start absent where the platform does not say: the pid alone is compared)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the runs' events stay in the instance
 
 
@@ -68,10 +71,11 @@ def recover_dead_runs(instance: dg.DagsterInstance) -> list[str]:
 
 
 def process_identity(pid: int | None = None) -> str:
-    """"pid:start" for a live process (this one by default), "pid" where its start time cannot be read."""
+    """"pid:start@host" for a live process of this host (this one by default); "pid@host" where its start time cannot
+    be read."""
     pid = os.getpid() if pid is None else pid
     start = _start_time(pid)
-    return f"{pid}:{start}" if start is not None else str(pid)
+    return (f"{pid}:{start}" if start is not None else str(pid)) + f"@{socket.gethostname()}"
 
 
 def _start_time(pid: int) -> str | None:
@@ -83,8 +87,12 @@ def _start_time(pid: int) -> str | None:
 
 
 def _alive(recorded: str) -> bool:
-    """Whether the process a run recorded (process_identity) is still the one running under that pid."""
-    pid_text, _, start = recorded.partition(":")
+    """Whether the process a run recorded (process_identity) is still the one running under that pid; a process of
+    another host counts as alive (not ours to judge)."""
+    process, _, host = recorded.partition("@")
+    if host and host != socket.gethostname():
+        return True
+    pid_text, _, start = process.partition(":")
     if not pid_text.isdecimal():
         return False
     pid = int(pid_text)

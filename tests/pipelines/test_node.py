@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_en
 def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
     """Runs a dead in-process runner left STARTED or NOT_STARTED (killed between creating and starting a run) are
     failed; a pid the kernel gave to another process (here this one, under another start time) reads as dead; runs of
-    this live process, and a daemon's, are left alone."""
+    this live process, of another host (its pids mean nothing here) and a daemon's are left alone."""
     from templar_pipelines.in_process import PID_TAG, process_identity, recover_dead_runs
 
     dead = str(2 ** 22 + 12345)  # above the default pid_max: no such process
@@ -85,12 +86,13 @@ def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
             "never-started": (dg.DagsterRunStatus.NOT_STARTED, {PID_TAG: f"{dead}:777"}),
             "recycled-pid": (dg.DagsterRunStatus.STARTED, {PID_TAG: recycled}),
             "this-process": (dg.DagsterRunStatus.STARTED, {PID_TAG: process_identity()}),
+            "other-host": (dg.DagsterRunStatus.STARTED, {PID_TAG: f"{dead}:5@another-{socket.gethostname()}"}),
             "daemon-run": (dg.DagsterRunStatus.STARTED, {})}  # a daemon-launched run is the daemon's to monitor
     with dg.instance_for_test() as instance:
         for run_id, (status, tags) in runs.items():
             instance.add_run(dg.DagsterRun(job_name="miner_job", run_id=run_id, status=status, tags=tags))
         assert sorted(recover_dead_runs(instance)) == ["network-run", "never-started", "node-run", "recycled-pid"]
-        for run_id in ("daemon-run", "this-process"):
+        for run_id in ("daemon-run", "this-process", "other-host"):
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
         for run_id in ("node-run", "never-started", "recycled-pid"):
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
