@@ -9,6 +9,9 @@
                                                    in this process (no process start-up per window; GPU nodes)
     templar audit [--window W]                     audit the newest (or given) published checkpoint: every check
                                                    with its verdict and reason; exit 0 only when all passed
+    templar backfill --windows 3-5[,8] [--jobs local_network_job]
+                                                   re-run past windows in order on the node's instance (θ and pruned
+                                                   momentum rebuilt); stops at the first failed window
     templar chain status                           the local chain: block, window, clock mode, registered uids
     templar chain advance --blocks N | --windows N move the local chain's manual clock (the sensor follows it)
     templar train [--home DIR] --miners N --windows W [--strategy sparseloco|demo|dense-adamw|...] [--json FILE]
@@ -160,6 +163,35 @@ def local_network(home: Path, *, windows: int, adversaries: str, json_path: Path
           f"  DAGSTER_HOME={home / 'dagster'} TEMPLAR_HOME={home} .venv/bin/dagster dev -m templar_pipelines")
 
 
+def parse_windows(text: str) -> list[int]:
+    """"3-5,8" -> [3, 4, 5, 8] (ascending, distinct); ValueError for anything else."""
+    windows: set[int] = set()
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdecimal() or (dash and not last.isdecimal()) or (dash and int(last) < int(first)):
+            raise ValueError(f"windows: {part!r} is not W or W-V with V ≥ W")
+        windows.update(range(int(first), int(last if dash else first) + 1))
+    if not windows:
+        raise ValueError("windows: none given")
+    return sorted(windows)
+
+
+def backfill(home: Path, *, windows: list[int], jobs: list[str]) -> None:
+    """Re-run past windows through Dagster on the node's instance (templar_pipelines.node.run_backfill); exit 1 when
+    it stops or is refused, with the reason."""
+    from templar_pipelines.node import BackfillStopped, run_backfill
+
+    def show(run) -> None:
+        print(f"{run.job} window {run.window}: {'done' if run.success else 'FAILED'} (run {run.run_id[:8]}, "
+              f"{run.seconds:.1f} s)", flush=True)
+
+    try:
+        run_backfill(home, windows, jobs=jobs, on_run=show)
+    except BackfillStopped as error:
+        print(error)
+        raise SystemExit(1) from None
+
+
 def node(home: Path, *, jobs: list[str], until_window: int | None, poll_seconds: float) -> None:
     """Follow the chain and run this node's role jobs in this process (a resident node: see templar_pipelines.node)."""
     from templar_pipelines.node import run_node
@@ -281,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint (exit 1 unless every "
                                                      "check passed)")
     audit_parser.add_argument("--window", type=int, default=None, help="audit this checkpoint (default: the newest)")
+    backfill_parser = commands.add_parser("backfill", help="re-run past windows in order on the node's instance")
+    backfill_parser.add_argument("--windows", type=parse_windows, required=True, help="e.g. 3-5 or 1,4-6")
+    backfill_parser.add_argument("--jobs", default="local_network_job",
+                                 help="comma-separated jobs per window (default: every role in one run)")
     add_chain_parser(commands)
     train_parser = commands.add_parser("train", help="run the training core in-process (honest miners, no chain)")
     train_parser.add_argument("--miners", type=int, default=4)
@@ -313,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
              poll_seconds=args.poll)
     elif args.command == "audit":
         audit(home, window=args.window)
+    elif args.command == "backfill":
+        backfill(home, windows=args.windows, jobs=[job for job in args.jobs.split(",") if job])
     elif args.command == "chain" and args.chain_command == "status":
         chain_status(home)
     elif args.command == "chain":

@@ -7,6 +7,7 @@ import dagster as dg
 import pytest
 
 from templar_lib.state import StateStore
+from templar_pipelines.cli import main, parse_windows
 from templar_pipelines.local_network import run_local_network
 from templar_pipelines.node import BACKFILL_TAG, BackfillStopped, run_backfill
 
@@ -21,7 +22,8 @@ def buckets(home) -> dict[str, bytes]:
 
 
 @pytest.mark.timeout(420)
-def test_backfill_of_windows_gone_from_the_store_reproduces_the_live_windows(network_home, network_env):
+def test_backfill_of_windows_gone_from_the_store_reproduces_the_live_windows(network_home, network_env, monkeypatch,
+                                                                             capsys):
     env = {**{k: v for k, v in network_env.items() if k != "TEMPLAR_HP_CHECKPOINT_FREQUENCY"},  # the demo's 4
            "TEMPLAR_STATE_KEEP_WINDOWS": str(KEEP)}
     live = {summary["window"]: summary for summary in run_local_network(network_home, windows=3, environ=env)}
@@ -36,6 +38,12 @@ def test_backfill_of_windows_gone_from_the_store_reproduces_the_live_windows(net
                                               "windows in order from window 1") as refused:
         run_backfill(network_home, [2], environ=env)
     assert refused.value.runs == [] and buckets(network_home) == before
+    for key, value in env.items():  # the same refusal from the command line: its reason, and exit status 1
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exited:
+        main(["--home", str(network_home), "backfill", "--windows", "2"])
+    assert exited.value.code == 1 and "from window 1" in capsys.readouterr().out
+    assert buckets(network_home) == before
 
     runs = run_backfill(network_home, [2, 1], environ=env)  # run in window order, whatever the order given
     assert [(run.job, run.window, run.success) for run in runs] == [("local_network_job", 1, True),
@@ -89,3 +97,10 @@ def test_a_pruned_momentum_is_recomputed_only_when_that_gives_the_live_bytes(tmp
     store.save_momentum(7, 1, {"m": torch.ones(2)}, background=False)
     with pytest.raises(MomentumPruned, match="after window 2"):
         store.load_momentum(7, 2)
+
+
+def test_backfill_windows_parse_as_ranges():
+    assert parse_windows("3-5,8") == [3, 4, 5, 8] and parse_windows("2,1,2") == [1, 2]
+    for text in ("5-3", "x", "", "1-", "-2"):
+        with pytest.raises(ValueError, match="windows"):
+            parse_windows(text)
