@@ -2,7 +2,7 @@
 
     python bench/sparse_wire.py [--presets tiny,small,1b]
 
-One miner's first file at the strategy's HParams defaults (top-64 per chunk of ≤ 64 × 64, 2-bit codes): the whole
+One miner's first file at the strategy's HParams defaults (top-32 per chunk of ≤ 64 × 64, 2-bit codes): the whole
 file (safetensors and templar headers, Rice-coded positions, codes four to a byte, each parameter's shift and table)
 over the number of kept values, and how the bytes split. tiny and small: the pseudo-gradient of 3 real inner AdamW
 steps on the bundled pages; 1b (not built on a CPU): a Gaussian pseudo-gradient per parameter of the preset's shapes
@@ -29,6 +29,7 @@ from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.inner import InnerState, inner_steps  # noqa: E402
 from templar_lib.model import build_model, parameters_of  # noqa: E402
 from templar_lib.strategies import SparseLoCoStrategy  # noqa: E402
+from templar_lib.wire.sparse import code_bits  # noqa: E402
 
 HPARAMS = HParams(strategy="sparseloco", warmup_steps=0, pages_per_window=3, batch_size=6)
 
@@ -56,7 +57,8 @@ def measure(preset: str, deltas) -> dict:
     data = strategy.write_gradient(1, 1, sent)
     header = 8 + struct.unpack("<Q", data[:8])[0]
     entries = json.loads(data[8:header])
-    codes = sum((sent[name].idx.numel() * 2 + 7) // 8 for name in sent)
+    bits = code_bits(HPARAMS.quantization_bins)
+    codes = sum((sent[name].idx.numel() * bits + 7) // 8 for name in sent)
     quant = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for key, entry in entries.items()
                 if key.endswith(".quant"))
     return {"preset": preset, "parameters": parameters, "tensors": len(sent), "kept": values, "bytes": len(data),
