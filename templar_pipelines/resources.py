@@ -29,7 +29,7 @@ from templar_lib.chain import Chain, open_chain
 from templar_lib.checkpoints import ModelState
 from templar_lib.commitments import PeerBuckets, peer_buckets
 from templar_lib.data import Dataset
-from templar_lib.hparams import HParams, hparams_file
+from templar_lib.hparams import ENV_PREFIX, HParams, hparams_file
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
 from templar_lib.strategies import strategy_of
@@ -233,7 +233,7 @@ def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableR
     home = Path(environ.get("TEMPLAR_HOME", ".templar")).resolve()
     file = hparams_file(home, environ)
     hparams = HParamsResource(file=None if file is None else str(file),
-                              overrides={k: v for k, v in environ.items() if k.startswith("TEMPLAR_HP_")})
+                              overrides={k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)})
     chain = ChainResource(url=environ.get("TEMPLAR_CHAIN_URL", f"local://{home}/chain.sqlite"), hparams=hparams)
     s3 = None
     if environ.get("TEMPLAR_S3_ENDPOINT_URL"):
