@@ -1,10 +1,10 @@
 """Strategies side by side at equal tokens and equal rounds: held-out loss per round and bytes per miner per round.
 
     python bench/convergence.py [--rounds 200] [--strategies sparseloco,demo,dense-adamw,local-sgd]
-                                [--every 20] [--set sparseloco:outer_learning_rate=0.7 ...]
+                                [--every 20] [--set sparseloco:outer_learning_rate=0.7 ...] [--seed 0]
 
 The tiny preset, 4 miners, each with 3 pages of 2 × 128 tokens per round (6 sequences: the issue's calibration),
-from the same θ_0 (seed 0) and the same pages per (round, miner) under every strategy (templar_lib.simulate.train).
+from the same θ_0 (`--seed`, 0) and the same pages per (round, miner) under every strategy (templar_lib.simulate.train).
 Each strategy runs with deploy/simulate-hparams.yaml plus its own settings below (tuned on this setting, see
 bench/RESULTS.md; `--set strategy:field=value` overrides one). Prints a row every `--every` rounds, then per strategy
 the final held-out loss, its ratio to dense AdamW's and the bytes one miner sends per round against dense bf16.
@@ -51,16 +51,17 @@ def main() -> None:
     parser.add_argument("--strategies", default="sparseloco,demo,dense-adamw,local-sgd")
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], help="strategy:field=value")
+    parser.add_argument("--seed", type=int, default=0, help="θ_0's seed (the pages are the same for every seed)")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
     with scratch_dataset("bench-convergence-") as (work, dataset):
         print(f"{machine()}; "
-              f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds", flush=True)
+              f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds, seed {args.seed}", flush=True)
         reports = {}
         for strategy in strategies:
             started = time.perf_counter()
             reports[strategy] = train(dataset, miners=4, windows=args.rounds, hparams=hparams_for(strategy, args.set),
-                                      strategy=strategy)
+                                      strategy=strategy, seed=args.seed)
             curve = " ".join(f"{w.held_out_loss:.3f}" for w in reports[strategy].windows[args.every - 1::args.every])
             print(f"{strategy}: {time.perf_counter() - started:.0f} s; held-out every {args.every} rounds: {curve}",
                   flush=True)

@@ -40,7 +40,7 @@ from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
-from templar_lib.strategies import strategy_of
+from templar_lib.strategies import NormReference, strategy_of
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
@@ -102,7 +102,7 @@ class ValidatorResult:
 
 def evaluate_gradient(scratch: torch.nn.Module, theta: Mapping[str, torch.Tensor], gradient: Gradient, *,
                       window: int, step: int, own: list[torch.Tensor], random: torch.Tensor, random_before: float,
-                      hparams: HParams, reference: Mapping[str, float] | None = None) -> Losses:
+                      hparams: HParams, reference: NormReference | None = None) -> Losses:
     """Losses of θ_w and of θ_w + this uid's update alone, on each of its own pages (`own`, one tensor per page) and
     on the random pages (scratch is reused)."""
     load_parameters_(scratch, dict(theta))

@@ -19,8 +19,8 @@ from safetensors.torch import load, load_file
 
 from templar_lib.compression import chunk_side
 from templar_lib.model import build_model
-from templar_lib.sparseloco import (SparseDelta, clip_factors, combine_deltas, decode_delta, encode_delta,
-                                    flat_positions, keep_count, layout, outer_step)
+from templar_lib.sparseloco import (GAIN_WINDOWS, SparseDelta, clip_factors, combine_deltas, decode_delta,
+                                    encode_delta, feedback_gain, flat_positions, keep_count, layout, outer_step)
 from templar_lib.wire.container import InvalidFile, save_templar_file
 from templar_lib.wire.sparse import (SparseGradient, max_sparse_gradient_bytes, pack_codes, read_sparse_gradient,
                                      unpack_codes, write_sparse_gradient)
@@ -202,6 +202,29 @@ def test_a_peer_whose_norm_overflows_is_dropped_not_nan():
         update = combine_deltas(peers)
         assert torch.isfinite(update).all()
         assert clip_factors(peers).factors.tolist()[peers.index(huge)] == 0.0
+
+
+@pytest.mark.parametrize("decay", [0.95, 0.99])
+def test_feedback_gain_is_what_encode_delta_sends_of_independent_deltas(decay):
+    """feedback_gain models the encoder: 40 windows of Gaussian Δ through encode_delta (256 bins: nearly exact
+    values; 32 chunks of 64 × 64) send ‖values‖ / ‖Δ‖ within a few percent of the model's, window by window."""
+    generator, error = torch.Generator().manual_seed(11), None
+    for window in range(1, 41):
+        delta = torch.randn(256, 512, generator=generator)
+        sent, error = encode_delta(delta, error, decay=decay, topk=32, bins=256)
+        measured = float(torch.linalg.vector_norm(sent.values()) / torch.linalg.vector_norm(delta))
+        assert measured == pytest.approx(feedback_gain(decay, window, topk=32), rel=0.04), window
+
+
+def test_feedback_gain_grows_with_memory_and_age_and_settles():
+    first = feedback_gain(0.95, 1, topk=32)
+    assert first == feedback_gain(0.5, 1, topk=32) == feedback_gain(1.0, 1, topk=32)  # e_1 = Δ_1 for every β
+    assert feedback_gain(0.9, 200) < feedback_gain(0.95, 200) < feedback_gain(0.99, 200) < feedback_gain(1.0, 200)
+    curve = [feedback_gain(0.99, t, topk=32) for t in (1, 10, 40, 100)]
+    assert curve == sorted(curve) and curve[-1] > 3 * first
+    assert feedback_gain(0.99, GAIN_WINDOWS) == feedback_gain(0.99, 10 * GAIN_WINDOWS)  # settled: capped
+    with pytest.raises(ValueError, match="windows"):
+        feedback_gain(0.99, 0)
 
 
 def test_peers_of_different_shapes_are_refused():

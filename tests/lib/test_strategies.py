@@ -13,7 +13,7 @@ from templar_lib.hparams import HParams, HParamsError
 from templar_lib.inner import InnerState, adamw_step_
 from templar_lib.model import build_model
 from templar_lib.simulate import run_network
-from templar_lib.strategies import STRATEGIES, strategy_of
+from templar_lib.strategies import STRATEGIES, NormReference, strategy_of
 from templar_lib.wire import InvalidFile
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2)
@@ -109,6 +109,27 @@ def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(
     demo = dataclasses.replace(hparams, strategy="demo")  # a node on the other strategy cannot replay it
     with pytest.raises(Exception, match="cannot replay window 0"):
         catch_up(theta_0, aggregator, 1, hparams=demo)
+
+
+def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_data):
+    """bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t): 2.0 in a network's first window for any β, constant at
+    β 0.95, growing to ≈ 2.76 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md); a file
+    at 2.5× the reference is refused in window 0 and accepted in window 199, and the reason names the bound."""
+    model, data = model_and_data
+    sparse = strategy_of(FAST.replace(strategy="sparseloco"))
+    assert sparse.hparams.error_decay == 0.99
+    classic = strategy_of(FAST.replace(strategy="sparseloco", error_decay=sparse.NORM_BOUND_DECAY))
+    assert {classic.norm_bound(step) for step in (0, 9, 99, 999)} == {sparse.NORM_BOUND}
+    bounds = [sparse.norm_bound(step) for step in (0, 9, 19, 99)]
+    assert bounds[0] == sparse.NORM_BOUND and bounds == sorted(bounds) and 2.6 < bounds[-1] < 2.9
+    assert sparse.norm_bound(399) == pytest.approx(bounds[-1], rel=0.01)  # settled
+    gradient = sparse.read_gradient(sparse.write_gradient(0, 1, sparse.mine(
+        model, None, data.tokens(data.miner_pages(0, 1, 2)), step=0).sent), window=0, uid=1,
+        shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
+    norms = {name: float(torch.linalg.vector_norm(sent.values())) / 2.5 for name, sent in gradient.tensors.items()}
+    assert sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(0))).startswith("norm:")
+    assert "above 2×" in sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(0)))
+    assert sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(199))) is None
 
 
 @pytest.mark.parametrize("kind", ["scale", "majority_scale"])
