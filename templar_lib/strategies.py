@@ -160,7 +160,7 @@ class SparseLoCoStrategy:
     over windows, the more so the longer its memory β: at β 0.95 honest files measured 0.7–1.34 of ‖Δ_ref‖ over 200
     windows, at β 0.99 up to 1.88 (bench/sparse_norms.py). So the bound, NORM_BOUND at β 0.95, follows the error
     feedback's gain in the network's t-th window (sparseloco.feedback_gain, t = outer step + 1: no honest miner's
-    error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.76 from
+    error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.78 from
     t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window."""
 
     name = "sparseloco"
