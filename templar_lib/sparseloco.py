@@ -249,7 +249,7 @@ def _gain_curve(decay: float, k: int, chunk_size: int) -> tuple[float, ...]:
     for _ in range(GAIN_WINDOWS):
         delta = torch.randn(32, chunk_size, generator=generator)
         error.mul_(decay).add_(delta)
-        idx = error.abs().topk(k, dim=1).indices
+        idx = error.abs().topk(k, dim=1).indices  # not _top_positions: no ties to order here, and 19× faster
         gains.append(float(torch.linalg.vector_norm(error.gather(1, idx)) / torch.linalg.vector_norm(delta)))
         error.scatter_(1, idx, 0.0)  # what was sent leaves the error (exactly, without quantisation)
     return tuple(gains)

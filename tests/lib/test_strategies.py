@@ -113,7 +113,7 @@ def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(
 
 def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_data):
     """bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t): 2.0 in a network's first window for any β, constant at
-    β 0.95, growing to ≈ 2.76 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md); a file
+    β 0.95, growing to ≈ 2.78 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md); a file
     at 2.5× the reference is refused in window 0 and accepted in window 199, and the reason names the bound."""
     model, data = model_and_data
     sparse = strategy_of(FAST.replace(strategy="sparseloco"))
