@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -235,24 +236,41 @@ def feedback_gain(decay: float, windows: int, topk: int = TOPK, chunk_size: int 
     (t = windows ≥ 1, capped at GAIN_WINDOWS) when every window adds an independent Δ_t ~ N(0, 1) per value and
     steps 1–3, 5 run on it (32 chunks of chunk_size, k = keep_count(chunk_size, topk)). Window 1 sends the top-k of
     Δ_1 alone (0.264 at top-32 of 4096, any β); it grows with t towards a steady state that grows with β
-    (0.61 at β 0.95, 0.85 at 0.99). Deterministic (a seeded generator, CPU), computed once per setting.
+    (0.61 at β 0.95, 0.85 at 0.99). Deterministic (a seeded generator, CPU), simulated once per process and setting,
+    only as far as the windows asked for.
     Real pseudo-gradients are correlated across windows, so they grow somewhat more (bench/RESULTS.md)."""
     if windows < 1:
         raise ValueError(f"windows must be >= 1, not {windows}")
-    return _gain_curve(float(decay), keep_count(chunk_size, topk), chunk_size)[min(windows, GAIN_WINDOWS) - 1]
+    return _gain_curve(float(decay), keep_count(chunk_size, topk), chunk_size).at(min(windows, GAIN_WINDOWS))
+
+
+class _GainCurve:
+    """feedback_gain's simulation for one (β, k, chunk size), run only as far as a caller has asked: a validator in a
+    young network pays for its t windows (≈ 1.4 ms each on a CPU), not for all GAIN_WINDOWS. The same generator and
+    the same steps in the same order whenever they run, so the value of window t does not depend on who asked first."""
+
+    def __init__(self, decay: float, k: int, chunk_size: int):
+        self.decay, self.k = decay, k
+        self.generator = torch.Generator().manual_seed(0)
+        self.error = torch.zeros(32, chunk_size)
+        self.gains: list[float] = []
+        self.lock = threading.Lock()
+
+    def at(self, windows: int) -> float:
+        with self.lock:
+            while len(self.gains) < windows:
+                delta = torch.randn(self.error.shape, generator=self.generator)
+                self.error.mul_(self.decay).add_(delta)
+                idx = self.error.abs().topk(self.k, dim=1).indices  # not _top_positions: no ties here, 19× faster
+                sent = self.error.gather(1, idx)
+                self.gains.append(float(torch.linalg.vector_norm(sent) / torch.linalg.vector_norm(delta)))
+                self.error.scatter_(1, idx, 0.0)  # what was sent leaves the error (exactly, without quantisation)
+            return self.gains[windows - 1]
 
 
 @functools.lru_cache(maxsize=8)
-def _gain_curve(decay: float, k: int, chunk_size: int) -> tuple[float, ...]:
-    generator = torch.Generator().manual_seed(0)
-    error, gains = torch.zeros(32, chunk_size), []
-    for _ in range(GAIN_WINDOWS):
-        delta = torch.randn(32, chunk_size, generator=generator)
-        error.mul_(decay).add_(delta)
-        idx = error.abs().topk(k, dim=1).indices  # not _top_positions: no ties to order here, and 19× faster
-        gains.append(float(torch.linalg.vector_norm(error.gather(1, idx)) / torch.linalg.vector_norm(delta)))
-        error.scatter_(1, idx, 0.0)  # what was sent leaves the error (exactly, without quantisation)
-    return tuple(gains)
+def _gain_curve(decay: float, k: int, chunk_size: int) -> _GainCurve:
+    return _GainCurve(decay, k, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------------- aggregator

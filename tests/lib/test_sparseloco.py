@@ -19,8 +19,9 @@ from safetensors.torch import load, load_file
 
 from templar_lib.compression import chunk_side
 from templar_lib.model import build_model
-from templar_lib.sparseloco import (GAIN_WINDOWS, SparseDelta, clip_factors, combine_deltas, decode_delta,
-                                    encode_delta, feedback_gain, flat_positions, keep_count, layout, outer_step)
+from templar_lib.sparseloco import (GAIN_WINDOWS, SparseDelta, _gain_curve, clip_factors, combine_deltas,
+                                    decode_delta, encode_delta, feedback_gain, flat_positions, keep_count, layout,
+                                    outer_step)
 from templar_lib.wire.container import InvalidFile, save_templar_file
 from templar_lib.wire.sparse import (SparseGradient, max_sparse_gradient_bytes, pack_codes, read_sparse_gradient,
                                      unpack_codes, write_sparse_gradient)
@@ -225,6 +226,17 @@ def test_feedback_gain_grows_with_memory_and_age_and_settles():
     assert feedback_gain(0.99, GAIN_WINDOWS) == feedback_gain(0.99, 10 * GAIN_WINDOWS)  # settled: capped
     with pytest.raises(ValueError, match="windows"):
         feedback_gain(0.99, 0)
+
+
+def test_feedback_gain_is_simulated_only_as_far_as_asked_and_the_same_in_any_order():
+    """A validator in the network's 7th window runs 7 windows of the simulation, not GAIN_WINDOWS; asking for a later
+    window first or last gives the same bits (one generator, one order of steps)."""
+    _gain_curve.cache_clear()
+    early = feedback_gain(0.97, 7, topk=32)
+    assert len(_gain_curve(0.97, 32, 4096).gains) == 7
+    later = feedback_gain(0.97, 30, topk=32)
+    _gain_curve.cache_clear()
+    assert (feedback_gain(0.97, 30, topk=32), feedback_gain(0.97, 7, topk=32)) == (later, early)
 
 
 def test_peers_of_different_shapes_are_refused():
