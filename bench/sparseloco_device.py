@@ -2,9 +2,10 @@
 (error feedback + top-k + 2-bit quantisation over every parameter) against the device's measured copy bandwidth, and
 the file encoding on the CPU against the inner steps it would have to hide behind.
 
-    compression  encode_delta over every parameter, as the miner runs it (torch ops, not one fused kernel): it reads
-                 Δ and e and writes e, 12 B per element at best, so its speed is reported as a share of the copy
-                 bandwidth (the issue's target: ≥ 60 % on the 1b preset)
+    compression  encode_delta over every parameter, as the miner runs it, twice side by side: torch ops, and the fused
+                 Triton kernel (kernels.sparse_select, chosen on CUDA) with the quantisation on the kept values. It
+                 reads Δ and e and writes e, 12 B per element at best, so its speed is reported as a share of the
+                 copy bandwidth (the issue's target: ≥ 60 % on the 1b preset); the two must send the same selection
     inner        H AdamW steps of `--rows` sequences each, float32 as inner.inner_steps runs them; MFU from
                  6 · parameters · tokens per step against --peak-tflops (the issue's target: ≥ 45 %, H100-class)
     encoding     write_sparse_gradient of what the pass kept (Rice coding and safetensors on the CPU)
@@ -53,10 +54,18 @@ def main() -> None:
     deltas = {n: torch.randn(p.shape, device=args.device, generator=generator) * 1e-3 for n, p in parameters.items()}
     errors = {n: torch.randn(p.shape, device=args.device, generator=generator) * 1e-3 for n, p in parameters.items()}
     bandwidth = copy_bandwidth(args.device)
-    seconds = timed(lambda: strategy.encode(deltas, errors), args.device, 5)
-    achieved = 12 * count / seconds
-    print(f"compression pass: {seconds * 1e3:.1f} ms, {achieved / 1e9:.1f} GB/s at 12 B per element = "
-          f"{100 * achieved / bandwidth:.1f} % of the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s)", flush=True)
+    paths = {"torch ops": False} | ({"fused kernel": None} if args.device.startswith("cuda") else {})
+    for label, fused in paths.items():
+        seconds = timed(lambda: strategy.encode(deltas, errors, fused=fused), args.device, 5)
+        achieved = 12 * count / seconds
+        print(f"compression pass, {label}: {seconds * 1e3:.1f} ms, {achieved / 1e9:.1f} GB/s at 12 B per element = "
+              f"{100 * achieved / bandwidth:.1f} % of the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s)",
+              flush=True)
+    if len(paths) == 2:
+        fused_sent, plain_sent = (strategy.encode(deltas, errors, fused=f)[0] for f in (None, False))
+        differing = sum(int((fused_sent[n].idx != plain_sent[n].idx).any(dim=1).sum()) for n in plain_sent)
+        print(f"fused against torch: {differing} of {sum(s.n_chunks for s in plain_sent.values()):,} chunks select "
+              f"differently (β·e + Δ may be one fused multiply-add in the kernel)", flush=True)
 
     sent, _ = strategy.encode(deltas, errors)
     started = time.perf_counter()

@@ -18,6 +18,14 @@ Per chunk B of a parameter (the chunk held in one program's registers, padded to
 
 A 1-D parameter (N,) with chunk (n,) is the 2-D case (N/n, n) with chunk (1, n) (D_1 = [1]).
 
+The sparseloco strategy's pass (templar_lib.sparseloco steps 1–3, no DCT) is one kernel over the parameter's view:
+
+    select   (one read of e and Δ, one write of e': 12 B per element, the copy bandwidth's own ratio)
+             e' ← β · e + Δ                                     (to a new tensor: the caller's e is left as it was)
+             idx, vals ← the k largest |e'| of the chunk, the same search and tie rule as encode
+    the rest runs on the kept values only (under 1 % of the elements): the 2-bit quantisation's per-parameter
+    statistics in torch, then e'[kept] ← e'[kept] − v̂ (sparseloco.encode_delta).
+
 Numerics against the torch path: the products run as "tf32x3" by default (three TF32 tensor-core products, about
 float32 accuracy: the same kept positions as the torch path but for near-ties of |X|); "ieee" (FMA) is slower and
 "tf32" (one TF32 product) faster but changes selections, so neither is the default (bench/RESULTS.md has the counts
@@ -139,6 +147,25 @@ def round_trip(m: torch.Tensor, g: torch.Tensor, *, decay: float, lr: float, top
     """ErrorFeedback's per-parameter step, fused: fold, encode, top-k, round, decode, subtract."""
     sparse = fold_encode(m, g, decay=decay, lr=lr, topk=topk, target_chunk=target_chunk, precision=precision)
     return round_subtract(m, sparse, value_dtype=value_dtype, precision=precision)
+
+
+def sparse_select(error: torch.Tensor | None, delta: torch.Tensor, *, decay: float, k: int,
+                  chunk: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e' = decay · error + delta (delta alone for error None) into a new float32 tensor, and the k largest |e'| of
+    each chunk: (e', idx (n_chunks, k) int64 increasing within each chunk, vals (n_chunks, k) float32 = e'[idx]).
+    error, delta: contiguous, the parameter's 1-D or 2-D view, chunk ≤ MAX_CHUNK_SIDE per side; 1 ≤ k ≤ chunk size.
+    A non-finite e' is among the kept values wherever it occurs (its |·| bits are above every finite value's)."""
+    shape = tuple(delta.shape)
+    rows, cols, r, c = _grid(shape, chunk)
+    n_chunks = (rows // r) * (cols // c)
+    out = torch.empty(shape, dtype=torch.float32, device=delta.device)
+    idx = torch.empty(n_chunks, k, dtype=torch.int64, device=delta.device)
+    vals = torch.empty(n_chunks, k, dtype=torch.float32, device=delta.device)
+    _kernels().sparse_select[(_programs(n_chunks, delta.device),)](
+        delta if error is None else error, delta, out, idx, vals, cols, cols // c, n_chunks, float(decay),
+        R=r, C=c, K=k, BLOCK_R=_block(r), BLOCK_C=_block(c), THRESHOLDS=SETTINGS.thresholds,
+        HAS_ERROR=error is not None, num_warps=SETTINGS.encode_warps)
+    return out, idx, vals
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -59,6 +59,29 @@ def _kth_largest(bits, K: tl.constexpr, VALID: tl.constexpr, R: tl.constexpr, TH
 
 
 @triton.jit
+def _top_k(bits, K: tl.constexpr, R: tl.constexpr, C: tl.constexpr, THRESHOLDS: tl.constexpr):
+    """The K largest of a chunk's bits (-1 outside the chunk) as a 0/1 mask; where several equal the K-th, the
+    first ones in row-major order (torch's stable sort would keep the same)."""
+    low = _kth_largest(bits, K, R * C, R, THRESHOLDS)
+    kept = bits >= low
+    if tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) != K:  # ties at low: the first ones, row-major
+        above = bits > low
+        tied = (bits == low).to(tl.int32)
+        needed = K - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
+        kept = above | ((_row_major_rank(tied) <= needed) & (tied > 0))
+    return kept
+
+
+@triton.jit
+def _store_kept(x, kept, chunk, position, idx_ptr, vals_ptr, K: tl.constexpr):
+    """The kept positions (row-major within the chunk) and their x, in increasing position, to row `chunk`."""
+    slot = _row_major_rank(kept.to(tl.int32)) - 1
+    out = chunk.to(tl.int64) * K + slot
+    tl.store(idx_ptr + out, position.to(tl.int64), mask=kept)
+    tl.store(vals_ptr + out, x, mask=kept)
+
+
+@triton.jit
 def encode(m_ptr, g_ptr, dr_ptr, dc_ptr, idx_ptr, vals_ptr, cols, blocks_x, n_chunks, decay, lr,
            R: tl.constexpr, C: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
            PRECISION: tl.constexpr, THRESHOLDS: tl.constexpr, SKIP: tl.constexpr = 0):
@@ -90,17 +113,8 @@ def encode(m_ptr, g_ptr, dr_ptr, dc_ptr, idx_ptr, vals_ptr, cols, blocks_x, n_ch
         if SKIP == 1:
             kept = (i * C + j < K) & inside
         else:
-            low = _kth_largest(bits, K, R * C, R, THRESHOLDS)
-            kept = bits >= low
-            if tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) != K:  # ties at low: the first ones, row-major
-                above = bits > low
-                tied = (bits == low).to(tl.int32)
-                needed = K - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
-                kept = above | ((_row_major_rank(tied) <= needed) & (tied > 0))
-        slot = _row_major_rank(kept.to(tl.int32)) - 1
-        out = chunk.to(tl.int64) * K + slot
-        tl.store(idx_ptr + out, (i * C + j).to(tl.int64), mask=kept)
-        tl.store(vals_ptr + out, x, mask=kept)
+            kept = _top_k(bits, K, R, C, THRESHOLDS)
+        _store_kept(x, kept, chunk, i * C + j, idx_ptr, vals_ptr, K)
         chunk += tl.num_programs(0)
 
 
@@ -145,4 +159,26 @@ def decode(m_ptr, idx_ptr, vals_ptr, largest_ptr, dr_ptr, dc_ptr, cols, blocks_x
         offsets = (by * R + i).to(tl.int64) * cols + bx * C + j
         m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
         tl.store(m_ptr + offsets, m - t, mask=inside)
+        chunk += tl.num_programs(0)
+
+
+@triton.jit
+def sparse_select(e_ptr, d_ptr, out_ptr, idx_ptr, vals_ptr, cols, blocks_x, n_chunks, decay,
+                  R: tl.constexpr, C: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  THRESHOLDS: tl.constexpr, HAS_ERROR: tl.constexpr):
+    """sparseloco steps 1–3 (templar_lib.kernels.sparse_select), chunks program_id, program_id + programs, ..."""
+    i = tl.arange(0, BLOCK_R)[:, None]
+    j = tl.arange(0, BLOCK_C)[None, :]
+    inside = (i < R) & (j < C)
+    chunk = tl.program_id(0)
+    while chunk < n_chunks:
+        by = chunk // blocks_x
+        bx = chunk % blocks_x
+        offsets = (by * R + i).to(tl.int64) * cols + bx * C + j
+        e = tl.load(d_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if HAS_ERROR:
+            e = tl.load(e_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * decay + e
+        tl.store(out_ptr + offsets, e, mask=inside)
+        bits = tl.where(inside, tl.abs(e).to(tl.int32, bitcast=True), -1)
+        _store_kept(e, _top_k(bits, K, R, C, THRESHOLDS), chunk, i * C + j, idx_ptr, vals_ptr, K)
         chunk += tl.num_programs(0)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from templar_lib import kernels
 from templar_lib.compression import chunk_shape
 
 DECAY = 0.95  # β of the error feedback (Templar hparams momentum_decay)
@@ -165,22 +166,34 @@ class SparseDelta:
 
 
 def flat_positions(sent: SparseDelta) -> torch.Tensor:
-    """Where each kept value sits in the flattened parameter: (n_chunks, k) int64, in idx's order."""
-    numbering = torch.arange(math.prod(sent.shape), device=sent.idx.device)
-    return _to_rows(numbering, sent.view, sent.chunk).gather(1, sent.idx)
+    """Where each kept value sits in the flattened parameter: (n_chunks, k) int64, in idx's order. For the 2-D view
+    (rows, cols) in chunks (r, c), chunk b = (y, x) on the grid of cols / c blocks a row, position p = (i, j) within:
+    (y·r + i)·cols + x·c + j; for the 1-D view b·n + p. Touches only the kept positions."""
+    chunks = torch.arange(sent.n_chunks, device=sent.idx.device)[:, None]
+    if len(sent.view) == 1:
+        return chunks * sent.chunk[0] + sent.idx
+    (_, cols), (r, c) = sent.view, sent.chunk
+    per_row = cols // c
+    return (chunks // per_row * r + sent.idx // c) * cols + chunks % per_row * c + sent.idx % c
 
 
 # ---------------------------------------------------------------------------------------------------- miner
 def encode_delta(delta: torch.Tensor, error: torch.Tensor | None, decay: float = DECAY, topk: int = TOPK,
-                 target_chunk: int = TARGET_CHUNK, bins: int = BINS, sigmas: float = SIGMAS
-                 ) -> tuple[SparseDelta, torch.Tensor]:
+                 target_chunk: int = TARGET_CHUNK, bins: int = BINS, sigmas: float = SIGMAS, *,
+                 fused: bool | None = None) -> tuple[SparseDelta, torch.Tensor]:
     """Steps 1–5: (what to send, the error after sending it).
 
     delta: the pseudo-gradient, any shape and float dtype. error: float32 of delta's shape, or None for zeros.
     Returns (SparseDelta, error_after float32 of delta's shape). Raises ValueError for a non-finite error.
+    fused: steps 1–3 as one Triton kernel (templar_lib.kernels.sparse_select: one read of Δ and e, one write of e)
+    and step 5 on the kept positions only. None (the default) = on CUDA when triton is installed and the view's
+    chunk fits one program (sides ≤ 64); True forces it (an error where it cannot run; on a CPU only under
+    TRITON_INTERPRET=1). The same selection and codes; e·β + Δ may be one fused multiply-add there (last bit).
     """
     if not 2 <= bins <= 256:
         raise ValueError(f"bins must be in [2, 256], not {bins}")
+    if _fuses(delta, target_chunk, fused):
+        return _encode_fused(delta, error, decay, topk, target_chunk, bins, sigmas)
     e = delta.float() if error is None else error.float() * decay + delta.float()  # 1. e ← β·e + Δ
     if not bool(torch.isfinite(e).all()):
         raise ValueError("the error feedback is not finite: nothing sensible to send")
@@ -191,6 +204,36 @@ def encode_delta(delta: torch.Tensor, error: torch.Tensor | None, decay: float =
     codes, shift, table = _quantise(rows.gather(1, idx), bins, sigmas)  # 4.
     sent = SparseDelta(shape=shape, chunk=chunk, idx=idx, codes=codes, shift=shift, table=table)
     return sent, e - decode_delta(sent)  # 5. e ← e − decode(sent)
+
+
+def _fuses(delta: torch.Tensor, target_chunk: int, fused: bool | None) -> bool:
+    if fused is False:
+        return False
+    view, chunk = layout(tuple(delta.shape), target_chunk)
+    usable = kernels.available(delta.device, interpreter=bool(fused)) and max(chunk) <= kernels.MAX_CHUNK_SIDE
+    if fused and not usable:
+        raise RuntimeError(f"fused sparseloco compression needs CUDA and triton and chunks of at most "
+                           f"{kernels.MAX_CHUNK_SIDE} a side (delta {tuple(delta.shape)} on {delta.device}, chunk "
+                           f"{chunk})")
+    return usable
+
+
+def _encode_fused(delta: torch.Tensor, error: torch.Tensor | None, decay: float, topk: int, target_chunk: int,
+                  bins: int, sigmas: float) -> tuple[SparseDelta, torch.Tensor]:
+    """encode_delta with steps 1–3 in one kernel and step 5 on the kept positions: e − decode(sent) is e − 0 = e
+    everywhere else, so only e[kept] − v̂ is computed (the same float32 subtraction as the torch path)."""
+    shape = tuple(delta.shape)
+    view, chunk = layout(shape, target_chunk)
+    e, idx, vals = kernels.sparse_select(None if error is None else error.float().reshape(view).contiguous(),
+                                         delta.reshape(view).contiguous(), decay=decay,
+                                         k=keep_count(math.prod(chunk), topk), chunk=chunk)  # 1–3
+    if not bool(torch.isfinite(vals).all()):  # a non-finite e anywhere is among the kept values
+        raise ValueError("the error feedback is not finite: nothing sensible to send")
+    codes, shift, table = _quantise(vals, bins, sigmas)  # 4.
+    sent = SparseDelta(shape=shape, chunk=chunk, idx=idx, codes=codes, shift=shift, table=table)
+    flat, at = e.view(-1), flat_positions(sent).view(-1)
+    flat[at] = flat[at] - sent.values().view(-1)  # 5.
+    return sent, e.reshape(shape)
 
 
 def _top_positions(rows: torch.Tensor, k: int) -> torch.Tensor:

@@ -181,16 +181,17 @@ class SparseLoCoStrategy:
         sent, after = self.encode(delta, errors)
         return Mined(losses[0], losses, sent, inner.tensors | {f"error.{name}": e for name, e in after.items()})
 
-    def encode(self, deltas: Mapping[str, torch.Tensor], errors: Mapping[str, torch.Tensor] | None
-               ) -> tuple[dict[str, SparseDelta], dict[str, torch.Tensor]]:
+    def encode(self, deltas: Mapping[str, torch.Tensor], errors: Mapping[str, torch.Tensor] | None, *,
+               fused: bool | None = None) -> tuple[dict[str, SparseDelta], dict[str, torch.Tensor]]:
         """Each parameter's pseudo-gradient through error feedback, top-k and 2-bit values: (what to send, the error
-        after sending it). errors: None for zeros (a miner's first window)."""
+        after sending it). errors: None for zeros (a miner's first window). fused: sparseloco.encode_delta's (None:
+        the Triton kernel on CUDA for every parameter it fits, torch ops elsewhere)."""
         hparams, sent, after = self.hparams, {}, {}
         for name, delta in deltas.items():
             sent[name], after[name] = encode_delta(delta, None if errors is None else errors[name],
                                                    decay=hparams.error_decay, topk=hparams.sparse_topk,
                                                    target_chunk=hparams.target_chunk, bins=hparams.quantization_bins,
-                                                   sigmas=hparams.quantization_range)
+                                                   sigmas=hparams.quantization_range, fused=fused)
         return sent, after
 
     def write_gradient(self, window: int, uid: int, sent: dict, *, model_hash: str = "",

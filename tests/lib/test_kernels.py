@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from templar_lib import kernels  # noqa: E402
 from templar_lib.compression import dct_chunks, encode  # noqa: E402
 from templar_lib.error_feedback import ErrorFeedback  # noqa: E402
+from templar_lib.sparseloco import encode_delta  # noqa: E402
 
 
 @pytest.fixture
@@ -113,3 +114,42 @@ def test_forcing_the_fused_path_where_it_cannot_run_is_a_clear_error(monkeypatch
     forced = ErrorFeedback({"p": torch.zeros(64, 64)}, topk=4, target_chunk=64, momentum_decay=0.9, fused=True)
     with pytest.raises(RuntimeError, match="fused compression needs CUDA and triton"):
         forced.step({"p": torch.randn(64, 64)}, lr=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- sparseloco
+def sparse_windows(shape, fused, windows=3, decay=0.99):
+    """encode_delta window after window on the same Δs, the error carried: what was sent and the errors."""
+    generator, error, out = torch.Generator().manual_seed(len(shape) + sum(shape)), None, []
+    for _ in range(windows):
+        sent, error = encode_delta(torch.randn(shape, generator=generator), error, decay=decay, topk=32, fused=fused)
+        out.append((sent, error))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(96, 352), (4, 8, 16), (300, 16), (256,), (7, 9)])
+def test_sparseloco_fused_pass_is_the_torch_pass(interpreted, shape):
+    """Padded tiles (48 × 44), a rank-3 view (4, 128), 60 × 16 chunks, 1-D chunks, one small chunk: the same
+    selection, codes, shift and table, and the same error after, bit for bit, over three windows."""
+    for (fused, error_f), (plain, error_p) in zip(sparse_windows(shape, True), sparse_windows(shape, False)):
+        assert torch.equal(fused.idx, plain.idx) and torch.equal(fused.codes, plain.codes)
+        assert fused.shift == plain.shift and torch.equal(fused.table, plain.table)
+        assert (fused.shape, fused.chunk) == (plain.shape, plain.chunk)
+        assert torch.equal(error_f, error_p)
+
+
+def test_sparseloco_fused_loops_when_programs_are_fewer_than_chunks(interpreted, monkeypatch):
+    monkeypatch.setattr(interpreted, "_programs", lambda n_chunks, device: max(1, n_chunks // 3))
+    (fused, error_f), = sparse_windows((256, 320), True, windows=1)
+    (plain, error_p), = sparse_windows((256, 320), False, windows=1)
+    assert torch.equal(fused.idx, plain.idx) and torch.equal(error_f, error_p)
+
+
+def test_sparseloco_fused_is_only_chosen_on_cuda_and_refused_where_it_cannot_run(monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel ran on a CPU without being asked to")
+
+    monkeypatch.setattr(kernels, "sparse_select", no_kernel)
+    sent, _ = encode_delta(torch.randn(64, 64), None)  # the default on a CPU, interpreter or not: torch
+    assert sent.idx.shape == (1, 64)
+    with pytest.raises(RuntimeError, match="chunks of at most 64"):
+        encode_delta(torch.randn(97), None, fused=True)  # a prime length is one chunk of 97: too wide for a program

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, load_file
 
+from templar_lib import kernels
 from templar_lib.compression import chunk_side
 from templar_lib.model import build_model
 from templar_lib.sparseloco import (GAIN_WINDOWS, SparseDelta, _gain_curve, clip_factors, combine_deltas,
@@ -42,8 +43,16 @@ def vectors() -> dict[str, torch.Tensor]:
     return load_file(DATA / "vectors.safetensors")
 
 
-def encode(delta: torch.Tensor, error: torch.Tensor | None = None) -> tuple[SparseDelta, torch.Tensor]:
-    return encode_delta(delta, error, **SETTINGS)
+# encode_delta's two paths: torch ops, and the fused Triton kernel (kernels.sparse_select) that a GPU runs, here under
+# Triton's interpreter (tests/conftest.py chooses it before triton is imported)
+PATHS = [pytest.param(False, id="torch"),
+         pytest.param(True, id="fused", marks=pytest.mark.skipif(not kernels.available("cpu", interpreter=True),
+                                                                 reason="triton's interpreter is not available"))]
+
+
+def encode(delta: torch.Tensor, error: torch.Tensor | None = None, fused: bool = False
+           ) -> tuple[SparseDelta, torch.Tensor]:
+    return encode_delta(delta, error, **SETTINGS, fused=fused)
 
 
 def check_record(vectors: dict, prefix: str, name: str, sent: SparseDelta, error_after: torch.Tensor) -> None:
@@ -96,19 +105,21 @@ def test_layout_and_k_match_templar(name):
     assert keep_count(math.prod(chunk), HP["topk_compression"]) == PARAMS[name]["k"]
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("name", RT_NAMES)
-def test_round_trip_matches_templar(vectors, name):
-    sent, error_after = encode(vectors[f"rt/{name}/delta"], vectors[f"rt/{name}/e_before"])
+def test_round_trip_matches_templar(vectors, name, fused):
+    sent, error_after = encode(vectors[f"rt/{name}/delta"], vectors[f"rt/{name}/e_before"], fused)
     check_record(vectors, f"rt/{name}", name, sent, error_after)
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("name", PARAMS)
-def test_three_peers_over_two_rounds_match_templar(vectors, name):
+def test_three_peers_over_two_rounds_match_templar(vectors, name, fused):
     errors = [None] * len(PEERS)  # error feedback starts at zero and is carried from round to round
     for t in ROUNDS:
         for k in PEERS:
             prefix = f"r{t}/peer{k}/{name}"
-            sent, errors[k] = encode(vectors[f"{prefix}/delta"], errors[k])
+            sent, errors[k] = encode(vectors[f"{prefix}/delta"], errors[k], fused)
             check_record(vectors, prefix, name, sent, errors[k])
 
 
@@ -166,33 +177,41 @@ def test_shapes_templar_cannot_chunk_are_sent_sensibly(name):
     assert combine_deltas([s for s, _ in sent]).shape == shape
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
-def test_a_single_value_is_sent_exactly(shape):
+def test_a_single_value_is_sent_exactly(shape, fused):
     delta = torch.full(shape, -0.25)
-    sent, error_after = encode(delta)
+    sent, error_after = encode(delta, fused=fused)
     assert sent.k == 1
     assert torch.equal(decode_delta(sent), delta) and torch.equal(error_after, torch.zeros(shape))
 
 
-def test_empty_and_non_finite_tensors_are_refused():
+@pytest.mark.parametrize("fused", PATHS)
+def test_empty_and_non_finite_tensors_are_refused(fused):
     with pytest.raises(ValueError, match="empty"):
-        encode(torch.zeros(0, 4))
+        encode(torch.zeros(0, 4), fused=fused)
     with pytest.raises(ValueError, match="finite"):
-        encode(torch.tensor([1.0, float("nan"), 2.0]))
+        encode(torch.tensor([1.0, float("nan"), 2.0]), fused=fused)
+    for bad in (float("inf"), float("nan")):  # in the error feedback, away from Δ's largest values
+        error = torch.zeros(96, 64).index_fill_(0, torch.tensor([50]), bad)
+        with pytest.raises(ValueError, match="finite"):
+            encode(torch.randn(96, 64), error, fused=fused)
 
 
-def test_all_zero_tensor_and_its_combine_are_zero_without_nan():
-    sent, error_after = encode(torch.zeros(32, 64), torch.zeros(32, 64))
+@pytest.mark.parametrize("fused", PATHS)
+def test_all_zero_tensor_and_its_combine_are_zero_without_nan(fused):
+    sent, error_after = encode(torch.zeros(32, 64), torch.zeros(32, 64), fused)
     assert torch.isfinite(sent.table).all() and math.isfinite(sent.shift)
     assert torch.equal(decode_delta(sent), torch.zeros(32, 64)) and torch.equal(error_after, torch.zeros(32, 64))
     assert torch.equal(combine_deltas([sent, sent]), torch.zeros(32, 64))
 
 
-def test_ties_go_to_the_lower_positions_and_no_error_means_zeros():
-    sent, _ = encode(torch.ones(8, 128))  # chunk (8, 64): each chunk keeps its first 64 positions
+@pytest.mark.parametrize("fused", PATHS)
+def test_ties_go_to_the_lower_positions_and_no_error_means_zeros(fused):
+    sent, _ = encode(torch.ones(8, 128), fused=fused)  # chunk (8, 64): each chunk keeps its first 64 positions
     assert torch.equal(sent.idx, torch.arange(64).expand(2, 64))
     delta = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
-    plain, with_zeros = encode(delta), encode(delta, torch.zeros(96, 64))
+    plain, with_zeros = encode(delta, fused=fused), encode(delta, torch.zeros(96, 64), fused)
     assert torch.equal(plain[0].idx, with_zeros[0].idx) and torch.equal(plain[1], with_zeros[1])
 
 
