@@ -50,4 +50,7 @@ wanted window && step "${WINDOW_LIMIT:-60}" bench/miner_window.py --preset "$PRE
     $([ "$DEVICE" = cpu ] || echo --sequence-length 2048 --pages 4 --batch 4)
 wanted aggregation && step "${AGGREGATION_LIMIT:-150}" bench/aggregation.py --preset "$PRESET" --device "$DEVICE" --peers 20
 wanted state && step "${STATE_LIMIT:-100}" bench/state.py --preset "$PRESET" --repeats 1 --resident-only
+# issue 16 (not in the default list: the five above fill a lease): ONLY=sparseloco bash bench/gpu.sh
+wanted sparseloco && step "${SPARSELOCO_LIMIT:-240}" bench/sparseloco_device.py --preset "$PRESET" --device "$DEVICE" \
+    $([ "$DEVICE" = cpu ] || echo --peak-tflops 989 --rows 4 --compile)
 echo "done: $OUT/bench.txt"

@@ -100,9 +100,12 @@ def clip_gradients_(gradients: Mapping[str, torch.Tensor], max_norm: float) -> f
 
 
 def inner_steps(model: torch.nn.Module, state: InnerState, tokens: torch.Tensor, *, step: int,
-                hparams: HParams) -> tuple[list[float], dict[str, torch.Tensor]]:
+                hparams: HParams, autocast_dtype: torch.dtype | None = None
+                ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """H AdamW steps from the model's θ_w on the rows of `tokens` (n, T), then θ_w restored; returns (the loss of
-    each inner step, Δ = θ_w − θ_after float32 per parameter). `state` is advanced in place."""
+    each inner step, Δ = θ_w − θ_after float32 per parameter). `state` is advanced in place. autocast_dtype: the
+    forward and backward's precision on CUDA (a miner's: training.miner_autocast); weights, gradients, moments and
+    Δ stay float32."""
     if tokens.shape[0] == 0:
         raise ValueError("no rows to train on")
     parameters = parameters_of(model)
@@ -111,7 +114,7 @@ def inner_steps(model: torch.nn.Module, state: InnerState, tokens: torch.Tensor,
     try:
         # H slices; fewer when there are fewer rows (only a miner that skips most of its pages has)
         for h, rows in enumerate(torch.tensor_split(tokens, min(hparams.inner_steps, tokens.shape[0]))):
-            loss, gradients = loss_and_gradients(model, rows, hparams.batch_size)
+            loss, gradients = loss_and_gradients(model, rows, hparams.batch_size, autocast_dtype=autocast_dtype)
             clip_gradients_(gradients, hparams.inner_grad_clip)
             adamw_step_(parameters, gradients, state, lr=inner_learning_rate_at(step * hparams.inner_steps + h,
                                                                                 hparams),

@@ -154,7 +154,8 @@ def sparse_select(error: torch.Tensor | None, delta: torch.Tensor, *, decay: flo
     """e' = decay · error + delta (delta alone for error None) into a new float32 tensor, and the k largest |e'| of
     each chunk: (e', idx (n_chunks, k) int64 increasing within each chunk, vals (n_chunks, k) float32 = e'[idx]).
     error, delta: contiguous, the parameter's 1-D or 2-D view, chunk ≤ MAX_CHUNK_SIDE per side; 1 ≤ k ≤ chunk size.
-    A non-finite e' is among the kept values wherever it occurs (its |·| bits are above every finite value's)."""
+    A non-finite e' is among the kept values wherever it occurs (its bits without the sign are above every finite
+    value's)."""
     shape = tuple(delta.shape)
     rows, cols, r, c = _grid(shape, chunk)
     n_chunks = (rows // r) * (cols // c)
@@ -164,7 +165,8 @@ def sparse_select(error: torch.Tensor | None, delta: torch.Tensor, *, decay: flo
     _kernels().sparse_select[(_programs(n_chunks, delta.device),)](
         delta if error is None else error, delta, out, idx, vals, cols, cols // c, n_chunks, float(decay),
         R=r, C=c, K=k, BLOCK_R=_block(r), BLOCK_C=_block(c), THRESHOLDS=SETTINGS.thresholds,
-        HAS_ERROR=error is not None, num_warps=SETTINGS.encode_warps)
+        HAS_ERROR=error is not None, num_warps=SETTINGS.encode_warps,
+        enable_fp_fusion=False)  # β·e + Δ rounded twice, as torch does: the same e', selection and codes on a GPU
     return out, idx, vals
 
 

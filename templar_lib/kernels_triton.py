@@ -179,6 +179,8 @@ def sparse_select(e_ptr, d_ptr, out_ptr, idx_ptr, vals_ptr, cols, blocks_x, n_ch
         if HAS_ERROR:
             e = tl.load(e_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * decay + e
         tl.store(out_ptr + offsets, e, mask=inside)
-        bits = tl.where(inside, tl.abs(e).to(tl.int32, bitcast=True), -1)
+        # |e| as bits by clearing the sign bit (not tl.abs: PTX leaves the bits of |NaN| unspecified), so a NaN or
+        # an inf is above every finite value and always kept, where the caller looks for it
+        bits = tl.where(inside, e.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
         _store_kept(e, _top_k(bits, K, R, C, THRESHOLDS), chunk, i * C + j, idx_ptr, vals_ptr, K)
         chunk += tl.num_programs(0)

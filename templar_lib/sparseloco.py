@@ -188,7 +188,7 @@ def encode_delta(delta: torch.Tensor, error: torch.Tensor | None, decay: float =
     fused: steps 1–3 as one Triton kernel (templar_lib.kernels.sparse_select: one read of Δ and e, one write of e)
     and step 5 on the kept positions only. None (the default) = on CUDA when triton is installed and the view's
     chunk fits one program (sides ≤ 64); True forces it (an error where it cannot run; on a CPU only under
-    TRITON_INTERPRET=1). The same selection and codes; e·β + Δ may be one fused multiply-add there (last bit).
+    TRITON_INTERPRET=1). The same e, selection and codes (the kernel rounds β·e + Δ twice, as torch does).
     """
     if not 2 <= bins <= 256:
         raise ValueError(f"bins must be in [2, 256], not {bins}")

@@ -177,7 +177,8 @@ class SparseLoCoStrategy:
         inner = InnerState.zeros_like(parameters) if state is None else InnerState.from_tensors(state, parameters)
         errors = None if state is None else {name: state[f"error.{name}"].to(p.device)
                                              for name, p in parameters.items()}
-        losses, delta = inner_steps(model, inner, tokens, step=step, hparams=self.hparams)
+        losses, delta = inner_steps(model, inner, tokens, step=step, hparams=self.hparams,
+                                    autocast_dtype=miner_autocast(model))  # bf16 on a GPU, as demo's miner
         sent, after = self.encode(delta, errors)
         return Mined(losses[0], losses, sent, inner.tensors | {f"error.{name}": e for name, e in after.items()})
 

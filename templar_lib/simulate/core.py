@@ -33,7 +33,7 @@ from templar_lib.hparams import TRAINING_STRATEGIES, HParams
 from templar_lib.inner import InnerState, adamw_step_, clip_gradients_, inner_steps
 from templar_lib.model import build_model
 from templar_lib.strategies import SparseLoCoStrategy, new_feedback
-from templar_lib.training import HELD_OUT_PAGES, held_out_loss, loss_and_gradients
+from templar_lib.training import HELD_OUT_PAGES, held_out_loss, loss_and_gradients, miner_autocast
 from templar_lib.wire import Gradient, read_gradient, write_gradient
 from templar_lib.wire.sparse import SparseAggregation
 
@@ -132,7 +132,8 @@ def _sparseloco_window(strategy, window, model, parameters, tokens, hparams, sta
     for uid, rows in enumerate(tokens):
         if strategy == "local-sgd":
             inner = state.setdefault(uid, InnerState.zeros_like(parameters))
-            inner_losses, delta = inner_steps(model, inner, rows, step=window, hparams=hparams)
+            inner_losses, delta = inner_steps(model, inner, rows, step=window, hparams=hparams,
+                                              autocast_dtype=miner_autocast(model))  # as sparseloco's miner
             losses.append(inner_losses[0])
             deltas.append(delta)
             wire_bytes += _dense_bytes(parameters)
