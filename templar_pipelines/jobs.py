@@ -7,7 +7,8 @@ On Kubernetes (dagster-k8s, `deploy/k8s/`), where a run's steps execute is one c
 when the code location loads. The code server, every run pod and every step pod must load the same value: it is in
 the ConfigMap templar-network, which all of them read (deploy/k8s/config.yaml).
 
-- `multiprocess` (the default): Dagster's default executor. Under the K8sRunLauncher a run is one pod and its steps
+- `multiprocess` (the default): Dagster's multiprocess executor, its step processes forked from a server that
+  imported the code location once per run (STEP_PROCESSES). Under the K8sRunLauncher a run is one pod and its steps
   run in it, so the job's run tags carry what that pod needs (`dagster-k8s/config`, which the launcher reads from
   the run's tags): the role's chain settings and hotkey, TEMPLAR_DEVICE, and `nvidia.com/gpu` when one of its steps
   holds the model.
@@ -164,6 +165,14 @@ def window_job(name: str, selection, *, tags: Mapping[str, str], description: st
                                hooks={failure_not_retried})
 
 
+# `multiprocess`: Dagster's multiprocess executor, each step forked from a server that has imported this code location
+# once per run (forkserver), not a fresh interpreter importing torch, transformers and dagster per step (≈ 4.5 s a
+# step on 2 cores: bench/RESULTS.md, "Dagster overhead per window"). The server imports and builds nothing else: no
+# model, no device, no connection, so CUDA is first touched in the step that needs it.
+STEP_PROCESSES = dg.multiprocess_executor.configured(
+    {"start_method": {"forkserver": {"preload_modules": ["templar_pipelines"]}}}, name="step_processes")
+
+
 def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:
     """Every job of the code location by name, its steps placed as `executor` says (module docstring)."""
 
@@ -174,7 +183,8 @@ def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:
             return define(name, selection=selection, tags=dict(tags), description=description,
                           executor_def=step_pods_executor(role, ops))
         k8s = json.dumps(run_k8s_config(role, ops), sort_keys=True)
-        return define(name, selection=selection, tags={**tags, K8S_CONFIG_TAG: k8s}, description=description)
+        return define(name, selection=selection, tags={**tags, K8S_CONFIG_TAG: k8s}, description=description,
+                      executor_def=STEP_PROCESSES)
 
     jobs = [
         role_job("watch_job", [gradient_sightings], [gradient_sightings.op.name], role="validator", tags=WATCH_LANE,
@@ -197,7 +207,8 @@ def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:
             "local_network_job", tags=MODEL_LANE,
             selection=[dataset_pages, gradients, gradient_sightings, evaluations, ratings, chain_weights, aggregation,
                        checkpoint],
-            description="Every role of a window in one run (backfills of a local network's past windows)."),
+            description="Every role of a window in one run (backfills of a local network's past windows).",
+            executor_def=STEP_PROCESSES),
     ]
     return {job.name: job for job in jobs}
 
