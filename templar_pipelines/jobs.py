@@ -169,8 +169,17 @@ def window_job(name: str, selection, *, tags: Mapping[str, str], description: st
 # once per run (forkserver), not a fresh interpreter importing torch, transformers and dagster per step (≈ 4.5 s a
 # step on 2 cores: bench/RESULTS.md, "Dagster overhead per window"). The server imports and builds nothing else: no
 # model, no device, no connection, so CUDA is first touched in the step that needs it.
+# A run config may still set any of the executor's fields (start_method included); what it leaves out is Dagster's
+# default, but for start_method.
+FORKSERVER = {"forkserver": {"preload_modules": ["templar_pipelines"]}}
+
+
+def _forked_steps(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {**config, "start_method": config.get("start_method") or FORKSERVER}
+
+
 STEP_PROCESSES = dg.multiprocess_executor.configured(
-    {"start_method": {"forkserver": {"preload_modules": ["templar_pipelines"]}}}, name="step_processes")
+    _forked_steps, name="step_processes", config_schema=dg.multiprocess_executor.config_schema.as_field().config_type)
 
 
 def build_jobs(executor: str) -> dict[str, dg.UnresolvedAssetJobDefinition]:

@@ -37,7 +37,8 @@ from dagster_k8s.job import construct_dagster_k8s_job
 from templar_lib.chain import open_chain
 from templar_pipelines.definitions import defs
 from templar_pipelines.instance import SQLITE_YAML
-from templar_pipelines.jobs import (EXECUTOR_VARIABLE, K8S_CONFIG_TAG, WALLETS, build_jobs, executor_from_env)
+from templar_pipelines.jobs import (EXECUTOR_VARIABLE, FORKSERVER, K8S_CONFIG_TAG, WALLETS, _forked_steps, build_jobs,
+                                    executor_from_env)
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S, HELM = ROOT / "deploy" / "k8s", ROOT / "deploy" / "helm"
@@ -182,8 +183,21 @@ def test_the_executor_is_chosen_by_one_variable():
     assert executor_from_env({}) == "multiprocess" and executor_from_env({EXECUTOR_VARIABLE: "k8s"}) == "k8s"
     with pytest.raises(ValueError, match="TEMPLAR_EXECUTOR='pods'"):
         executor_from_env({EXECUTOR_VARIABLE: "pods"})
-    loaded = {"multiprocess": "multi_or_in_process_executor", "k8s": "k8s_miner"}[executor_from_env(os.environ)]
-    assert defs.resolve_job_def("miner_job").executor_def.name == loaded  # Dagster's default unless told otherwise
+    loaded = {"multiprocess": "step_processes", "k8s": "k8s_miner"}[executor_from_env(os.environ)]
+    assert defs.resolve_job_def("miner_job").executor_def.name == loaded  # multiprocess (forkserver) unless told
+
+
+def test_step_processes_are_forked_unless_the_run_config_says_otherwise():
+    """jobs.STEP_PROCESSES: Dagster's multiprocess executor, its whole config schema kept (an operator may still
+    choose spawn or a concurrency), forkserver preloading the code location when the run config leaves it out."""
+    job = defs.resolve_job_def("local_network_job")
+    assert job.executor_def.name == "step_processes"
+    settings = {"execution": {"config": {"max_concurrent": 1}}}
+    validate_run_config(job, settings)
+    assert _forked_steps(settings["execution"]["config"]) == {"max_concurrent": 1, "start_method": FORKSERVER}
+    assert _forked_steps({"start_method": {"spawn": {}}})["start_method"] == {"spawn": {}}
+    with pytest.raises(DagsterInvalidConfigError):  # k8s_job_executor's settings are not this executor's
+        validate_run_config(job, {"execution": {"config": {"job_namespace": "templar"}}})
 
 
 def test_k8s_instance_validates_and_orders_runs_like_every_templar_instance(instance):
