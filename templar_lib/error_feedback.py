@@ -71,12 +71,9 @@ class ErrorFeedback:
         return transmitted
 
     def _fuses(self, m: torch.Tensor) -> bool:
-        if self.fused is False or not m.is_contiguous():
+        if not m.is_contiguous():
             return False
-        usable = (kernels.available(m.device, interpreter=bool(self.fused))
-                  and kernels.supports(tuple(m.shape), self.target_chunk))
-        if self.fused and not usable:
-            raise RuntimeError(f"fused compression needs CUDA and triton, and a 1-D or 2-D parameter with chunks of at "
-                               f"most {kernels.MAX_CHUNK_SIDE} (momentum {tuple(m.shape)} on {m.device}, target_chunk "
-                               f"{self.target_chunk})")
-        return usable
+        return kernels.chosen(self.fused, m.device, kernels.supports(tuple(m.shape), self.target_chunk),
+                              f"fused compression needs CUDA and triton, and a 1-D or 2-D parameter with chunks of at "
+                              f"most {kernels.MAX_CHUNK_SIDE} (momentum {tuple(m.shape)} on {m.device}, target_chunk "
+                              f"{self.target_chunk})")

@@ -84,6 +84,18 @@ def _triton_installed() -> bool:
     return True
 
 
+def chosen(fused: bool | None, device: torch.device | str, fits: bool, refusal: str) -> bool:
+    """Whether a caller runs its fused kernel: never for fused False; for None (the default) where it can run on
+    CUDA and the tensor `fits` it; for True wherever it can run (a CPU too under TRITON_INTERPRET=1), else a
+    RuntimeError saying `refusal`."""
+    if fused is False:
+        return False
+    usable = available(device, interpreter=bool(fused)) and fits
+    if fused and not usable:
+        raise RuntimeError(refusal)
+    return usable
+
+
 def supports(shape: tuple[int, ...], target_chunk: int) -> bool:
     """Whether a parameter's layout fits the kernels (1-D or 2-D, chunk sides ≤ 64)."""
     return len(shape) in (1, 2) and target_chunk <= MAX_CHUNK_SIDE and all(n > 0 for n in shape)

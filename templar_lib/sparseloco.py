@@ -192,13 +192,15 @@ def encode_delta(delta: torch.Tensor, error: torch.Tensor | None, decay: float =
     """
     if not 2 <= bins <= 256:
         raise ValueError(f"bins must be in [2, 256], not {bins}")
-    if _fuses(delta, target_chunk, fused):
-        return _encode_fused(delta, error, decay, topk, target_chunk, bins, sigmas)
+    shape = tuple(delta.shape)
+    view, chunk = layout(shape, target_chunk)
+    if kernels.chosen(fused, delta.device, max(chunk) <= kernels.MAX_CHUNK_SIDE,
+                      f"fused sparseloco compression needs CUDA and triton and chunks of at most "
+                      f"{kernels.MAX_CHUNK_SIDE} a side (delta {shape} on {delta.device}, chunk {chunk})"):
+        return _encode_fused(delta, error, decay, topk, view, chunk, bins, sigmas)
     e = delta.float() if error is None else error.float() * decay + delta.float()  # 1. e ← β·e + Δ
     if not bool(torch.isfinite(e).all()):
         raise ValueError("the error feedback is not finite: nothing sensible to send")
-    shape = tuple(delta.shape)
-    view, chunk = layout(shape, target_chunk)
     rows = _to_rows(e, view, chunk)  # 2. (n_chunks, chunk_size)
     idx = _top_positions(rows, keep_count(rows.shape[1], topk))  # 3. (n_chunks, k), increasing
     codes, shift, table = _quantise(rows.gather(1, idx), bins, sigmas)  # 4.
@@ -206,24 +208,11 @@ def encode_delta(delta: torch.Tensor, error: torch.Tensor | None, decay: float =
     return sent, e - decode_delta(sent)  # 5. e ← e − decode(sent)
 
 
-def _fuses(delta: torch.Tensor, target_chunk: int, fused: bool | None) -> bool:
-    if fused is False:
-        return False
-    view, chunk = layout(tuple(delta.shape), target_chunk)
-    usable = kernels.available(delta.device, interpreter=bool(fused)) and max(chunk) <= kernels.MAX_CHUNK_SIDE
-    if fused and not usable:
-        raise RuntimeError(f"fused sparseloco compression needs CUDA and triton and chunks of at most "
-                           f"{kernels.MAX_CHUNK_SIDE} a side (delta {tuple(delta.shape)} on {delta.device}, chunk "
-                           f"{chunk})")
-    return usable
-
-
-def _encode_fused(delta: torch.Tensor, error: torch.Tensor | None, decay: float, topk: int, target_chunk: int,
-                  bins: int, sigmas: float) -> tuple[SparseDelta, torch.Tensor]:
+def _encode_fused(delta: torch.Tensor, error: torch.Tensor | None, decay: float, topk: int, view: tuple[int, ...],
+                  chunk: tuple[int, ...], bins: int, sigmas: float) -> tuple[SparseDelta, torch.Tensor]:
     """encode_delta with steps 1–3 in one kernel and step 5 on the kept positions: e − decode(sent) is e − 0 = e
     everywhere else, so only e[kept] − v̂ is computed (the same float32 subtraction as the torch path)."""
     shape = tuple(delta.shape)
-    view, chunk = layout(shape, target_chunk)
     e, idx, vals = kernels.sparse_select(None if error is None else error.float().reshape(view).contiguous(),
                                          delta.reshape(view).contiguous(), decay=decay,
                                          k=keep_count(math.prod(chunk), topk), chunk=chunk)  # 1–3
