@@ -38,7 +38,7 @@ from templar_lib.encodings import CODES, FLOAT_CODES, name_of
 from templar_lib.hparams import HParams
 from templar_lib.strategies import strategy_of
 from templar_lib.wire import InvalidFile, aggregation_key, parse_header
-from templar_lib.wire.container import load_tensors
+from templar_lib.wire.container import json_object, load_tensors
 from templar_lib.wire.keys import CHECKPOINT, CHECKPOINT_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,9 @@ def read_checkpoint_manifest(bucket: Bucket, window: int) -> dict:
 
 def parse_manifest(data: bytes, window: int) -> dict:
     """Validate the bytes of checkpoint-{window}.json. Raises InvalidFile."""
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise InvalidFile(f"checkpoint-{window}.json: not JSON ({str(error)[:80]})") from None
+    manifest = json_object(data, f"checkpoint-{window}.json")
     fields = {"format": int, "window": int, "step": int, "sha256": str, "bytes": int, "tensors": dict, "hparams": dict}
-    if not isinstance(manifest, dict) or set(manifest) != set(fields):
+    if set(manifest) != set(fields):
         raise InvalidFile(f"checkpoint-{window}.json: expected exactly the fields {sorted(fields)}")
     for name, kind in fields.items():
         if not isinstance(manifest[name], kind) or isinstance(manifest[name], bool):

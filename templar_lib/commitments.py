@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlparse
 from templar_lib.buckets import Bucket, open_bucket
 from templar_lib.transport import Guard, Limits
 from templar_lib.wire import InvalidFile
+from templar_lib.wire.container import json_object
 
 MAX_COMMITMENT_BYTES = 1024
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -44,11 +45,8 @@ def parse_commitment(text: object, *, allow_local: bool = False) -> BucketCommit
     """Validate a commitment read from the chain. Raises InvalidFile(reason)."""
     if not isinstance(text, str) or len(text.encode()) > MAX_COMMITMENT_BYTES:
         raise InvalidFile(f"commitment must be text of at most {MAX_COMMITMENT_BYTES} bytes")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidFile("commitment is not JSON") from None
-    if not isinstance(raw, dict) or raw.get("v") != 1 or not isinstance(raw.get("gradients"), str):
+    raw = json_object(text, "commitment")  # any miner writes one: deep nesting included, InvalidFile
+    if raw.get("v") != 1 or not isinstance(raw.get("gradients"), str):
         raise InvalidFile("commitment must be {v: 1, gradients: URL, ...}")
     if set(raw) - {"v", "gradients", "access_key_id", "secret_access_key"}:
         raise InvalidFile("commitment has unknown fields")

@@ -46,13 +46,24 @@ def encode_indices(idx: torch.Tensor, chunk_size: int) -> tuple[bytes, bytes, in
     return np.packbits(unary).tobytes(), np.packbits(bits).tobytes(), b
 
 
+def max_unary_bytes(n_chunks: int, k: int, chunk_size: int, b: int) -> int:
+    """The longest unary stream of n_chunks rows of k sorted distinct positions in [0, chunk_size): a row's k gaps
+    sum to at most chunk_size − k, so its quotients Σ ⌊g_j / 2^b⌋ ≤ ⌊(chunk_size − k) / 2^b⌋, plus one end bit per gap.
+    Honest streams are about half of it (gaps average (chunk_size − k) / k, b ≈ log2 of that)."""
+    return -(-n_chunks * (k + ((chunk_size - k) >> b)) // 8) if k else 0
+
+
 def decode_indices(unary: bytes, remainders: bytes, b: int, n_chunks: int, k: int, chunk_size: int) -> torch.Tensor:
-    """Inverse of encode_indices: (n_chunks, k) int64, each row strictly increasing within [0, chunk_size)."""
+    """Inverse of encode_indices: (n_chunks, k) int64, each row strictly increasing within [0, chunk_size).
+    Stream lengths are checked before anything is unpacked (a bit costs 1 to 8 bytes of work space): the largest
+    stream this accepts is max_unary_bytes, never the file's size limit."""
     count = n_chunks * k
     if not 0 <= b <= 30:
         raise ValueError(f"rice parameter {b} out of range")
     if len(remainders) != (count * b + 7) // 8:
         raise ValueError("remainder stream has the wrong length")
+    if len(unary) > max_unary_bytes(n_chunks, k, chunk_size, b):
+        raise ValueError(f"unary stream of {len(unary)} bytes is longer than any of {n_chunks} × {k} positions")
     unary_bits = np.unpackbits(np.frombuffer(unary, dtype=np.uint8))
     ends = np.flatnonzero(unary_bits == 0)
     if ends.size < count:

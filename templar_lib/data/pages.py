@@ -71,8 +71,8 @@ class Manifest:
     def from_json(cls, data: bytes) -> Manifest:
         try:
             raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InvalidPage(f"manifest: not JSON ({error})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting raises RecursionError
+            raise InvalidPage(f"manifest: not JSON ({str(error)[:120]})") from None
         fields = {"total_pages": int, "train_pages": int, "sequence_length": int, "rows_per_page": int,
                   "vocab_size": int, "tokenizer_sha256": str, "page_sha256": list, "format": int}
         if not isinstance(raw, dict) or set(raw) != set(fields):

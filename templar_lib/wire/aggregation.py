@@ -32,7 +32,7 @@ from templar_lib.encodings import SPARSELOCO_FORMAT, AggregationFormat
 from templar_lib.hparams import HParams
 from templar_lib.wire.container import (DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, check_finite, check_step, declared_layout,
                                         expect, index_code, index_dtype, load_tensors, parse_templar_file,
-                                        save_templar_file)
+                                        save_templar_file, untrusted_reader)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Aggregation:
 CHANGED_AFTER_SCORING = "changed after it was scored"  # a refusal that proves a swap: the validator bans the uid
 
 
+@untrusted_reader
 def read_refusals(data: bytes, *, window: int, max_bytes: int) -> dict[int, str]:
     """The `refused` entry of an aggregation file's header, without loading its tensors. Raises InvalidFile."""
     _, header = parse_templar_file(data, kind="aggregation", formats=(*AggregationFormat, SPARSELOCO_FORMAT),
@@ -129,6 +130,7 @@ def _signs_tensors(signs_by_name: Mapping[str, torch.Tensor]) -> tuple[dict, dic
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+@untrusted_reader
 def read_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]], target_chunk: int = 64,
                      hparams_hash: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Aggregation:
     """Parse and validate an aggregation file (format 1 or 2) for `window` against the model's parameter shapes.

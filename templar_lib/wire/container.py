@@ -14,10 +14,13 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -25,6 +28,9 @@ from safetensors.torch import save as safetensors_save
 
 from templar_lib.compression import chunk_shape
 from templar_lib.encodings import ITEM_BYTES
+
+logger = logging.getLogger(__name__)
+Read = TypeVar("Read", bound=Callable)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a gradient file (HParams.max_gradient_bytes has the same default)
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -63,11 +69,7 @@ def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[
     (header_length,) = struct.unpack("<Q", bytes(data[:8]))
     expect(header_length <= min(MAX_HEADER_BYTES, len(data) - 8),
            "declared header length exceeds the file or the header limit")  # the number would echo the file
-    try:
-        header = json.loads(bytes(data[8:8 + header_length]), object_pairs_hook=no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
-        raise InvalidFile(f"header is not valid JSON: {str(error)[:120]}") from None
-    expect(isinstance(header, dict), "header is not a JSON object")
+    header = json_object(bytes(data[8:8 + header_length]), "header")
     metadata = header.pop("__metadata__", {})
     expect(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()),
            "__metadata__ must map strings to strings")
@@ -109,12 +111,7 @@ def parse_templar_file(data: bytes, *, kind: str, formats: Iterable[int], window
 
 def templar_header(metadata: dict[str, str]) -> dict:
     expect("templar" in metadata, "no templar header in __metadata__")
-    try:
-        header = json.loads(metadata["templar"], object_pairs_hook=no_duplicate_keys)
-    except (json.JSONDecodeError, ValueError) as error:
-        raise InvalidFile(f"templar header is not valid JSON: {str(error)[:120]}") from None
-    expect(isinstance(header, dict), "templar header is not a JSON object")
-    return header
+    return json_object(metadata["templar"], "templar header")
 
 
 def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -149,6 +146,18 @@ def check_finite(name: str, values: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- JSON helpers
+def json_object(data: bytes | str, what: str) -> dict:
+    """An untrusted JSON object, duplicate keys refused; InvalidFile with a short reason for anything else. Deep
+    nesting ("[[[[...") makes json raise RecursionError, not ValueError: caught here too, or a 1 kB text would
+    escape every reader's `except InvalidFile` and take the caller (a whole gather, a validator's window) down."""
+    try:
+        raw = json.loads(data, object_pairs_hook=no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise InvalidFile(f"{what} is not valid JSON: {str(error)[:120]}") from None
+    expect(isinstance(raw, dict), f"{what} is not a JSON object")
+    return raw
+
+
 def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [key for key, _ in pairs]
     if len(keys) != len(set(keys)):
@@ -163,6 +172,25 @@ def is_int(value: object) -> bool:
 def set_difference(what: str, found: set[str], expected: set[str]) -> str:
     missing, extra = sorted(expected - found), sorted(found - expected)
     return f"{what} differ from the model: missing {missing[:3]}, unexpected {[e[:60] for e in extra[:3]]}"
+
+
+def untrusted_reader(read: Read) -> Read:
+    """The contract of every reader of a file from a bucket: InvalidFile for anything wrong with the bytes. A reader's
+    checks are meant to get there on their own; an exception that slips past them (a library raising something new
+    on input nobody thought of) is still the file's fault, so it becomes InvalidFile too, logged with its traceback
+    as the reader's bug it is, instead of taking down the gather or the validator's window every other peer is in.
+    MemoryError is the node's, not a verdict on the file: it propagates."""
+    @functools.wraps(read)
+    def checked(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        except (InvalidFile, MemoryError):
+            raise
+        except Exception as error:
+            logger.exception("%s let %s through: the file is refused as invalid", read.__name__,
+                             type(error).__name__)
+            raise InvalidFile(f"unreadable ({type(error).__name__})") from None
+    return checked  # type: ignore[return-value]
 
 
 def expect(condition: bool, reason: str) -> None:

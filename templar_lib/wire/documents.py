@@ -22,7 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from templar_lib.scoring import Losses, Score
-from templar_lib.wire.container import InvalidFile, expect, is_int, no_duplicate_keys
+from templar_lib.wire.container import InvalidFile, expect, is_int, json_object, untrusted_reader
 
 PEERS_FORMAT = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -58,6 +58,7 @@ def write_peers(peers: Peers) -> bytes:
     return json.dumps(peers._document() | {"signature": peers.signature}, sort_keys=True).encode()
 
 
+@untrusted_reader
 def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: int = MAX_PEERS_BYTES) -> Peers:
     """Parse and validate peers_{window}.json. Raises InvalidFile."""
     raw = _json_object(data, "peers file", max_bytes)
@@ -115,6 +116,7 @@ _SCORE_FIELDS = {f.name for f in fields(Score)} - {"uid"}
 _LOSS_FIELDS = {f.name for f in fields(Losses)}
 
 
+@untrusted_reader
 def read_evaluation(data: bytes, *, window: int, validator: int,
                     max_bytes: int = MAX_EVALUATION_BYTES) -> EvaluationReport:
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
@@ -158,12 +160,7 @@ def _losses(raw: dict | None) -> Losses | None:
 
 def _json_object(data: bytes, what: str, max_bytes: int) -> dict:
     expect(len(data) <= max_bytes, f"{what} of {len(data)} bytes exceeds the limit of {max_bytes}")
-    try:
-        raw = json.loads(data, object_pairs_hook=no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as error:
-        raise InvalidFile(f"{what} is not valid JSON: {str(error)[:120]}") from None
-    expect(isinstance(raw, dict), f"{what} must be a JSON object")
-    return raw
+    return json_object(data, what)
 
 
 def _is_number(value: object) -> bool:

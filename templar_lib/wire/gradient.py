@@ -41,7 +41,8 @@ from templar_lib.hparams import HParams
 from templar_lib.index_coding import decode_indices, encode_indices, sort_rows
 from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices, check_sender,
                                         declared_layout, expect, index_code, index_dtype, is_int, load_tensors,
-                                        parse_templar_file, save_templar_file, set_difference)
+                                        parse_templar_file, save_templar_file, set_difference,
+                                        untrusted_reader)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def _quantize(vals: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+@untrusted_reader
 def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]],
                   topk: int | None = None, target_chunk: int = 64, hparams_hash: str | None = None,
                   max_bytes: int = DEFAULT_MAX_BYTES) -> Gradient:

@@ -56,10 +56,11 @@ import numpy as np
 import torch
 
 from templar_lib.encodings import SPARSELOCO_FORMAT
-from templar_lib.index_coding import decode_indices, encode_indices, rice_parameter, sort_rows
+from templar_lib.index_coding import decode_indices, encode_indices, max_unary_bytes, rice_parameter, sort_rows
 from templar_lib.sparseloco import BINS, SparseDelta, combine_deltas, keep_count, layout
 from templar_lib.wire.container import (InvalidFile, check_finite, check_sender, check_step, expect, is_int,
-                                        load_tensors, parse_templar_file, save_templar_file, set_difference)
+                                        load_tensors, parse_templar_file, save_templar_file, set_difference,
+                                        untrusted_reader)
 
 SPARSE_FORMAT = SPARSELOCO_FORMAT  # gradient and aggregation files (formats 1 and 2 are the demo strategy's)
 HEADER_BYTES = 1 << 20  # bound on the safetensors + templar header of one file (a few kB for the 1b preset)
@@ -138,7 +139,7 @@ def max_sparse_gradient_bytes(shapes: Mapping[str, tuple[int, ...]], *, topk: in
                               bins: int = BINS) -> int:
     """The largest file an honest miner writes for a model of these shapes (a reader's size limit).
 
-    Per chunk of c positions keeping k: the unary stream at most (c + k)/8 bytes (gaps sum to ≤ c − k, b ≥ 0),
+    Per chunk of c positions keeping k: the unary stream at most (k + (c − k) >> b)/8 bytes (gaps sum to ≤ c − k),
     remainders k·b/8, codes k·w/8; per parameter its quant tensor and at most 512 bytes of header."""
     return HEADER_BYTES + 8 + sum(_param_bound(shape, topk, target_chunk, bins, 1) for shape in shapes.values())
 
@@ -158,7 +159,7 @@ def _param_bound(shape: tuple[int, ...], topk: int, target_chunk: int, bins: int
     size = math.prod(chunk)
     k = keep_count(size, topk)
     rows = peers * (math.prod(shape) // size)
-    unary = -(-rows * (size + k) // 8)
+    unary = max_unary_bytes(rows, k, size, rice_parameter(size, k))
     return unary + sum(_stream_lengths(rows * k, size, k, bins)) + 4 * peers * (bins + 1) + 512
 
 
@@ -203,6 +204,7 @@ def _quant_row(sent: SparseDelta) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+@untrusted_reader
 def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]], topk: int,
                          target_chunk: int, hparams_hash: str | None = None, max_bytes: int, bins: int = BINS
                          ) -> SparseGradient:
@@ -253,7 +255,8 @@ def _declared_param(name: str, declared: object, entries: dict[str, dict], shape
     bits, quant = entries[f"{name}.bits"], entries[f"{name}.quant"]
     count = (1 if peers is None else peers) * (math.prod(shape) // size) * k
     fixed = sum(_stream_lengths(count, size, k, bins))  # codes and remainders
-    expect(bits["dtype"] == "U8" and len(bits["shape"]) == 1 and bits["shape"][0] > fixed,
+    unary = max_unary_bytes(count // k, k, size, rice)
+    expect(bits["dtype"] == "U8" and len(bits["shape"]) == 1 and fixed < bits["shape"][0] <= fixed + unary,
            f"{name}: bits tensor mismatch")  # > : the unary stream is never empty
     quant_shape = [1 + bins] if peers is None else [peers, 1 + bins]
     expect(quant["dtype"] == "F32" and quant["shape"] == quant_shape, f"{name}: quant tensor mismatch")
@@ -344,6 +347,7 @@ def write_sparse_aggregation(aggregation: SparseAggregation) -> bytes:
     return save_templar_file(tensors, header)
 
 
+@untrusted_reader
 def read_sparse_aggregation(data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]], topk: int,
                             target_chunk: int, max_peers: int, max_bytes: int, hparams_hash: str | None = None,
                             bins: int = BINS) -> SparseAggregation:

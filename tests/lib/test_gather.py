@@ -92,7 +92,7 @@ def test_commitments_are_validated_and_opened(tmp_path):
         8: '{"v": 1, "gradients": "s3://bcu?endpoint_url=h://["}',  # found by the fuzzer: urlparse raised
     }, allow_local=False)
     assert sorted(buckets) == [2] and reasons[8].endswith("s3 endpoint does not parse")
-    assert reasons[1].endswith("only accepted on a local network") and "not JSON" in reasons[3]
+    assert reasons[1].endswith("only accepted on a local network") and "not valid JSON" in reasons[3]
     assert "https" in reasons[4] and "at most" in reasons[5] and "unsupported" in reasons[6]
     local, _ = peer_buckets({1: good}, allow_local=True)
     assert isinstance(local[1], LocalBucket)

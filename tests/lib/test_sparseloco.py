@@ -24,8 +24,8 @@ from templar_lib.sparseloco import (GAIN_WINDOWS, SparseDelta, _gain_curve, clip
                                     decode_delta, encode_delta, feedback_gain, flat_positions, keep_count, layout,
                                     outer_step)
 from templar_lib.wire.container import InvalidFile, save_templar_file
-from templar_lib.wire.sparse import (SparseGradient, max_sparse_gradient_bytes, pack_codes, read_sparse_gradient,
-                                     unpack_codes, write_sparse_gradient)
+from templar_lib.wire.sparse import (HEADER_BYTES, SparseGradient, max_sparse_gradient_bytes, pack_codes,
+                                     read_sparse_gradient, unpack_codes, write_sparse_gradient)
 
 DATA = Path(__file__).parents[1] / "data" / "sparseloco"
 META = json.loads((DATA / "vectors.json").read_text())
@@ -338,6 +338,7 @@ def tampered(part: str, change) -> bytes:
     ("quant", lambda q: q.index_fill_(0, torch.tensor([0]), float("inf")), "non-finite"),
     ("quant", lambda q: q.fill_(3e38), "non-finite"),  # each finite, table + shift overflows
     ("bits", lambda b: torch.cat([b, torch.zeros(1, dtype=torch.uint8)]), "trailing"),
+    ("bits", lambda b: torch.cat([b, torch.zeros(4096, dtype=torch.uint8)]), "bits tensor mismatch"),  # before load
     ("bits", lambda b: b[:-1], "ends early|wrong length|mismatch"),
     ("bits", lambda b: b.index_fill_(0, torch.tensor([b.numel() - 8]), 255), "index|stream|trailing"),
 ])
@@ -397,4 +398,6 @@ def test_tiny_preset_costs_at_most_two_bytes_per_kept_value():
     data = write_sparse_gradient(SparseGradient(7, 1, tensors, "h" * 64, "m" * 64, tuple(float(i) for i in range(8))))
     kept = sum(sent.idx.numel() for sent in tensors.values())
     assert len(data) / kept <= 2.0, f"{len(data) / kept:.3f} bytes per kept value"
-    assert len(data) <= max_sparse_gradient_bytes(shapes, topk=64, target_chunk=64)
+    limit = max_sparse_gradient_bytes(shapes, topk=64, target_chunk=64)
+    # a reader's limit: what an honest file can be and little more (beyond the fixed allowance for the header)
+    assert len(data) <= limit <= HEADER_BYTES + 1.25 * len(data)

@@ -153,6 +153,27 @@ def test_hostile_bytes_are_rejected_with_a_reason(label, data, reason):
         read(data)
 
 
+def test_an_exception_the_checks_missed_is_still_an_invalid_file_and_logged(monkeypatch, caplog):
+    """A reader's contract holds even where its own checks fall short (here: safetensors' loader failing in a way
+    nobody foresaw): InvalidFile, so the caller's per-peer reason and zero score follow, and the traceback is in the
+    log as the reader's bug. Running out of memory is the node's fault, not the file's: it is not turned into a
+    verdict on the peer."""
+    import templar_lib.wire.gradient as gradient_module
+
+    data = write_gradient(make_gradient())
+    monkeypatch.setattr(gradient_module, "load_tensors", lambda data: {}["missing"])
+    with pytest.raises(InvalidFile, match=r"unreadable \(KeyError\)"):
+        read(data)
+    assert "read_gradient let KeyError through" in caplog.text and "Traceback" in caplog.text
+
+    def out_of_memory(data):
+        raise MemoryError
+
+    monkeypatch.setattr(gradient_module, "load_tensors", out_of_memory)
+    with pytest.raises(MemoryError):
+        read(data)
+
+
 def test_size_limit_is_checked_before_parsing():
     data = write_gradient(make_gradient())
     with pytest.raises(InvalidFile, match="exceeds the limit"):

@@ -52,20 +52,21 @@ def valid_gradient(format: int, values: str) -> bytes:
     return write_gradient(Gradient(3, 1, tensors, "hash", format=format, values=values))
 
 
+def with_templar_header(valid: bytes, text: str) -> bytes:
+    """A valid safetensors file whose templar metadata is replaced by `text` (the tensors stay where they were)."""
+    length = int.from_bytes(valid[:8], "little")
+    header = json.loads(valid[8:8 + length]) | {"__metadata__": {"templar": text}}
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + valid[8 + length:]
+
+
 def header_variants(valid: bytes):
     """Valid safetensors container, hostile JSON header: the templar metadata replaced by generated JSON."""
     length = int.from_bytes(valid[:8], "little")
-    header = json.loads(valid[8:8 + length])
-
-    def rebuild(value) -> bytes:
-        changed = dict(header, __metadata__={"templar": json.dumps(value)})
-        text = json.dumps(changed).encode()
-        return len(text).to_bytes(8, "little") + text + valid[8 + length:]
-
-    templar = json.loads(header["__metadata__"]["templar"])
+    templar = json.loads(json.loads(valid[8:8 + length])["__metadata__"]["templar"])
     field_changes = st.tuples(st.sampled_from(sorted(templar)), json_values).map(
-        lambda change: rebuild(templar | {change[0]: change[1]}))
-    return st.one_of(json_values.map(rebuild), field_changes)
+        lambda change: with_templar_header(valid, json.dumps(templar | {change[0]: change[1]})))
+    return st.one_of(json_values.map(lambda value: with_templar_header(valid, json.dumps(value))), field_changes)
 
 
 @FUZZ
@@ -205,3 +206,45 @@ def test_page_decompression_bomb_is_refused_before_decoding():
     assert len(sink.getvalue()) < 200_000  # small on the wire, 40 MB of int64 once decoded
     with pytest.raises(InvalidPage, match="token values declared"):
         parse_page(sink.getvalue(), MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------------- deep nesting
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _deep_cases():
+    """(reader, its own error, untrusted bytes or text whose JSON nests past the parser's recursion limit). Generated
+    JSON above never nests more than a few levels; "[[[[...]]]]" makes json raise RecursionError, which is not a
+    ValueError: an `except ValueError` reader lets it out."""
+    from tests.lib.test_sparseloco import VALID as SPARSE_VALID
+    from tests.lib.test_sparseloco import read_wire
+
+    deep = _nested(20_000)  # 40 kB, under every file limit
+    outer = (len(deep).to_bytes(8, "little") + deep.encode(),)
+    gradient = lambda data: read_gradient(data, window=3, uid=1, shapes=SHAPES, topk=8, max_bytes=1 << 20)
+    aggregation = lambda data: read_aggregation(data, window=3, shapes=SHAPES, max_bytes=1 << 20)
+    return [
+        ("gradient, safetensors header", gradient, InvalidFile, *outer),
+        ("gradient, templar header", gradient, InvalidFile, with_templar_header(valid_gradient(2, "int8"), deep)),
+        ("aggregation, templar header", aggregation, InvalidFile, with_templar_header(valid_aggregation(), deep)),
+        ("sparse gradient, templar header", read_wire, InvalidFile, with_templar_header(SPARSE_VALID, deep)),
+        ("peers list", lambda data: read_peers(data, window=4), InvalidFile, deep.encode()),
+        ("evaluation", lambda data: read_evaluation(data, window=4, validator=0), InvalidFile, deep.encode()),
+        ("checkpoint manifest", lambda data: parse_manifest(data, 5), InvalidFile, deep.encode()),
+        ("dataset manifest", Manifest.from_json, InvalidPage, deep.encode()),
+        # any miner writes one on the chain: 1024 "[" (unbalanced: the parser runs out of stack before the end)
+        ("chain commitment", parse_commitment, InvalidFile, "[" * 1024),
+    ]
+
+
+@pytest.mark.parametrize("label, reader, error, data", _deep_cases(), ids=[case[0] for case in _deep_cases()])
+def test_deeply_nested_json_is_refused_with_the_readers_own_error(label, reader, error, data):
+    with pytest.raises(error, match="not valid JSON|not JSON"):
+        reader(data)
+
+
+def test_the_nesting_above_is_past_the_json_parsers_limit():
+    for text in (_nested(20_000), "[" * 1024):
+        with pytest.raises(RecursionError):
+            json.loads(text)
