@@ -4,7 +4,7 @@
 thread pool with one deadline for the whole gather and validates each file with `wire.read_gradient`. Result: the
 valid gradients by uid with the sha256 of their bytes, and one reason for every uid skipped ("missing", "too big",
 "invalid: ...", "unreachable", "timeout", or why it has no bucket). The aggregator gathers the files a validator
-listed and keeps those whose sha256 it published.
+listed, passing the sha256 it published: other bytes are refused unparsed, as a swap.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from templar_lib.hparams import HParams
 from templar_lib.strategies import strategy_of
 from templar_lib.wire import (Gradient, InvalidFile, Peers, gradient_key, peers_key,
                               read_peers, write_peers)
+from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING
 from templar_lib.wire.documents import MAX_PEERS_BYTES
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,16 @@ def fetch_each(uids: Iterable[int], fetch: Callable[[int, float], T], peers: Pee
 
 
 def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
-           shapes: Mapping[str, tuple[int, ...]], hparams: HParams, timeout: float = 60.0) -> GatherResult:
+           shapes: Mapping[str, tuple[int, ...]], hparams: HParams, timeout: float = 60.0,
+           scored: Mapping[int, str] | None = None) -> GatherResult:
     """Download and validate `gradient-{window}-{uid}` for each uid within `timeout` seconds in total.
 
     Never raises for a peer's fault: every uid ends in `gradients` or in `skipped` with a reason. Times the buckets
     report are the miners' to set and decide nothing here (watch.py is the clock). A file may be as large as a real
     one of this model can be (wire.max_gradient_bytes), never more.
+    scored: the sha256 a validator published for each uid (the aggregator's case). Bytes that hash to anything else
+    are refused as CHANGED_AFTER_SCORING before they are parsed: a swap is proven by the hash alone, whether the new
+    bytes are a valid file or garbage, and a swapped file costs no parsing.
     """
     started = time.perf_counter()
     strategy = strategy_of(hparams)
@@ -84,8 +89,12 @@ def gather(window: int, uids: Iterable[int], peers: PeerBuckets, *,
         key = gradient_key(window, uid)
         try:
             data = bucket.get(key, max_bytes=limit, deadline=deadline)
+            digest = hashlib.sha256(data).hexdigest()
+            if scored is not None and digest != scored.get(uid):
+                return None, f"{CHANGED_AFTER_SCORING}: sha256 {digest[:12]} is not the {scored.get(uid, '')[:12]} " \
+                             f"a validator scored", len(data), None
             gradient = strategy.read_gradient(data, window=window, uid=uid, shapes=shapes)
-            return gradient, None, len(data), hashlib.sha256(data).hexdigest()
+            return gradient, None, len(data), digest
         except ObjectMissing:
             return None, f"missing: no {key}", 0, None
         except ObjectTooLarge as error:

@@ -35,6 +35,7 @@ from templar_lib.sparseloco import SparseDelta, combine_deltas, encode_delta, fe
 from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
                               read_gradient, write_aggregation, write_gradient)
+from templar_lib.wire.container import expect
 from templar_lib.wire.sparse import (SparseAggregation, SparseGradient, max_sparse_aggregation_bytes,
                                      max_sparse_gradient_bytes, read_sparse_aggregation, read_sparse_gradient,
                                      sparse_update, write_sparse_aggregation, write_sparse_gradient)
@@ -268,12 +269,17 @@ class SparseLoCoStrategy:
 
     def read_aggregation(self, data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]]
                          ) -> SparseAggregation:
+        """The file, validated; its outer rate must be this network's (a constant of the hyper-parameters the file's
+        hash names): every node replays it, so a rate the file alone declares would move θ everywhere at once."""
         hparams = self.hparams
-        return read_sparse_aggregation(data, window=window, shapes=shapes, topk=hparams.sparse_topk,
-                                       target_chunk=hparams.target_chunk,
-                                       max_peers=max(hparams.max_peers, hparams.topk_peers),
-                                       max_bytes=self.aggregation_limit(shapes), hparams_hash=hparams.protocol_hash(),
-                                       bins=hparams.quantization_bins)
+        aggregation = read_sparse_aggregation(data, window=window, shapes=shapes, topk=hparams.sparse_topk,
+                                              target_chunk=hparams.target_chunk,
+                                              max_peers=max(hparams.max_peers, hparams.topk_peers),
+                                              max_bytes=self.aggregation_limit(shapes),
+                                              hparams_hash=hparams.protocol_hash(), bins=hparams.quantization_bins)
+        expect(aggregation.lr == hparams.outer_learning_rate,
+               f"outer lr {aggregation.lr!r} is not this network's {hparams.outer_learning_rate!r}")
+        return aggregation
 
     def replay_(self, parameters: Mapping[str, torch.Tensor], aggregation: SparseAggregation) -> None:
         """θ ← θ − lr·combine_deltas(peers) per parameter, in place (a parameter no peer sent is unchanged)."""

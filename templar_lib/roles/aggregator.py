@@ -91,13 +91,8 @@ def signed_peers(chain: Chain, peers_list: Bucket, window: int) -> Peers:
 def _scored_files(window: int, uids: list[int], listed: Peers, peers: PeerBuckets, shapes: dict, hparams: HParams,
                   timeout: float) -> tuple[dict[int, Gradient], dict[int, str]]:
     """The gradients of `uids` whose bytes hash to what the validator scored, and why the others were left out."""
-    gathered = gather(window, uids, peers, shapes=shapes, hparams=hparams, timeout=timeout)
-    refused = dict(gathered.skipped)
-    for uid, digest in gathered.sha256.items():
-        if digest != listed.sha256[uid]:
-            refused[uid] = (f"{CHANGED_AFTER_SCORING}: sha256 {digest[:12]} is not the {listed.sha256[uid][:12]} "
-                            f"validator {listed.validator} scored")
-    return {uid: g for uid, g in gathered.gradients.items() if uid not in refused}, refused
+    gathered = gather(window, uids, peers, shapes=shapes, hparams=hparams, timeout=timeout, scored=listed.sha256)
+    return gathered.gradients, gathered.skipped
 
 
 def aggregator_step(window: int, *, state: ModelState, chain: Chain, peers: PeerBuckets, aggregator: Bucket,

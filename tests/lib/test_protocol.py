@@ -81,6 +81,18 @@ def test_only_the_scored_bytes_are_combined_and_a_swap_is_named(network):
     assert published.peers == [miners[0]] and published.refused == result.skipped
 
 
+def test_a_swap_to_bytes_no_reader_accepts_is_still_named_a_swap(network):
+    """Bytes that differ from what the validator scored prove the swap by their hash alone: refused before parsing,
+    so a file built to break the reader (JSON nested past the parser's stack) is named, and banned, as a swap."""
+    chain, validator, miners, bucket, files, state, aggregator = network
+    publish(chain, validator, bucket, miners, files)
+    deep = b"[" * 20_000
+    bucket.put(gradient_key(WINDOW, miners[1]), len(deep).to_bytes(8, "little") + deep)  # after the validator scored
+    result = aggregate(chain, bucket, state, aggregator)
+    assert result.peers == [miners[0], miners[2]]
+    assert result.skipped[miners[1]].startswith(CHANGED_AFTER_SCORING)
+
+
 def test_a_reserve_fills_the_place_a_listed_uid_left(network):
     chain, validator, miners, bucket, files, state, aggregator = network
     publish(chain, validator, bucket, miners[:2], files, reserves=[miners[2]])
