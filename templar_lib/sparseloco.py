@@ -226,9 +226,16 @@ def _encode_fused(delta: torch.Tensor, error: torch.Tensor | None, decay: float,
 
 
 def _top_positions(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest |rows| per row, ties to the lower position: (n_chunks, k) int64, increasing per row."""
-    order = rows.abs().sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return order.sort(dim=1).values
+    """The k largest |rows| per row, ties to the lower position: (n_chunks, k) int64, increasing per row. rows finite.
+
+    With t the k-th largest |x| of a row: every |x| > t (at most k − 1 of them), then the |x| = t in position order
+    until there are k: a stable descending sort's first k, found with topk's selection instead of a full sort of
+    every chunk (bench/RESULTS.md, "SparseLoCo on a device": the CPU's compression pass)."""
+    magnitude = rows.abs()
+    kth = magnitude.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above, tied = magnitude > kth, magnitude == kth
+    keep = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+    return keep.nonzero()[:, 1].view(rows.shape[0], k)
 
 
 def _quantise(vals: torch.Tensor, bins: int, sigmas: float) -> tuple[torch.Tensor, float, torch.Tensor]:
