@@ -109,7 +109,8 @@ class LocalBucket:
 
     def __init__(self, root: str | Path, *, peer: bool = False) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not peer:  # a stranger's path is only read: never create directories where a commitment points
+            self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
         self.peer = peer
 

@@ -118,6 +118,8 @@ def peer_buckets(commitments: Mapping[int, str], *, allow_local: bool = False,
             buckets[uid] = open_commitment(parse_commitment(text, allow_local=allow_local), limits=limits)
         except (InvalidFile, ValueError) as error:
             reasons[uid] = f"bad bucket commitment: {error}"
+        except (OSError, RuntimeError) as error:  # a file:// path that cannot be resolved (a symlink loop, ...)
+            reasons[uid] = f"bad bucket commitment: the path cannot be opened ({type(error).__name__})"
     return PeerBuckets(buckets, reasons)
 
 

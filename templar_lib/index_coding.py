@@ -72,11 +72,12 @@ def decode_indices(unary: bytes, remainders: bytes, b: int, n_chunks: int, k: in
     if (len(unary) * 8 - int(ends[-1]) - 1 if count else len(unary) * 8) >= 8:
         raise ValueError("unary stream has trailing bytes")
     quotients = np.diff(ends, prepend=-1) - 1
-    if b:
+    values = np.zeros(count, dtype=np.int64)
+    if b:  # b bits a value, most significant first: one column at a time (no int64 per bit)
         bits = np.unpackbits(np.frombuffer(remainders, dtype=np.uint8))[: count * b].reshape(count, b)
-        values = (bits.astype(np.int64) << np.arange(b - 1, -1, -1, dtype=np.int64)).sum(axis=1)
-    else:
-        values = np.zeros(count, dtype=np.int64)
+        for column in range(b):
+            values <<= 1
+            values |= bits[:, column]
     gaps = ((quotients.astype(np.int64) << b) + values).reshape(n_chunks, k)
     positions = np.cumsum(gaps + 1, axis=1) - 1
     if positions.size and int(positions[:, -1].max()) >= chunk_size:

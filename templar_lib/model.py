@@ -11,6 +11,7 @@ touching the process-wide RNG.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -71,13 +72,26 @@ def parameters_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_parameters_(model: torch.nn.Module, parameters: dict[str, torch.Tensor]) -> None:
-    """Copy `parameters` into the model's own tensors in place; the names must match exactly."""
+    """Copy `parameters` into the model's own tensors in place; the names and shapes must match exactly (copy_
+    alone would broadcast a (1, n) tensor into every row of an (m, n) weight)."""
     own = parameters_of(model)
     if set(own) != set(parameters):
         raise ValueError(f"parameter names differ: missing {sorted(set(own) - set(parameters))[:3]}, "
                          f"unexpected {sorted(set(parameters) - set(own))[:3]}")
+    wrong = [name for name, tensor in own.items() if tuple(parameters[name].shape) != tuple(tensor.shape)]
+    if wrong:
+        raise ValueError(f"parameter shapes differ from the model's: {wrong[:3]} (e.g. {wrong[0]}: "
+                         f"{tuple(parameters[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)})")
     for name, tensor in own.items():
         tensor.copy_(parameters[name])
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_shapes(preset: str, vocab_size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The preset's parameter shapes (names as parameters_of gives them), from a model on the meta device: no memory,
+    no initialisation. What a node checks published checkpoints against."""
+    return {name: tuple(p.shape) for name, p in parameters_of(build_model(preset, vocab_size=vocab_size,
+                                                                          device="meta")).items()}
 
 
 def parameter_count(model: torch.nn.Module) -> int:

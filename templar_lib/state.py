@@ -47,7 +47,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
@@ -414,18 +414,20 @@ class StateStore:
         return None if weights is None else {int(uid): float(weight) for uid, weight in weights.items()}
 
 
-def sync_to(store: StateStore, aggregator, window: int, *, hparams) -> ModelState:
+def sync_to(store: StateStore, aggregator, window: int, *, hparams,
+            shapes: Mapping[str, tuple[int, ...]] | None = None) -> ModelState:
     """θ_window for this node, resyncing when it is behind (a late joiner, or a node that missed windows).
 
     Start from the newest of: the node's own θ at or before `window` (its origin included, which a store with
     keep_origin keeps), and the newest valid published checkpoint at or before `window`; replay the published
     aggregations up to `window` (bit-identical to a node that ran them all live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
-    needed for the replay is missing or invalid.
+    needed for the replay is missing or invalid. shapes: the node's model's; a published checkpoint of other shapes
+    is skipped (and its download bounded by them), where without them it would be adopted and saved.
     """
     if store.has_model(window):
         return store.load_model(window)
     local = [w for w in store.model_windows() if w <= window]
-    published = latest_checkpoint(aggregator, at_most=window)
+    published = latest_checkpoint(aggregator, at_most=window, shapes=shapes)  # another model's is skipped
     if local and (published is None or local[-1] >= published.window):
         start = store.load_model(local[-1])
     elif published is not None:

@@ -130,8 +130,16 @@ class DemoStrategy:
                                      peers=max(hparams.max_peers, hparams.topk_peers))
 
     def read_aggregation(self, data: bytes, *, window: int, shapes: Mapping[str, tuple[int, ...]]) -> Aggregation:
-        return read_aggregation(data, window=window, shapes=shapes, target_chunk=self.hparams.target_chunk,
-                                max_bytes=self.aggregation_limit(shapes))
+        """The file, validated: this network's hyper-parameters (hash) and the rate their schedule gives the file's
+        step. Every node replays it, so neither is the file's to declare (a rate of 1e38 or 0 would move or freeze θ
+        on every node at once)."""
+        hparams = self.hparams
+        aggregation = read_aggregation(data, window=window, shapes=shapes, target_chunk=hparams.target_chunk,
+                                       max_bytes=self.aggregation_limit(shapes), hparams_hash=hparams.protocol_hash())
+        expected = learning_rate_at(aggregation.step, hparams)
+        expect(aggregation.lr == expected, f"lr {aggregation.lr!r} is not the {expected!r} this network's schedule "
+                                           f"gives step {aggregation.step}")
+        return aggregation
 
     def replay_(self, parameters: Mapping[str, torch.Tensor], aggregation: Aggregation) -> None:
         apply_aggregation_(parameters, aggregation, weight_decay=self.hparams.weight_decay)

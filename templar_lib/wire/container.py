@@ -61,13 +61,16 @@ def save_templar_file(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[str, str]]:
-    """Safetensors header of untrusted bytes, validated: (tensor entries by name, __metadata__)."""
+def parse_header(data: bytes, *, max_bytes: int, max_header: int = MAX_HEADER_BYTES
+                 ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Safetensors header of untrusted bytes, validated: (tensor entries by name, __metadata__).
+    max_header: the longest JSON header accepted, checked before parsing (parsing costs ≈ 25× the header's bytes in
+    Python objects: a reader of a kind of file whose honest headers are small passes a small bound)."""
     expect(isinstance(data, (bytes, bytearray, memoryview)), "not bytes")
     expect(len(data) <= max_bytes, f"file of {len(data)} bytes exceeds the limit of {max_bytes}")
     expect(len(data) >= 8, "file shorter than a safetensors header")
     (header_length,) = struct.unpack("<Q", bytes(data[:8]))
-    expect(header_length <= min(MAX_HEADER_BYTES, len(data) - 8),
+    expect(header_length <= min(max_header, MAX_HEADER_BYTES, len(data) - 8),
            "declared header length exceeds the file or the header limit")  # the number would echo the file
     header = json_object(bytes(data[8:8 + header_length]), "header")
     metadata = header.pop("__metadata__", {})
@@ -95,11 +98,11 @@ def parse_header(data: bytes, *, max_bytes: int) -> tuple[dict[str, dict], dict[
     return header, metadata
 
 
-def parse_templar_file(data: bytes, *, kind: str, formats: Iterable[int], window: int, max_bytes: int
-                       ) -> tuple[dict[str, dict], dict]:
+def parse_templar_file(data: bytes, *, kind: str, formats: Iterable[int], window: int, max_bytes: int,
+                       max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, dict], dict]:
     """Container checks shared by every templar file: safetensors header, then kind, format and window.
     Returns (tensor entries by name, the templar header)."""
-    entries, metadata = parse_header(data, max_bytes=max_bytes)
+    entries, metadata = parse_header(data, max_bytes=max_bytes, max_header=max_header)
     header = templar_header(metadata)
     expect(header.get("kind") == kind, f"kind is {str(header.get('kind'))[:40]!r}, expected {kind!r}")
     expect(is_int(header.get("format")) and header["format"] in tuple(formats),

@@ -38,7 +38,7 @@ import torch
 from templar_lib.compression import Sparse, chunk_shape, dequantize_int8, quantize_int8
 from templar_lib.encodings import CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_ENCODINGS, GradientFormat, torch_dtype
 from templar_lib.hparams import HParams
-from templar_lib.index_coding import decode_indices, encode_indices, sort_rows
+from templar_lib.index_coding import decode_indices, encode_indices, rice_parameter, sort_rows
 from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices, check_sender,
                                         declared_layout, expect, index_code, index_dtype, is_int, load_tensors,
                                         parse_templar_file, save_templar_file, set_difference,
@@ -177,7 +177,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     Raises InvalidFile.
     """
     entries, header = parse_templar_file(data, kind="gradient", formats=tuple(GradientFormat), window=window,
-                                         max_bytes=max_bytes)
+                                         max_bytes=max_bytes, max_header=GRADIENT_HEADER_BYTES)
     model_hash, probes = check_sender(header, uid, hparams_hash)
     params = header.get("params")
     expect(isinstance(params, dict), "params must be an object")
@@ -235,7 +235,9 @@ def _read_rice(data: bytes, entries: dict[str, dict], params: dict, shapes: Mapp
         k, rice, values = declared["k"], declared["rice"], declared["values"]
         expect(is_int(k) and 1 <= k <= chunk_size and (topk is None or k == min(topk, chunk_size)),
                f"{name}: {k!r} coefficients per chunk")
-        expect(is_int(rice) and 0 <= rice <= 30, f"{name}: bad rice parameter")
+        # the writer's b is a function of (chunk size, k): any other inflates the remainders (and their decoding)
+        expect(is_int(rice) and rice == rice_parameter(chunk_size, k), f"{name}: rice parameter, expected "
+                                                                        f"{rice_parameter(chunk_size, k)}")
         expect(values in VALUE_ENCODINGS, f"{name}: value encoding {str(values)[:20]!r} not allowed")
         expect(entries.get(f"{name}.vals", {}).get("dtype") == VALUE_ENCODINGS[values]
                and entries[f"{name}.vals"]["shape"] == [n_chunks, k], f"{name}: values tensor mismatch")

@@ -217,7 +217,7 @@ def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[
     int64 idx (increasing per chunk), uint8 codes, a float32 shift and table. Raises InvalidFile.
     """
     entries, header = parse_templar_file(data, kind="gradient", formats=(SPARSE_FORMAT,), window=window,
-                                         max_bytes=max_bytes)
+                                         max_bytes=max_bytes, max_header=HEADER_BYTES)
     check_sender(header, uid, hparams_hash)
     expect(is_int(header.get("bins")) and header["bins"] == bins, f"bins {str(header.get('bins'))[:20]}, "
                                                                   f"expected {bins}")

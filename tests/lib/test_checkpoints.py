@@ -233,7 +233,9 @@ def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_pat
             gradients[name] = Sparse(idx, torch.randn(n_chunks, kept, generator=generator) + 3.0, shape, chunk)
         return gradients
 
-    aggregation = aggregate_window(0, 0, 1e-3, {uid: peer(uid) for uid in range(peers)}, list(shapes))
+    small_gradients = HParams(max_gradient_bytes=1 << 16, max_peers=peers, topk_peers=peers)
+    aggregation = aggregate_window(0, 0, learning_rate_at(0, small_gradients), {uid: peer(uid) for uid in range(peers)},
+                                   list(shapes), small_gradients.protocol_hash())
     data = write_aggregation(aggregation)
     bound = max_aggregation_bytes(shapes, target_chunk=64, topk=topk, peers=peers)
     header = 8 + int.from_bytes(data[:8], "little")
@@ -243,7 +245,7 @@ def test_aggregations_are_bounded_by_the_model_not_by_the_gradient_limit(tmp_pat
 
     bucket = LocalBucket(tmp_path)
     bucket.put(aggregation_key(0), data)
-    small_gradients = HParams(max_gradient_bytes=len(data) // 4, max_peers=peers, topk_peers=peers)
+    assert small_gradients.max_gradient_bytes <= len(data) // 4
     following = catch_up(state, bucket, 1, hparams=small_gradients)  # bigger than a gradient may be: still replayed
     assert following.window == 1 and not torch.equal(following.parameters["model.norm.weight"],
                                                      state.parameters["model.norm.weight"])
@@ -307,3 +309,29 @@ def test_a_signs_aggregation_replays_to_the_same_bits_and_is_validated(tmp_path)
                               metadata={"templar": json.dumps(header)})
     with pytest.raises(InvalidFile, match="nonzero padding"):
         read_aggregation(padded, window=0, shapes=odd)
+
+
+def test_a_published_checkpoint_of_another_model_is_neither_adopted_nor_loaded(tmp_path):
+    """Whoever writes to the aggregator's bucket can publish a newer checkpoint of other shapes: a node given its
+    model's shapes resyncs from the last one that fits, and θ of the wrong shapes never reaches a model (copy_ would
+    broadcast a (1, n) row into every row of an (m, n) weight)."""
+    from templar_lib.model import load_parameters_, parameter_shapes
+    from templar_lib.state import StateMissing, sync_to
+
+    bucket, good = LocalBucket(tmp_path / "aggregator"), tiny_state(window=3, step=3)
+    save_checkpoint(bucket, good, HPARAMS)
+    shapes = parameter_shapes("tiny")
+    name = "model.layers.0.mlp.up_proj.weight"
+    wrong = dict(good.parameters, **{name: good.parameters[name][:1].clone()})  # (1, n) for (m, n)
+    save_checkpoint(bucket, ModelState(5, 5, wrong), HPARAMS)
+    assert shapes == {n: tuple(p.shape) for n, p in good.parameters.items()}
+    adopted = sync_to(StateStore(tmp_path / "blind"), bucket, 5, hparams=HPARAMS)  # without the shapes: adopted
+    assert tuple(adopted.parameters[name].shape) != shapes[name]
+    # with them: checkpoint-5 is skipped, and the resync starts from checkpoint-3 (which needs aggregations 3 and 4)
+    with pytest.raises(StateMissing, match="resyncing from window 3 failed"):
+        sync_to(StateStore(tmp_path / "state"), bucket, 5, hparams=HPARAMS, shapes=shapes)
+    synced = sync_to(StateStore(tmp_path / "state"), bucket, 3, hparams=HPARAMS, shapes=shapes)
+    assert synced.window == 3 and all(torch.equal(synced.parameters[n], p) for n, p in good.parameters.items())
+    model = build_model("tiny", seed=1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        load_parameters_(model, wrong)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from templar_lib.buckets import LocalBucket, S3Bucket
+from templar_lib.buckets import BucketAccessDenied, LocalBucket, ObjectMissing, S3Bucket
 from templar_lib.compression import encode
 from templar_lib.commitments import BucketCommitment, PeerBuckets, parse_commitment, peer_buckets
 from templar_lib.gather import fetch_peers, gather, publish_peers
@@ -78,6 +78,25 @@ def test_gather_deadline_skips_slow_peers_and_keeps_fast_ones(s3_server, server_
         assert proxy.faults_fired == 1
     finally:
         proxy.close()
+
+
+def test_a_local_commitment_never_creates_a_directory_and_an_unopenable_path_is_its_uids_reason(tmp_path):
+    """file:// commitments (a local network only) point wherever a miner likes: the validator reads there, it never
+    creates a directory there, and a path it cannot open costs that uid its bucket, not every uid theirs."""
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    (tmp_path / "a-file").write_bytes(b"x")
+    fresh = tmp_path / "created" / "by" / "a" / "miner"
+    buckets, reasons = peer_buckets({1: BucketCommitment(url=fresh.as_uri()).encode(),
+                                     2: BucketCommitment(url=(tmp_path / "a-file" / "x").as_uri()).encode(),
+                                     3: BucketCommitment(url=(tmp_path / "loop-a" / "x").as_uri()).encode(),
+                                     4: BucketCommitment(url=tmp_path.as_uri()).encode()}, allow_local=True)
+    assert not (tmp_path / "created").exists()
+    assert 4 in buckets and 3 not in buckets and "the path cannot be opened" in reasons[3]
+    with pytest.raises(ObjectMissing):  # nothing there: as for any uid that never uploaded
+        buckets[1].get("gradient-0-1.safetensors")
+    with pytest.raises(BucketAccessDenied):  # gather's "access denied" reason
+        buckets[2].get("gradient-0-1.safetensors")
 
 
 def test_commitments_are_validated_and_opened(tmp_path):

@@ -347,6 +347,12 @@ def test_wire_refuses_bad_content_with_a_reason(part, change, reason):
         read_wire(tampered(part, change))
 
 
+def test_wire_refuses_a_header_longer_than_a_gradient_needs():
+    header = b"[" + b" " * HEADER_BYTES + b"]"  # under the file's size limit, over the header's
+    with pytest.raises(InvalidFile, match="header limit"):
+        read_wire(len(header).to_bytes(8, "little") + header)
+
+
 def test_wire_refuses_nonzero_code_padding():
     generator = torch.Generator().manual_seed(0)
     sent, _ = encode(torch.randn(7, 9, generator=generator))  # 62 codes: 2 unused bit pairs in the last byte

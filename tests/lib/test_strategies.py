@@ -65,25 +65,28 @@ def test_applying_a_file_alone_moves_theta_as_its_aggregation_replays(name, mode
     assert any(not torch.equal(alone[n], p) for n, p in model.named_parameters())
 
 
-def test_a_sparseloco_aggregation_at_another_outer_rate_is_refused(model_and_data):
-    """Every node replays the published file: its rate is the network's constant, not whatever the file says (the
-    same deltas at 100× the rate would move θ on every node at once)."""
+@EACH
+def test_an_aggregation_at_another_rate_or_for_other_settings_is_refused(name, model_and_data):
+    """Every node replays the published file: its rate is the network's (demo: the schedule's at the file's step;
+    sparseloco: the constant) and its settings are the network's, not whatever the file says (the same update at
+    100× the rate would move θ on every node at once; at 0 it would freeze training)."""
+    import templar_lib.wire as demo_wire
     import templar_lib.wire.sparse as sparse_wire
 
     model, data = model_and_data
-    hparams = FAST.replace(strategy="sparseloco")
+    hparams = FAST.replace(strategy=name)
     strategy = strategy_of(hparams)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     mined = strategy.mine(model, None, data.tokens(data.miner_pages(0, 1, 2)), step=0)
     gradient = strategy.read_gradient(strategy.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes)
     _, lr, published = strategy.aggregate(0, 0, {1: gradient}, list(shapes), {})
-    assert strategy.read_aggregation(published, window=0, shapes=shapes).lr == lr == hparams.outer_learning_rate
-    read = sparse_wire.read_sparse_aggregation(published, window=0, shapes=shapes, topk=hparams.sparse_topk,
-                                               target_chunk=hparams.target_chunk, max_peers=hparams.max_peers,
-                                               max_bytes=len(published), hparams_hash=hparams.protocol_hash())
-    louder = sparse_wire.write_sparse_aggregation(dataclasses.replace(read, lr=100 * lr))
-    with pytest.raises(InvalidFile, match="outer lr"):
-        strategy.read_aggregation(louder, window=0, shapes=shapes)
+    read = strategy.read_aggregation(published, window=0, shapes=shapes)
+    assert read.lr == lr > 0
+    write = sparse_wire.write_sparse_aggregation if name == "sparseloco" else demo_wire.write_aggregation
+    assert write(read) == published
+    for change, reason in [(dict(lr=100 * lr), "lr"), (dict(lr=0.0), "lr"), (dict(hparams_hash="other"), "hash")]:
+        with pytest.raises(InvalidFile, match=reason):
+            strategy.read_aggregation(write(dataclasses.replace(read, **change)), window=0, shapes=shapes)
 
 
 def test_our_adamw_is_torchs():

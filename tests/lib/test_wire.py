@@ -135,6 +135,9 @@ def test_structurally_bad_files_are_rejected_with_a_reason(label, mutate, reason
     ("torch.save zip", b"PK\x03\x04" + b"\x00" * 100, "header length"),
     ("huge declared header", struct.pack("<Q", 2**60) + b"{}", "header length"),
     ("header not JSON", struct.pack("<Q", 4) + b"{{{{", "not valid JSON"),
+    # within the 16 MiB any safetensors header may have, past what a gradient's can need: refused unparsed (wide
+    # JSON costs ≈ 25× its bytes to parse, and a validator reads its sampled gradients one after another)
+    ("header past a gradient's", struct.pack("<Q", (1 << 20) + 2) + b"[" + b" " * (1 << 20) + b"]", "header limit"),
     ("header is a list", raw_file([]), "not a JSON object"),  # type: ignore[arg-type]
     ("duplicate tensor keys", raw_header_text('{"a": %s, "a": %s}' % (ENTRY, ENTRY), b"\0" * 4), "duplicate"),
     ("size lies about shape", raw_file({"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4]}}, b"\0" * 4),
@@ -231,6 +234,8 @@ def test_compact_format_is_smaller_and_int8_matches_error_feedback():
     (lambda t, h: t | {"w.scale": torch.tensor([float("nan")])}, "bad scale"),
     (lambda t, h: t | {"w.scale": torch.tensor([-1.0])}, "bad scale"),
     (lambda t, h: {k: v for k, v in t.items() if k != "w.scale"}, "scale mismatch"),
+    # any b codes the same positions; a larger one only inflates the remainders a reader expands
+    (lambda t, h: h["params"]["w"].update(rice=30) or t, "rice parameter, expected 6"),
 ])
 def test_compact_format_hostile_streams_are_rejected(damage, reason):
     generator = torch.Generator().manual_seed(4)
