@@ -25,6 +25,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +42,8 @@ FORMAT_VERSION = 1
 MAX_PAGE_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_PAGE_EXPANSION = 4  # a page's decoded column data may be at most this many times its int32 token bytes
+MAX_PAGE_TOKENS = MAX_PAGE_BYTES // 4  # what a page of int32 ids within its size limit can hold
+MAX_VOCAB = 1 << 24
 
 
 class InvalidPage(ValueError):
@@ -86,6 +89,9 @@ class Manifest:
             raise InvalidPage("manifest: page counts are inconsistent")
         if min(raw["sequence_length"], raw["rows_per_page"], raw["vocab_size"]) <= 0:
             raise InvalidPage("manifest: sizes must be positive")
+        if raw["rows_per_page"] * raw["sequence_length"] > MAX_PAGE_TOKENS or raw["vocab_size"] > MAX_VOCAB:
+            raise InvalidPage(f"manifest: pages of at most {MAX_PAGE_TOKENS} tokens from a vocabulary of at most "
+                              f"{MAX_VOCAB}")  # else a page's decoding would be sized by whoever wrote the manifest
         if not all(isinstance(digest, str) and len(digest) == 64 for digest in raw["page_sha256"]):
             raise InvalidPage("manifest: page_sha256 must hold sha256 hex digests")
         return cls(**raw)
@@ -202,10 +208,16 @@ def parse_page(data: bytes, manifest: Manifest) -> torch.Tensor:
     if expanded > MAX_PAGE_EXPANSION * (expected_values * 4 + 64 * 1024):
         raise InvalidPage(f"page: decompresses to {expanded} bytes, far more than a page holds")
     try:
-        column = parquet.read(columns=["tokens"]).column("tokens")
-        if sum(len(value) for value in column.to_pylist()) != expected_values:
+        column = parquet.read(columns=["tokens"]).column("tokens").combine_chunks()
+        flat = column.flatten()  # the ids of every row, back to back: numpy, not a Python int per token
+        if not pa.types.is_integer(flat.type) or len(flat) != expected_values or column.null_count or flat.null_count:
             raise InvalidPage(f"page: expected {expected_values} token ids")
-        tokens = torch.tensor(column.to_pylist(), dtype=torch.int64)
+        lengths = np.diff(column.offsets.to_numpy())
+        if (lengths != manifest.sequence_length).any():
+            raise InvalidPage(f"page: rows of {sorted(set(lengths.tolist()))[:3]} tokens, expected "
+                              f"{manifest.sequence_length}")
+        tokens = torch.from_numpy(flat.to_numpy().astype(np.int64)).view(manifest.rows_per_page,
+                                                                         manifest.sequence_length)
     except InvalidPage:
         raise
     except Exception as error:  # pyarrow raises many types for corrupt input; all mean "not a page"

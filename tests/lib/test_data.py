@@ -62,3 +62,22 @@ def test_tampered_or_malformed_pages_are_rejected(dataset, tmp_path):
         parse_page(out_of_vocab.getvalue(), manifest)
     with pytest.raises(InvalidPage, match="page counts"):
         Manifest.from_json(manifest.to_json().replace(b'"train_pages": ', b'"train_pages": 9999'))
+
+
+def test_a_manifest_cannot_size_a_page_beyond_what_its_bytes_can_hold_and_rows_must_be_whole(dataset):
+    """Whoever writes the dataset bucket's manifest sets the shape every page is decoded to: bounded by what a page
+    within its byte limit can hold, and each row must be exactly sequence_length ids of an integer type."""
+    manifest = read_manifest(dataset)
+    text = manifest.to_json()
+    huge = text.replace(f'"sequence_length": {manifest.sequence_length}'.encode(), b'"sequence_length": 400000000')
+    assert huge != text
+    with pytest.raises(InvalidPage, match="at most"):
+        Manifest.from_json(huge)
+    rows, length = manifest.rows_per_page, manifest.sequence_length
+    assert rows == 2  # one row one id longer, the other one shorter: the right count of ids in all
+    for tokens, reason in [([[1] * (length + 1), [1] * (length - 1)], "rows of"),
+                           ([[str(i) for i in range(length)]] * rows, "token ids|unreadable")]:
+        page = io.BytesIO()
+        pd.DataFrame({"tokens": tokens}).to_parquet(page)
+        with pytest.raises(InvalidPage, match=reason):
+            parse_page(page.getvalue(), manifest)
