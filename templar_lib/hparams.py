@@ -90,8 +90,8 @@ class HParams:
     miss_window: int = 8
     miss_exclude: int = 6  # misses among them that reset the uid and exclude it until it does better
     topk_peers: int = 20  # peers aggregated per window
-    # a score below this share of the window's best counts as 0 (not aggregated, not paid): scores are improvements
-    # the validator measures, which no upload can inflate, so only real work clears the floor
+    # a score below this share of the window's median positive score counts as 0 (not aggregated, not paid): scores
+    # are improvements the validator measures, which no upload can inflate, so only real work clears the floor
     peer_score_ratio: float = 0.2
     max_peers: int = 256  # uids a validator considers
     scored_per_window: int = 32  # uids a validator scores per window at most (sampled beyond: roles/validator.py)

@@ -11,7 +11,8 @@ For window w, once it has closed, on the same θ_w the miners trained on:
    and on the random pages again (scoring.py: the least-improved own page against the random pages).
 4. scores -> ratings (ratings.py: the moving average of scores sets the weights) -> weights (weights.py), set on the
    chain; `peers_{w}.json` (valid uids with a positive score, best first, at most topk_peers; a score below
-   peer_score_ratio of the window's best counts as 0, with that reason: too small to use, so not paid), each with the
+   peer_score_ratio of the window's median positive score counts as 0, with that reason: too small to use, so not
+   paid), each with the
    sha256
    of the bytes scored, signed by the validator's hotkey) and `evaluation-{w}-{validator}.json` (wire.documents)
    written to the validator's gradients bucket. A uid the aggregator of w − 1 found with other bytes than were
@@ -24,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -231,11 +233,14 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
                                           sync_lag=lag)
     del scratch
 
-    best = max((s.score for s in scores.values()), default=0.0)
-    for uid, score in scores.items():  # a contribution too small for the network to use is neither used nor paid
-        if not score.reason and 0 < score.score < hparams.peer_score_ratio * best:
+    # a contribution too small for the network to use is neither used nor paid: small against the window's median
+    # positive score, which a majority would have to move, not against its best, which one outlier sets (a single
+    # file scoring 8× the rest put every honest miner below 0.2 of it: out of the peers list, unpaid)
+    typical = statistics.median_low([s.score for s in scores.values() if not s.reason and s.score > 0] or [0.0])
+    for uid, score in scores.items():
+        if not score.reason and 0 < score.score < hparams.peer_score_ratio * typical:
             scores[uid] = dataclasses.replace(score, score=0.0, indicator=-1, reason=(
-                f"score {score.score:.3g} below {hparams.peer_score_ratio:g} of the window's best {best:.3g}"))
+                f"score {score.score:.3g} below {hparams.peer_score_ratio:g} of the window's median {typical:.3g}"))
     positive = sorted((uid for uid, s in scores.items() if not s.reason and s.score > 0),
                       key=lambda uid: (-scores[uid].score, uid))
     chosen, reserves = sorted(positive[: hparams.topk_peers]), positive[hparams.topk_peers: 2 * hparams.topk_peers]

@@ -20,6 +20,7 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     lazy            trains on one page of its share
     majority_scale  honest ×3 values (meant for a majority: against a median it would move the reference)
     slow_endpoint   commits an endpoint on loopback that trickles its bodies or never answers (endpoints.py)
+    gradient        sparseloco: the top-k of its raw gradient at its honest file's size (open: OPEN says where)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient
 from templar_lib.sparseloco import decode_delta, encode_delta, with_values
 from templar_lib.strategies import Strategy, new_feedback, strategy_of
+from templar_lib.training import loss_and_gradients
 from templar_lib.wire import Gradient, gradient_key, write_gradient
 from templar_lib.wire.sparse import SparseGradient, write_sparse_gradient
 
@@ -211,6 +213,27 @@ def _lagging(turn: Turn) -> bytes:
     return turn.write(turn.honest(on_model=stale, step=max(0, turn.state.step - lag)))
 
 
+def _gradient(turn: Turn) -> bytes:
+    """sparseloco: the top-k of its own pages' raw gradient instead of its AdamW pseudo-gradient, each parameter's
+    values scaled to the norm of its honest file's (an honest size, well inside the validator's bound). A
+    steepest-descent direction scores more per unit of norm than the protocol's update (found by a red-team pass,
+    2026-12-06; docs/RELIABILITY.md). Its compute is honest (the raw gradients come with the inner steps' own backward
+    passes; this simulation spends one more pass to get them, which a real attacker need not)."""
+    if turn.hparams.strategy != "sparseloco":
+        raise ValueError("the gradient adversary is a sparseloco one: demo's honest file already is the top-k of its "
+                         "gradients' momentum")
+    honest = turn.honest()
+    _, gradients = loss_and_gradients(turn.model, turn.dataset.tokens(turn.own_pages()), turn.hparams.batch_size)
+    turn.model.zero_grad(set_to_none=True)
+    sent, _ = turn.strategy.encode(gradients, None)
+    scale = {}
+    for name, delta in honest.tensors.items():
+        size = float(torch.linalg.vector_norm(decode_delta(sent[name])))
+        scale[name] = float(torch.linalg.vector_norm(decode_delta(delta))) / size if size > 0 else 0.0
+    return turn.write(honest.with_tensors(turn.strategy.encode({n: g * scale[n] for n, g in gradients.items()},
+                                                               None)[0]))
+
+
 def _malformed(turn: Turn) -> bytes:
     data = turn.write(turn.honest())
     return data[: len(data) // 2] + bytes(range(256))
@@ -226,6 +249,7 @@ class Adversary:
     backdates: bool = False  # claims a time before the window opened for its file
     endpoint: str | None = None  # commits a hostile endpoint of this mode instead of its bucket (endpoints.py)
     honest_first: bool = False  # its first window is honest work (compute 1)
+    open_under: tuple[str, ...] = ()  # strategies under which it still earns more than honest work: not yet countered
 
     def compute_in(self, window: int) -> float:
         return 1.0 if self.honest_first and window == 0 else self.compute
@@ -252,8 +276,10 @@ KINDS: dict[str, Adversary] = {
     "lazy": Adversary(lambda turn: turn.write(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
     "majority_scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 3))),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
+    "gradient": Adversary(_gradient, open_under=("sparseloco",)),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")
+OPEN = {kind: adversary.open_under for kind, adversary in KINDS.items() if adversary.open_under}
 
 
 def parse_adversaries(text: str) -> dict[str, int]:

@@ -12,6 +12,7 @@ from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import latest_checkpoint
 from templar_lib.hparams import HParams
 from templar_lib.simulate import ADVERSARIES, parse_adversaries, run_network
+from templar_lib.simulate.adversaries import OPEN
 from templar_lib.wire import read_aggregation
 
 # a few windows instead of thousands: full learning rate from the start, two pages of 2 × 128 tokens per miner
@@ -92,7 +93,7 @@ def weight_per_compute(report, uids) -> float:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("kind", ADVERSARIES)
+@pytest.mark.parametrize("kind", [kind for kind in ADVERSARIES if kind not in OPEN])
 def test_each_attack_in_production_order_keeps_progress_and_earns_nothing(dataset, tmp_path, honest_runs, kind,
                                                                          strategy):
     """Progress is against the network of 5 honest miners under demo (a sign step does not grow with the peers), and
@@ -112,6 +113,31 @@ def test_each_attack_in_production_order_keeps_progress_and_earns_nothing(datase
         assert weight_per_compute(report, cheats) <= weight_per_compute(report, honest), (kind, last.weights)
     else:
         assert sum(last.weights.get(uid, 0.0) for uid in cheats) <= 0.05, (kind, last.weights, last.reasons)
+
+
+@pytest.fixture(scope="module")
+def greedy_gradient(dataset, tmp_path_factory):
+    """One of five miners sends the top-k of its raw gradient at its honest file's size (sparseloco, 5 windows)."""
+    return run_network(dataset, tmp_path_factory.mktemp("gradient"), miners=5, windows=5, adversaries={"gradient": 1},
+                       hparams=STRATEGIES["sparseloco"], random_page_count=2)
+
+
+def test_one_outscoring_miner_leaves_the_honest_ones_in_the_aggregation_and_paid(greedy_gradient):
+    """A file that scores several times the rest (here the greedy gradient: ≈ 4–8× an honest file) must not push the
+    honest miners under the "too small to use" floor: it is a share of the window's median score, not of its best
+    (against the best, every honest miner fell out of the peers list and was paid nothing; red-team pass 2026-12-06)."""
+    honest = [uid for uid, role in greedy_gradient.roles.items() if role == "honest"]
+    zeroed = [(window.window, uid, window.reasons[uid]) for window in greedy_gradient.windows for uid in honest
+              if uid in window.reasons]
+    assert not zeroed and all(greedy_gradient.windows[-1].weights.get(uid, 0.0) > 0 for uid in honest), zeroed
+
+
+@pytest.mark.xfail(strict=True, reason="open (docs/RELIABILITY.md): scored alone at a fixed size, a steepest-descent "
+                                       "direction improves loss more per unit of norm than the protocol's AdamW update")
+def test_the_greedy_gradient_earns_no_more_per_compute_than_honest_work(greedy_gradient):
+    honest = [uid for uid, role in greedy_gradient.roles.items() if role == "honest"]
+    cheats = [uid for uid, role in greedy_gradient.roles.items() if role == "gradient"]
+    assert weight_per_compute(greedy_gradient, cheats) <= weight_per_compute(greedy_gradient, honest)
 
 
 def test_mixed_forty_percent_adversaries_rank_below_every_honest_miner(dataset, tmp_path):
