@@ -415,19 +415,22 @@ class StateStore:
 
 
 def sync_to(store: StateStore, aggregator, window: int, *, hparams,
-            shapes: Mapping[str, tuple[int, ...]] | None = None) -> ModelState:
+            model_shapes: Callable[[], Mapping[str, tuple[int, ...]]] | None = None) -> ModelState:
     """θ_window for this node, resyncing when it is behind (a late joiner, or a node that missed windows).
 
     Start from the newest of: the node's own θ at or before `window` (its origin included, which a store with
     keep_origin keeps), and the newest valid published checkpoint at or before `window`; replay the published
-    aggregations up to `window` (bit-identical to a node that ran them all live, on CPU) and save the result. Raises StateMissing when there is nothing to start from or an aggregation
-    needed for the replay is missing or invalid. shapes: the node's model's; a published checkpoint of other shapes
-    is skipped (and its download bounded by them), where without them it would be adopted and saved.
+    aggregations up to `window` (bit-identical to a node that ran them all live, on CPU) and save the result. Raises
+    StateMissing when there is nothing to start from or an aggregation needed for the replay is missing or invalid.
+    model_shapes(): the node's model's parameter shapes, asked for only when θ_window is not in the store (a node
+    opens its dataset to know its vocabulary): a published checkpoint of other shapes is skipped (and its download
+    bounded by them), where without them it would be adopted and saved.
     """
     if store.has_model(window):
         return store.load_model(window)
     local = [w for w in store.model_windows() if w <= window]
-    published = latest_checkpoint(aggregator, at_most=window, shapes=shapes)  # another model's is skipped
+    published = latest_checkpoint(aggregator, at_most=window,
+                                  shapes=model_shapes() if model_shapes else None)  # another model's is skipped
     if local and (published is None or local[-1] >= published.window):
         start = store.load_model(local[-1])
     elif published is not None:

@@ -99,7 +99,7 @@ class _Cheats:
             return
         node, buckets, hparams = self.resources["node"], self.resources["buckets"], self.resources["hparams"].load()
         dataset, gradients = buckets.dataset(), buckets.gradients()
-        state = node.sync_state(window, dataset)
+        state = node.sync_state(window)
         if self.model is None:
             self.model = build_model(self.resources["training"].preset, vocab_size=dataset.vocab_size)
         load_parameters_(self.model, state.parameters)

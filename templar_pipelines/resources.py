@@ -138,15 +138,19 @@ class NodeResource(dg.ConfigurableResource):
         writer = WriteBehind.for_directory(self.state_dir) if self.write_behind else None
         return StateStore(self.state_dir, keep_windows=self.keep_windows, writer=writer, keep_origin=self.keep_origin)
 
-    def sync_state(self, window: int, dataset: Dataset) -> ModelState:
+    def sync_state(self, window: int) -> ModelState:
         """θ_window from the state store, replayed from published checkpoints and aggregations (and saved) when this
         node is behind or θ_window is older than the windows it keeps (a backfill); dg.Failure with a clear message
-        when neither has it. A published checkpoint must have this node's model's shapes (dataset: its vocabulary)."""
+        when neither has it. A published checkpoint must have this node's model's shapes (the dataset's vocabulary:
+        read only then)."""
         from templar_lib.model import parameter_shapes
 
-        shapes = parameter_shapes(self.training.preset, dataset.vocab_size)
+        def model_shapes():
+            return parameter_shapes(self.training.preset, self.buckets.dataset().vocab_size)
+
         try:
-            return sync_to(self.store(), self.buckets.aggregator(), window, hparams=self.hparams.load(), shapes=shapes)
+            return sync_to(self.store(), self.buckets.aggregator(), window, hparams=self.hparams.load(),
+                           model_shapes=model_shapes)
         except StateMissing as missing:  # retrying cannot help: the previous window must run first
             raise dg.Failure(description=str(missing), allow_retries=False) from None
 
@@ -154,7 +158,7 @@ class NodeResource(dg.ConfigurableResource):
         """(model holding θ_window, its ModelState): the process's model object with θ_window copied in."""
         from templar_lib.model import load_parameters_
 
-        state = self.sync_state(window, dataset)
+        state = self.sync_state(window)
         model = self.training.model(dataset.vocab_size)
         load_parameters_(model, state.parameters)
         return model, state

@@ -34,6 +34,7 @@ import torch
 from templar_lib.buckets import Bucket
 from templar_lib.data import corpus
 from templar_lib.data.tokenizer import load_tokenizer, train_tokenizer
+from templar_lib.wire.container import InvalidFile, json_object
 from templar_lib.wire.keys import MANIFEST as MANIFEST_KEY
 from templar_lib.wire.keys import TOKENIZER as TOKENIZER_KEY
 from templar_lib.wire.keys import page_key
@@ -73,12 +74,12 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting raises RecursionError
-            raise InvalidPage(f"manifest: not JSON ({str(error)[:120]})") from None
+            raw = json_object(data, "manifest")
+        except InvalidFile as error:
+            raise InvalidPage(str(error)) from None
         fields = {"total_pages": int, "train_pages": int, "sequence_length": int, "rows_per_page": int,
                   "vocab_size": int, "tokenizer_sha256": str, "page_sha256": list, "format": int}
-        if not isinstance(raw, dict) or set(raw) != set(fields):
+        if set(raw) != set(fields):
             raise InvalidPage(f"manifest: expected exactly the fields {sorted(fields)}")
         for name, kind in fields.items():
             if not isinstance(raw[name], kind) or isinstance(raw[name], bool):

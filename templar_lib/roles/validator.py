@@ -12,11 +12,10 @@ For window w, once it has closed, on the same θ_w the miners trained on:
 4. scores -> ratings (ratings.py: the moving average of scores sets the weights) -> weights (weights.py), set on the
    chain; `peers_{w}.json` (valid uids with a positive score, best first, at most topk_peers; a score below
    peer_score_ratio of the window's median positive score counts as 0, with that reason: too small to use, so not
-   paid), each with the
-   sha256
-   of the bytes scored, signed by the validator's hotkey) and `evaluation-{w}-{validator}.json` (wire.documents)
-   written to the validator's gradients bucket. A uid the aggregator of w − 1 found with other bytes than were
-   scored (`refused` in aggregation-{w−1}) is banned (ratings.py).
+   paid), each with the sha256 of the bytes scored, signed by the validator's hotkey) and
+   `evaluation-{w}-{validator}.json` (wire.documents) written to the validator's gradients bucket. A uid the
+   aggregator of w − 1 found with other bytes than were scored (`refused` in aggregation-{w−1}) is banned
+   (ratings.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     """aggregation-{window}: exactly the gradients a validator scored (their sha256 in its signed peers_{window}.json)
     combined into one update; fails (and is retried) until the validator has published the list."""
     window, live_chain = partition_window(context), chain.open()
-    result = aggregator_step(window, state=node.sync_state(window, buckets.dataset()), chain=live_chain,
+    result = aggregator_step(window, state=node.sync_state(window), chain=live_chain,
                              peers=buckets.peers(live_chain), aggregator=buckets.aggregator(), hparams=hparams.load(),
                              peers_list=buckets.gradients())
     for line in aggregation_lines(result):
@@ -32,7 +32,7 @@ def checkpoint(context: dg.AssetExecutionContext, buckets: BucketsResource, hpar
     as checkpoint-{window+1} every checkpoint_frequency windows."""
     window, dataset = partition_window(context), buckets.dataset()
     store = node.store()
-    advance = advance_window(window, state=node.sync_state(window, dataset), aggregator=buckets.aggregator(), store=store,
+    advance = advance_window(window, state=node.sync_state(window), aggregator=buckets.aggregator(), store=store,
                              model=node.training.model(dataset.vocab_size), dataset=dataset, hparams=hparams.load())
     wandb.log("aggregator", window, {"held_out_loss": advance.held_out_loss})
     return dg.MaterializeResult(metadata={"sha256": advance.sha256, "held_out_loss": advance.held_out_loss,

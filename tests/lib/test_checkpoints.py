@@ -329,8 +329,8 @@ def test_a_published_checkpoint_of_another_model_is_neither_adopted_nor_loaded(t
     assert tuple(adopted.parameters[name].shape) != shapes[name]
     # with them: checkpoint-5 is skipped, and the resync starts from checkpoint-3 (which needs aggregations 3 and 4)
     with pytest.raises(StateMissing, match="resyncing from window 3 failed"):
-        sync_to(StateStore(tmp_path / "state"), bucket, 5, hparams=HPARAMS, shapes=shapes)
-    synced = sync_to(StateStore(tmp_path / "state"), bucket, 3, hparams=HPARAMS, shapes=shapes)
+        sync_to(StateStore(tmp_path / "state"), bucket, 5, hparams=HPARAMS, model_shapes=lambda: shapes)
+    synced = sync_to(StateStore(tmp_path / "state"), bucket, 3, hparams=HPARAMS, model_shapes=lambda: shapes)
     assert synced.window == 3 and all(torch.equal(synced.parameters[n], p) for n, p in good.parameters.items())
     model = build_model("tiny", seed=1)
     with pytest.raises(ValueError, match="shapes differ"):
