@@ -21,6 +21,7 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     majority_scale  honest ×3 values (meant for a majority: against a median it would move the reference)
     slow_endpoint   commits an endpoint on loopback that trickles its bodies or never answers (endpoints.py)
     gradient        sparseloco: the top-k of its raw gradient at its honest file's size (open: OPEN says where)
+    gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
 """
 
 from __future__ import annotations
@@ -213,25 +214,39 @@ def _lagging(turn: Turn) -> bytes:
     return turn.write(turn.honest(on_model=stale, step=max(0, turn.state.step - lag)))
 
 
-def _gradient(turn: Turn) -> bytes:
-    """sparseloco: the top-k of its own pages' raw gradient instead of its AdamW pseudo-gradient, each parameter's
-    values scaled to the norm of its honest file's (an honest size, well inside the validator's bound). A
-    steepest-descent direction scores more per unit of norm than the protocol's update (found by a red-team pass,
-    2026-12-06; docs/RELIABILITY.md). Its compute is honest (the raw gradients come with the inner steps' own backward
-    passes; this simulation spends one more pass to get them, which a real attacker need not)."""
+def _greedy(turn: Turn, direction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bytes:
+    """sparseloco: instead of its AdamW pseudo-gradient, direction(g, chosen) of its own pages' raw gradient g, where
+    `chosen` marks the top-k of |g| (the positions a top-k of g sends), each parameter's values scaled to the norm of
+    its honest file's (an honest size, well inside the validator's bound). Found by a red-team pass, 2026-12-06
+    (docs/RELIABILITY.md): scoring applies a file alone at a fixed size, and a steepest-descent direction improves the
+    loss there more per unit of norm than the protocol's update. Its compute is honest (the raw gradients come with
+    the inner steps' own backward passes; this simulation spends one more pass to get them, which a real attacker
+    need not)."""
     if turn.hparams.strategy != "sparseloco":
-        raise ValueError("the gradient adversary is a sparseloco one: demo's honest file already is the top-k of its "
+        raise ValueError("the greedy adversaries are sparseloco ones: demo's honest file already is the top-k of its "
                          "gradients' momentum")
     honest = turn.honest()
     _, gradients = loss_and_gradients(turn.model, turn.dataset.tokens(turn.own_pages()), turn.hparams.batch_size)
     turn.model.zero_grad(set_to_none=True)
     sent, _ = turn.strategy.encode(gradients, None)
+    greedy = {name: direction(g, decode_delta(sent[name]) != 0) for name, g in gradients.items()}
+    sent, _ = turn.strategy.encode(greedy, None)
     scale = {}
     for name, delta in honest.tensors.items():
         size = float(torch.linalg.vector_norm(decode_delta(sent[name])))
         scale[name] = float(torch.linalg.vector_norm(decode_delta(delta))) / size if size > 0 else 0.0
-    return turn.write(honest.with_tensors(turn.strategy.encode({n: g * scale[n] for n, g in gradients.items()},
+    return turn.write(honest.with_tensors(turn.strategy.encode({n: g * scale[n] for n, g in greedy.items()},
                                                                None)[0]))
+
+
+def _gradient(turn: Turn) -> bytes:
+    """The top-k of the raw gradient itself."""
+    return _greedy(turn, lambda g, chosen: g)
+
+
+def _gradient_sign(turn: Turn) -> bytes:
+    """±1 on the top-k of |g|: the best reply found to a validator scoring in AdamW's own metric (RELIABILITY)."""
+    return _greedy(turn, lambda g, chosen: torch.where(chosen, torch.sign(g), torch.zeros_like(g)))
 
 
 def _malformed(turn: Turn) -> bytes:
@@ -277,6 +292,7 @@ KINDS: dict[str, Adversary] = {
     "majority_scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 3))),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
+    "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")
 OPEN = {kind: adversary.open_under for kind, adversary in KINDS.items() if adversary.open_under}

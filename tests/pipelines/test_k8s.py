@@ -414,12 +414,17 @@ def test_helm_values_use_the_charts_keys_and_give_the_same_instance():
                                                                                          "pullPolicy"}
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "templar_pipelines"]
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
-    assert values["dagsterDaemon"]["runCoordinator"] == {"enabled": True, "type": "QueuedRunCoordinator"}
+    coordinator = values["dagsterDaemon"]["runCoordinator"]
+    assert {key: coordinator[key] for key in ("enabled", "type")} == {"enabled": True, "type": "QueuedRunCoordinator"}
+    assert set(coordinator["config"]) == {"queuedRunCoordinator"}
+    assert set(coordinator["config"]["queuedRunCoordinator"]) <= {"dequeueIntervalSeconds", "dequeueUseThreads",
+                                                                   "dequeueNumWorkers"}  # limits: concurrency.runs
     # What the chart renders into the instance is what deploy/k8s/dagster.yaml says (camelCase → snake_case).
     instance = load_yaml(K8S / "dagster.yaml")
     assert values["concurrency"].pop("enabled") is True
     assert snake(values["concurrency"]) == instance["concurrency"]
     assert snake(values["dagsterDaemon"]["runRetries"]) == instance["run_retries"]
+    assert snake(coordinator["config"]["queuedRunCoordinator"]) == instance["run_coordinator"]["config"]
     assert snake(values["dagsterDaemon"]["runMonitoring"]) == instance["run_monitoring"]
     launcher = instance["run_launcher"]["config"]
     assert snake(k8s_launcher["runK8sConfig"]) == launcher["run_k8s_config"]

@@ -58,12 +58,6 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
 
 @pytest.mark.timeout(420)
 def test_ui_lists_assets_and_runs_a_backfill_of_two_windows(network_home, network_env, tmp_path, dataset):
-    # reference hashes: the same two windows on a second home built the same way, in-process
-    reference_home = tmp_path / "reference"
-    shutil.copytree(dataset.root, reference_home / "dataset")
-    init(reference_home, hparams=HParams.load(FAST_HPARAMS), max_chars=None, miners=3)
-    expected = [w["checkpoint.sha256"] for w in run_local_network(reference_home, windows=2, environ=network_env)]
-
     dagster_home = prepare_dagster_home(network_home / "dagster", network_env)
     port = free_port()
     env = {**os.environ, **network_env, "DAGSTER_HOME": str(dagster_home)}
@@ -99,8 +93,15 @@ def test_ui_lists_assets_and_runs_a_backfill_of_two_windows(network_home, networ
         launched = graphql(port, LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill_id = launched["backfillId"]
-
         started = time.monotonic()
+
+        # reference hashes: the same two windows on a second home built the same way, in-process, made while the
+        # daemon's backfill loop (every 30 s, not configurable) has yet to pick the backfill up
+        reference_home = tmp_path / "reference"
+        shutil.copytree(dataset.root, reference_home / "dataset")
+        init(reference_home, hparams=HParams.load(FAST_HPARAMS), max_chars=None, miners=3)
+        expected = [w["checkpoint.sha256"] for w in run_local_network(reference_home, windows=2, environ=network_env)]
+
         deadline = started + 300
         while True:
             runs = graphql(port, RUNS, {"filter": {"tags": [{"key": "dagster/backfill", "value": backfill_id}]}})

@@ -113,29 +113,39 @@ def uninterrupted(tmp_path_factory, dataset):
         state_sha256(StateStore(home / "state").load_model(3))
 
 
-@pytest.mark.parametrize("target", ["gradient-1-2.safetensors", "aggregation-1.safetensors",
-                                   "checkpoint-2.safetensors", "model-2.safetensors"],
-                         ids=["gradient upload", "aggregation", "checkpoint publish", "state save"])
-def test_sigkill_mid_write_then_rerun_gives_identical_hashes(target, uninterrupted, tmp_path, dataset):
+# Where a run is killed, in the order a run writes them: a miner's upload, the aggregation, the published checkpoint,
+# the node's θ. Each kill lands on the home the kill before it left.
+KILL_POINTS = {"gradient upload": "gradient-1-2.safetensors", "aggregation": "aggregation-1.safetensors",
+               "checkpoint publish": "checkpoint-2.safetensors", "state save": "model-2.safetensors"}
+
+
+def test_sigkill_mid_write_at_each_point_in_turn_then_rerun_gives_identical_hashes(uninterrupted, tmp_path, dataset):
     expected_objects, expected_sha = uninterrupted
     home = make_home(tmp_path / "node", dataset)
     env = {**os.environ, **env_for(1), "TEMPLAR_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    argv = ["--home", str(home), "--hparams", str(FAST_HPARAMS), "local-network", "--miners", "3", "--windows", "3"]
-    log = tmp_path / "killed.log"
-    with log.open("w") as output:
-        killed = subprocess.Popen([sys.executable, "-c", KILLER, target, *argv], env=env, cwd=ROOT, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            killed.wait(timeout=240)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(killed.pid, signal.SIGKILL)  # anything it left behind
-    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]  # the fault really happened
     store = StateStore(home / "state")
-    done = max(store.model_windows())
-    assert done < 3
-    rerun = subprocess.run([sys.executable, "-m", "templar_pipelines.cli", *argv[:-1], str(3 - done)], env=env,
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    def argv(windows: int) -> list[str]:
+        return ["--home", str(home), "--hparams", str(FAST_HPARAMS), "local-network", "--miners", "3",
+                "--windows", str(windows)]
+
+    def remaining() -> int:
+        return 3 - max(store.model_windows(), default=0)
+
+    for point, target in KILL_POINTS.items():
+        log = tmp_path / f"killed-{target}.log"
+        with log.open("w") as output:
+            killed = subprocess.Popen([sys.executable, "-c", KILLER, target, *argv(remaining())], env=env, cwd=ROOT,
+                                      stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                killed.wait(timeout=240)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(killed.pid, signal.SIGKILL)  # anything it left behind
+        assert killed.returncode == -signal.SIGKILL, (point, log.read_text()[-3000:])  # the fault really happened
+        assert remaining() > 0, point
+    rerun = subprocess.run([sys.executable, "-m", "templar_pipelines.cli", *argv(remaining())], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert state_sha256(store.load_model(3)) == expected_sha
     aggregator = LocalBucket(home / "aggregator")
