@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from templar_lib import strategies  # noqa: E402
 from templar_lib.inner import BETAS, InnerState, inner_steps  # noqa: E402
 from templar_lib.model import parameters_of  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
-from templar_lib.sparseloco import combine_deltas  # noqa: E402
 from tests.lib.test_network import STRATEGIES, progress  # noqa: E402
 
 GREEDY = ("gradient", "gradient_sign")
@@ -38,6 +36,11 @@ GREEDY = ("gradient", "gradient_sign")
 class MetricReference(strategies.NormReference):
     metric: dict[str, torch.Tensor] | None = None  # D per parameter
     metric_norms: dict[str, float] | None = None  # ‖Δ_ref‖_D
+
+
+def metric_norm(metric: torch.Tensor, x: torch.Tensor) -> float:
+    """‖x‖_D = √(Σ D·x²)."""
+    return float((metric * x.square()).sum().sqrt())
 
 
 class AdamMetricScoring(strategies.SparseLoCoStrategy):
@@ -52,20 +55,11 @@ class AdamMetricScoring(strategies.SparseLoCoStrategy):
             metric[name] = root + root.mean()  # floored: a coordinate the random pages never moved is not free
         return MetricReference({n: float(torch.linalg.vector_norm(d)) for n, d in delta.items()},
                                self.norm_bound(step), metric,
-                               {n: float((metric[n] * d.square()).sum().sqrt()) for n, d in delta.items()})
+                               {n: metric_norm(metric[n], d) for n, d in delta.items()})
 
-    def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient, *, window: int, step: int,
-                     reference: MetricReference | None = None) -> None:
-        if reference is None:
-            return super().apply_alone_(parameters, gradient, window=window, step=step)
-        with torch.no_grad():
-            for name, p in parameters.items():
-                if name in gradient.tensors:
-                    update = combine_deltas([gradient.tensors[name]])
-                    norm = float((reference.metric[name] * update.square()).sum().sqrt())
-                    target = self.SCORING_NORM * reference.metric_norms[name]
-                    update = update * (target / norm if norm > 0 else 0.0)
-                    p.sub_(update.to(p.device, p.dtype), alpha=self.hparams.outer_learning_rate)
+    def scoring_scale(self, name: str, update: torch.Tensor, reference: MetricReference) -> float:
+        norm = metric_norm(reference.metric[name], update)
+        return self.SCORING_NORM * reference.metric_norms[name] / norm if norm > 0 else 0.0
 
 
 def weight_per_uid(report, roles: set[str]) -> float:

@@ -257,9 +257,14 @@ class SparseLoCoStrategy:
                 if name in gradient.tensors:
                     update = combine_deltas([gradient.tensors[name]])
                     if reference is not None:
-                        norm = float(torch.linalg.vector_norm(update))
-                        update = update * (self.SCORING_NORM * reference.norms[name] / norm if norm > 0 else 0.0)
+                        update = update * self.scoring_scale(name, update, reference)
                     p.sub_(update.to(p.device, p.dtype), alpha=self.hparams.outer_learning_rate)
+
+    def scoring_scale(self, name: str, update: torch.Tensor, reference: NormReference) -> float:
+        """The factor that brings parameter `name`'s update to the size it is scored at: SCORING_NORM · ‖Δ_ref‖₂
+        (0 for an empty update)."""
+        norm = float(torch.linalg.vector_norm(update))
+        return self.SCORING_NORM * reference.norms[name] / norm if norm > 0 else 0.0
 
     def aggregate(self, window: int, step: int, accepted: Mapping[int, SparseGradient], names: list[str],
                   refused: Mapping[int, str]) -> tuple[list[int], float, bytes]:
