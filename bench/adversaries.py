@@ -4,7 +4,7 @@
                                 [--strategy demo|sparseloco]
 
 Per attack, at the fraction it is meant for (tests/lib/test_network.py's ATTACKS: 2 of 5 for the model attacks, 3
-of 5 for majority_scale, 1 of 5 for the rest), tiny preset, deploy/simulate-hparams.yaml:
+of 5 for majority_scale and majority_shrink, 1 of 5 for the rest), tiny preset, deploy/simulate-hparams.yaml:
 
     progress kept      held-out loss progress of the network against the all-honest network over the same windows
     attackers' weight  their total weight after the last window

@@ -9,7 +9,9 @@ sending balances it, and bound_t follows that growth. This runs bench/convergenc
 honest miners × 6 × 128 tokens per round, its tuned sparseloco settings plus `--set`), computes the validator's
 reference on θ_w each round exactly as the validator does, and prints every 10 rounds each miner's largest ratio
 ‖values‖ / ‖Δ_ref‖ over parameters and bound_t, then the largest ratio of the run and the smallest margin
-bound_t / ratio (above 1: no honest file refused).
+bound_t / ratio (above 1: no honest file refused); and the other side, each miner's smallest ratio over parameters
+against the lower bound (SparseLoCoStrategy.NORM_FLOOR: a file below it in any parameter is refused), with the
+parameter that came lowest.
 """
 
 from __future__ import annotations
@@ -47,26 +49,34 @@ def main() -> None:
         model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
         parameters = dict(model.named_parameters())
         states: dict[int, dict[str, torch.Tensor]] = {}
-        largest, margin = 0.0, float("inf")
+        largest, margin, smallest, lowest = 0.0, float("inf"), float("inf"), ""
+        floor = strategy.NORM_FLOOR
         for window in range(args.rounds):
             random = data.tokens(random_pages(window, 7, hparams.pages_per_window, data.manifest.train_pages))
             reference = strategy.reference(model, random, step=window)  # on θ_w, before anything moves it
-            sent, ratios = {}, []
+            sent, ratios, lows = {}, [], []
             for uid in range(MINERS):
                 mined = strategy.mine(model, states.get(uid), data.tokens(
                     data.miner_pages(window, uid, hparams.pages_per_window)), step=window)
                 states[uid], sent[uid] = mined.state, mined.sent
-                ratios.append(max(float(torch.linalg.vector_norm(values.values())) / reference.norms[name]
-                                  for name, values in mined.sent.items()))
+                ratio = {name: float(torch.linalg.vector_norm(values.values())) / reference.norms[name]
+                         for name, values in mined.sent.items()}
+                ratios.append(max(ratio.values()))
+                lows.append(min(ratio.values()))
+                if lows[-1] < smallest:
+                    smallest, lowest = lows[-1], f"{min(ratio, key=ratio.get)} (round {window + 1}, uid {uid})"
             largest, margin = max(largest, *ratios), min(margin, reference.bound / max(ratios))
             if window % 10 == 9:
                 print(f"round {window + 1}: largest ‖values‖ / ‖Δ_ref‖ per miner "
-                      f"{' '.join(f'{r:.2f}' for r in ratios)}; bound {reference.bound:.2f}", flush=True)
+                      f"{' '.join(f'{r:.2f}' for r in ratios)}; bound {reference.bound:.2f}; smallest "
+                      f"{' '.join(f'{r:.2f}' for r in lows)}", flush=True)
             peers = sorted(sent)
             strategy.replay_(parameters, SparseAggregation(window, window, hparams.outer_learning_rate, peers,
                                                            {n: [sent[uid][n] for uid in peers] for n in parameters}))
         print(f"largest honest ratio over {args.rounds} rounds: {largest:.2f}; smallest margin bound_t / ratio: "
               f"{margin:.2f}×")
+        print(f"smallest honest ratio: {smallest:.3f}, {lowest}; margin ratio / floor: "
+              f"{smallest / floor if floor else float('inf'):.2f}×")
 
 
 if __name__ == "__main__":

@@ -162,20 +162,26 @@ class SparseLoCoStrategy:
     random pages, and
 
         rejects a file with any parameter's values above bound_t · ‖Δ_ref‖   (a constant rule: no majority moves it)
+        rejects a file with any parameter's values below NORM_FLOOR · ‖Δ_ref‖                       (the same, below)
         scores every file at SCORING_NORM · ‖Δ_ref‖ per parameter           (direction only: scaling earns nothing)
 
     while the aggregator clips each peer to the median norm of the peers (Templar's rule; minorities are bounded
-    by it, majorities by the validator's bound). An honest file is the top-k of an error feedback that builds up
+    by it, majorities by the validator's two bounds: a majority ×3 would own the median and the step, a majority
+    ×0.01 would shrink every peer to its own size and freeze training, paid in full since scoring ignores size). An honest file is the top-k of an error feedback that builds up
     over windows, the more so the longer its memory β: at β 0.95 honest files measured 0.7–1.34 of ‖Δ_ref‖ over 200
     windows, at β 0.99 up to 1.88 (bench/sparse_norms.py). So the bound, NORM_BOUND at β 0.95, follows the error
     feedback's gain in the network's t-th window (sparseloco.feedback_gain, t = outer step + 1: no honest miner's
     error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.78 from
-    t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window."""
+    t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window. The floor is a
+    constant: the smallest honest share of any parameter was 0.13 of ‖Δ_ref‖ in a network's first window (no error
+    fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6× and a
+    majority that shrinks must stay above it: the median, and so the step, falls by at most ≈ 6× (RELIABILITY)."""
 
     name = "sparseloco"
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured
     NORM_BOUND_DECAY = 0.95
     SCORING_NORM = 0.5  # about an honest file's median share of the reference
+    NORM_FLOOR = 0.05  # the smallest honest share measured, 0.13 in window 1, over 2.6
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -237,14 +243,17 @@ class SparseLoCoStrategy:
                              self.norm_bound(step))
 
     def norm_reason(self, gradient: SparseGradient, reference: NormReference | None = None) -> str | None:
-        """All zero is empty; a parameter's values above the bound times the validator's reference break the rule."""
+        """All zero is empty; a parameter's values above the bound or below the floor times the validator's
+        reference break the rule."""
         if (reason := norm_reason(gradient, unit_norm=False)) is not None or reference is None:
             return reason
         for name, sent in sorted(gradient.tensors.items()):
             norm, limit = float(torch.linalg.vector_norm(sent.values())), reference.norms[name]
-            if norm > reference.bound * limit:
-                return (f"norm: {name[:60]} has ‖values‖ {norm:.3g}, above {reference.bound:.3g}× the validator's "
-                        f"reference {limit:.3g}")
+            for outside, side, factor in ((norm > reference.bound * limit, "above", reference.bound),
+                                          (norm < self.NORM_FLOOR * limit, "below", self.NORM_FLOOR)):
+                if outside:
+                    return (f"norm: {name[:60]} has ‖values‖ {norm:.3g}, {side} {factor:.3g}× the validator's "
+                            f"reference {limit:.3g}")
         return None
 
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,

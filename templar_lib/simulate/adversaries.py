@@ -18,7 +18,9 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     sybil_mean      inside the window: the mean of the public uploads plus a little of its own work
     teach_random    trains on its pages and on the validator's random pages as far as it can predict them
     lazy            trains on one page of its share
+    thin            trains on the first half of each page's rows (half the compute; every page touched) (open)
     majority_scale  honest ×3 values (meant for a majority: against a median it would move the reference)
+    majority_shrink honest ×0.01 values (meant for a majority: the aggregator's median clip would freeze training)
     slow_endpoint   commits an endpoint on loopback that trickles its bodies or never answers (endpoints.py)
     gradient        sparseloco: the top-k of its raw gradient at its honest file's size (open: OPEN says where)
     gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
@@ -82,11 +84,16 @@ class Turn:
         return strategy_of(self.hparams)
 
     def honest(self, pages: list[int] | None = None, on_model: torch.nn.Module | None = None,
-               step: int | None = None, rows: int | None = None) -> Gradient | SparseGradient:
-        """The file an honest miner would send (on other pages, another θ or step, or only the first `rows`
-        sequences, when given), under the network's strategy; carries this miner's own state like an honest one."""
+               step: int | None = None, rows: int | None = None, page_rows: int | None = None
+               ) -> Gradient | SparseGradient:
+        """The file an honest miner would send (on other pages, another θ or step, only the first `rows`
+        sequences, or the first `page_rows` of each page, when given), under the network's strategy; carries this
+        miner's own state like an honest one."""
         pages = pages if pages is not None else self.own_pages()
-        tokens = self.dataset.tokens(pages)[:rows]
+        tokens = self.dataset.tokens(pages)
+        if page_rows is not None:
+            tokens = tokens.reshape(len(pages), -1, tokens.shape[-1])[:, :page_rows].reshape(-1, tokens.shape[-1])
+        tokens = tokens[:rows]
         step = self.state.step if step is None else step
         model = on_model or self.model
         if self.hparams.strategy == "demo":
@@ -249,6 +256,11 @@ def _gradient_sign(turn: Turn) -> bytes:
     return _greedy(turn, lambda g, chosen: torch.where(chosen, torch.sign(g), torch.zeros_like(g)))
 
 
+def _thin(turn: Turn) -> bytes:
+    """Honest work on the first half of each own page's rows: every page it was given moves, for half the compute."""
+    return turn.write(turn.honest(page_rows=max(1, turn.dataset.manifest.rows_per_page // 2)))
+
+
 def _malformed(turn: Turn) -> bytes:
     data = turn.write(turn.honest())
     return data[: len(data) // 2] + bytes(range(256))
@@ -289,7 +301,9 @@ KINDS: dict[str, Adversary] = {
     "sybil_mean": Adversary(_combine, when="public", compute=0.25),
     "teach_random": Adversary(_teach_random, compute=1.5),
     "lazy": Adversary(lambda turn: turn.write(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
+    "thin": Adversary(_thin, compute=0.5, open_under=("demo", "sparseloco")),
     "majority_scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 3))),
+    "majority_shrink": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 0.01))),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
     "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),

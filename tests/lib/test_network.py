@@ -57,12 +57,13 @@ def test_network_runs_are_deterministic(dataset, tmp_path):
 # attacks at 2 of 5 miners, a majority attack at 3 of 5, the rest at 1 of 5. Kinds that are honest in their first
 # window by construction (a replay of its first gradient, training on θ three windows old) run 8, so what they earned
 # honestly has worn off. The same rows, longer, are bench/adversaries.py's (docs/RELIABILITY.md has the table).
-ATTACKS = {"sign_flip": 2, "scale": 2, "noise": 2, "swap_after_score": 2, "majority_scale": 3, "copy": 1,
-           "replay": 1, "free_rider": 1, "wrong_data": 1, "lagging": 1, "missing": 1, "malformed": 1,
-           "backdate_copy": 1, "late_combine": 1, "sybil_mean": 1, "teach_random": 1, "lazy": 1, "slow_endpoint": 2}
+ATTACKS = {"sign_flip": 2, "scale": 2, "noise": 2, "swap_after_score": 2, "majority_scale": 3, "majority_shrink": 3,
+           "copy": 1, "replay": 1, "free_rider": 1, "wrong_data": 1, "lagging": 1, "missing": 1, "malformed": 1,
+           "backdate_copy": 1, "late_combine": 1, "sybil_mean": 1, "teach_random": 1, "lazy": 1, "thin": 1,
+           "slow_endpoint": 2}
 SLOW_TO_WEAR_OFF = {"replay", "lagging"}
 # doing the assigned work plus something useless: paid per compute below an honest miner, not nothing
-PAID_PER_COMPUTE = {"lazy", "teach_random"}
+PAID_PER_COMPUTE = {"lazy", "thin", "teach_random"}
 
 
 STRATEGIES = {"demo": FAST, "sparseloco": FAST.replace(strategy="sparseloco")}

@@ -138,7 +138,8 @@ def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(
 def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_data):
     """bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t): 2.0 in a network's first window for any β, constant at
     β 0.95, growing to ≈ 2.78 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md); a file
-    at 2.5× the reference is refused in window 0 and accepted in window 199, and the reason names the bound."""
+    at 2.5× the reference is refused in window 0 and accepted in window 199, and the reason names the bound. The
+    floor, NORM_FLOOR, is a constant, and refuses a file whose values are too small in a single parameter."""
     model, data = model_and_data
     sparse = strategy_of(FAST.replace(strategy="sparseloco"))
     assert sparse.hparams.error_decay == 0.99
@@ -154,12 +155,21 @@ def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_da
     assert sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(0))).startswith("norm:")
     assert "above 2×" in sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(0)))
     assert sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(199))) is None
+    # and the floor: a file at 0.04 of the reference in one parameter is refused in any window, at 0.06 it is not
+    sizes = {name: float(torch.linalg.vector_norm(sent.values())) for name, sent in gradient.tensors.items()}
+    small = min(sizes, key=sizes.get)
+    for share, refused in ((0.04, True), (0.06, False)):
+        norms = {name: size / (share if name == small else 1.0) for name, size in sizes.items()}
+        reason = sparse.norm_reason(gradient, NormReference(norms, sparse.norm_bound(199)))
+        assert (reason is not None and f"{small[:60]} has" in reason and "below 0.05×" in reason) if refused \
+            else reason is None, (share, reason)
 
 
-@pytest.mark.parametrize("kind", ["scale", "majority_scale"])
-def test_a_larger_step_earns_nothing_under_sparseloco(dataset, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["scale", "majority_scale", "majority_shrink"])
+def test_a_larger_or_smaller_step_earns_nothing_under_sparseloco(dataset, tmp_path, kind):
     """The values' size is the step under sparseloco: ×10 (a minority) and ×3 (a majority, which would own the
-    aggregator's median) are refused by the validator's own reference, in the production order, and earn nothing."""
+    aggregator's median) are refused by the validator's own reference, in the production order, and earn nothing;
+    so is ×0.01 (a majority, whose median would clip every peer to its size)."""
     from tests.lib.test_network import ATTACKS
 
     report = run_network(dataset, tmp_path, miners=5, windows=3, adversaries={kind: ATTACKS[kind]},
