@@ -164,24 +164,28 @@ class SparseLoCoStrategy:
         rejects a file with any parameter's values above bound_t · ‖Δ_ref‖   (a constant rule: no majority moves it)
         rejects a file with any parameter's values below NORM_FLOOR · ‖Δ_ref‖                       (the same, below)
         scores every file at SCORING_NORM · ‖Δ_ref‖ per parameter           (direction only: scaling earns nothing)
+          magnified at most MAX_MAGNIFICATION times                          (below ¼ of ‖Δ_ref‖, less is paid less)
 
-    while the aggregator clips each peer to the median norm of the peers (Templar's rule; minorities are bounded
-    by it, majorities by the validator's two bounds: a majority ×3 would own the median and the step, a majority
-    ×0.01 would shrink every peer to its own size and freeze training, paid in full since scoring ignores size). An honest file is the top-k of an error feedback that builds up
-    over windows, the more so the longer its memory β: at β 0.95 honest files measured 0.7–1.34 of ‖Δ_ref‖ over 200
-    windows, at β 0.99 up to 1.88 (bench/sparse_norms.py). So the bound, NORM_BOUND at β 0.95, follows the error
+    while the aggregator clips each peer to the median norm of the peers (Templar's rule; minorities are bounded by
+    it, majorities by the validator's two bounds: a majority ×3 would own the median and the step, a majority ×0.01
+    would clip every peer to its own size and freeze training, and was paid in full while scoring ignored size: see
+    bench/majority_shrink.py). An honest file is the top-k of an error feedback that builds up over windows, the
+    more so the longer its memory β: at β 0.95 honest files measured 0.7–1.34 of ‖Δ_ref‖ over 200 windows, at β 0.99
+    up to 1.88 (bench/sparse_norms.py). So the bound, NORM_BOUND at β 0.95, follows the error
     feedback's gain in the network's t-th window (sparseloco.feedback_gain, t = outer step + 1: no honest miner's
     error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.78 from
     t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window. The floor is a
     constant: the smallest honest share of any parameter was 0.13 of ‖Δ_ref‖ in a network's first window (no error
-    fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6× and a
-    majority that shrinks must stay above it: the median, and so the step, falls by at most ≈ 6× (RELIABILITY)."""
+    fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6×. A
+    majority that shrinks to just above it still slows the step, and the cap makes that cost it most of its pay
+    (docs/RELIABILITY.md); honest files are above ¼ after the first window, so the cap leaves their scores alone."""
 
     name = "sparseloco"
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured
     NORM_BOUND_DECAY = 0.95
     SCORING_NORM = 0.5  # about an honest file's median share of the reference
     NORM_FLOOR = 0.05  # the smallest honest share measured, 0.13 in window 1, over 2.6
+    MAX_MAGNIFICATION = 2.0  # a parameter sent below SCORING_NORM / 2 of the reference is scored at 2× its size
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -270,10 +274,10 @@ class SparseLoCoStrategy:
                     p.sub_(update.to(p.device, p.dtype), alpha=self.hparams.outer_learning_rate)
 
     def scoring_scale(self, name: str, update: torch.Tensor, reference: NormReference) -> float:
-        """The factor that brings parameter `name`'s update to the size it is scored at: SCORING_NORM · ‖Δ_ref‖₂
-        (0 for an empty update)."""
+        """The factor that brings parameter `name`'s update to the size it is scored at: SCORING_NORM · ‖Δ_ref‖₂,
+        magnified at most MAX_MAGNIFICATION times (0 for an empty update)."""
         norm = float(torch.linalg.vector_norm(update))
-        return self.SCORING_NORM * reference.norms[name] / norm if norm > 0 else 0.0
+        return min(self.SCORING_NORM * reference.norms[name] / norm, self.MAX_MAGNIFICATION) if norm > 0 else 0.0
 
     def aggregate(self, window: int, step: int, accepted: Mapping[int, SparseGradient], names: list[str],
                   refused: Mapping[int, str]) -> tuple[list[int], float, bytes]:

@@ -165,6 +165,21 @@ def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_da
             else reason is None, (share, reason)
 
 
+def test_a_file_is_scored_at_a_fixed_size_but_a_small_one_at_no_more_than_twice_its_own():
+    """Scaling earns nothing above SCORING_NORM / MAX_MAGNIFICATION of the reference (0.25): every file is scored at
+    SCORING_NORM (0.5) of it. Below, a file is scored at twice its size, so sending less costs score: a majority
+    shrinking its files to just above the floor (which the aggregator's median clip turns into a smaller step for
+    everyone) is paid less than honest work (bench/majority_shrink.py), and honest files are ≥ 0.25 of the reference
+    after a network's first window (bench/sparse_norms.py)."""
+    sparse = strategy_of(FAST.replace(strategy="sparseloco"))
+    reference = NormReference({"w": 4.0}, sparse.norm_bound(0))
+    for size, scored in ((8.0, 2.0), (2.0, 2.0), (1.0, 2.0), (0.5, 1.0), (0.2, 0.4)):
+        update = torch.zeros(100)
+        update[:4] = size / 2  # ‖update‖ = size
+        assert sparse.scoring_scale("w", update, reference) * size == pytest.approx(scored), size
+    assert sparse.scoring_scale("w", torch.zeros(100), reference) == 0.0
+
+
 @pytest.mark.parametrize("kind", ["scale", "majority_scale", "majority_shrink"])
 def test_a_larger_or_smaller_step_earns_nothing_under_sparseloco(dataset, tmp_path, kind):
     """The values' size is the step under sparseloco: ×10 (a minority) and ×3 (a majority, which would own the
