@@ -16,9 +16,9 @@ the shrinkers and of the honest miners (their compute is honest: only the values
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,21 +28,9 @@ from templar_lib.simulate import run_network  # noqa: E402
 from templar_lib.strategies import SparseLoCoStrategy  # noqa: E402
 from tests.lib.test_network import STRATEGIES, progress, weight_per_compute  # noqa: E402
 
-RULES = {"as shipped": {}, "no cap": {"MAX_MAGNIFICATION": float("inf")},
+# "as shipped" patches a constant to its own value: mock.patch.multiple needs one
+RULES = {"as shipped": {"NORM_FLOOR": SparseLoCoStrategy.NORM_FLOOR}, "no cap": {"MAX_MAGNIFICATION": float("inf")},
          "no cap, no floor": {"MAX_MAGNIFICATION": float("inf"), "NORM_FLOOR": 0.0}}
-
-
-@contextlib.contextmanager
-def rules(overrides: dict[str, float]):
-    """SparseLoCoStrategy with these class constants for the duration."""
-    saved = {name: getattr(SparseLoCoStrategy, name) for name in overrides}
-    try:
-        for name, value in overrides.items():
-            setattr(SparseLoCoStrategy, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(SparseLoCoStrategy, name, value)
 
 
 def main() -> None:
@@ -59,11 +47,10 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for factor in (float(f) for f in args.factors.split(",")):
             kind = f"shrink_{factor:g}"
-            adversaries.KINDS[kind] = adversaries.Adversary(
-                lambda turn, factor=factor: turn.write(adversaries._values(turn.honest(), lambda v: v * factor)))
-            for name, overrides in RULES.items():
-                with rules(overrides):
-                    report = run_network(dataset, work / f"{kind}-{len(name)}", miners=5, windows=args.windows,
+            adversaries.KINDS[kind] = adversaries.Adversary(adversaries.scaled(factor))
+            for index, (name, overrides) in enumerate(RULES.items()):
+                with mock.patch.multiple(SparseLoCoStrategy, **overrides):  # the class constants, for this run
+                    report = run_network(dataset, work / f"{kind}-{index}", miners=5, windows=args.windows,
                                          hparams=hparams, adversaries={kind: 3}, random_page_count=2)
                 cheats = [uid for uid, role in report.roles.items() if role == kind]
                 honest_uids = [uid for uid, role in report.roles.items() if role == "honest"]

@@ -130,6 +130,11 @@ def _values(gradient, function: Callable[[torch.Tensor], torch.Tensor]):
                                   else with_values(s, function(s.vals)) for n, s in gradient.tensors.items()})
 
 
+def scaled(factor: float) -> Callable[[Turn], bytes]:
+    """The upload of a miner that sends its honest file with every value × factor."""
+    return lambda turn: turn.write(_values(turn.honest(), lambda v: v * factor))
+
+
 def _noise(turn: Turn) -> bytes:
     """Noise of the honest file's norm on its positions (demo: unit norm, as the protocol sends)."""
     def noise(values: torch.Tensor) -> torch.Tensor:
@@ -285,7 +290,7 @@ class Adversary:
 KINDS: dict[str, Adversary] = {
     "honest": Adversary(mines=True),
     "sign_flip": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: -v))),
-    "scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 10))),
+    "scale": Adversary(scaled(10)),
     "noise": Adversary(_noise, compute=0.0),
     "copy": Adversary(_copy, when="public", compute=0.0),
     "replay": Adversary(_replay, compute=0.0, honest_first=True),
@@ -302,8 +307,8 @@ KINDS: dict[str, Adversary] = {
     "teach_random": Adversary(_teach_random, compute=1.5),
     "lazy": Adversary(lambda turn: turn.write(turn.honest(pages=turn.own_pages()[:1])), compute=0.5),
     "thin": Adversary(_thin, compute=0.5, open_under=("demo", "sparseloco")),
-    "majority_scale": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 3))),
-    "majority_shrink": Adversary(lambda turn: turn.write(_values(turn.honest(), lambda v: v * 0.01))),
+    "majority_scale": Adversary(scaled(3)),
+    "majority_shrink": Adversary(scaled(0.01)),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
     "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),
