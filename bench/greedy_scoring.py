@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib import strategies  # noqa: E402
-from templar_lib.inner import BETAS, InnerState, inner_steps  # noqa: E402
+from templar_lib.inner import InnerState, inner_steps  # noqa: E402
 from templar_lib.model import parameters_of  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from tests.lib.test_network import STRATEGIES, progress  # noqa: E402
@@ -51,7 +51,7 @@ class AdamMetricScoring(strategies.SparseLoCoStrategy):
         _, delta = inner_steps(model, inner, tokens, step=step, hparams=self.hparams)
         metric = {}
         for name, v in inner.v.items():
-            root = (v / (1 - BETAS[1] ** inner.t)).sqrt()
+            root = (v / (1 - self.hparams.inner_beta2 ** inner.t)).sqrt()
             metric[name] = root + root.mean()  # floored: a coordinate the random pages never moved is not free
         return MetricReference({n: float(torch.linalg.vector_norm(d)) for n, d in delta.items()},
                                self.norm_bound(step), metric,

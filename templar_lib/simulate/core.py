@@ -163,6 +163,7 @@ def _adamw_window(strategy, window, model, parameters, tokens, hparams, state) -
     loss, gradients = loss_and_gradients(model, rows, hparams.batch_size)
     clip_gradients_(gradients, hparams.inner_grad_clip)
     lr = hparams.inner_learning_rate
-    adamw_step_(parameters, gradients, inner, lr=lr, weight_decay=hparams.inner_weight_decay)
+    adamw_step_(parameters, gradients, inner, lr=lr, weight_decay=hparams.inner_weight_decay,
+                beta2=hparams.inner_beta2)
     model.zero_grad(set_to_none=True)
     return lr, [loss], _dense_bytes(parameters) * len(tokens)

@@ -37,6 +37,7 @@ def test_load_json_and_yaml_then_environment_overrides(tmp_path):
     ({"gradient_value_dtype": "int8", "gradient_format": 1}, "gradient_value_dtype"),
     ({"gradient_format": 3}, "gradient_format"),
     ({"topk_compresion": 3}, "topk_compresion"),
+    ({"inner_beta2": 1.0}, "inner_beta2"),  # the bias correction would divide by 1 − β₂ᵗ = 0
 ])
 def test_invalid_values_name_the_field(values, field):
     with pytest.raises(HParamsError, match=f"^{field}:"):

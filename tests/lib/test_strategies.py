@@ -89,18 +89,19 @@ def test_an_aggregation_at_another_rate_or_for_other_settings_is_refused(name, m
             strategy.read_aggregation(write(dataclasses.replace(read, **change)), window=0, shapes=shapes)
 
 
-def test_our_adamw_is_torchs():
+@pytest.mark.parametrize("beta2", [0.95, 0.99])
+def test_our_adamw_is_torchs(beta2):
     generator = torch.Generator().manual_seed(0)
     ours = {"w": torch.randn(4, 5, generator=generator), "b": torch.randn(5, generator=generator)}
     theirs = {n: torch.nn.Parameter(p.clone()) for n, p in ours.items()}
-    optimizer = torch.optim.AdamW(theirs.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(theirs.values(), lr=1e-2, betas=(0.9, beta2), eps=1e-8, weight_decay=0.1)
     state = InnerState.zeros_like(ours)
     for _ in range(5):
         gradients = {n: torch.randn(p.shape, generator=generator) for n, p in ours.items()}
         for n, p in theirs.items():
             p.grad = gradients[n].clone()
         optimizer.step()
-        adamw_step_(ours, gradients, state, lr=1e-2, weight_decay=0.1)
+        adamw_step_(ours, gradients, state, lr=1e-2, weight_decay=0.1, beta2=beta2)
     for n in ours:
         torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=1e-6, atol=1e-7)
     restored = InnerState.from_tensors(state.tensors, ours)
@@ -114,6 +115,9 @@ def test_strategy_settings_are_validated_and_part_of_the_protocol():
         HParams(strategy="sparseloco", quantization_bins=3)
     sparse = HParams(strategy="sparseloco")
     assert HParams().protocol_hash() != sparse.protocol_hash() != sparse.replace(inner_steps=4).protocol_hash()
+    assert sparse.protocol_hash() != sparse.replace(inner_beta2=0.99).protocol_hash()
+    # a field added later is hashed only away from its implicit old value: a running network's hash stays valid
+    assert sparse.protocol_hash() == "e87be85720dbba3e"  # the default sparseloco hash before inner_beta2 existed
     assert HParams().protocol_hash() == HParams(inner_steps=4).protocol_hash()  # demo does not use them
 
 
