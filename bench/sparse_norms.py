@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="print every this many rounds")
     parser.add_argument("--set", action="append", default=[], help="sparseloco:field=value")
     args = parser.parse_args()
+    if args.every < 1:
+        parser.error("--every must be at least 1")
     hparams = hparams_for("sparseloco", args.set)
     strategy = SparseLoCoStrategy(hparams)
     print(f"{machine()}; {args.preset} preset, {MINERS} miners, β {hparams.error_decay}, outer lr "
