@@ -139,6 +139,22 @@ def test_a_sparseloco_network_trains_and_a_late_node_replays_it_bit_identically(
         catch_up(theta_0, aggregator, 1, hparams=demo)
 
 
+def test_the_norm_bound_follows_the_inner_beta2_as_moments_build_up():
+    """κ_t (SparseLoCoStrategy.beta2_lag): 1 at Templar's β₂ 0.95 and below, so the bound is exactly what it was;
+    at 0.99 1 in a network's first window (no miner's moments have history yet) and growing to BETA2_LAG, where
+    honest files measured 2.55 of the reference against a bound of 2.76 without it (bench/RESULTS.md)."""
+    def strategy(beta2):
+        return strategy_of(FAST.replace(strategy="sparseloco", inner_beta2=beta2))
+    steps = (0, 9, 39, 99, 399)
+    plain = [strategy(0.95).norm_bound(step) for step in steps]
+    assert [strategy(0.9).norm_bound(step) for step in steps] == plain
+    assert all(strategy(0.95).beta2_lag(step) == 1.0 for step in steps)
+    lags = [strategy(0.99).beta2_lag(step) for step in steps]
+    assert lags[0] == 1.0 and lags == sorted(lags) and lags[-1] == pytest.approx(strategy(0.99).BETA2_LAG, rel=0.01)
+    assert 1.0 < strategy(0.97).beta2_lag(399) < lags[-1]  # a memory between the two measured ones
+    assert strategy(0.99).norm_bound(399) > 1.4 * 2.55  # the measured honest share keeps a 1.4× margin
+
+
 def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_data):
     """bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t): 2.0 in a network's first window for any β, constant at
     β 0.95, growing to ≈ 2.78 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md); a file
