@@ -134,8 +134,8 @@ class HParams:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.inner_beta2 <= MAX_INNER_BETA2:
-            raise HParamsError(f"inner_beta2: must be within [0, {MAX_INNER_BETA2}] (the norm bound's allowance for it is "
-                               f"measured that far), got {self.inner_beta2!r}")
+            raise HParamsError(f"inner_beta2: must be within [0, {MAX_INNER_BETA2}] (the norm bound's allowance for "
+                               f"it is measured that far), got {self.inner_beta2!r}")
         if self.learning_rate * self.weight_decay >= 1.0:
             raise HParamsError("weight_decay: learning_rate * weight_decay must be < 1")
         if self.gradient_value_dtype not in VALUE_ENCODINGS:

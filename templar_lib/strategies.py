@@ -27,7 +27,7 @@ import torch
 from templar_lib.aggregation import aggregate_window, apply_aggregation_, learning_rate_at
 from templar_lib.compression import Sparse, unit_norm
 from templar_lib.error_feedback import ErrorFeedback
-from templar_lib.hparams import HParams
+from templar_lib.hparams import MAX_INNER_BETA2, HParams
 from templar_lib.inner import InnerState, inner_steps
 from templar_lib.model import parameters_of
 from templar_lib.screening import norm_reason
@@ -185,9 +185,9 @@ class SparseLoCoStrategy:
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured
     NORM_BOUND_DECAY = 0.95
     # how much further honest files reach at the inner AdamW's β₂ 0.99 than at 0.95 (both settled): 2.55 / 1.88 on
-    # the tiny preset and 2.45 / 1.80 on small (bench/RESULTS.md, "Inner AdamW β₂"). 0.99 is the cap of inner_beta2
+    # the tiny preset and 2.45 / 1.80 on small (bench/RESULTS.md, "Inner AdamW β₂"); inner_beta2 is capped there
     BETA2_LAG = 1.36
-    BETA2_LAG_AT = (0.95, 0.99)
+    BETA2_LAG_AT = (0.95, MAX_INNER_BETA2)
     SCORING_NORM = 0.5  # about an honest file's median share of the reference
     NORM_FLOOR = 0.05  # the smallest honest share measured, 0.13 in window 1, over 2.6
     MAX_MAGNIFICATION = 2.0  # a parameter sent below SCORING_NORM / 2 of the reference is scored at 2× its size
