@@ -63,3 +63,21 @@ def test_protocol_hash_tracks_protocol_fields_only():
     assert base.protocol_hash() == HParams().protocol_hash()
     assert base.replace(topk_compression=16).protocol_hash() != base.protocol_hash()
     assert base.replace(openskill_beta=5.0).protocol_hash() == base.protocol_hash()
+
+
+def test_a_network_record_from_before_a_field_existed_keeps_its_old_value_and_hash(tmp_path):
+    # `templar init` writes every field; one written before inner_beta2 existed lacks only it
+    network = HParams(strategy="sparseloco", inner_beta2=0.95, sparse_topk=32, outer_learning_rate=0.5)  # 2026-12-05
+    record = {name: value for name, value in network.to_dict().items() if name != "inner_beta2"}
+    (tmp_path / "hparams.json").write_text(json.dumps(record))
+    loaded = HParams.load(tmp_path / "hparams.json")
+    assert loaded.inner_beta2 == 0.95 and loaded.protocol_hash() == network.protocol_hash() == "e87be85720dbba3e"
+    # the same record with the field stated, and a partial file (a deployment's overrides), load what they say
+    (tmp_path / "hparams.json").write_text(json.dumps(record | {"inner_beta2": 0.9}))
+    assert HParams.load(tmp_path / "hparams.json").inner_beta2 == 0.9
+    (tmp_path / "overrides.yaml").write_text("strategy: sparseloco\nouter_learning_rate: 0.4\n")
+    assert HParams.load(tmp_path / "overrides.yaml").inner_beta2 == HParams().inner_beta2 == 0.99
+    # a record missing a field that existed from the start is partial too: it does not pin the old value
+    del record["sparse_topk"]
+    (tmp_path / "hparams.json").write_text(json.dumps(record))
+    assert HParams.load(tmp_path / "hparams.json").inner_beta2 == 0.99
