@@ -176,10 +176,11 @@ class SparseLoCoStrategy:
     error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.78 from
     t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window; and it follows the
     inner AdamW's β₂ (beta2_lag: 1 at 0.95, up to 1.36 at 0.99 as the miners' moments build up). The gain is the
-    model's at top-32 of 64 × 64, where the bound was measured, whatever k the network keeps: real pseudo-gradients
+    model's at top-32 of 64 × 64, where the bound was measured, for a network that keeps more: real pseudo-gradients
     are heavy-tailed, and honest files at top-64 reached the same share of the reference as at top-32 (2.53 against
     2.55 over 200 rounds), where the Gaussian model predicts 1.2–1.3× more and its β ratio at top-64 (1.26 against
-    1.39) would have cut the honest margin to 1.21×. The floor is a
+    1.39) would have cut the honest margin to 1.21×; a sparser network (not measured) keeps the model's ratio at its
+    own k, which is larger (top-8: 1.60). The floor is a
     constant: the smallest honest share of any parameter was 0.13 of ‖Δ_ref‖ in a network's first window (no error
     fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6× (the
     small preset: 0.12, and 0.115 at inner β₂ 0.99: 2.3×). A
@@ -189,7 +190,7 @@ class SparseLoCoStrategy:
     name = "sparseloco"
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured (top-NORM_BOUND_TOPK of 64 × 64)
     NORM_BOUND_DECAY = 0.95
-    NORM_BOUND_TOPK = 32
+    NORM_BOUND_TOPK, NORM_BOUND_CHUNK = 32, 64
     # how much further honest files reach at the inner AdamW's β₂ 0.99 than at 0.95 (both settled): 2.55 / 1.88 on
     # the tiny preset and 2.45 / 1.80 on small (bench/RESULTS.md, "Inner AdamW β₂"); inner_beta2 is capped there
     BETA2_LAG = 1.36
@@ -243,10 +244,18 @@ class SparseLoCoStrategy:
                                     max_bytes=self.gradient_limit(shapes), bins=hparams.quantization_bins)
 
     def norm_bound(self, step: int) -> float:
-        """bound_t of outer step `step` (t = step + 1 windows of error feedback at most), times beta2_lag(step)."""
+        """bound_t of outer step `step` (t = step + 1 windows of error feedback at most), times beta2_lag(step). The
+        gain's β ratio is the larger of the model's at the network's k and chunk and at the measured setting: a denser
+        network is held to the measured one (its honest files reach no further), a sparser one, not measured, keeps
+        the model's larger allowance."""
         hparams, windows = self.hparams, step + 1
-        gain = functools.partial(feedback_gain, windows=windows, topk=self.NORM_BOUND_TOPK, chunk_size=64 ** 2)
-        return self.NORM_BOUND * gain(hparams.error_decay) / gain(self.NORM_BOUND_DECAY) * self.beta2_lag(step)
+
+        def growth(topk: int, chunk_size: int) -> float:
+            gain = functools.partial(feedback_gain, windows=windows, topk=topk, chunk_size=chunk_size)
+            return gain(hparams.error_decay) / gain(self.NORM_BOUND_DECAY)
+        measured = growth(self.NORM_BOUND_TOPK, self.NORM_BOUND_CHUNK ** 2)
+        return self.NORM_BOUND * max(measured, growth(hparams.sparse_topk, hparams.target_chunk ** 2)) \
+            * self.beta2_lag(step)
 
     def beta2_lag(self, step: int) -> float:
         """κ_t, the allowance for the inner AdamW's β₂: a longer memory of g² lags the gradients as they grow, so a

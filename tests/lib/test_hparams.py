@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from templar_lib.hparams import HParams, HParamsError
 
@@ -72,6 +73,10 @@ def test_a_network_record_from_before_a_field_existed_keeps_its_old_value_and_ha
     (tmp_path / "hparams.json").write_text(json.dumps(record))
     loaded = HParams.load(tmp_path / "hparams.json")
     assert loaded.inner_beta2 == 0.95 and loaded.protocol_hash() == network.protocol_hash() == "e87be85720dbba3e"
+    # as YAML too; the environment still overrides it
+    (tmp_path / "record.yaml").write_text(yaml.safe_dump(record))
+    assert HParams.load(tmp_path / "record.yaml").protocol_hash() == network.protocol_hash()
+    assert HParams.load(tmp_path / "record.yaml", {"TEMPLAR_HP_INNER_BETA2": "0.99"}).inner_beta2 == 0.99
     # the same record with the field stated, and a partial file (a deployment's overrides), load what they say
     (tmp_path / "hparams.json").write_text(json.dumps(record | {"inner_beta2": 0.9}))
     assert HParams.load(tmp_path / "hparams.json").inner_beta2 == 0.9
