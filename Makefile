@@ -3,9 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_HOME ?= .templar
 DEMO_WINDOWS ?= 8
 DEMO_STRATEGY ?= sparseloco
+# a home is one network: the other strategy's demo (and its `make ui`) gets its own
+DEMO_HOME ?= $(if $(filter sparseloco,$(DEMO_STRATEGY)),.templar,.templar/$(DEMO_STRATEGY))
 
 .PHONY: demo test venv bench ui clean
 

@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
              clock=args.clock, seconds_per_block=args.seconds_per_block)
     elif args.command == "local-network":
         init(home, hparams=hparams, max_chars=None, miners=args.miners)
+        if (recorded := HParams.load(home / HOME_FILE)).protocol_hash() != hparams.protocol_hash():
+            # its θ, miner states and files belong to the recorded network: running this one on them cannot fit
+            parser.exit(2, f"local-network: {home} holds a network of another protocol ({recorded.protocol_hash()}, "
+                           f"strategy {recorded.strategy}); use another --home, or remove this one to start over\n")
         local_network(home, windows=args.windows, adversaries=args.adversaries, json_path=args.json)
     elif args.command == "node":
         node(home, jobs=[job for job in args.jobs.split(",") if job], until_window=args.until_window,

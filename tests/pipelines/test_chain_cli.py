@@ -94,3 +94,8 @@ def test_init_records_the_network_settings_that_later_commands_read(tmp_path, ca
     named = {"TEMPLAR_HOME": str(home), "TEMPLAR_HPARAMS_FILE": str(other)}
     assert resources_from_env(named)["hparams"].load().strategy == "demo"
     assert resources_from_env({"TEMPLAR_HOME": str(home)})["hparams"].load().strategy == "sparseloco"  # untouched
+    # running the other network on this home is refused before anything runs: its θ and miner states would not fit
+    # (a sparseloco miner's state loaded as demo's momentum failed inside the miner's step)
+    with pytest.raises(SystemExit) as refused:
+        templar(home, capsys, "--hparams", str(other), "local-network", "--miners", "1", "--windows", "1")
+    assert refused.value.code == 2 and "another protocol" in capsys.readouterr().err
