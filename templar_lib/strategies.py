@@ -79,6 +79,10 @@ class DemoStrategy:
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
 
+    def state_shapes(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """What a miner's state holds: the error feedback's momentum, one tensor per parameter."""
+        return {name: tuple(p.shape) for name, p in parameters.items()}
+
     def mine(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokens: torch.Tensor, *,
              step: int) -> Mined:
         feedback = new_feedback(parameters_of(model), self.hparams, momentum=state)
@@ -201,6 +205,11 @@ class SparseLoCoStrategy:
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
+
+    def state_shapes(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """What a miner's state holds: the inner AdamW's moments and step count, and the error feedback."""
+        return {key: tuple(t.shape) for key, t in InnerState.zeros_like(parameters).tensors.items()} | {
+            f"error.{name}": tuple(p.shape) for name, p in parameters.items()}
 
     def mine(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokens: torch.Tensor, *,
              step: int) -> Mined:

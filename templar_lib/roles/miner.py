@@ -91,11 +91,25 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
         except MomentumLost as lost:
             before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
+        if before is not None and (misfit := state_misfit(before, strategy_of(hparams), model)) is not None:
+            log.warning("uid %d: its state after window %d is not a %s miner's of this model (%s): starting from "
+                        "zeros", uid, window - 1, hparams.strategy, misfit)
+            before, source = None, f"zeros (a state that does not fit: {misfit})"
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
                             gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source, state=None))
         store.save_momentum(uid, window, result.state)
     return results
+
+
+def state_misfit(state: dict[str, torch.Tensor], strategy, model: torch.nn.Module) -> str | None:
+    """Why a saved miner state cannot continue under `strategy` on `model` (another strategy's, or another model's:
+    a node whose settings changed under its state store), or None."""
+    expected = strategy.state_shapes(parameters_of(model))
+    if (extra := sorted(set(state) - set(expected))) or (missing := sorted(set(expected) - set(state))):
+        return f"{len(extra)} unexpected tensors, e.g. {extra[:1]}" if extra else f"lacks {missing[:1]}"
+    wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != shape]
+    return f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}" if wrong else None
 
 
 def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Dataset,

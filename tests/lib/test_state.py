@@ -28,7 +28,7 @@ def theta(model, window: int) -> ModelState:
     return ModelState(window, window, {n: p + 1e-3 * window for n, p in model.theta_0.items()})
 
 
-def mine(store: StateStore, windows, *, model, dataset, gradients) -> list:
+def mine(store: StateStore, windows, *, model, dataset, gradients, hparams: HParams = FAST) -> list:
     data, results = Dataset.open(dataset), []
     for window in windows:
         state = theta(model, window)
@@ -38,7 +38,7 @@ def mine(store: StateStore, windows, *, model, dataset, gradients) -> list:
             for name, p in model.named_parameters():
                 p.copy_(state.parameters[name])
         results += mine_window(window, UIDS, model=model, step=state.step, store=store, dataset=data,
-                               gradients=gradients, hparams=FAST, model_hash=state.fingerprint)
+                               gradients=gradients, hparams=hparams, model_hash=state.fingerprint)
     return results
 
 
@@ -144,6 +144,22 @@ def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, m
     assert [(r.uid, r.momentum) for r in results] == [(1, "zeros (lost, not recomputable)"), (2, "zeros")]
     assert "cannot be recomputed" in caplog.text and "starts again from zero momentum" in caplog.text
     assert (tmp_path / "state" / "momentum-1-7.safetensors").exists()
+
+
+def test_a_state_of_another_strategy_restarts_from_zeros_loudly(dataset, model, tmp_path, caplog):
+    """A node whose settings changed strategy under its state store (sparseloco's error and AdamW moments, then demo,
+    and back): each miner starts from zeros with the reason, instead of failing inside its step."""
+    store, gradients = StateStore(tmp_path / "state"), LocalBucket(tmp_path / "gradients")
+    sparse = FAST.replace(strategy="sparseloco")
+    assert [r.momentum for r in mine(store, [0], model=model, dataset=dataset, gradients=gradients,
+                                     hparams=sparse)] == ["zeros", "zeros"]
+    with caplog.at_level(logging.WARNING, logger="templar_lib.roles.miner"):
+        switched = mine(store, [1], model=model, dataset=dataset, gradients=gradients)
+        back = mine(store, [2], model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+    assert all(r.momentum.startswith("zeros (a state that does not fit: ") for r in switched + back), switched + back
+    assert "is not a demo miner's of this model" in caplog.text and "is not a sparseloco miner's" in caplog.text
+    assert [r.momentum for r in mine(store, [3], model=model, dataset=dataset, gradients=gradients,
+                                     hparams=sparse)] == ["carried", "carried"]
 
 
 def test_momentum_from_a_state_file_moves_to_the_parameters_device():
