@@ -207,8 +207,10 @@ class SparseLoCoStrategy:
         self.hparams = hparams
 
     def state_shapes(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        """What a miner's state holds: the inner AdamW's moments and step count, and the error feedback."""
-        return {key: tuple(t.shape) for key, t in InnerState.zeros_like(parameters).tensors.items()} | {
+        """What a miner's state holds: the inner AdamW's moments and step count (InnerState.tensors' names, from
+        meta tensors: nothing is allocated), and the error feedback."""
+        meta = {name: p.detach().to("meta") for name, p in parameters.items()}
+        return {key: tuple(t.shape) for key, t in InnerState.zeros_like(meta).tensors.items()} | {
             f"error.{name}": tuple(p.shape) for name, p in parameters.items()}
 
     def mine(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None, tokens: torch.Tensor, *,

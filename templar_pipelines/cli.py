@@ -51,8 +51,9 @@ def dataset_bucket(home: Path) -> LocalBucket:
 
 
 def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4, preset: str = "tiny",
-         seed: int = 0, force: bool = False, clock: str = "manual", seconds_per_block: float = 12.0) -> None:
-    """Everything a local network needs under `home`; idempotent (existing pieces are kept unless --force).
+         seed: int = 0, force: bool = False, clock: str = "manual", seconds_per_block: float = 12.0) -> HParams:
+    """Everything a local network needs under `home`; idempotent (existing pieces are kept unless --force). Returns
+    the network's hyper-parameters as recorded in its home (this run's unless the home already held others).
     clock: the LocalChain's block clock, "manual" (moved by `templar local-network`) or "wall" (blocks follow real
     time at seconds_per_block, for `templar node`)."""
     from templar_lib.chain import LocalChain
@@ -86,12 +87,14 @@ def init(home: Path, *, hparams: HParams, max_chars: int | None, miners: int = 4
     if force or not settings.exists(HOME_FILE):  # the network's settings, read by every later command on this home
         settings.put(HOME_FILE, (json.dumps(hparams.to_dict(), indent=1, sort_keys=True) + "\n").encode())
         print(f"hparams: strategy {hparams.strategy}, protocol {hparams.protocol_hash()} -> {home / HOME_FILE}")
-    elif (kept := HParams.load(home / HOME_FILE)).protocol_hash() != hparams.protocol_hash():
+        recorded = hparams
+    elif (recorded := HParams.load(home / HOME_FILE)).protocol_hash() != hparams.protocol_hash():
         print(f"hparams: this run's (protocol {hparams.protocol_hash()}, strategy {hparams.strategy}) differ from the "
-              f"network's in {home / HOME_FILE} (protocol {kept.protocol_hash()}, strategy {kept.strategy})")
+              f"network's in {home / HOME_FILE} (protocol {recorded.protocol_hash()}, strategy {recorded.strategy})")
     from templar_pipelines.instance import prepare_dagster_home
 
     print(f"dagster: instance in {prepare_dagster_home(home / 'dagster', os.environ)}")
+    return recorded
 
 
 def train(home: Path, *, hparams: HParams, miners: int, windows: int, strategy: str | None,
@@ -342,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         init(home, hparams=hparams, max_chars=args.max_chars, miners=args.miners, force=args.force,
              clock=args.clock, seconds_per_block=args.seconds_per_block)
     elif args.command == "local-network":
-        init(home, hparams=hparams, max_chars=None, miners=args.miners)
-        if (recorded := HParams.load(home / HOME_FILE)).protocol_hash() != hparams.protocol_hash():
+        if (recorded := init(home, hparams=hparams, max_chars=None, miners=args.miners)).protocol_hash() \
+                != hparams.protocol_hash():
             # its θ, miner states and files belong to the recorded network: running this one on them cannot fit
             parser.exit(2, f"local-network: {home} holds a network of another protocol ({recorded.protocol_hash()}, "
                            f"strategy {recorded.strategy}); use another --home, or remove this one to start over\n")

@@ -84,6 +84,7 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     node's StateStore, saving its state after `window`: re-running a window reproduces the same files."""
     results = []
     model_hash = model_hash or model_fingerprint(parameters_of(model))  # θ_w is the same for every uid of this node
+    expected = strategy_of(hparams).state_shapes(parameters_of(model))  # what a state that fits holds
     for uid in sorted(uids):
         try:
             before = store.load_momentum(uid, window - 1)
@@ -91,7 +92,7 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
         except MomentumLost as lost:
             before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
-        if before is not None and (misfit := state_misfit(before, strategy_of(hparams), model)) is not None:
+        if before is not None and (misfit := state_misfit(before, expected)) is not None:
             log.warning("uid %d: its state after window %d is not a %s miner's of this model (%s): starting from "
                         "zeros", uid, window - 1, hparams.strategy, misfit)
             before, source = None, f"zeros (a state that does not fit: {misfit})"
@@ -102,10 +103,10 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     return results
 
 
-def state_misfit(state: dict[str, torch.Tensor], strategy, model: torch.nn.Module) -> str | None:
-    """Why a saved miner state cannot continue under `strategy` on `model` (another strategy's, or another model's:
-    a node whose settings changed under its state store), or None."""
-    expected = strategy.state_shapes(parameters_of(model))
+def state_misfit(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a saved miner state cannot continue where a state holds `expected` (a strategy's state_shapes for the
+    node's model): another strategy's, or another model's (a node whose settings changed under its state store);
+    None if it fits."""
     if (extra := sorted(set(state) - set(expected))) or (missing := sorted(set(expected) - set(state))):
         return f"{len(extra)} unexpected tensors, e.g. {extra[:1]}" if extra else f"lacks {missing[:1]}"
     wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != shape]
