@@ -5,7 +5,7 @@ Per window w, outer step s, from θ_w and the miner's AdamW state (m, v, t) carr
     the window's token rows (n, T) are cut into H consecutive slices (n ≥ H), one per inner step h = 0..H−1:
         g = ∇ mean loss of the slice (micro-batches of batch_size)       float32, training.loss_and_gradients
         g ← g · min(1, inner_grad_clip / ‖g‖₂)                            over all parameters together
-        θ ← AdamW(θ, g; lr_t, betas (0.9, inner_beta2), eps 1e-8, weight decay inner_weight_decay)
+        θ ← AdamW(θ, g; lr_t, betas (inner_beta1, inner_beta2), eps 1e-8, weight decay inner_weight_decay)
         lr_t = inner_learning_rate_at(s·H + h): warm-up + cosine of the outer schedule, in inner steps
     Δ = θ_w − θ_after                                                    the pseudo-gradient, what the miner sends
     θ ← θ_w                                                              the model holds θ_w again
@@ -28,7 +28,6 @@ from templar_lib.hparams import HParams
 from templar_lib.model import parameters_of
 from templar_lib.training import loss_and_gradients
 
-BETA1 = 0.9  # β₁ of the inner AdamW; β₂ is HParams.inner_beta2
 EPS = 1e-8
 
 
@@ -72,11 +71,11 @@ class InnerState:
 
 @torch.no_grad()
 def adamw_step_(parameters: Mapping[str, torch.Tensor], gradients: Mapping[str, torch.Tensor], state: InnerState, *,
-                lr: float, weight_decay: float, beta2: float) -> None:
+                lr: float, weight_decay: float, beta1: float, beta2: float) -> None:
     """One AdamW step in place (Loshchilov & Hutter; torch.optim.AdamW's update, bias-corrected):
     p ← p·(1 − lr·wd);  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;  p ← p − lr·m̂ / (√v̂ + ε)."""
     state.t += 1
-    beta1, t = BETA1, state.t
+    t = state.t
     correction1, correction2 = 1 - beta1 ** t, 1 - beta2 ** t
     for name, p in parameters.items():
         g = gradients.get(name)
@@ -118,7 +117,7 @@ def inner_steps(model: torch.nn.Module, state: InnerState, tokens: torch.Tensor,
             clip_gradients_(gradients, hparams.inner_grad_clip)
             adamw_step_(parameters, gradients, state, lr=inner_learning_rate_at(step * hparams.inner_steps + h,
                                                                                 hparams),
-                        weight_decay=hparams.inner_weight_decay, beta2=hparams.inner_beta2)
+                        weight_decay=hparams.inner_weight_decay, beta1=hparams.inner_beta1, beta2=hparams.inner_beta2)
             losses.append(loss)
         model.zero_grad(set_to_none=True)
         delta = {n: (start[n] - p.detach()).float() for n, p in parameters.items()}

@@ -164,6 +164,6 @@ def _adamw_window(strategy, window, model, parameters, tokens, hparams, state) -
     clip_gradients_(gradients, hparams.inner_grad_clip)
     lr = hparams.inner_learning_rate
     adamw_step_(parameters, gradients, inner, lr=lr, weight_decay=hparams.inner_weight_decay,
-                beta2=hparams.inner_beta2)
+                beta1=hparams.inner_beta1, beta2=hparams.inner_beta2)
     model.zero_grad(set_to_none=True)
     return lr, [loss], _dense_bytes(parameters) * len(tokens)

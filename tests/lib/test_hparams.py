@@ -40,6 +40,11 @@ def test_load_json_and_yaml_then_environment_overrides(tmp_path):
     ({"topk_compresion": 3}, "topk_compresion"),
     ({"inner_beta2": 1.0}, "inner_beta2"),  # the bias correction would divide by 1 − β₂ᵗ = 0
     ({"inner_beta2": 0.999}, "inner_beta2"),  # beyond the norm bound's measured allowance (honest files at 3.09×)
+    # a sparseloco network's outside [0.8, 0.9], where the norm bound's allowance is measured (the uncompressed
+    # baselines of `templar train` take any β₁ below 1)
+    ({"strategy": "sparseloco", "inner_beta1": 0.95}, "inner_beta1"),
+    ({"strategy": "sparseloco", "inner_beta1": 0.7}, "inner_beta1"),
+    ({"inner_beta1": 1.0}, "inner_beta1"),
 ])
 def test_invalid_values_name_the_field(values, field):
     with pytest.raises(HParamsError, match=f"^{field}:"):
@@ -67,22 +72,29 @@ def test_protocol_hash_tracks_protocol_fields_only():
 
 
 def test_a_network_record_from_before_a_field_existed_keeps_its_old_value_and_hash(tmp_path):
-    # `templar init` writes every field; one written before inner_beta2 existed lacks only it
-    network = HParams(strategy="sparseloco", inner_beta2=0.95, sparse_topk=32, outer_learning_rate=0.5)  # 2026-12-05
-    record = {name: value for name, value in network.to_dict().items() if name != "inner_beta2"}
+    # `templar init` writes every field; one written before inner_beta1 and inner_beta2 existed lacks only those
+    later = ("inner_beta1", "inner_beta2")
+    network = HParams(strategy="sparseloco", inner_beta1=0.9, inner_beta2=0.95, sparse_topk=32,
+                      outer_learning_rate=0.5)  # 2026-12-05
+    record = {name: value for name, value in network.to_dict().items() if name not in later}
     (tmp_path / "hparams.json").write_text(json.dumps(record))
     loaded = HParams.load(tmp_path / "hparams.json")
-    assert loaded.inner_beta2 == 0.95 and loaded.protocol_hash() == network.protocol_hash() == "e87be85720dbba3e"
+    assert (loaded.inner_beta1, loaded.inner_beta2) == (0.9, 0.95)
+    assert loaded.protocol_hash() == network.protocol_hash() == "e87be85720dbba3e"
     # as YAML too; the environment still overrides it
     (tmp_path / "record.yaml").write_text(yaml.safe_dump(record))
     assert HParams.load(tmp_path / "record.yaml").protocol_hash() == network.protocol_hash()
     assert HParams.load(tmp_path / "record.yaml", {"TEMPLAR_HP_INNER_BETA2": "0.99"}).inner_beta2 == 0.99
-    # the same record with the field stated, and a partial file (a deployment's overrides), load what they say
-    (tmp_path / "hparams.json").write_text(json.dumps(record | {"inner_beta2": 0.9}))
-    assert HParams.load(tmp_path / "hparams.json").inner_beta2 == 0.9
+    # one written between the two (2026-12-06: β₂ 0.99 stated, β₁ not yet a field) keeps Templar's β₁
+    (tmp_path / "hparams.json").write_text(json.dumps(record | {"inner_beta2": 0.99}))
+    loaded = HParams.load(tmp_path / "hparams.json")
+    assert (loaded.inner_beta1, loaded.inner_beta2) == (0.9, 0.99)
+    assert loaded.protocol_hash() == "04d51ccfcc683441"
+    # a partial file (a deployment's overrides) loads what it says and the defaults
     (tmp_path / "overrides.yaml").write_text("strategy: sparseloco\nouter_learning_rate: 0.4\n")
-    assert HParams.load(tmp_path / "overrides.yaml").inner_beta2 == HParams().inner_beta2 == 0.99
-    # a record missing a field that existed from the start is partial too: it does not pin the old value
+    loaded = HParams.load(tmp_path / "overrides.yaml")
+    assert (loaded.inner_beta1, loaded.inner_beta2) == (HParams().inner_beta1, HParams().inner_beta2) != (0.9, 0.95)
+    # a record missing a field that existed from the start is partial too: it does not pin the old values
     del record["sparse_topk"]
     (tmp_path / "hparams.json").write_text(json.dumps(record))
-    assert HParams.load(tmp_path / "hparams.json").inner_beta2 == 0.99
+    assert HParams.load(tmp_path / "hparams.json").inner_beta2 == HParams().inner_beta2

@@ -89,19 +89,20 @@ def test_an_aggregation_at_another_rate_or_for_other_settings_is_refused(name, m
             strategy.read_aggregation(write(dataclasses.replace(read, **change)), window=0, shapes=shapes)
 
 
-@pytest.mark.parametrize("beta2", [0.95, 0.99])
-def test_our_adamw_is_torchs(beta2):
+@pytest.mark.parametrize("beta1,beta2", [(0.9, 0.95), (0.9, 0.99), (0.8, 0.99)])
+def test_our_adamw_is_torchs(beta1, beta2):
     generator = torch.Generator().manual_seed(0)
     ours = {"w": torch.randn(4, 5, generator=generator), "b": torch.randn(5, generator=generator)}
     theirs = {n: torch.nn.Parameter(p.clone()) for n, p in ours.items()}
-    optimizer = torch.optim.AdamW(theirs.values(), lr=1e-2, betas=(0.9, beta2), eps=1e-8, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(theirs.values(), lr=1e-2, betas=(beta1, beta2), eps=1e-8,
+                                  weight_decay=0.1)
     state = InnerState.zeros_like(ours)
     for _ in range(5):
         gradients = {n: torch.randn(p.shape, generator=generator) for n, p in ours.items()}
         for n, p in theirs.items():
             p.grad = gradients[n].clone()
         optimizer.step()
-        adamw_step_(ours, gradients, state, lr=1e-2, weight_decay=0.1, beta2=beta2)
+        adamw_step_(ours, gradients, state, lr=1e-2, weight_decay=0.1, beta1=beta1, beta2=beta2)
     for n in ours:
         torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=1e-6, atol=1e-7)
     restored = InnerState.from_tensors(state.tensors, ours)
@@ -116,9 +117,12 @@ def test_strategy_settings_are_validated_and_part_of_the_protocol():
     sparse = HParams(strategy="sparseloco")
     assert HParams().protocol_hash() != sparse.protocol_hash() != sparse.replace(inner_steps=4).protocol_hash()
     assert sparse.protocol_hash() != sparse.replace(inner_beta2=0.95).protocol_hash()
+    assert sparse.protocol_hash() != sparse.replace(inner_beta1=0.9).protocol_hash()
     # a field added later is hashed only away from its implicit old value: a running network's hash stays valid
-    before = sparse.replace(inner_beta2=0.95, sparse_topk=32, outer_learning_rate=0.5)  # the defaults of 2026-12-05
+    before = sparse.replace(inner_beta1=0.9, inner_beta2=0.95, sparse_topk=32,
+                            outer_learning_rate=0.5)  # the defaults of 2026-12-05
     assert before.protocol_hash() == "e87be85720dbba3e"  # its hash then, before inner_beta2 existed
+    assert before.replace(inner_beta2=0.99).protocol_hash() == "04d51ccfcc683441"  # 2026-12-06, before inner_beta1
     assert HParams().protocol_hash() == HParams(inner_steps=4).protocol_hash()  # demo does not use them
 
 
@@ -145,7 +149,7 @@ def test_the_norm_bound_follows_the_inner_beta2_as_moments_build_up():
     at 0.99 1 in a network's first window (no miner's moments have history yet) and growing to BETA2_LAG, where
     honest files measured 2.55 of the reference against a bound of 2.76 without it (bench/RESULTS.md)."""
     def strategy(beta2):
-        return strategy_of(FAST.replace(strategy="sparseloco", inner_beta2=beta2))
+        return strategy_of(FAST.replace(strategy="sparseloco", inner_beta1=0.9, inner_beta2=beta2))
     steps = (0, 9, 39, 99, 399)
     plain = [strategy(0.95).norm_bound(step) for step in steps]
     assert [strategy(0.9).norm_bound(step) for step in steps] == plain
@@ -156,15 +160,32 @@ def test_the_norm_bound_follows_the_inner_beta2_as_moments_build_up():
     assert strategy(0.99).norm_bound(399) > 1.4 * 2.55  # the measured honest share keeps a 1.4× margin
 
 
+def test_the_norm_bound_follows_the_inner_beta1_as_moments_build_up():
+    """κ¹_t (SparseLoCoStrategy.beta1_lag): 1 at Templar's β₁ 0.9, so the bound is what it was; at 0.8 1 in a
+    network's first window and growing to BETA1_LAG, where honest files measured 2.67 of the reference against 2.55
+    at 0.9 (bench/RESULTS.md); on top of the β₂ allowance."""
+    def strategy(beta1, beta2=0.99):
+        return strategy_of(FAST.replace(strategy="sparseloco", inner_beta1=beta1, inner_beta2=beta2))
+    steps = (0, 9, 39, 99, 399)
+    assert all(strategy(0.9).beta1_lag(step) == 1.0 for step in steps)
+    lags = [strategy(0.8).beta1_lag(step) for step in steps]
+    assert lags[0] == 1.0 and lags == sorted(lags) and lags[-1] == pytest.approx(strategy(0.8).BETA1_LAG, rel=0.01)
+    assert 1.0 < strategy(0.85).beta1_lag(399) < lags[-1]
+    assert [strategy(0.8).norm_bound(step) / strategy(0.9).norm_bound(step) for step in steps] == pytest.approx(lags)
+    assert strategy(0.8).norm_bound(0) == strategy(0.8).NORM_BOUND  # the first window's bound refuses ×3 as before
+    assert HParams(strategy="sparseloco").inner_beta1 == 0.8
+    assert strategy(0.8).norm_bound(399) > 1.5 * 2.67  # the measured honest share keeps a 1.5× margin, settled
+
+
 def test_the_norm_bound_follows_the_error_feedback_s_memory_and_age(model_and_data):
     """bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t): 2.0 in a network's first window for any β, constant at
     β 0.95, growing to ≈ 2.78 at β 0.99 (where honest files grow to 1.88× the reference: bench/RESULTS.md), the same
     for a denser k too (honest files at top-64 reached the share they reach at top-32); a file at 2.5× the reference is
     refused in window 0 and accepted in window 199, and the reason names the bound. The floor, NORM_FLOOR, is a
-    constant, and refuses a file whose values are too small in a single parameter. At Templar's inner β₂ 0.95, where
-    the β₂ allowance is 1 (the next test)."""
+    constant, and refuses a file whose values are too small in a single parameter. At Templar's inner β₁ 0.9 and β₂
+    0.95, where the allowances for them are 1 (the tests above)."""
     model, data = model_and_data
-    sparse = strategy_of(FAST.replace(strategy="sparseloco", inner_beta2=0.95))
+    sparse = strategy_of(FAST.replace(strategy="sparseloco", inner_beta1=0.9, inner_beta2=0.95))
     assert sparse.hparams.error_decay == 0.99
     classic = strategy_of(sparse.hparams.replace(error_decay=sparse.NORM_BOUND_DECAY))
     assert {classic.norm_bound(step) for step in (0, 9, 99, 999)} == {sparse.NORM_BOUND}
