@@ -188,7 +188,7 @@ class SparseLoCoStrategy:
     own k, which is larger (top-8: 1.60). The floor is a
     constant: the smallest honest share of any parameter was 0.13 of ‖Δ_ref‖ in a network's first window (no error
     fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6× (the
-    small preset: 0.12, and 0.115 at inner β₂ 0.99: 2.3×). A
+    small preset: 0.12, and 0.115 at inner β₂ 0.99: 2.3×; 0.105 at β₁ 0.8: 2.1×). A
     majority that shrinks to just above it still slows the step, and the cap makes that cost it most of its pay
     (docs/RELIABILITY.md); honest files are above ¼ after the first window, so the cap leaves their scores alone."""
 
