@@ -180,8 +180,8 @@ class SparseLoCoStrategy:
     error is older):  bound_t = NORM_BOUND · gain(β, t) / gain(0.95, t)  (2.0 at t = 1 for any β; 2.78 from
     t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window; and it follows the
     inner AdamW's β₂ and β₁ (beta2_lag: 1 at 0.95, up to 1.36 at 0.99 as the miners' moments build up; beta1_lag:
-    1 at 0.9, up to 1.1 at 0.8). The gain is the
-    model's at top-32 of 64 × 64, where the bound was measured, for a network that keeps more: real pseudo-gradients
+    1 at 0.9, up to 1.1 at 0.8). The gain is the model's at top-32 of 64 × 64, where the bound was measured, for a
+    network that keeps more: real pseudo-gradients
     are heavy-tailed, and honest files at top-64 reached the same share of the reference as at top-32 (2.53 against
     2.55 over 200 rounds), where the Gaussian model predicts 1.2–1.3× more and its β ratio at top-64 (1.26 against
     1.39) would have cut the honest margin to 1.21×; a sparser network (not measured) keeps the model's ratio at its
@@ -261,10 +261,9 @@ class SparseLoCoStrategy:
 
     def norm_bound(self, step: int) -> float:
         """bound_t of outer step `step` (t = step + 1 windows of error feedback at most), times beta2_lag(step) and
-        beta1_lag(step). The
-        gain's β ratio is the larger of the model's at the network's k and chunk and at the measured setting: a denser
-        network is held to the measured one (its honest files reach no further), a sparser one, not measured, keeps
-        the model's larger allowance."""
+        beta1_lag(step). The gain's β ratio is the larger of the model's at the network's k and chunk and at the
+        measured setting: a denser network is held to the measured one (its honest files reach no further), a
+        sparser one, not measured, keeps the model's larger allowance."""
         hparams, windows = self.hparams, step + 1
 
         def growth(topk: int, chunk_size: int) -> float:
@@ -297,7 +296,7 @@ class SparseLoCoStrategy:
         1 at Templar's β₁ 0.9, BETA1_LAG at 0.8 once the moments have a history (none in the first window: κ¹_1 = 1,
         as for beta2_lag)."""
         high, low = self.BETA1_LAG_AT
-        share = (high - self.hparams.inner_beta1) / (high - low)
+        share = min(1.0, max(0.0, (high - self.hparams.inner_beta1) / (high - low)))  # measured between the two
         history = 1.0 - self.hparams.inner_beta2 ** (self.hparams.inner_steps * step)
         return 1.0 + (self.BETA1_LAG - 1.0) * share * history
 

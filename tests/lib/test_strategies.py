@@ -13,7 +13,7 @@ from templar_lib.hparams import HParams, HParamsError
 from templar_lib.inner import InnerState, adamw_step_
 from templar_lib.model import build_model
 from templar_lib.simulate import run_network
-from templar_lib.strategies import STRATEGIES, NormReference, strategy_of
+from templar_lib.strategies import STRATEGIES, NormReference, SparseLoCoStrategy, strategy_of
 from templar_lib.wire import InvalidFile
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2)
@@ -171,6 +171,8 @@ def test_the_norm_bound_follows_the_inner_beta1_as_moments_build_up():
     lags = [strategy(0.8).beta1_lag(step) for step in steps]
     assert lags[0] == 1.0 and lags == sorted(lags) and lags[-1] == pytest.approx(strategy(0.8).BETA1_LAG, rel=0.01)
     assert 1.0 < strategy(0.85).beta1_lag(399) < lags[-1]
+    # outside the measured range (only `templar train` builds such a strategy): held at the nearer measured end
+    assert SparseLoCoStrategy(FAST.replace(inner_beta1=0.5)).beta1_lag(399) == pytest.approx(lags[-1])
     assert [strategy(0.8).norm_bound(step) / strategy(0.9).norm_bound(step) for step in steps] == pytest.approx(lags)
     assert strategy(0.8).norm_bound(0) == strategy(0.8).NORM_BOUND  # the first window's bound refuses ×3 as before
     assert HParams(strategy="sparseloco").inner_beta1 == 0.8
