@@ -181,11 +181,10 @@ class SparseLoCoStrategy:
     t ≈ 100 at β 0.99), which keeps the honest margin of β 0.95 and refuses ×3 in every window; and it follows the
     inner AdamW's β₂ and β₁ (beta2_lag: 1 at 0.95, up to 1.36 at 0.99 as the miners' moments build up; beta1_lag:
     1 at 0.9, up to 1.1 at 0.8). The gain is the model's at top-32 of 64 × 64, where the bound was measured, for a
-    network that keeps more: real pseudo-gradients
-    are heavy-tailed, and honest files at top-64 reached the same share of the reference as at top-32 (2.53 against
-    2.55 over 200 rounds), where the Gaussian model predicts 1.2–1.3× more and its β ratio at top-64 (1.26 against
-    1.39) would have cut the honest margin to 1.21×; a sparser network (not measured) keeps the model's ratio at its
-    own k, which is larger (top-8: 1.60). The floor is a
+    network that keeps more: real pseudo-gradients are heavy-tailed, and honest files at top-64 reached the same
+    share of the reference as at top-32 (2.53 against 2.55 over 200 rounds), where the Gaussian model predicts
+    1.2–1.3× more and its β ratio at top-64 (1.26 against 1.39) would have cut the honest margin to 1.21×; a sparser
+    network (not measured) keeps the model's ratio at its own k, which is larger (top-8: 1.60). The floor is a
     constant: the smallest honest share of any parameter was 0.13 of ‖Δ_ref‖ in a network's first window (no error
     fed back yet) and ≥ 0.25 after it, at β 0.99 and 0.95 alike (bench/sparse_norms.py), so 0.05 leaves 2.6× (the
     small preset: 0.12, and 0.115 at inner β₂ 0.99: 2.3×; 0.105 at β₁ 0.8: 2.1×). A
@@ -285,7 +284,7 @@ class SparseLoCoStrategy:
         low, high = (1.0 / (1.0 - beta2) for beta2 in self.BETA2_LAG_AT)
         beta2 = self.hparams.inner_beta2
         share = min(1.0, max(0.0, (1.0 / (1.0 - beta2) - low) / (high - low)))
-        return 1.0 + (self.BETA2_LAG - 1.0) * share * (1.0 - beta2 ** (self.hparams.inner_steps * step))
+        return 1.0 + (self.BETA2_LAG - 1.0) * share * self.moments_history(step)
 
     def beta1_lag(self, step: int) -> float:
         """κ¹_t, the allowance for the inner AdamW's β₁: a shorter memory of g averages less of its noise away, so a
@@ -297,8 +296,12 @@ class SparseLoCoStrategy:
         as for beta2_lag)."""
         high, low = self.BETA1_LAG_AT
         share = min(1.0, max(0.0, (high - self.hparams.inner_beta1) / (high - low)))  # measured between the two
-        history = 1.0 - self.hparams.inner_beta2 ** (self.hparams.inner_steps * step)
-        return 1.0 + (self.BETA1_LAG - 1.0) * share * history
+        return 1.0 + (self.BETA1_LAG - 1.0) * share * self.moments_history(step)
+
+    def moments_history(self, step: int) -> float:
+        """1 − β₂^(H·(t − 1)): how much history an honest miner's AdamW moments can have in window t (0 in the
+        first), the share of their lag the β allowances grant."""
+        return 1.0 - self.hparams.inner_beta2 ** (self.hparams.inner_steps * step)
 
     def reference(self, model: torch.nn.Module, tokens: torch.Tensor, *, step: int) -> NormReference:
         """‖Δ_ref‖₂ per parameter: H inner AdamW steps from fresh moments on `tokens` (the model keeps θ_w), and
