@@ -216,14 +216,17 @@ class HParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def protocol_settings(self) -> dict[str, Any]:
+        """The fields that change what a gradient means, with their values: every node of a network must agree on
+        them (a demo network's are the shared fields alone: its hash predates strategies and stays what it was)."""
+        fields = PROTOCOL_FIELDS + (SPARSELOCO_FIELDS if self.strategy != "demo" else ())
+        return {name: getattr(self, name) for name in fields}
+
     def protocol_hash(self) -> str:
-        """sha256 (16 hex digits) of the fields that change what a gradient means; order-independent."""
-        fields = PROTOCOL_FIELDS
-        if self.strategy != "demo":  # a demo network's hash predates strategies and stays what it was
-            fields += SPARSELOCO_FIELDS
-        canonical = json.dumps({name: getattr(self, name) for name in fields
-                                if name not in IMPLICIT_BEFORE or getattr(self, name) != IMPLICIT_BEFORE[name]},
-                               sort_keys=True)
+        """sha256 (16 hex digits) of protocol_settings, order-independent, a field of IMPLICIT_BEFORE only away from
+        its old value."""
+        canonical = json.dumps({name: value for name, value in self.protocol_settings().items()
+                                if name not in IMPLICIT_BEFORE or value != IMPLICIT_BEFORE[name]}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from templar_lib.hparams import HParams
 from templar_lib.ratings import Ratings
 from templar_lib.roles import AggregatorResult, MinerResult
 from templar_lib.roles.validator import WindowEvaluation
@@ -42,13 +43,19 @@ def pages_metadata(window: int, pages: Mapping[int, list[int]], tokens_per_page:
                             [{"uid": uid, "pages": ",".join(map(str, ids))} for uid, ids in sorted(pages.items())])}
 
 
-def gradients_metadata(results: list[MinerResult], strategy: str) -> dict:
+def protocol_metadata(hparams: HParams) -> dict:
+    """What the files of a window mean, on every asset that writes or reads them: the strategy, the protocol hash in
+    every file's header, and the settings it hashes (no secrets: hyper-parameters only)."""
+    return {"strategy": hparams.strategy, "protocol_hash": hparams.protocol_hash(),
+            "protocol": dg.MetadataValue.json(hparams.protocol_settings())}
+
+
+def gradients_metadata(results: list[MinerResult]) -> dict:
     """Per miner: loss, throughput, bytes, and its inner-loss curve (sparseloco: one loss per inner AdamW step)."""
     rows = [{"uid": r.uid, "loss": round(r.loss, 5), "tokens_per_second": round(r.tokens_per_second, 1),
              "bytes": r.bytes, "compression_ratio": round(r.compression_ratio, 1), "momentum": r.momentum,
              "inner_losses": " → ".join(f"{loss:.4f}" for loss in r.inner_losses), "key": r.key} for r in results]
     return {
-        "strategy": strategy,
         "inner_loss_curves": dg.MetadataValue.md("\n".join(
             f"- uid {r.uid}: {_spark(r.inner_losses)} {r.inner_losses[0]:.4f} → {r.inner_losses[-1]:.4f}"
             for r in results if r.inner_losses) or "none"),

@@ -68,8 +68,6 @@ class BucketsResource(dg.ConfigurableResource):
     aggregator_url: str = Field(description="aggregations and checkpoints")
     allow_local_peers: bool = Field(default=False, description="accept file:// and http:// bucket commitments "
                                                                "(a local network only)")
-    enforce_upload_window: bool = Field(default=True, description="skip gradients uploaded outside their window "
-                                                                  "(off for a local network, so reruns reproduce)")
     s3: S3Resource | None = Field(default=None, description="dagster-aws S3 client for s3:// URLs (default: boto3)")
 
     def _open(self, url: str) -> Bucket:
@@ -249,7 +247,7 @@ def resources_from_env(environ: Mapping[str, str]) -> dict[str, dg.ConfigurableR
         gradients_url=environ.get("TEMPLAR_GRADIENTS_URL", (home / "gradients").as_uri()),
         dataset_url=environ.get("TEMPLAR_DATASET_URL", (home / "dataset").as_uri()),
         aggregator_url=environ.get("TEMPLAR_AGGREGATOR_URL", (home / "aggregator").as_uri()),
-        allow_local_peers=chain.is_local, enforce_upload_window=not chain.is_local, s3=s3)
+        allow_local_peers=chain.is_local, s3=s3)
     training = TrainingResource(preset=environ.get("TEMPLAR_PRESET", "tiny"),
                                 device=environ.get("TEMPLAR_DEVICE", "cpu"),
                                 compile=environ.get("TEMPLAR_COMPILE", "0") == "1")

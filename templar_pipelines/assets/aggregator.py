@@ -4,7 +4,7 @@ from templar_lib.checkpoints import checkpoint_windows
 from templar_lib.roles import advance_window, aggregator_step
 from templar_pipelines.assets.common import MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.validator import evaluations
-from templar_pipelines.metadata import aggregation_lines, aggregation_metadata, loss_chart
+from templar_pipelines.metadata import aggregation_lines, aggregation_metadata, loss_chart, protocol_metadata
 from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
@@ -15,13 +15,13 @@ def aggregation(context: dg.AssetExecutionContext, chain: ChainResource, buckets
                 hparams: HParamsResource, node: NodeResource) -> dg.MaterializeResult:
     """aggregation-{window}: exactly the gradients a validator scored (their sha256 in its signed peers_{window}.json)
     combined into one update; fails (and is retried) until the validator has published the list."""
-    window, live_chain = partition_window(context), chain.open()
+    window, live_chain, settings = partition_window(context), chain.open(), hparams.load()
     result = aggregator_step(window, state=node.sync_state(window), chain=live_chain,
-                             peers=buckets.peers(live_chain), aggregator=buckets.aggregator(), hparams=hparams.load(),
+                             peers=buckets.peers(live_chain), aggregator=buckets.aggregator(), hparams=settings,
                              peers_list=buckets.gradients())
     for line in aggregation_lines(result):
         context.log.info(line)
-    return dg.MaterializeResult(metadata=aggregation_metadata(result))
+    return dg.MaterializeResult(metadata=aggregation_metadata(result) | protocol_metadata(settings))
 
 
 @dg.asset(partitions_def=window_partitions, group_name="aggregator", kinds={"safetensors"}, deps=[aggregation],

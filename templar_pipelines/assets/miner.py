@@ -3,7 +3,7 @@ import dagster as dg
 from templar_lib.roles.miner import mine_window
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
-from templar_pipelines.metadata import gradients_metadata, miner_lines
+from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
 from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
@@ -22,6 +22,6 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
                           model_hash=state.fingerprint)
     for line in miner_lines(results):
         context.log.info(line)
-    metadata = gradients_metadata(results, settings.strategy)
+    metadata = gradients_metadata(results) | protocol_metadata(settings)
     wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

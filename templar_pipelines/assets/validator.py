@@ -7,7 +7,8 @@ from templar_lib.roles.validator import EvaluationOptions, evaluate_window, rate
 from templar_lib.wire import evaluation_key, read_evaluation
 from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
 from templar_pipelines.assets.miner import gradients
-from templar_pipelines.metadata import evaluation_lines, evaluations_metadata, ratings_metadata, sightings_metadata
+from templar_pipelines.metadata import (evaluation_lines, evaluations_metadata, protocol_metadata, ratings_metadata,
+                                        sightings_metadata)
 from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
@@ -40,15 +41,15 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     window, dataset = partition_window(context), buckets.dataset()
     validator_chain = chain.open_as(node.validator(chain.open()))
     model, state = node.model_at(window, dataset)
-    store, watch = node.store(), node.watch(window, validator_chain)
+    store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
                                  watch=watch, own_bucket=buckets.gradients(),
-                                 hparams=hparams.load(), ratings=store.load_ratings(window - 1),
+                                 hparams=settings, ratings=store.load_ratings(window - 1),
                                  history=store.parameters_at, options=EvaluationOptions())
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
         context.log.info(line)
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
-    return dg.MaterializeResult(metadata=evaluations_metadata(evaluation))
+    return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
 
 
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"python"}, deps=[evaluations])

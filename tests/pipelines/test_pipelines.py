@@ -9,7 +9,9 @@ import dagster as dg
 import pytest
 
 from templar_lib.chain import LocalChain
-from templar_lib.wire.keys import CHECKPOINT
+from templar_lib.wire import parse_header
+from templar_lib.wire.container import templar_header
+from templar_lib.wire.keys import CHECKPOINT, gradient_key
 from templar_pipelines import defs
 from templar_pipelines.instance import SQLITE_YAML
 from templar_pipelines.local_network import run_local_network
@@ -46,6 +48,13 @@ def test_two_windows_materialise_every_asset_with_metadata(network_home, network
                 assert materialization(instance, asset, window).metadata, asset
         gradients = materialization(instance, "gradients", "1").metadata
         assert gradients["miners"].value.records[0].data["uid"] == 1 and gradients["bytes"].value > 0
+        # what the files mean, on each asset that writes or reads them: the hash in every file's header
+        header = templar_header(parse_header((network_home / "gradients" / gradient_key(1, 1)).read_bytes(),
+                                             max_bytes=1 << 30)[1])
+        for asset in ("gradients", "evaluations", "aggregation"):
+            metadata = materialization(instance, asset, "1").metadata
+            assert metadata["protocol_hash"].value == header["hparams_hash"], asset
+            assert metadata["strategy"].value == "demo" and metadata["protocol"].value["pages_per_window"] == 2
         evaluations = materialization(instance, "evaluations", "1").metadata
         assert evaluations["valid_gradients"].value == 3
         assert "final_scores" in materialization(instance, "ratings", "1").metadata
@@ -76,7 +85,6 @@ def test_signs_aggregations_give_the_same_checkpoints_through_dagster(network_ho
     import shutil
 
     from templar_lib.hparams import HParams
-    from templar_lib.wire import parse_header
     from templar_pipelines.cli import init
     from tests.conftest import FAST_HPARAMS
 
