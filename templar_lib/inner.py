@@ -2,7 +2,8 @@
 
 Per window w, outer step s, from θ_w and the miner's AdamW state (m, v, t) carried over windows:
 
-    the window's token rows (n, T) are cut into H consecutive slices (n ≥ H), one per inner step h = 0..H−1:
+    the window's token rows (n, T) are dealt into H slices, every H-th row from row h (n ≥ H), one per inner step
+    h = 0..H−1 (inner_slices: a page's consecutive rows, one stretch of text, go to different steps):
         g = ∇ mean loss of the slice (micro-batches of batch_size)       float32, training.loss_and_gradients
         g ← g · min(1, inner_grad_clip / ‖g‖₂)                            over all parameters together
         θ ← AdamW(θ, g; lr_t, betas (inner_beta1, inner_beta2), eps 1e-8, weight decay inner_weight_decay)
@@ -29,6 +30,15 @@ from templar_lib.model import parameters_of
 from templar_lib.training import loss_and_gradients
 
 EPS = 1e-8
+
+
+def inner_slices(tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The rows (n, T) of each of `steps` inner steps: rows h, h + steps, h + 2·steps, … for h = 0..steps−1 (fewer
+    steps when there are fewer rows). A window's rows come page by page, and a page's rows are one stretch of text:
+    dealt out like this, each step sees as many pages as it can instead of one (bench/RESULTS.md, "Inner steps
+    across pages")."""
+    steps = min(steps, tokens.shape[0])
+    return [tokens[h::steps].contiguous() for h in range(steps)]
 
 
 def inner_learning_rate_at(inner_step: int, hparams: HParams) -> float:
@@ -112,7 +122,7 @@ def inner_steps(model: torch.nn.Module, state: InnerState, tokens: torch.Tensor,
     losses = []
     try:
         # H slices; fewer when there are fewer rows (only a miner that skips most of its pages has)
-        for h, rows in enumerate(torch.tensor_split(tokens, min(hparams.inner_steps, tokens.shape[0]))):
+        for h, rows in enumerate(inner_slices(tokens, hparams.inner_steps)):
             loss, gradients = loss_and_gradients(model, rows, hparams.batch_size, autocast_dtype=autocast_dtype)
             clip_gradients_(gradients, hparams.inner_grad_clip)
             adamw_step_(parameters, gradients, state, lr=inner_learning_rate_at(step * hparams.inner_steps + h,

@@ -10,7 +10,7 @@ from templar_lib.buckets import LocalBucket
 from templar_lib.checkpoints import ModelState, catch_up, latest_checkpoint
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
-from templar_lib.inner import InnerState, adamw_step_
+from templar_lib.inner import InnerState, adamw_step_, inner_slices
 from templar_lib.model import build_model
 from templar_lib.simulate import run_network
 from templar_lib.strategies import STRATEGIES, NormReference, SparseLoCoStrategy, strategy_of
@@ -107,6 +107,16 @@ def test_our_adamw_is_torchs(beta1, beta2):
         torch.testing.assert_close(ours[n], theirs[n].detach(), rtol=1e-6, atol=1e-7)
     restored = InnerState.from_tensors(state.tensors, ours)
     assert restored.t == 5 and all(torch.equal(restored.m[n], state.m[n]) for n in ours)
+
+
+def test_each_inner_step_trains_on_rows_of_several_pages():
+    """A window's rows come page by page (3 pages of 2 rows here, each row's id in all its tokens): every row is
+    trained on once, and each inner step gets rows of different pages, not one page's stretch of text."""
+    rows = torch.arange(6).unsqueeze(1).expand(6, 5)
+    slices = inner_slices(rows, 3)
+    assert sorted(int(row) for part in slices for row in part[:, 0]) == list(range(6))
+    assert all(part.is_contiguous() and len({int(row) // 2 for row in part[:, 0]}) == 2 for part in slices)
+    assert [part[:, 0].tolist() for part in inner_slices(rows[:2], 3)] == [[0], [1]]  # fewer rows: a step per row
 
 
 def test_strategy_settings_are_validated_and_part_of_the_protocol():
