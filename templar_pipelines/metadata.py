@@ -44,8 +44,8 @@ def pages_metadata(window: int, pages: Mapping[int, list[int]], tokens_per_page:
 
 
 def protocol_metadata(hparams: HParams) -> dict:
-    """What the files of a window mean, on every asset that writes or reads them: the strategy, the protocol hash in
-    every file's header, and the settings it hashes (no secrets: hyper-parameters only)."""
+    """What the files of a window mean: the strategy, the protocol hash in every file's header, and the settings it
+    covers (HParams.protocol_settings; no secrets: hyper-parameters only)."""
     return {"strategy": hparams.strategy, "protocol_hash": hparams.protocol_hash(),
             "protocol": dg.MetadataValue.json(hparams.protocol_settings())}
 

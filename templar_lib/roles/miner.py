@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket
+from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.checkpoints import model_fingerprint, probe_values
 from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
@@ -17,7 +17,8 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.state import MomentumLost, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
-from templar_lib.wire import Gradient, gradient_key
+from templar_lib.wire import Gradient, InvalidFile, gradient_key, parse_header
+from templar_lib.wire.container import templar_header
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,39 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
     data = strategy.write_gradient(window, uid, mined.sent, model_hash=model_hash or model_fingerprint(parameters),
                                    probes=tuple(probe_values(parameters, window)))
     key = gradient_key(window, uid)
-    gradients.put(key, data)
+    data = publish_once(gradients, key, data, max_bytes=hparams.max_gradient_bytes)
     dense_bytes = sum(p.numel() for p in parameters.values()) * 4
     return MinerResult(window, uid, mined.loss, tokens.numel(), len(data), dense_bytes / len(data), pages, key,
                        time.perf_counter() - started, inner_losses=mined.inner_losses, state=mined.state)
+
+
+def publish_once(gradients: Bucket, key: str, data: bytes, *, max_bytes: int) -> bytes:
+    """Put a window's file unless the bucket already holds this very work: a file of the same kind, window, uid,
+    protocol and θ_w, which an earlier attempt put (a run retried after its upload landed). Validators pin the first
+    bytes they see, and a re-run's bytes can differ (a GPU's nondeterministic kernels, or code that changed between
+    the runs): replaced, the file would be refused as changed after it was scored and the uid banned, so the first
+    one stands. Anything else at the key (another network's file, an unreadable one) is replaced. Returns the bytes
+    the bucket holds."""
+    try:
+        published = gradients.get(key, max_bytes=max_bytes)
+    except ObjectMissing:
+        published = None
+    if published is not None and published != data and _same_work(published, data):
+        log.warning("%s: kept the file an earlier run published for this window (this run's bytes differ: a "
+                    "validator may have pinned the first ones)", key)
+        return published
+    gradients.put(key, data)
+    return data
+
+
+def _same_work(first: bytes, second: bytes) -> bool:
+    """Whether two gradient files say they are the same uid's work for the same window, protocol and θ_w."""
+    try:
+        headers = [templar_header(parse_header(data, max_bytes=len(data))[1]) for data in (first, second)]
+    except InvalidFile:
+        return False
+    return all(headers[0].get(field) == headers[1].get(field)
+               for field in ("kind", "window", "uid", "hparams_hash", "model_hash"))
 
 
 def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store: StateStore,

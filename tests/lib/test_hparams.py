@@ -98,3 +98,20 @@ def test_a_network_record_from_before_a_field_existed_keeps_its_old_value_and_ha
     del record["sparse_topk"]
     (tmp_path / "hparams.json").write_text(json.dumps(record))
     assert HParams.load(tmp_path / "hparams.json").inner_beta2 == HParams().inner_beta2
+
+
+@pytest.mark.parametrize("strategy", ["demo", "sparseloco"])
+def test_the_protocol_settings_are_what_the_hash_covers(strategy):
+    """What run metadata shows as the protocol (templar_pipelines.metadata.protocol_metadata): every field of the
+    strategy's protocol with its value, JSON as it is; the hash is theirs, a later field left out at its old value."""
+    from templar_lib.hparams import IMPLICIT_BEFORE, PROTOCOL_FIELDS, SPARSELOCO_FIELDS
+
+    hparams = HParams(strategy=strategy)
+    settings = hparams.protocol_settings()
+    assert list(settings) == list(PROTOCOL_FIELDS + (SPARSELOCO_FIELDS if strategy != "demo" else ()))
+    assert json.loads(json.dumps(settings)) == settings
+    assert hparams.replace(pages_per_window=3).protocol_hash() != hparams.protocol_hash()
+    older = hparams.replace(**{name: value for name, value in IMPLICIT_BEFORE.items() if name in settings})
+    if strategy == "sparseloco":  # shown at the old value, which the hash leaves out: another hash than the defaults'
+        assert older.protocol_settings()["inner_beta1"] == 0.9 and older.protocol_hash() != hparams.protocol_hash()
+

@@ -12,6 +12,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.inner import InnerState, adamw_step_, inner_slices
 from templar_lib.model import build_model
+from templar_lib.roles.miner import miner_step
 from templar_lib.simulate import run_network
 from templar_lib.strategies import STRATEGIES, NormReference, SparseLoCoStrategy, strategy_of
 from templar_lib.wire import InvalidFile
@@ -89,6 +90,26 @@ def test_an_aggregation_at_another_rate_or_for_other_settings_is_refused(name, m
             strategy.read_aggregation(write(dataclasses.replace(read, **change)), window=0, shapes=shapes)
 
 
+@EACH
+def test_a_rerun_whose_bytes_differ_keeps_the_file_validators_may_have_pinned(name, model_and_data, tmp_path):
+    """A window mined again after its upload landed (a retried run) can give other bytes for the same work (a GPU's
+    nondeterminism, code changed between the runs; here: another state): the first file stands, since a validator
+    may have pinned its sha256 and a replaced file is refused and banned. A file of other work is replaced."""
+    model, data = model_and_data
+    hparams = FAST.replace(strategy=name)
+    bucket, elsewhere = LocalBucket(tmp_path / "gradients"), LocalBucket(tmp_path / "elsewhere")
+    first = miner_step(0, 1, model=model, step=0, state=None, dataset=data, gradients=bucket, hparams=hparams)
+    published = bucket.get(first.key)
+    other = miner_step(0, 1, model=model, step=0, state=first.state, dataset=data, gradients=elsewhere,
+                       hparams=hparams)
+    assert elsewhere.get(other.key) != published  # the same work, other bytes
+    again = miner_step(0, 1, model=model, step=0, state=first.state, dataset=data, gradients=bucket, hparams=hparams)
+    assert bucket.get(first.key) == published and again.bytes == len(published)
+    moved = miner_step(0, 1, model=model, step=0, state=None, dataset=data, gradients=bucket, hparams=hparams,
+                       model_hash="another θ_0")  # another network's file at the key, say
+    assert bucket.get(first.key) != published and moved.bytes == len(bucket.get(first.key))
+
+
 @pytest.mark.parametrize("beta1,beta2", [(0.9, 0.95), (0.9, 0.99), (0.8, 0.99)])
 def test_our_adamw_is_torchs(beta1, beta2):
     generator = torch.Generator().manual_seed(0)
@@ -117,6 +138,7 @@ def test_each_inner_step_trains_on_rows_of_several_pages():
     assert sorted(int(row) for part in slices for row in part[:, 0]) == list(range(6))
     assert all(part.is_contiguous() and len({int(row) // 2 for row in part[:, 0]}) == 2 for part in slices)
     assert [part[:, 0].tolist() for part in inner_slices(rows[:2], 3)] == [[0], [1]]  # fewer rows: a step per row
+    assert [part[:, 0].tolist() for part in inner_slices(rows[:5], 3)] == [[0, 3], [1, 4], [2]]  # all, once
 
 
 def test_strategy_settings_are_validated_and_part_of_the_protocol():
