@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, ObjectMissing
+from templar_lib.buckets import Bucket, ObjectMissing, ObjectTooLarge
 from templar_lib.checkpoints import model_fingerprint, probe_values
 from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
@@ -87,7 +87,7 @@ def publish_once(gradients: Bucket, key: str, data: bytes, *, max_bytes: int) ->
     the bucket holds."""
     try:
         published = gradients.get(key, max_bytes=max_bytes)
-    except ObjectMissing:
+    except (ObjectMissing, ObjectTooLarge):  # nothing there, or nothing a run of ours wrote: replaced
         published = None
     if published is not None and published != data and _same_work(published, data):
         log.warning("%s: kept the file an earlier run published for this window (this run's bytes differ: a "

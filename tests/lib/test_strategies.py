@@ -12,7 +12,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.inner import InnerState, adamw_step_, inner_slices
 from templar_lib.model import build_model
-from templar_lib.roles.miner import miner_step
+from templar_lib.roles.miner import miner_step, publish_once
 from templar_lib.simulate import run_network
 from templar_lib.strategies import STRATEGIES, NormReference, SparseLoCoStrategy, strategy_of
 from templar_lib.wire import InvalidFile
@@ -108,6 +108,8 @@ def test_a_rerun_whose_bytes_differ_keeps_the_file_validators_may_have_pinned(na
     moved = miner_step(0, 1, model=model, step=0, state=None, dataset=data, gradients=bucket, hparams=hparams,
                        model_hash="another θ_0")  # another network's file at the key, say
     assert bucket.get(first.key) != published and moved.bytes == len(bucket.get(first.key))
+    bucket.put(first.key, b"0" * 64)  # more than a file may be: nothing a run of ours wrote, replaced
+    assert publish_once(bucket, first.key, published, max_bytes=32) == published == bucket.get(first.key)
 
 
 @pytest.mark.parametrize("beta1,beta2", [(0.9, 0.95), (0.9, 0.99), (0.8, 0.99)])

@@ -48,7 +48,7 @@ def test_two_windows_materialise_every_asset_with_metadata(network_home, network
                 assert materialization(instance, asset, window).metadata, asset
         gradients = materialization(instance, "gradients", "1").metadata
         assert gradients["miners"].value.records[0].data["uid"] == 1 and gradients["bytes"].value > 0
-        # what the files mean, on each asset that writes or reads them: the hash in every file's header
+        # what the files mean, on the assets that write or combine them: the hash in every file's header
         header = templar_header(parse_header((network_home / "gradients" / gradient_key(1, 1)).read_bytes(),
                                              max_bytes=1 << 30)[1])
         for asset in ("gradients", "evaluations", "aggregation"):
