@@ -31,7 +31,7 @@ TRAINING_STRATEGIES = (*STRATEGIES, "dense-adamw", "local-sgd", "dense-sign")
 # what a gradient means: every node of a network must agree on these (protocol_hash)
 PROTOCOL_FIELDS = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window",
                    "pages_per_window", "batch_size", "sequence_length", "learning_rate", "weight_decay",
-                   "warmup_steps", "t_max", "lr_floor_ratio")
+                   "warmup_steps", "t_max", "lr_floor_ratio", "spot_check_probability")
 # what a sparseloco gradient means beyond the shared fields: every node of such a network must agree on them
 SPARSELOCO_FIELDS = ("strategy", "inner_steps", "inner_learning_rate", "inner_weight_decay", "inner_grad_clip",
                      "inner_beta1", "inner_beta2", "outer_learning_rate", "error_decay", "sparse_topk",
@@ -39,7 +39,7 @@ SPARSELOCO_FIELDS = ("strategy", "inner_steps", "inner_learning_rate", "inner_we
 # fields that joined the protocol after networks had started, with the value they had implicitly before: hashed
 # only when set to another, so a running network's hash (and its files) stay valid, and read at that value from a
 # network's record written before they existed (HParams.load)
-IMPLICIT_BEFORE = {"inner_beta2": 0.95, "inner_beta1": 0.9}
+IMPLICIT_BEFORE = {"inner_beta2": 0.95, "inner_beta1": 0.9, "spot_check_probability": 0.0}
 # the inner AdamW's β₂ at most: the norm bound's allowance for it is measured up to 0.99 (honest files at 2.55× the
 # validator's reference there, at 3.09× at 0.999; bench/RESULTS.md, "Inner AdamW β₂")
 MAX_INNER_BETA2 = 0.99
@@ -122,6 +122,13 @@ class HParams:
     max_peers: int = 256  # uids a validator considers
     scored_per_window: int = 32  # uids a validator scores per window at most (sampled beyond: roles/validator.py)
     sync_max_lag: int = 2  # outer steps a miner's θ may lag and still be scored, at (1 − lag / (max + 1)) of it
+    # spot checks (spot_check.py): each scored file is replayed from the miner's committed state with this
+    # probability, drawn by the window's closing block; 0 turns them off (files then commit to no state)
+    spot_check_probability: float = 0.0
+    # the replay's relative L2 difference allowed per tensor: 0 is bit for bit (one CPU build: the simulation, the
+    # demo); GPU miners' kernels are not deterministic and need one measured on them (not yet: docs/RELIABILITY.md)
+    spot_check_tolerance: float = 0.0
+    spot_check_ban_windows: int = 50  # windows a uid that failed a spot check earns nothing
     # --- limits for untrusted input ---
     max_gradient_bytes: int = 256 * 1024 * 1024
 
@@ -135,17 +142,19 @@ class HParams:
                 raise HParamsError(f"{field.name}: must be finite, got {value!r}")
         positive = ("topk_compression", "target_chunk", "blocks_per_window", "pages_per_window", "batch_size",
                     "sequence_length", "t_max", "checkpoint_frequency", "topk_peers", "max_peers", "scored_per_window",
-                    "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows", "miss_window",
+                    "max_gradient_bytes", "learning_rate", "openskill_beta", "ban_windows", "spot_check_ban_windows",
+                    "miss_window",
                     "miss_exclude", "inner_steps", "inner_learning_rate", "inner_grad_clip", "outer_learning_rate",
                     "sparse_topk", "quantization_range")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "weight_decay", "openskill_tau", "sync_max_lag", "inner_weight_decay"):
+        for name in ("warmup_steps", "weight_decay", "openskill_tau", "sync_max_lag", "inner_weight_decay",
+                     "spot_check_tolerance"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha",
-                     "peer_score_ratio", "miss_penalty", "error_decay"):
+                     "peer_score_ratio", "miss_penalty", "error_decay", "spot_check_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.inner_beta1 < 1.0:

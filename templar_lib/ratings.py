@@ -84,21 +84,24 @@ def model(hparams: HParams) -> PlackettLuce:
 
 def update_ratings(ratings: Ratings, window: int, scores: Mapping[int, float], indicators: Mapping[int, int],
                    hotkeys: Mapping[int, str], hparams: HParams, banned: Mapping[int, str] | None = None,
-                   missed: Iterable[int] = ()) -> Ratings:
+                   missed: Iterable[int] = (), failed_checks: Mapping[int, str] | None = None) -> Ratings:
     """Fold one window in. scores/indicators: uid -> value for every uid evaluated this window (invalid ones with
     score 0 and indicator −1); hotkeys: the metagraph now (uid -> hotkey); banned: uids to ban from this window on
     (uid -> reason), e.g. found to have changed their file after it was scored; missed: the evaluated uids whose
-    zero had a reason (a miss)."""
+    zero had a reason (a miss); failed_checks: uids whose spot check failed (uid -> reason), banned for
+    spot_check_ban_windows."""
     skill, missed = model(hparams), set(missed)
     current = {uid: r for uid, r in ratings.by_uid.items() if hotkeys.get(uid) == r.hotkey}
-    for uid in set(scores) | set(banned or {}):
+    for uid in set(scores) | set(banned or {}) | set(failed_checks or {}):
         if uid not in current and uid in hotkeys:
             fresh = skill.rating()
             current[uid] = UidRating(hotkeys[uid], fresh.mu, fresh.sigma)
-    for uid in banned or {}:
+    bans = {uid: hparams.ban_windows for uid in banned or {}} | {
+        uid: hparams.spot_check_ban_windows for uid in failed_checks or {}}
+    for uid, length in bans.items():
         if uid in current:
             current[uid] = replace(current[uid], score_ema=0.0, final=0.0,
-                                   banned_until=window + hparams.ban_windows - 1)
+                                   banned_until=max(current[uid].banned_until, window + length - 1))
     ranked = sorted(uid for uid in scores if uid in hotkeys)
     effective = {uid: 0.0 if current[uid].banned_until >= window else float(scores[uid]) for uid in ranked}
     if len(ranked) >= 2:

@@ -51,6 +51,14 @@ class Mined:
     state: dict[str, torch.Tensor]  # the miner's state after the window, for the state store
 
 
+def committed(gradient, hparams: HParams):
+    """The gradient, if it commits to its miner's state where the network spot-checks miners (spot_check.py): a file
+    that commits to none could not be checked. Raises InvalidFile."""
+    expect(gradient.state is not None or hparams.spot_check_probability <= 0,
+           "commits to no miner state, and this network spot-checks miners")
+    return gradient
+
+
 # ---------------------------------------------------------------------------------------------------- demo
 def new_feedback(parameters, hparams: HParams, momentum: dict[str, torch.Tensor] | None = None) -> ErrorFeedback:
     """A demo miner's error feedback under these hyper-parameters: from `momentum` (moved to the parameters' device:
@@ -90,17 +98,17 @@ class DemoStrategy:
         return Mined(loss, [loss], sent, feedback.momentum)
 
     def write_gradient(self, window: int, uid: int, sent: dict, *, model_hash: str = "",
-                       probes: tuple[float, ...] = ()) -> bytes:
-        return write_gradient(Gradient.of(window, uid, sent, self.hparams, model_hash, probes=probes))
+                       probes: tuple[float, ...] = (), state: tuple[str, str] | None = None) -> bytes:
+        return write_gradient(Gradient.of(window, uid, sent, self.hparams, model_hash, probes=probes, state=state))
 
     def gradient_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
         return gradient_byte_limit(shapes, self.hparams)
 
     def read_gradient(self, data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]]) -> Gradient:
         hparams = self.hparams
-        return read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
-                             target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                             max_bytes=self.gradient_limit(shapes))
+        return committed(read_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.topk_compression,
+                                       target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
+                                       max_bytes=self.gradient_limit(shapes)), hparams)
 
     def reference(self, model: torch.nn.Module, tokens: torch.Tensor, *, step: int) -> None:
         """Nothing: the demo strategy's norm rule is a constant (unit norms)."""
@@ -243,9 +251,9 @@ class SparseLoCoStrategy:
         return sent, after
 
     def write_gradient(self, window: int, uid: int, sent: dict, *, model_hash: str = "",
-                       probes: tuple[float, ...] = ()) -> bytes:
+                       probes: tuple[float, ...] = (), state: tuple[str, str] | None = None) -> bytes:
         return write_sparse_gradient(SparseGradient(window, uid, sent, self.hparams.protocol_hash(), model_hash,
-                                                    tuple(probes)))
+                                                    tuple(probes), state))
 
     def gradient_limit(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
         hparams = self.hparams
@@ -255,9 +263,10 @@ class SparseLoCoStrategy:
     def read_gradient(self, data: bytes, *, window: int, uid: int, shapes: Mapping[str, tuple[int, ...]]
                       ) -> SparseGradient:
         hparams = self.hparams
-        return read_sparse_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.sparse_topk,
-                                    target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
-                                    max_bytes=self.gradient_limit(shapes), bins=hparams.quantization_bins)
+        return committed(read_sparse_gradient(data, window=window, uid=uid, shapes=shapes, topk=hparams.sparse_topk,
+                                              target_chunk=hparams.target_chunk, hparams_hash=hparams.protocol_hash(),
+                                              max_bytes=self.gradient_limit(shapes), bins=hparams.quantization_bins),
+                         hparams)
 
     def norm_bound(self, step: int) -> float:
         """bound_t of outer step `step` (t = step + 1 windows of error feedback at most), times beta2_lag(step) and

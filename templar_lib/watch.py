@@ -58,6 +58,11 @@ class Watch:
         self._reasons: dict[int, str] = {}  # why a uid has nothing seen yet, from the last poll
         self._load()
 
+    def at(self, window: int) -> Watch:
+        """The watch of another window over the same state and buckets (what it recorded, if it ran)."""
+        return Watch(window, blocks_per_window=self.closes - self.opens, state=self.state, peers=self.peers,
+                     uids=self.uids, max_bytes=self.max_bytes, poll_timeout=self.poll_timeout)
+
     # ------------------------------------------------------------------ persistence
     def _record_key(self) -> str:
         return keys.SEEN.key(self.window)

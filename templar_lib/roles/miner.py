@@ -15,7 +15,8 @@ from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
-from templar_lib.state import MomentumLost, StateMissing, StateStore
+from templar_lib.spot_check import answer, drawn, state_digest
+from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, parse_header
 from templar_lib.wire.container import templar_header
@@ -67,10 +68,13 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
     started = time.perf_counter()
     strategy = strategy_of(hparams)
     pages, tokens = window_pages(window, uid, dataset=dataset, hparams=hparams)
+    checked = hparams.spot_check_probability > 0
+    before = state_digest(state) if checked else None  # before mining: it updates the state's tensors in place
     mined = strategy.mine(model, state, tokens, step=step)
     parameters = parameters_of(model)
     data = strategy.write_gradient(window, uid, mined.sent, model_hash=model_hash or model_fingerprint(parameters),
-                                   probes=tuple(probe_values(parameters, window)))
+                                   probes=tuple(probe_values(parameters, window)),
+                                   state=(before, state_digest(mined.state)) if checked else None)
     key = gradient_key(window, uid)
     data = publish_once(gradients, key, data, max_bytes=hparams.max_gradient_bytes)
     dense_bytes = sum(p.numel() for p in parameters.values()) * 4
@@ -131,6 +135,29 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
         results.append(dataclasses.replace(result, momentum=source, state=None))
         store.save_momentum(uid, window, result.state)
     return results
+
+
+def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store: StateStore, gradients: Bucket,
+                       hparams: HParams) -> dict[int, list[str]]:
+    """Put the states a spot check of `window` asks of the uids this node serves (spot_check.py): their states
+    after window − 1 and after `window`, from the node's state store; seed: the hash of the window's closing block
+    (None: not closed yet, nothing to answer). Run before mining window + 1, which updates those states in place.
+    A state the store no longer has is logged: the check will fail, and ban the uid."""
+    put = {}
+    if seed is None or hparams.spot_check_probability <= 0:
+        return put
+    for uid in sorted(uids):
+        if not drawn(seed, window, uid, hparams.spot_check_probability):
+            continue
+        try:
+            states = [store.load_momentum(uid, w) if w >= 0 else None for w in (window - 1, window)]
+        except (StateMissing, MomentumUnrecoverable) as error:
+            log.error("uid %d: drawn for a spot check of window %d, but its state is gone (%s): the check will fail",
+                      uid, window, error)
+            continue
+        put[uid] = answer(window, uid, seed=seed, before=states[0], after=states[1], bucket=gradients,
+                          hparams=hparams)
+    return put
 
 
 def state_misfit(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:

@@ -16,6 +16,9 @@ For window w, once it has closed, on the same θ_w the miners trained on:
    `evaluation-{w}-{validator}.json` (wire.documents) written to the validator's gradients bucket. A uid the
    aggregator of w − 1 found with other bytes than were scored (`refused` in aggregation-{w−1}) is banned
    (ratings.py).
+5. where the network spot-checks miners (spot_check_probability > 0), the drawn uids of w − 1 are replayed from the
+   states they committed to and put during w (spot_check.py); each failure is in the report's `checks` and bans the
+   uid for spot_check_ban_windows.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, ObjectMissing
+from templar_lib.buckets import Bucket, BucketError, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.data import Dataset, random_pages
@@ -41,12 +44,13 @@ from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
+from templar_lib.spot_check import check, drawn
 from templar_lib.strategies import NormReference, strategy_of
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
-                              peers_key, write_evaluation)
+                              peers_key, read_evaluation, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
 
 log = logging.getLogger(__name__)
@@ -245,11 +249,59 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     chosen, reserves = sorted(positive[: hparams.topk_peers]), positive[hparams.topk_peers: 2 * hparams.topk_peers]
     peers = Peers(window=window, validator=validator_uid, uids=chosen, reserves=reserves,
                   sha256={uid: sightings[uid].sha256 for uid in chosen + reserves})
+    checks = spot_check_window(window - 1, chain=chain, model=model, dataset=dataset, watch=watch,
+                               own_bucket=own_bucket, hparams=hparams, history=history)
     report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block,
-                              unsampled)
+                              unsampled, checks)
     keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)
+
+
+def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, dataset: Dataset, watch: Watch,
+                      own_bucket: Bucket, hparams: HParams,
+                      history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
+    """The spot checks of `window`, made once window + 1 has closed (the drawn miners put their states during it):
+    uid -> "" when the replay gave its file, else why not (spot_check.check; a state not put is a failure). Only
+    uids this validator scored in `window` are drawn, from its own report, its own copies of the files (`watch`'s
+    state) and θ_window (`history`); a check it cannot make for want of its own records is logged and skipped."""
+    if hparams.spot_check_probability <= 0 or window < 0:
+        return {}
+    seed, theta = chain.block_hash((window + 1) * hparams.blocks_per_window), history(window)
+    try:
+        report = read_evaluation(own_bucket.get(evaluation_key(window, chain.uid)), window=window,
+                                 validator=chain.uid)
+    except (ObjectMissing, InvalidFile) as error:
+        report = None
+        log.warning("no spot checks of window %d: its evaluation report is not readable (%s)", window, error)
+    if report is None or seed is None or theta is None:
+        return {}
+    scored, previous = watch.at(window), watch.at(window - 1)
+    results = {}
+    for uid in sorted(u for u, s in report.scores.items() if s.losses is not None):
+        if not drawn(seed, window, uid, hparams.spot_check_probability):
+            continue
+        try:
+            data = scored.read(uid)
+            before = previous.read(uid) if uid in previous.sightings() else None
+        except (KeyError, InvalidFile) as error:
+            log.warning("uid %d: no spot check of window %d, the validator lacks its own copy (%s)", uid, window,
+                        error)
+            continue
+        bucket = watch.peers.buckets.get(uid)
+        tokens = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
+        try:
+            if bucket is None:
+                raise ObjectMissing(f"no bucket: {watch.peers.reason(uid)}")
+            results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=report.step,
+                                 tokens=tokens, scored=data, previous=before,
+                                 fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
+        except ObjectMissing as error:
+            results[uid] = f"no answer: {error}"
+        except (InvalidFile, BucketError) as error:
+            results[uid] = f"{type(error).__name__}: {error}"
+        log.info("uid %d: spot check of window %d %s", uid, window, results[uid] or "passed")
+    return results
 
 
 def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:
@@ -268,12 +320,14 @@ def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:
 
 def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int, str], hparams: HParams,
                 banned: Mapping[int, str] | None = None) -> tuple[Ratings, dict[int, float] | None]:
-    """Step 4: fold the window's scores into the ratings, banning `banned` (uid -> reason), each zero with a reason
-    a miss; the weights they give (None: nothing positive)."""
+    """Step 4: fold the window's scores into the ratings, banning `banned` (uid -> reason) and the uids whose spot
+    check failed (the report's `checks`), each zero with a reason a miss; the weights they give (None: nothing
+    positive)."""
     scores = report.scores
     new_ratings = update_ratings(ratings, report.window, {u: s.score for u, s in scores.items()},
                                  {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned,
-                                 missed=[u for u, s in scores.items() if s.reason])
+                                 missed=[u for u, s in scores.items() if s.reason],
+                                 failed_checks={uid: why for uid, why in report.checks.items() if why})
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
 
 

@@ -29,6 +29,7 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient
 from templar_lib.sparseloco import decode_delta, encode_delta, with_values
+from templar_lib.spot_check import commitment
 from templar_lib.strategies import Strategy, new_feedback, strategy_of
 from templar_lib.training import loss_and_gradients
 from templar_lib.wire import Gradient, gradient_key, write_gradient
@@ -61,6 +63,15 @@ class Miner:
     own: dict[str, torch.Tensor] | None = None  # the state its own computations (Turn.honest) carry (None: zeros)
     kept: Gradient | SparseGradient | None = None  # replay: the one gradient it keeps re-sending
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)  # lagging: θ of past windows
+    # window -> its state before and after the work it committed to (spot_check.py), the last two windows
+    transitions: dict[int, tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]] = field(
+        default_factory=dict)
+
+    def record(self, window: int, before: dict[str, torch.Tensor] | None, after: dict[str, torch.Tensor]) -> None:
+        """Keep the states around a window's work (copies: mining updates a state in place), to answer a spot
+        check of it."""
+        kept = {w: t for w, t in self.transitions.items() if w >= window - 1}
+        self.transitions = kept | {window: (_copied(before), _copied(after))}
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,15 @@ class Turn:
         sequences, or the first `page_rows` of each page, when given), under the network's strategy; carries this
         miner's own state like an honest one."""
         pages = pages if pages is not None else self.own_pages()
+        before = _copied(self.miner.own)
+        gradient = self._honest(pages, on_model, step, rows, page_rows)
+        self.miner.record(self.window, before, self.miner.own)
+        if self.hparams.spot_check_probability <= 0:
+            return gradient
+        return dataclasses.replace(gradient, state=commitment(before, self.miner.own))
+
+    def _honest(self, pages: list[int], on_model: torch.nn.Module | None, step: int | None, rows: int | None,
+                page_rows: int | None) -> Gradient | SparseGradient:
         tokens = self.dataset.tokens(pages)
         if page_rows is not None:
             tokens = tokens.reshape(len(pages), -1, tokens.shape[-1])[:, :page_rows].reshape(-1, tokens.shape[-1])
@@ -122,6 +142,10 @@ class Turn:
     @property
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.window * 1000 + self.miner.uid)
+
+
+def _copied(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if state is None else {name: t.detach().clone() for name, t in state.items()}
 
 
 def _values(gradient, function: Callable[[torch.Tensor], torch.Tensor]):

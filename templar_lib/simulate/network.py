@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from templar_lib import schedule
+from templar_lib import schedule, spot_check
 from templar_lib.buckets import Bucket, LocalBucket
 from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import ModelState
@@ -110,6 +110,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             stack.callback(server.close)
         model = build_model(preset, seed=seed, vocab_size=data.vocab_size)
         state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+        store.save_model(state, background=False)  # θ_0, which a spot check of window 0 replays on
         initial_loss = held_out_loss(model, data, batch_size=hparams.batch_size)
         nodes = {uid: Miner(uid, kind) for uid, kind in roles.items()}
         peers = peer_buckets(chain.commitments(), allow_local=True, limits=SIMULATED_LIMITS)
@@ -138,18 +139,31 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
                     if behaviour.backdates:
                         backdate(turn(window, uid), 30.0)
 
+        def answer(window: int) -> None:
+            """Every miner drawn for a spot check of `window` puts the states around the work it committed to (a
+            cheat its real ones: the replay of its honest work is then not its file)."""
+            seed = chain.block_hash((window + 1) * bpw) if window >= 0 else None
+            for uid, node in sorted(nodes.items()):
+                if seed is not None and window in node.transitions:
+                    before, after = node.transitions[window]
+                    spot_check.answer(window, uid, seed=seed, before=before, after=after, bucket=gradients,
+                                      hparams=hparams)
+
         def mine(window: int) -> None:
             started[window] = time.perf_counter()
             losses, files = [], {}
             honest[window] = (losses, files)
+            answer(window - 1)  # as a miner node does, before the next window's work updates its state
             for uid in sorted(nodes):
                 node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
                 if behaviour.remembers:  # keep the last four θ
                     node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
                 if behaviour.mines:
+                    before = {n: t.clone() for n, t in node.state.items()} if node.state is not None else None
                     result = miner_step(window, uid, model=model, step=state.step, state=node.state, dataset=data,
                                         gradients=gradients, hparams=hparams)
                     node.state = result.state
+                    node.record(window, before, result.state)
                     if node.kind == "honest":
                         losses.append(result.loss)
                         files[uid] = gradients.get(gradient_key(window, uid))

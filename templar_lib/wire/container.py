@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import torch
@@ -61,11 +61,12 @@ def save_templar_file(tensors: dict[str, torch.Tensor], header: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def parse_header(data: bytes, *, max_bytes: int, max_header: int = MAX_HEADER_BYTES
-                 ) -> tuple[dict[str, dict], dict[str, str]]:
+def parse_header(data: bytes, *, max_bytes: int, max_header: int = MAX_HEADER_BYTES,
+                 dtypes: Mapping[str, int] = ITEM_BYTES) -> tuple[dict[str, dict], dict[str, str]]:
     """Safetensors header of untrusted bytes, validated: (tensor entries by name, __metadata__).
     max_header: the longest JSON header accepted, checked before parsing (parsing costs ≈ 25× the header's bytes in
-    Python objects: a reader of a kind of file whose honest headers are small passes a small bound)."""
+    Python objects: a reader of a kind of file whose honest headers are small passes a small bound). dtypes: the
+    tensor dtypes allowed, with their item sizes."""
     expect(isinstance(data, (bytes, bytearray, memoryview)), "not bytes")
     expect(len(data) <= max_bytes, f"file of {len(data)} bytes exceeds the limit of {max_bytes}")
     expect(len(data) >= 8, "file shorter than a safetensors header")
@@ -82,12 +83,12 @@ def parse_header(data: bytes, *, max_bytes: int, max_header: int = MAX_HEADER_BY
         expect(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
                f"tensor {name[:80]!r}: malformed entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        expect(dtype in ITEM_BYTES, f"tensor {name[:80]!r}: dtype {str(dtype)[:20]!r} not allowed")
+        expect(dtype in dtypes, f"tensor {name[:80]!r}: dtype {str(dtype)[:20]!r} not allowed")
         expect(isinstance(shape, list) and len(shape) <= 4 and all(is_int(n) and n >= 0 for n in shape),
                f"tensor {name[:80]!r}: malformed shape")
         expect(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
                and 0 <= offsets[0] <= offsets[1] <= body, f"tensor {name[:80]!r}: data offsets outside the file")
-        expect(offsets[1] - offsets[0] == math.prod(shape) * ITEM_BYTES[dtype],
+        expect(offsets[1] - offsets[0] == math.prod(shape) * dtypes[dtype],
                f"tensor {name[:80]!r}: declared size does not match its shape")
         spans.append(tuple(offsets))
     position = 0
@@ -99,10 +100,11 @@ def parse_header(data: bytes, *, max_bytes: int, max_header: int = MAX_HEADER_BY
 
 
 def parse_templar_file(data: bytes, *, kind: str, formats: Iterable[int], window: int, max_bytes: int,
-                       max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, dict], dict]:
+                       max_header: int = MAX_HEADER_BYTES, dtypes: Mapping[str, int] = ITEM_BYTES
+                       ) -> tuple[dict[str, dict], dict]:
     """Container checks shared by every templar file: safetensors header, then kind, format and window.
     Returns (tensor entries by name, the templar header)."""
-    entries, metadata = parse_header(data, max_bytes=max_bytes, max_header=max_header)
+    entries, metadata = parse_header(data, max_bytes=max_bytes, max_header=max_header, dtypes=dtypes)
     header = templar_header(metadata)
     expect(header.get("kind") == kind, f"kind is {str(header.get('kind'))[:40]!r}, expected {kind!r}")
     expect(is_int(header.get("format")) and header["format"] in tuple(formats),
@@ -219,6 +221,23 @@ def check_sender(header: dict, uid: int, hparams_hash: str | None) -> tuple[str,
     expect(isinstance(probes, list) and len(probes) <= MAX_PROBES
            and all(isinstance(v, float) and math.isfinite(v) for v in probes), "probes must be a few finite numbers")
     return model_hash, tuple(probes)
+
+
+def check_state(header: dict) -> tuple[str, str] | None:
+    """A gradient header's commitment to the miner's state (spot_check.py): None, or the sha256 hex digests of the
+    state before and after the window. Raises InvalidFile."""
+    state = header.get("state")
+    if state is None:
+        return None
+    expect(isinstance(state, list) and len(state) == 2 and all(
+        isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef") for digest in state),
+        "state must be two sha256 hex digests")
+    return state[0], state[1]
+
+
+def state_header(state: tuple[str, str] | None) -> dict:
+    """The header entry that commits a gradient to its miner's state ({} when it commits to none)."""
+    return {} if state is None else {"state": list(state)}
 
 
 def check_step(header: dict) -> list[int]:

@@ -97,6 +97,8 @@ class EvaluationReport:
     random_pages: list[int] = field(default_factory=list)  # which: random_pages(seed of the closing block's hash)
     seed_block: int = -1  # the block whose hash seeded them (anyone can recompute the pages afterwards)
     unsampled: list[int] = field(default_factory=list)  # seen but not scored this window (roles/validator.py)
+    # the spot checks of window − 1 made after this window closed (spot_check.py): uid -> "" passed, or why not
+    checks: dict[int, str] = field(default_factory=dict)
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -108,7 +110,9 @@ def write_evaluation(report: EvaluationReport) -> bytes:
     return json.dumps({"format": EVALUATION_FORMAT, "window": report.window, "validator": report.validator,
                        "step": report.step, "random_loss": report.random_loss, "peers": report.peers, "uids": rows,
                        "random_pages": report.random_pages, "seed_block": report.seed_block,
-                       "unsampled": report.unsampled},
+                       "unsampled": report.unsampled} | (
+                          {"checks": {str(uid): reason for uid, reason in sorted(report.checks.items())}}
+                          if report.checks else {}),
                       sort_keys=True, indent=1).encode()
 
 
@@ -121,8 +125,11 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                     max_bytes: int = MAX_EVALUATION_BYTES) -> EvaluationReport:
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
     raw = _json_object(data, "evaluation file", max_bytes)
-    expect(set(raw) == {"format", "window", "validator", "step", "random_loss", "peers", "uids", "random_pages",
-                        "seed_block", "unsampled"}, "evaluation file has the wrong fields")
+    expect(set(raw) - {"checks"} == {"format", "window", "validator", "step", "random_loss", "peers", "uids",
+                                     "random_pages", "seed_block", "unsampled"}, "evaluation file has the wrong fields")
+    checks = raw.get("checks", {})
+    expect(isinstance(checks, dict) and all(uid.isdigit() and isinstance(why, str) for uid, why in checks.items()),
+           "checks must map uids to reasons")
     expect(raw["format"] == EVALUATION_FORMAT and raw["window"] == window and raw["validator"] == validator,
            "evaluation file is for another window or validator")
     expect(is_int(raw["step"]) and raw["step"] >= 0 and _is_number(raw["random_loss"]), "step or random loss malformed")
@@ -149,7 +156,7 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                                  losses=_losses(losses), reason=row["reason"])
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
-                            list(raw["unsampled"]))
+                            list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())))
 
 
 def _losses(raw: dict | None) -> Losses | None:

@@ -3,7 +3,7 @@
 The templar header of both formats:
 
     {"format": f, "kind": "gradient", "window": w, "uid": u, "hparams_hash": "...", "model_hash": "...",
-     "probes": [θ values at checkpoints.probe_positions(w)],
+     "probes": [θ values at checkpoints.probe_positions(w)], ["state": [sha256 before, after],]
      "params": {name: {"shape": [R, C], "chunk": [r, c], ...}, ...}}
 
 Format 1, rows (`GradientFormat.ROWS`): per parameter `name`
@@ -40,9 +40,9 @@ from templar_lib.encodings import CODES, FLOAT_CODES, FLOAT_ENCODINGS, VALUE_ENC
 from templar_lib.hparams import HParams
 from templar_lib.index_coding import decode_indices, encode_indices, rice_parameter, sort_rows
 from templar_lib.wire.container import (DEFAULT_MAX_BYTES, InvalidFile, check_finite, check_indices, check_sender,
-                                        declared_layout, expect, index_code, index_dtype, is_int, load_tensors,
-                                        parse_templar_file, save_templar_file, set_difference,
-                                        untrusted_reader)
+                                        check_state, declared_layout, expect, index_code, index_dtype, is_int,
+                                        load_tensors, parse_templar_file, save_templar_file, set_difference,
+                                        state_header, untrusted_reader)
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Gradient:
     values: str = HParams.gradient_value_dtype
     probes: tuple[float, ...] = ()  # that θ's values at the window's probe positions (how far behind it is)
     scales: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    state: tuple[str, str] | None = None  # digests of the miner's state before and after the window (spot_check.py)
 
     def __post_init__(self) -> None:
         if self.format not in tuple(GradientFormat):
@@ -74,10 +75,10 @@ class Gradient:
 
     @classmethod
     def of(cls, window: int, uid: int, tensors: dict[str, Sparse], hparams: HParams, model_hash: str = "",
-           probes: tuple[float, ...] = ()) -> Gradient:
+           probes: tuple[float, ...] = (), state: tuple[str, str] | None = None) -> Gradient:
         """A gradient in the wire format and value encoding `hparams` prescribe."""
         return cls(window, uid, tensors, hparams.protocol_hash(), model_hash, hparams.gradient_format,
-                   hparams.gradient_value_dtype, probes=tuple(probes))
+                   hparams.gradient_value_dtype, probes=tuple(probes), state=state)
 
     def with_tensors(self, tensors: dict[str, Sparse], **changes) -> Gradient:
         """The same file with other coefficients (and any other field changed)."""
@@ -120,7 +121,7 @@ def write_gradient(gradient: Gradient) -> bytes:
         tensors, params = _rows_tensors(gradient)
     header = {"format": int(gradient.format), "kind": "gradient", "window": gradient.window, "uid": gradient.uid,
               "hparams_hash": gradient.hparams_hash, "model_hash": gradient.model_hash,
-              "probes": [float(value) for value in gradient.probes], "params": params}
+              "probes": [float(value) for value in gradient.probes], "params": params} | state_header(gradient.state)
     return save_templar_file(tensors, header)
 
 
@@ -179,6 +180,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     entries, header = parse_templar_file(data, kind="gradient", formats=tuple(GradientFormat), window=window,
                                          max_bytes=max_bytes, max_header=GRADIENT_HEADER_BYTES)
     model_hash, probes = check_sender(header, uid, hparams_hash)
+    state = check_state(header)
     params = header.get("params")
     expect(isinstance(params, dict), "params must be an object")
     expect(set(params) == set(shapes), set_difference("parameters", set(params), set(shapes)))
@@ -186,7 +188,7 @@ def read_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[str, tu
     tensors, values, scales = read(data, entries, params, shapes, topk, target_chunk)
     return Gradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"],
                     model_hash=model_hash, format=header["format"], values=values, scales=scales,
-                    probes=probes)
+                    probes=probes, state=state)
 
 
 def _read_rows(data: bytes, entries: dict[str, dict], params: dict, shapes: Mapping[str, tuple[int, ...]],

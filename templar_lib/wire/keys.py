@@ -42,6 +42,11 @@ def gradient_key(window: int, uid: int) -> str:
     return f"gradient-{window}-{uid}.safetensors"
 
 
+def miner_state_key(window: int, uid: int, side: str) -> str:
+    """A miner's state before or after `window` (side "before" | "after"), put when a spot check draws the uid."""
+    return f"state-{window}-{uid}-{side}.safetensors"
+
+
 def peers_key(window: int) -> str:
     return f"peers_{window}.json"
 

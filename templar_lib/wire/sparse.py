@@ -2,7 +2,7 @@
 parameter (gradient format 3; formats 1 and 2 are wire/gradient.py's). The templar header:
 
     {"format": 3, "kind": "gradient", "window": w, "uid": u, "hparams_hash": "...", "model_hash": "...",
-     "probes": [θ values at checkpoints.probe_positions(w)], "bins": 4,
+     "probes": [θ values at checkpoints.probe_positions(w)], "bins": 4, ["state": [sha256 before, after],]
      "params": {name: {"shape": [...], "chunk": [r, c] or [n], "k": k, "rice": b}, ...}}
 
 Per parameter `name`, with N = n_chunks·k kept values, chunk after chunk, positions increasing within a chunk, two
@@ -58,9 +58,9 @@ import torch
 from templar_lib.encodings import SPARSELOCO_FORMAT
 from templar_lib.index_coding import decode_indices, encode_indices, max_unary_bytes, rice_parameter, sort_rows
 from templar_lib.sparseloco import BINS, SparseDelta, combine_deltas, keep_count, layout
-from templar_lib.wire.container import (InvalidFile, check_finite, check_sender, check_step, expect, is_int,
-                                        load_tensors, parse_templar_file, save_templar_file, set_difference,
-                                        untrusted_reader)
+from templar_lib.wire.container import (InvalidFile, check_finite, check_sender, check_state, check_step, expect,
+                                        is_int, load_tensors, parse_templar_file, save_templar_file,
+                                        set_difference, state_header, untrusted_reader)
 
 SPARSE_FORMAT = SPARSELOCO_FORMAT  # gradient and aggregation files (formats 1 and 2 are the demo strategy's)
 HEADER_BYTES = 1 << 20  # bound on the safetensors + templar header of one file (a few kB for the 1b preset)
@@ -80,6 +80,7 @@ class SparseGradient:
     hparams_hash: str = ""
     model_hash: str = ""  # fingerprint of the θ_window the miner trained on (checkpoints.model_fingerprint)
     probes: tuple[float, ...] = ()  # that θ's values at the window's probe positions
+    state: tuple[str, str] | None = None  # digests of the miner's state before and after the window (spot_check.py)
 
     def with_tensors(self, tensors: dict[str, SparseDelta], **changes) -> SparseGradient:
         """The same file with other deltas (and any other field changed), as wire.Gradient.with_tensors."""
@@ -179,7 +180,8 @@ def write_sparse_gradient(gradient: SparseGradient) -> bytes:
                         "rice": rice_parameter(sent.chunk_size, sent.k)}
     header = {"format": SPARSE_FORMAT, "kind": "gradient", "window": gradient.window, "uid": gradient.uid,
               "hparams_hash": gradient.hparams_hash, "model_hash": gradient.model_hash,
-              "probes": [float(value) for value in gradient.probes], "bins": bins_value, "params": params}
+              "probes": [float(value) for value in gradient.probes], "bins": bins_value, "params": params
+              } | state_header(gradient.state)
     return save_templar_file(tensors, header)
 
 
@@ -219,6 +221,7 @@ def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[
     entries, header = parse_templar_file(data, kind="gradient", formats=(SPARSE_FORMAT,), window=window,
                                          max_bytes=max_bytes, max_header=HEADER_BYTES)
     check_sender(header, uid, hparams_hash)
+    state = check_state(header)
     expect(is_int(header.get("bins")) and header["bins"] == bins, f"bins {str(header.get('bins'))[:20]}, "
                                                                   f"expected {bins}")
     params = header.get("params")
@@ -232,7 +235,8 @@ def read_sparse_gradient(data: bytes, *, window: int, uid: int, shapes: Mapping[
     tensors = {name: _decode_param(name, loaded, tuple(shapes[name]), chunk, k, bins)
                for name, (chunk, k) in declared.items()}
     gradient = SparseGradient(window=window, uid=uid, tensors=tensors, hparams_hash=header["hparams_hash"],
-                              model_hash=header.get("model_hash", ""), probes=tuple(header.get("probes", [])))
+                              model_hash=header.get("model_hash", ""), probes=tuple(header.get("probes", [])),
+                              state=state)
     expect(write_sparse_gradient(gradient) == bytes(data), "file is not in its canonical encoding")
     return gradient
 

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from templar_lib.roles.miner import mine_window
+from templar_lib.roles.miner import answer_spot_checks, mine_window
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
@@ -14,14 +14,17 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
               hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid}, under the network's strategy
     (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps)."""
-    window, dataset = partition_window(context), buckets.dataset()
+    window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
     model, state = node.model_at(window, dataset)
-    settings = hparams.load()
-    results = mine_window(window, node.miners(chain.open()), model=model, step=state.step, store=node.store(),
-                          dataset=dataset, gradients=buckets.gradients(), hparams=settings,
-                          model_hash=state.fingerprint)
+    settings, uids, store = hparams.load(), node.miners(live_chain), node.store()
+    # a spot check of the previous window is answered first: this window's work updates the states it asks for
+    answered = answer_spot_checks(window - 1, uids, seed=live_chain.block_hash(window * settings.blocks_per_window),
+                                  store=store, gradients=buckets.gradients(), hparams=settings)
+    results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
+                          gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint)
     for line in miner_lines(results):
         context.log.info(line)
-    metadata = gradients_metadata(results) | protocol_metadata(settings)
+    metadata = gradients_metadata(results) | protocol_metadata(settings) | {
+        "spot_checks_answered": ", ".join(f"{uid} (window {window - 1})" for uid in sorted(answered)) or "none"}
     wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

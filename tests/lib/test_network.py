@@ -154,6 +154,29 @@ def test_an_open_kind_earns_no_more_per_compute_than_honest_work(open_runs, kind
     assert weight_per_compute(report, cheats) <= weight_per_compute(report, honest)
 
 
+@pytest.mark.parametrize("kind,strategy", [("gradient", "sparseloco"), ("gradient_sign", "sparseloco"),
+                                           ("thin", "demo")])
+def test_where_every_scored_file_is_spot_checked_an_open_kind_earns_less_per_compute(dataset, tmp_path, kind,
+                                                                                      strategy):
+    """The open kinds above, on a network that replays every scored file from its miner's committed state
+    (spot_check_probability 1; spot_check.py) in the production order: each window's drawn miners put their
+    states during the next one, and the validator checks them after it closes. The cheat is paid for its first
+    window (checked one window later) and banned from then on; every honest miner passes every check."""
+    hparams = STRATEGIES[strategy].replace(spot_check_probability=1.0)
+    report = run_network(dataset, tmp_path, miners=5, windows=4, adversaries={kind: 1}, hparams=hparams,
+                         random_page_count=2)
+    honest = [uid for uid, role in report.roles.items() if role == "honest"]
+    [cheat] = [uid for uid, role in report.roles.items() if role == kind]
+    checks = {window: json.loads((tmp_path / "gradients" / f"evaluation-{window}-0.json").read_bytes())["checks"]
+              for window in range(1, 4)}
+    assert all(checks[window][str(uid)] == "" for window in checks for uid in honest), checks
+    assert all("gives another file" in checks[window][str(cheat)] for window in checks), checks
+    # paid in window 0 only (≈ 0.7 of it: the greedy file outscores), then nothing for spot_check_ban_windows
+    assert all(window.weights.get(cheat, 0.0) == 0.0 for window in report.windows[1:])
+    assert weight_per_compute(report, [cheat]) < weight_per_compute(report, honest)
+    assert progress(report) > 0
+
+
 def test_mixed_forty_percent_adversaries_rank_below_every_honest_miner(dataset, tmp_path):
     adversaries = parse_adversaries("sybil_mean:1,backdate_copy:1,lazy:1,sign_flip:1")
     report = run_network(dataset, tmp_path, miners=10, windows=10, adversaries=adversaries, hparams=FAST,

@@ -1,0 +1,169 @@
+"""Spot checks: a validator replays a drawn miner's window from the state the miner committed to, and bans the uid
+when the replay does not give its file (docs/RELIABILITY.md, "Spot checks").
+
+A score measures a file's gain applied alone at a fixed size, and a greedier direction than the protocol's update
+gains more there (the `gradient` kinds: ≈ 5–7× an honest miner's pay per unit of compute under sparseloco), as does
+half the work on every page (`thin`: ≈ 1.4×). Only a replay pays exactly the protocol's update. With
+p = spot_check_probability > 0:
+
+    commit   every gradient file of window w carries (digest(S_{w−1}), digest(S_w)), the miner's state (its
+             strategy's state_shapes: demo's momentum; sparseloco's inner AdamW moments, step and error feedback)
+             before and after w; a fresh start (no state) commits ZEROS before
+    draw     once w has closed, a uid the validator scored in w is checked iff  sha256(closing hash, w, uid) < p:
+             the closing hash does not exist while files are uploaded, so no miner knows which windows are checked
+    answer   a drawn miner puts S_{w−1} and S_w at miner_state_key(w, uid, "before" | "after") during w + 1
+    check    after w + 1 closes the validator takes the file it scored in w (its own copy) and requires
+               · S_{w−1} is a fresh start, or the state the uid's file of w − 1 (its own copy) committed to after
+               · the state put hashes to the commitment, has the strategy's shapes, is finite
+               · strategy.mine(θ_w, S_{w−1}, pages(w, uid), step_w) gives the file: bit for bit at tolerance 0;
+                 else each parameter's values and each state tensor within the tolerance (relative L2), S_w put too
+    failing  (no answer, a state that does not hash or fit, another file) bans the uid for spot_check_ban_windows.
+
+Why the chain of commitments: a state made up to fit a cheap file (an error feedback that turns an honest Δ into a
+greedy file, moments large enough to swamp the gradients) must be the one the previous file committed to, which was
+uploaded before θ_w existed, and that window is itself checked with probability p. A deviation that earns r times
+honest pay in a window stops paying when p · spot_check_ban_windows ≥ r − 1.
+
+Cost: a check moves the state (12 bytes per parameter under sparseloco: 21 MB on the tiny preset, ≈ 15 GB on 1b;
+twice that with a tolerance) and replays one miner's window (H inner steps) on the validator. Bit for bit holds on
+one CPU build (the simulation, the demo); GPU kernels are not deterministic, and their tolerance is not measured yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+
+from templar_lib.buckets import Bucket
+from templar_lib.compression import Sparse
+from templar_lib.hparams import HParams
+from templar_lib.model import load_parameters_
+from templar_lib.sparseloco import SparseDelta, decode_delta
+from templar_lib.strategies import strategy_of
+from templar_lib.wire.container import InvalidFile
+from templar_lib.wire.keys import miner_state_key
+from templar_lib.wire.miner_state import miner_state_limit, read_miner_state, write_miner_state
+
+log = logging.getLogger(__name__)
+ZEROS = "0" * 64  # what a file commits to before the window when the miner starts from no state
+
+
+def state_digest(state: Mapping[str, torch.Tensor] | None) -> str:
+    """sha256 over a state's tensors in name order: each name, dtype, shape and bytes (on the CPU); ZEROS for
+    None (no state)."""
+    if state is None:
+        return ZEROS
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def commitment(before: Mapping[str, torch.Tensor] | None, after: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """What a gradient file commits to: the digests of the miner's state before and after its window."""
+    return state_digest(before), state_digest(after)
+
+
+def drawn(seed: str, window: int, uid: int, probability: float) -> bool:
+    """Whether `uid`'s file of `window` is checked: sha256(seed, window, uid) as a number in [0, 1) below the
+    probability; seed: the hash of the window's closing block (unknown while the files are uploaded)."""
+    if probability <= 0:
+        return False
+    draw = hashlib.sha256(f"spot-check:{seed}:{window}:{uid}".encode()).digest()
+    return int.from_bytes(draw[:8], "big") / 2 ** 64 < probability
+
+
+def answer(window: int, uid: int, *, seed: str, before: Mapping[str, torch.Tensor] | None,
+           after: Mapping[str, torch.Tensor] | None, bucket: Bucket, hparams: HParams) -> list[str]:
+    """A miner's side: when its file of `window` is drawn, put its state before (unless it had none) and after the
+    window in its bucket; returns the keys put."""
+    if not drawn(seed, window, uid, hparams.spot_check_probability):
+        return []
+    put = []
+    for side, state in (("before", before), ("after", after)):
+        if state is not None:
+            key = miner_state_key(window, uid, side)
+            bucket.put(key, write_miner_state(window, uid, side, state))
+            put.append(key)
+    log.info("uid %d: drawn for a spot check of window %d, put %s", uid, window, ", ".join(put) or "nothing")
+    return put
+
+
+def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
+          step: int, tokens: torch.Tensor, scored: bytes, previous: bytes | None,
+          fetch: Callable[[str, int], bytes]) -> str | None:
+    """The validator's side: None if replaying `uid`'s window from its committed state gives the file it scored,
+    else why not. θ_w: `theta` (outer step `step`); tokens: the uid's pages of the window; scored: the file the
+    validator scored (its own copy); previous: the uid's file of window − 1 as the validator saw it (None: none);
+    fetch(key, max_bytes): a file from the uid's bucket (raises what the bucket raises). `model` is not changed."""
+    strategy, shapes = strategy_of(hparams), {name: tuple(t.shape) for name, t in theta.items()}
+    gradient = strategy.read_gradient(scored, window=window, uid=uid, shapes=shapes)
+    if gradient.state is None:
+        return "its file commits to no state"
+    before_digest, after_digest = gradient.state
+    if before_digest != ZEROS and before_digest != _committed_after(previous, window - 1, uid, hparams, shapes):
+        return (f"its state before window {window} is neither a fresh start nor the one its file of window "
+                f"{window - 1} committed to")
+    expected = strategy.state_shapes(theta)
+
+    def put_state(side: str, digest: str) -> dict[str, torch.Tensor]:
+        state = read_miner_state(fetch(miner_state_key(window, uid, side), miner_state_limit(expected)),
+                                 window=window, uid=uid, side=side, shapes=expected)
+        if state_digest(state) != digest:
+            raise InvalidFile(f"the state it put {side} the window does not hash to its commitment")
+        return state
+
+    before = None if before_digest == ZEROS else put_state("before", before_digest)
+    scratch = copy.deepcopy(model)
+    load_parameters_(scratch, theta)
+    mined = strategy.mine(scratch, before, tokens, step=step)
+    replayed = strategy.write_gradient(window, uid, mined.sent, model_hash=gradient.model_hash,
+                                       probes=gradient.probes, state=(before_digest, state_digest(mined.state)))
+    if replayed == scored:
+        return None
+    tolerance = hparams.spot_check_tolerance
+    if tolerance <= 0:
+        return "replaying its window from its committed state gives another file"
+    after = put_state("after", after_digest)
+    again = strategy.read_gradient(replayed, window=window, uid=uid, shapes=shapes)
+    pairs = [(f"values of {name}", _dense(again.tensors[name]), _dense(gradient.tensors[name])) for name in shapes]
+    pairs += [(f"state {name}", mined.state[name], after[name]) for name in sorted(expected)]
+    for what, replay, sent in pairs:
+        if (difference := relative_difference(replay, sent)) > tolerance:
+            return (f"replaying its window from its committed state gives other {what[:80]} (relative difference "
+                    f"{difference:.3g} > {tolerance:g})")
+    return None
+
+
+def relative_difference(replay: torch.Tensor, sent: torch.Tensor) -> float:
+    """‖replay − sent‖₂ / ‖sent‖₂ (in float64; ‖replay‖₂ when sent is zero)."""
+    replay, sent = replay.detach().to("cpu", torch.float64), sent.detach().to("cpu", torch.float64)
+    scale = float(torch.linalg.vector_norm(sent)) or 1.0
+    return float(torch.linalg.vector_norm(replay - sent)) / scale
+
+
+def _dense(sent: Sparse | SparseDelta) -> torch.Tensor:
+    """What one parameter's entry of a file stands for, densely: a SparseDelta decoded; a Sparse's coefficients
+    scattered into its chunks."""
+    if isinstance(sent, SparseDelta):
+        return decode_delta(sent)
+    chunks = torch.zeros(sent.idx.shape[0], int(torch.tensor(sent.chunk).prod()), dtype=torch.float32)
+    return chunks.scatter(1, sent.idx.long(), sent.vals.float())
+
+
+def _committed_after(previous: bytes | None, window: int, uid: int, hparams: HParams,
+                     shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The digest the uid's file of `window` committed to after it; None without a file that reads as one."""
+    if previous is None:
+        return None
+    try:
+        state = strategy_of(hparams).read_gradient(previous, window=window, uid=uid, shapes=shapes).state
+    except InvalidFile:
+        return None
+    return None if state is None else state[1]

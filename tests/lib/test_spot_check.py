@@ -1,0 +1,164 @@
+"""Spot checks (templar_lib/spot_check.py): a drawn miner's window replayed from the state it committed to."""
+import pytest
+import torch
+
+from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_lib.data import Dataset
+from templar_lib.hparams import HParams
+from templar_lib.model import build_model, parameters_of
+from templar_lib.spot_check import ZEROS, answer, check, commitment, drawn, state_digest
+from templar_lib.strategies import STRATEGIES, strategy_of
+from templar_lib.wire import InvalidFile
+from templar_lib.wire.keys import miner_state_key
+from templar_lib.wire.miner_state import read_miner_state, write_miner_state
+
+FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2,
+               spot_check_probability=1.0)
+EACH = pytest.mark.parametrize("name", sorted(STRATEGIES))
+
+
+@pytest.fixture(scope="module")
+def model_and_data(dataset):
+    data = Dataset.open(dataset)
+    return build_model("tiny", seed=0, vocab_size=data.vocab_size), data
+
+
+def copied(state):
+    return None if state is None else {k: v.clone() for k, v in state.items()}
+
+
+def mine(strategy, model, data, window, uid, state, *, rows=None):
+    """What a miner uploads for `window` from `state` (or, with rows, from the first rows of its pages only), with
+    its commitment, and the state after."""
+    tokens = data.tokens(data.miner_pages(window, uid, strategy.hparams.pages_per_window))[:rows]
+    before = copied(state)
+    mined = strategy.mine(model, state, tokens, step=window)
+    file = strategy.write_gradient(window, uid, mined.sent, model_hash="ab" * 16,
+                                   state=commitment(before, mined.state))
+    return file, before, mined.state
+
+
+def checker(strategy, model, data, bucket, window, uid, hparams=None):
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = data.tokens(data.miner_pages(window, uid, strategy.hparams.pages_per_window))
+
+    def run(scored, previous):
+        return check(window, uid, hparams=hparams or strategy.hparams, model=model, theta=theta, step=window,
+                     tokens=tokens, scored=scored, previous=previous,
+                     fetch=lambda key, limit: bucket.get(key, max_bytes=limit))
+    return run
+
+
+@EACH
+def test_an_honest_window_replays_to_its_file_and_a_cheap_one_does_not(name, model_and_data, tmp_path):
+    """Two windows of one miner on the same θ (what matters is the state carried): window 1 continues from the state
+    window 0's file committed to after it, and its replay is the file, bit for bit. Then what a cheat can try, each
+    in the order production runs it (the file first, the states put after the window closed)."""
+    model, data = model_and_data
+    strategy, bucket = strategy_of(FAST.replace(strategy=name)), LocalBucket(tmp_path / "miner")
+    first, _, after_first = mine(strategy, model, data, 0, 1, None)
+    second, before, after = mine(strategy, model, data, 1, 1, copied(after_first))  # demo's updates it in place
+    assert answer(1, 1, seed="close", before=before, after=after, bucket=bucket, hparams=strategy.hparams) == [
+        miner_state_key(1, 1, "before"), miner_state_key(1, 1, "after")]
+    run = checker(strategy, model, data, bucket, 1, 1)
+    assert run(second, first) is None
+    # a fresh start needs no state and no earlier file
+    fresh, _, _ = mine(strategy, model, data, 1, 1, None)
+    assert run(fresh, None) is None
+    # a state that is not the one its previous file committed to (made up to fit a cheap file) is refused unreplayed
+    assert "neither a fresh start" in run(second, None)
+    assert "neither a fresh start" in run(second, fresh)
+    # half the work (the first rows of its pages) from its real state: another file
+    thin, before_thin, after_thin = mine(strategy, model, data, 1, 1, copied(after_first), rows=2)
+    assert run(thin, first) == "replaying its window from its committed state gives another file"
+    # the state put must hash to the commitment
+    bucket.put(miner_state_key(1, 1, "before"), write_miner_state(1, 1, "before", {
+        k: v + 1 if v.dtype == torch.float32 else v for k, v in before.items()}))
+    with pytest.raises(InvalidFile, match="does not hash to its commitment"):
+        run(second, first)
+    # and it must be there
+    bucket.delete(miner_state_key(1, 1, "before"))
+    with pytest.raises(ObjectMissing):
+        run(second, first)
+
+
+@EACH
+def test_a_tolerance_passes_a_near_replay_and_names_what_differs(name, model_and_data, tmp_path):
+    """Where replays cannot be bit for bit (GPU miners), values and states are compared within the tolerance; the
+    state after must then be put too and hash to its commitment."""
+    model, data = model_and_data
+    hparams = FAST.replace(strategy=name, spot_check_tolerance=0.05)
+    strategy, bucket = strategy_of(hparams), LocalBucket(tmp_path / "miner")
+    file, before, after = mine(strategy, model, data, 0, 1, None)
+    nudged = {k: v * 1.001 if v.dtype == torch.float32 else v for k, v in after.items()}  # another machine's rounding
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    read = strategy.read_gradient(file, window=0, uid=1, shapes=shapes)
+    near = strategy.write_gradient(0, 1, read.tensors, model_hash="ab" * 16, state=commitment(None, nudged))
+    answer(0, 1, seed="close", before=before, after=nudged, bucket=bucket, hparams=hparams)
+    run = checker(strategy, model, data, bucket, 0, 1, hparams)
+    assert run(near, None) is None
+    assert "replaying its window" in checker(strategy, model, data, bucket, 0, 1, FAST.replace(strategy=name))(
+        near, None)  # bit for bit: the state after differs
+    thin, _, after_thin = mine(strategy, model, data, 0, 1, None, rows=2)
+    answer(0, 1, seed="close", before=None, after=after_thin, bucket=bucket, hparams=hparams)
+    assert "relative difference" in run(thin, None)
+
+
+def test_a_draw_follows_the_closing_hash_at_the_network_s_rate():
+    for probability in (0.1, 0.5):
+        share = sum(drawn("hash-a", 7, uid, probability) for uid in range(4000)) / 4000
+        assert abs(share - probability) < 0.03, (probability, share)
+    picks = [{uid for uid in range(200) if drawn(seed, 7, uid, 0.5)} for seed in ("hash-a", "hash-b")]
+    assert picks[0] != picks[1] and len(picks[0] & picks[1]) < 0.75 * len(picks[0])  # a new hash, other uids
+    assert not any(drawn("hash-a", 7, uid, 0.0) for uid in range(100))
+    assert all(drawn("hash-a", 7, uid, 1.0) for uid in range(100))
+
+
+def test_a_state_digest_covers_names_dtypes_shapes_and_bytes():
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "t": torch.tensor([3.0], dtype=torch.float64)}
+    digest = state_digest(state)
+    assert digest == state_digest(copied(state)) != ZEROS and state_digest(None) == ZEROS
+    for other in ({**state, "a": state["a"].reshape(3, 2)}, {**state, "t": state["t"].float()},
+                  {"b": state["a"], "t": state["t"]}, {**state, "a": state["a"] + 1e-7}):
+        assert state_digest(other) != digest
+
+
+def test_a_miner_state_file_is_validated():
+    state = {"m.w": torch.ones(2, 3), "adam_t": torch.tensor([4.0], dtype=torch.float64)}
+    shapes = {"m.w": (2, 3), "adam_t": (1,)}
+    data = write_miner_state(5, 2, "before", state)
+    read = read_miner_state(data, window=5, uid=2, side="before", shapes=shapes)
+    assert state_digest(read) == state_digest(state)
+    refusals = {
+        "window": dict(window=6), "uid": dict(uid=3), "side": dict(side="after"),
+        "state tensors": dict(shapes={"m.w": (2, 3)}), "is not a state tensor": dict(shapes={**shapes, "m.w": (3, 2)}),
+    }
+    for reason, change in refusals.items():
+        with pytest.raises(InvalidFile, match=reason):
+            read_miner_state(data, **(dict(window=5, uid=2, side="before", shapes=shapes) | change))
+    for bad, reason in (({**state, "m.w": torch.ones(2, 3, dtype=torch.float16)}, "not allowed"),
+                        ({**state, "m.w": torch.full((2, 3), float("nan"))}, "non-finite")):
+        with pytest.raises(InvalidFile, match=reason):
+            read_miner_state(write_miner_state(5, 2, "before", bad), window=5, uid=2, side="before", shapes=shapes)
+    with pytest.raises(InvalidFile, match="exceeds the limit"):
+        read_miner_state(data + b" " * (2 << 20), window=5, uid=2, side="before", shapes=shapes)
+
+
+@EACH
+def test_where_the_network_spot_checks_a_file_must_commit_to_its_state(name, model_and_data):
+    model, data = model_and_data
+    strategy = strategy_of(FAST.replace(strategy=name))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    mined = strategy.mine(model, None, data.tokens(data.miner_pages(0, 1, 2)), step=0)
+    plain = strategy.write_gradient(0, 1, mined.sent)
+    with pytest.raises(InvalidFile, match="commits to no miner state"):
+        strategy.read_gradient(plain, window=0, uid=1, shapes=shapes)
+    committed = strategy.write_gradient(0, 1, mined.sent, state=commitment(None, mined.state))
+    assert strategy.read_gradient(committed, window=0, uid=1, shapes=shapes).state == (ZEROS, state_digest(
+        mined.state))
+    off = strategy_of(FAST.replace(strategy=name, spot_check_probability=0.0))  # another protocol: its own hash
+    assert off.hparams.protocol_hash() != strategy.hparams.protocol_hash()
+    assert off.hparams.protocol_hash() == FAST.replace(strategy=name, spot_check_probability=0.0,
+                                                       spot_check_tolerance=0.1).protocol_hash()
+    assert off.read_gradient(off.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes).state is None
+    assert parameters_of(model)  # the model is untouched by it all
