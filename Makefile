@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_WINDOWS ?= 8
 DEMO_STRATEGY ?= sparseloco
+# the share of scored files the demo's validator replays from the miners' committed states (templar_lib/spot_check.py)
+DEMO_SPOT_CHECKS ?= 0.5
 # a home is one network: the other strategy's demo (and its `make ui`) gets its own
 DEMO_HOME ?= $(if $(filter sparseloco,$(DEMO_STRATEGY)),.templar,.templar/$(DEMO_STRATEGY))
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	TEMPLAR_HP_STRATEGY=$(DEMO_STRATEGY) \
+	TEMPLAR_HP_STRATEGY=$(DEMO_STRATEGY) TEMPLAR_HP_SPOT_CHECK_PROBABILITY=$(DEMO_SPOT_CHECKS) \
 	  $(BIN)/templar --home $(DEMO_HOME) --hparams deploy/simulate-hparams.yaml local-network --miners 4 --windows $(DEMO_WINDOWS) \
 	  --adversaries copy:1
 

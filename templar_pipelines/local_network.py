@@ -21,7 +21,7 @@ from templar_lib.wire import evaluation_key, gradient_key, read_evaluation
 from templar_pipelines.node import NodeRun, run_node
 from templar_pipelines.resources import resources_from_env
 
-SUMMARY = {"gradients": ("loss", "bytes"), "evaluations": ("valid_gradients", "peers"),
+SUMMARY = {"gradients": ("loss", "bytes"), "evaluations": ("valid_gradients", "peers", "spot_checks"),
            "chain_weights": ("status",), "checkpoint": ("held_out_loss", "sha256")}
 PUBLIC_OFFSET = 2  # the block of a window at which its honest uploads are public
 
@@ -126,6 +126,8 @@ def format_summary(summary: dict) -> str:
             f"held-out {value('checkpoint.held_out_loss', '.4f')}, valid gradients "
             f"{value('evaluations.valid_gradients')}, peers {value('evaluations.peers')}, "
             f"weights {value('chain_weights.status')}, θ sha256 {value('checkpoint.sha256')[:12]}")
+    if summary.get("evaluations.spot_checks", "none") != "none":
+        line += f"\n    spot checks of {summary['evaluations.spot_checks'][:200]}"
     reasons = summary.get("reasons") or {}
     return line + "".join(f"\n    uid {uid} ({summary['roles'].get(uid, '?')}): {reason[:110]}"
                           for uid, reason in sorted(reasons.items()))

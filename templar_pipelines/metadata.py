@@ -92,9 +92,21 @@ def evaluations_metadata(evaluation: WindowEvaluation) -> dict:
                           ("own_after", "float"), ("score", "float"), ("indicator", "int"), ("reason", "string")],
                          rows),
         "zero_score_reasons": dg.MetadataValue.md("\n".join(reasons) or "none"),
+        "spot_checks": spot_checks_line(evaluation.report),
         "keys_written": dg.MetadataValue.md("\n".join(f"- `{key}`" for key in evaluation.keys)),
         **per_uid("score", {uid: score.score for uid, score in evaluation.scores.items()}),
     }
+
+
+def spot_checks_line(report) -> str:
+    """The spot checks of the previous window this evaluation made (spot_check.py): how many passed, and each
+    failure with its reason; "none" when none was drawn or the network does not check."""
+    checks = report.checks
+    if not checks:
+        return "none"
+    failed = [f"uid {uid} failed: {reason}" for uid, reason in sorted(checks.items()) if reason]
+    passed = sum(1 for reason in checks.values() if not reason)
+    return "; ".join([f"window {report.window - 1}: {passed} passed"] + failed)
 
 
 def sightings_metadata(watch) -> dict:
