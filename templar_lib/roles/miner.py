@@ -130,6 +130,11 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
             log.warning("uid %d: its state after window %d is not a %s miner's of this model (%s): starting from "
                         "zeros", uid, window - 1, hparams.strategy, misfit)
             before, source = None, f"zeros (a state that does not fit: {misfit})"
+        if before is not None and hparams.spot_check_probability > 0 and not gradients.exists(
+                gradient_key(window - 1, uid)):  # its state must continue what its last file committed to
+            log.warning("uid %d: no file of window %d to continue from (a spot check would refuse the state after "
+                        "it): starting from zeros", uid, window - 1)
+            before, source = None, "zeros (no file of the previous window its state would continue)"
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
                             gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source, state=None))

@@ -52,6 +52,7 @@ from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
                               peers_key, read_evaluation, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
+from templar_lib.wire.keys import SEEN
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,13 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
     sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
-    seen = sample_uids([uid for uid in uids if uid in sightings], ratings, window, hparams.scored_per_window, seed)
-    unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen)
+    metagraph = chain.metagraph()
+    banned = {uid: r.banned_until for uid, r in ratings.by_uid.items()  # a ban keeps its files out of the peers too
+              if r.banned_until >= window and metagraph.hotkey(uid) == r.hotkey and uid in sightings}
+    reasons |= {uid: f"banned until window {until}" for uid, until in banned.items()}
+    seen = sample_uids([uid for uid in uids if uid in sightings and uid not in banned], ratings, window,
+                       hparams.scored_per_window, seed)
+    unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen and uid not in banned)
     uids = [uid for uid in uids if uid not in unsampled]
     for uid in seen:
         try:
@@ -263,18 +269,24 @@ def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, data
                       history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
     """The spot checks of `window`, made once window + 1 has closed (the drawn miners put their states during it):
     uid -> "" when the replay gave its file, else why not (spot_check.check; a state not put is a failure). Only
-    uids this validator scored in `window` are drawn, from its own report, its own copies of the files (`watch`'s
-    state) and θ_window (`history`); a check it cannot make for want of its own records is logged and skipped."""
+    uids this validator scored in `window` are drawn, from its own reports, its own copies of the files (`watch`'s
+    state) and the θ each miner trained on (`history`: θ_window, or the earlier one a lagging miner was scored on);
+    a check it cannot make for want of its own records is logged and skipped."""
     if hparams.spot_check_probability <= 0 or window < 0:
         return {}
-    seed, theta = chain.block_hash((window + 1) * hparams.blocks_per_window), history(window)
-    try:
-        report = read_evaluation(own_bucket.get(evaluation_key(window, chain.uid)), window=window,
-                                 validator=chain.uid)
-    except (ObjectMissing, InvalidFile) as error:
-        report = None
-        log.warning("no spot checks of window %d: its evaluation report is not readable (%s)", window, error)
-    if report is None or seed is None or theta is None:
+
+    def own_report(at: int) -> EvaluationReport | None:
+        try:
+            return read_evaluation(own_bucket.get(evaluation_key(at, chain.uid)), window=at, validator=chain.uid)
+        except (ObjectMissing, InvalidFile) as error:
+            log.warning("spot checks of window %d: the evaluation report of window %d is not readable (%s)", window,
+                        at, error)
+            return None
+    seed, report = chain.block_hash((window + 1) * hparams.blocks_per_window), own_report(window)
+    if report is None or seed is None:
+        return {}
+    if window > 0 and not watch.state.exists(SEEN.key(window - 1)):  # a file's state links to the one before
+        log.warning("no spot checks of window %d: this validator did not watch window %d", window, window - 1)
         return {}
     scored, previous = watch.at(window), watch.at(window - 1)
     results = {}
@@ -288,12 +300,18 @@ def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, data
             log.warning("uid %d: no spot check of window %d, the validator lacks its own copy (%s)", uid, window,
                         error)
             continue
+        lag = report.scores[uid].sync_lag  # it trained on θ_{window − lag}, at that θ's outer step
+        trained_on, theta = (report if lag == 0 else own_report(window - lag)), history(window - lag)
+        if trained_on is None or theta is None:
+            log.warning("uid %d: no spot check of window %d, the validator no longer has θ_%d", uid, window,
+                        window - lag)
+            continue
         bucket = watch.peers.buckets.get(uid)
         tokens = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
         try:
             if bucket is None:
                 raise ObjectMissing(f"no bucket: {watch.peers.reason(uid)}")
-            results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=report.step,
+            results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=trained_on.step,
                                  tokens=tokens, scored=data, previous=before,
                                  fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
         except ObjectMissing as error:

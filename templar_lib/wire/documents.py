@@ -148,12 +148,13 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                                   and all(isinstance(pair, list) and len(pair) == 2 and all(map(_is_number, pair))
                                           for pair in losses["own_pages"])), f"uid {key}: malformed losses")
         expect(_is_number(row["score"]) and is_int(row["indicator"]) and isinstance(row["reason"], str)
+               and is_int(row["sync_lag"]) and row["sync_lag"] >= 0
                and all(row[name] is None or _is_number(row[name]) for name in ("improvement_own",
                                                                               "improvement_random")),
                f"uid {key}: malformed score")
         scores[int(key)] = Score(uid=int(key), score=float(row["score"]), indicator=row["indicator"],
                                  improvement_own=row["improvement_own"], improvement_random=row["improvement_random"],
-                                 losses=_losses(losses), reason=row["reason"])
+                                 losses=_losses(losses), reason=row["reason"], sync_lag=row["sync_lag"])
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
                             list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())))

@@ -6,9 +6,11 @@ from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model, parameters_of
+from templar_lib.roles.miner import answer_spot_checks, mine_window
 from templar_lib.spot_check import ZEROS, answer, check, commitment, drawn, state_digest
+from templar_lib.state import StateStore, WriteBehind
 from templar_lib.strategies import STRATEGIES, strategy_of
-from templar_lib.wire import InvalidFile
+from templar_lib.wire import InvalidFile, gradient_key
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import read_miner_state, write_miner_state
 
@@ -162,3 +164,32 @@ def test_where_the_network_spot_checks_a_file_must_commit_to_its_state(name, mod
                                                        spot_check_tolerance=0.1).protocol_hash()
     assert off.read_gradient(off.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes).state is None
     assert parameters_of(model)  # the model is untouched by it all
+
+
+def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is_gone(dataset, tmp_path):
+    """The node path (roles.miner, a write-behind store whose mining updates states in place): what it puts for a
+    drawn window replays to its file; a miner whose previous file is not in its bucket starts from no state, since a
+    check would refuse a state that continues a file nobody saw."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco")
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    files = {}
+    for window in (0, 1):
+        [result] = mine_window(window, [1], model=model, step=window, store=store, dataset=data,
+                               gradients=gradients, hparams=hparams)
+        files[window] = gradients.get(result.key)
+    assert answer_spot_checks(1, [1], seed="close-1", store=store, gradients=gradients, hparams=hparams) == {
+        1: [miner_state_key(1, 1, "before"), miner_state_key(1, 1, "after")]}
+    tokens = data.tokens(data.miner_pages(1, 1, hparams.pages_per_window))
+    assert check(1, 1, hparams=hparams, model=model, theta=theta, step=1, tokens=tokens, scored=files[1],
+                 previous=files[0], fetch=lambda key, limit: gradients.get(key, max_bytes=limit)) is None
+    gradients.delete(gradient_key(1, 1))
+    [result] = mine_window(2, [1], model=model, step=2, store=store, dataset=data, gradients=gradients,
+                           hparams=hparams)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert result.momentum.startswith("zeros (no file of the previous window")
+    assert strategy_of(hparams).read_gradient(gradients.get(result.key), window=2, uid=1, shapes=shapes).state[0] \
+        == ZEROS
+    store.writer.flush()

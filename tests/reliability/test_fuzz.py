@@ -18,6 +18,7 @@ from templar_lib.compression import encode
 from templar_lib.data import InvalidPage, Manifest
 from templar_lib.data.pages import parse_page
 from templar_lib.commitments import parse_commitment
+from templar_lib.wire.miner_state import read_miner_state, write_miner_state
 from templar_lib.wire import (Aggregation, Gradient, InvalidFile, Peers, read_aggregation, read_evaluation,
                               read_gradient, read_peers, write_aggregation, write_gradient, write_peers)
 
@@ -46,10 +47,13 @@ def mutations(valid: bytes):
 GRADIENT_ENCODINGS = [(1, "float32"), (2, "int8"), (2, "bfloat16")]  # (format, values): every wire format
 
 
-def valid_gradient(format: int, values: str) -> bytes:
+def valid_gradient(format: int, values: str, state: tuple[str, str] | None = None) -> bytes:
     generator = torch.Generator().manual_seed(0)
     tensors = {n: encode(torch.randn(s, generator=generator), 8, 64) for n, s in SHAPES.items()}
-    return write_gradient(Gradient(3, 1, tensors, "hash", format=format, values=values))
+    return write_gradient(Gradient(3, 1, tensors, "hash", format=format, values=values, state=state))
+
+
+COMMITTED = valid_gradient(2, "int8", ("0" * 64, "ab" * 32))  # a file that commits to its miner's state
 
 
 def with_templar_header(valid: bytes, text: str) -> bytes:
@@ -71,7 +75,8 @@ def header_variants(valid: bytes):
 
 @FUZZ
 @given(data=st.one_of(*(mutations(valid_gradient(*encoding)) for encoding in GRADIENT_ENCODINGS),
-                      *(header_variants(valid_gradient(*encoding)) for encoding in GRADIENT_ENCODINGS)))
+                      *(header_variants(valid_gradient(*encoding)) for encoding in GRADIENT_ENCODINGS),
+                      header_variants(COMMITTED)))
 def test_read_gradient_never_raises_anything_but_invalid_file(data):
     try:
         gradient = read_gradient(data, window=3, uid=1, shapes=SHAPES, topk=8, max_bytes=1 << 20)
@@ -81,6 +86,28 @@ def test_read_gradient_never_raises_anything_but_invalid_file(data):
         assert set(gradient.tensors) == set(SHAPES)
         for sparse in gradient.tensors.values():
             assert torch.isfinite(sparse.vals.float()).all() and int(sparse.idx.max()) < sparse.chunk_size
+        assert gradient.state is None or all(len(digest) == 64 for digest in gradient.state)
+
+
+STATE_SHAPES = {"adam_m.w": (64, 96), "adam_t": (1,), "error.b": (60,)}
+
+
+def valid_miner_state() -> bytes:
+    generator = torch.Generator().manual_seed(2)
+    state = {name: torch.randn(shape, generator=generator) for name, shape in STATE_SHAPES.items()}
+    return write_miner_state(3, 1, "before", state | {"adam_t": torch.tensor([7.0], dtype=torch.float64)})
+
+
+@FUZZ
+@given(data=st.one_of(mutations(valid_miner_state()), header_variants(valid_miner_state())))
+def test_read_miner_state_never_raises_anything_but_invalid_file(data):
+    try:
+        state = read_miner_state(data, window=3, uid=1, side="before", shapes=STATE_SHAPES)
+    except InvalidFile as error:
+        assert str(error)
+    else:
+        assert {name: tuple(t.shape) for name, t in state.items()} == STATE_SHAPES
+        assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def valid_aggregation() -> bytes:
