@@ -11,7 +11,8 @@ p = spot_check_probability > 0:
              before and after w; a fresh start (no state) commits ZEROS before
     draw     once w has closed, a uid the validator scored in w is checked iff  sha256(closing hash, w, uid) < p:
              the closing hash does not exist while files are uploaded, so no miner knows which windows are checked
-    answer   a drawn miner puts S_{w−1} and S_w at miner_state_key(w, uid, "before" | "after") during w + 1
+    answer   a drawn miner puts S_{w−1} at miner_state_key(w, uid, "before") during w + 1 (and S_w, "after",
+             where the check has a tolerance)
     check    after w + 1 closes the validator takes the file it scored in w (its own copy) and requires
                · S_{w−1} is a fresh start, or the state the uid's file of w − 1 (its own copy) committed to after
                · the state put hashes to the commitment, has the strategy's shapes, is finite
@@ -25,7 +26,7 @@ uploaded before θ_w existed, and that window is itself checked with probability
 honest pay in a window stops paying when p · spot_check_ban_windows ≥ r − 1.
 
 Cost: a check moves the state (12 bytes per parameter under sparseloco: 21 MB on the tiny preset, ≈ 15 GB on 1b;
-twice that with a tolerance) and replays one miner's window (H inner steps) on the validator. Bit for bit holds on
+twice that with a tolerance) and replays one miner's window (H inner steps) on the validator (bench/spot_check.py). Bit for bit holds on
 one CPU build (the simulation, the demo); GPU kernels are not deterministic, and their tolerance is not measured yet.
 """
 
@@ -81,12 +82,14 @@ def drawn(seed: str, window: int, uid: int, probability: float) -> bool:
 
 def answer(window: int, uid: int, *, seed: str, before: Mapping[str, torch.Tensor] | None,
            after: Mapping[str, torch.Tensor] | None, bucket: Bucket, hparams: HParams) -> list[str]:
-    """A miner's side: when its file of `window` is drawn, put its state before (unless it had none) and after the
-    window in its bucket; returns the keys put."""
+    """A miner's side: when its file of `window` is drawn, put its state before the window (unless it had none) in
+    its bucket, and the state after it where the check has a tolerance (bit for bit, the replay's own state after
+    is compared with the commitment); returns the keys put."""
     if not drawn(seed, window, uid, hparams.spot_check_probability):
         return []
-    put = []
-    for side, state in (("before", before), ("after", after)):
+    put, sides = [], (("before", before), ("after", after)) if hparams.spot_check_tolerance > 0 else (
+        ("before", before),)
+    for side, state in sides:
         if state is not None:
             key = miner_state_key(window, uid, side)
             bucket.put(key, write_miner_state(window, uid, side, state))
