@@ -1,7 +1,7 @@
 """Every attack of the adversary suite, longer: one row per attack, in the production order (templar_lib.schedule).
 
     python bench/adversaries.py [--windows 5] [--only sign_flip,lazy] [--skip-fair] [--skip-mixed]
-                                [--strategy demo|sparseloco]
+                                [--strategy demo|sparseloco] [--spot-checks P]
 
 Per attack, at the fraction it is meant for (tests/lib/test_network.py's ATTACKS: 2 of 5 for the model attacks, 3
 of 5 for majority_scale and majority_shrink, 1 of 5 for the rest), tiny preset, deploy/simulate-hparams.yaml:
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import parse_adversaries, run_network  # noqa: E402
+from templar_lib.simulate.adversaries import OPEN, SPOT_CHECKED  # noqa: E402
 from tests.lib.test_network import ATTACKS, progress, weight_per_compute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +54,16 @@ def main() -> None:
     parser.add_argument("--skip-fair", action="store_true")
     parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--strategy", default=None, help="demo | sparseloco (default: the file's)")
+    parser.add_argument("--spot-checks", type=float, default=None,
+                        help="spot_check_probability (default: the file's; templar_lib/spot_check.py)")
     args = parser.parse_args()
     hparams = HParams.load(ROOT / "deploy" / "simulate-hparams.yaml")
     hparams = hparams.replace(strategy=args.strategy) if args.strategy else hparams
+    if args.spot_checks is not None:
+        hparams = hparams.replace(spot_check_probability=args.spot_checks)
     with scratch_dataset("bench-adversaries-", sequence_length=hparams.sequence_length) as (work, dataset):
-        print(f"{machine()}; "
-              f"{args.windows} windows, tiny preset", flush=True)
+        print(f"{machine()}; {args.windows} windows, tiny preset, {hparams.strategy}, spot checks "
+              f"{hparams.spot_check_probability:g}", flush=True)
 
         def network(name: str, **options):
             return run_network(dataset, work / name, hparams=hparams, random_page_count=2, **options)
@@ -73,9 +78,11 @@ def main() -> None:
         print("| attack | attackers | progress kept | attackers' weight | honest min / max weight | "
               "reward per compute, attackers / honest | last reason |")
         print("|---|---|---|---|---|---|---|")
-        kinds = [kind for kind in ATTACKS if not args.only or kind in args.only.split(",")]
+        checked = dict.fromkeys(SPOT_CHECKED) if hparams.spot_check_probability > 0 else {}
+        kinds = [kind for kind in {**ATTACKS, **OPEN, **checked} if not args.only or kind in args.only.split(",")]
+        kinds = [kind for kind in kinds if hparams.strategy in OPEN.get(kind, (hparams.strategy,))]
         for kind in kinds:
-            report = network(kind, miners=5, windows=args.windows, adversaries={kind: ATTACKS[kind]})
+            report = network(kind, miners=5, windows=args.windows, adversaries={kind: ATTACKS.get(kind, 1)})
             print(row(kind, report, progress(honest)), flush=True)
         if not args.skip_mixed:
             mixed = network("mixed", miners=10, windows=10, seed=1, adversaries=parse_adversaries(

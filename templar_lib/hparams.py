@@ -31,7 +31,7 @@ TRAINING_STRATEGIES = (*STRATEGIES, "dense-adamw", "local-sgd", "dense-sign")
 # what a gradient means: every node of a network must agree on these (protocol_hash)
 PROTOCOL_FIELDS = ("topk_compression", "target_chunk", "gradient_format", "gradient_value_dtype", "blocks_per_window",
                    "pages_per_window", "batch_size", "sequence_length", "learning_rate", "weight_decay",
-                   "warmup_steps", "t_max", "lr_floor_ratio", "spot_check_probability")
+                   "warmup_steps", "t_max", "lr_floor_ratio", "spot_check_probability", "spot_check_tolerance")
 # what a sparseloco gradient means beyond the shared fields: every node of such a network must agree on them
 SPARSELOCO_FIELDS = ("strategy", "inner_steps", "inner_learning_rate", "inner_weight_decay", "inner_grad_clip",
                      "inner_beta1", "inner_beta2", "outer_learning_rate", "error_decay", "sparse_topk",
@@ -39,7 +39,8 @@ SPARSELOCO_FIELDS = ("strategy", "inner_steps", "inner_learning_rate", "inner_we
 # fields that joined the protocol after networks had started, with the value they had implicitly before: hashed
 # only when set to another, so a running network's hash (and its files) stay valid, and read at that value from a
 # network's record written before they existed (HParams.load)
-IMPLICIT_BEFORE = {"inner_beta2": 0.95, "inner_beta1": 0.9, "spot_check_probability": 0.0}
+IMPLICIT_BEFORE = {"inner_beta2": 0.95, "inner_beta1": 0.9, "spot_check_probability": 0.0,
+                   "spot_check_tolerance": 0.0}
 # the inner AdamW's β₂ at most: the norm bound's allowance for it is measured up to 0.99 (honest files at 2.55× the
 # validator's reference there, at 3.09× at 0.999; bench/RESULTS.md, "Inner AdamW β₂")
 MAX_INNER_BETA2 = 0.99
@@ -126,7 +127,8 @@ class HParams:
     # probability, drawn by the window's closing block; 0 turns them off (files then commit to no state)
     spot_check_probability: float = 0.0
     # the replay's relative L2 difference allowed per tensor: 0 is bit for bit (one CPU build: the simulation, the
-    # demo); GPU miners' kernels are not deterministic and need one measured on them (not yet: docs/RELIABILITY.md)
+    # demo); GPU miners' kernels are not deterministic and need one measured on them (not yet: docs/RELIABILITY.md).
+    # A protocol field: a miner puts its state after the window only where it is above 0
     spot_check_tolerance: float = 0.0
     spot_check_ban_windows: int = 50  # windows a uid that failed a spot check earns nothing
     # --- limits for untrusted input ---

@@ -9,25 +9,32 @@ p = spot_check_probability > 0:
     commit   every gradient file of window w carries (digest(S_{w−1}), digest(S_w)), the miner's state (its
              strategy's state_shapes: demo's momentum; sparseloco's inner AdamW moments, step and error feedback)
              before and after w; a fresh start (no state) commits ZEROS before
-    draw     once w has closed, a uid the validator scored in w is checked iff  sha256(closing hash, w, uid) < p:
-             the closing hash does not exist while files are uploaded, so no miner knows which windows are checked
+    link     the validator records the commitment of every file it saw in w (its own copy; sampled for scoring or
+             not) whose θ it can name (θ_w or one up to sync_max_lag steps before) and whose state before is ZEROS
+             or the state after of the uid's recorded file of w − 1 (`linked`); a file it scores that is not
+             linked scores 0 (a state no seen file committed to); an unlinked file is not recorded, so the uid's
+             next file must start fresh
+    draw     once w has closed, a recorded uid is checked iff  sha256(closing hash, w, uid) < p: the closing hash
+             does not exist while files are uploaded, so no miner knows which windows are checked
     answer   a drawn miner puts S_{w−1} at miner_state_key(w, uid, "before") during w + 1 (and S_w, "after",
              where the check has a tolerance)
-    check    after w + 1 closes the validator takes the file it scored in w (its own copy) and requires
-               · S_{w−1} is a fresh start, or the state the uid's file of w − 1 (its own copy) committed to after
-               · the state put hashes to the commitment, has the strategy's shapes, is finite
-               · strategy.mine(θ_w, S_{w−1}, pages(w, uid), step_w) gives the file: bit for bit at tolerance 0;
-                 else each parameter's values and each state tensor within the tolerance (relative L2), S_w put too
-    failing  (no answer, a state that does not hash or fit, another file) bans the uid for spot_check_ban_windows.
+    check    after w + 1 closes the validator requires the state put to hash to the commitment, have the
+             strategy's shapes and dtypes, be finite, and strategy.mine(θ, S_{w−1}, pages(w, uid), step) on the θ
+             the file names to give the file: bit for bit at tolerance 0; else each parameter's values and each state
+             tensor within the tolerance (relative L2), S_w put and hashing to its commitment too
+    failing  (no state put, one that does not hash, fit or replay, another file) bans the uid for
+             spot_check_ban_windows, and its file of w + 1 scores 0.
 
 Why the chain of commitments: a state made up to fit a cheap file (an error feedback that turns an honest Δ into a
-greedy file, moments large enough to swamp the gradients) must be the one the previous file committed to, which was
-uploaded before θ_w existed, and that window is itself checked with probability p. A deviation that earns r times
-honest pay in a window stops paying when p · spot_check_ban_windows ≥ r − 1.
+greedy file, moments large enough to swamp the gradients) must be the state after of a recorded file of w − 1, which
+was committed before θ_w existed, and every recorded file is itself drawn with probability p, so a made-up state
+after is caught there. A deviation that earns r times honest pay in a window stops paying when
+p · spot_check_ban_windows ≥ r − 1.
 
 Cost: a check moves the state (12 bytes per parameter under sparseloco: 21 MB on the tiny preset, ≈ 15 GB on 1b;
-twice that with a tolerance) and replays one miner's window (H inner steps) on the validator (bench/spot_check.py). Bit for bit holds on
-one CPU build (the simulation, the demo); GPU kernels are not deterministic, and their tolerance is not measured yet.
+twice that with a tolerance) and replays one miner's window (H inner steps) on the validator (bench/spot_check.py).
+Bit for bit holds on one CPU build (the simulation, the demo); GPU kernels are not deterministic, and their
+tolerance is not measured yet.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -45,12 +53,24 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_
 from templar_lib.sparseloco import SparseDelta, decode_delta
 from templar_lib.strategies import strategy_of
-from templar_lib.wire.container import InvalidFile
+from templar_lib.wire.container import (InvalidFile, check_sender, check_state, expect, is_int, parse_header,
+                                        templar_header)
+from templar_lib.wire.gradient import GRADIENT_HEADER_BYTES
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import miner_state_limit, read_miner_state, write_miner_state
 
 log = logging.getLogger(__name__)
 ZEROS = "0" * 64  # what a file commits to before the window when the miner starts from no state
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """What one gradient file commits to: its miner's state before and after the window, and the θ it trained on."""
+
+    before: str
+    after: str
+    model_hash: str
+    probes: tuple[float, ...]
 
 
 def state_digest(state: Mapping[str, torch.Tensor] | None) -> str:
@@ -98,26 +118,48 @@ def answer(window: int, uid: int, *, seed: str, before: Mapping[str, torch.Tenso
     return put
 
 
+def committed(data: bytes, *, window: int, uid: int, hparams: HParams) -> Commitment | None:
+    """What a gradient file (the validator's copy) commits to, from its header alone; None when its header does not
+    read as this network's file of `uid` for `window` committing to a state (it is scored as invalid, or not at all)."""
+    try:
+        _, metadata = parse_header(data, max_bytes=len(data), max_header=GRADIENT_HEADER_BYTES)
+        header = templar_header(metadata)
+        expect(is_int(header.get("window")) and header["window"] == window and header.get("kind") == "gradient",
+               "not this window's gradient")
+        model_hash, probes = check_sender(header, uid, hparams.protocol_hash())
+        state = check_state(header)
+    except InvalidFile:
+        return None
+    return None if state is None else Commitment(state[0], state[1], model_hash, probes)
+
+
+def linked(commitment: Commitment, previous: Mapping[int, list] | None, uid: int) -> bool:
+    """Whether a file's state before continues what the validator recorded: a fresh start, or the state after of
+    the uid's recorded file of the window before (`previous`: that window's report's `commitments`; None when this
+    validator has no report of it, and nothing can be told)."""
+    if commitment.before == ZEROS or previous is None:
+        return True
+    return uid in previous and previous[uid][1] == commitment.before
+
+
 def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
-          step: int, tokens: torch.Tensor, scored: bytes, previous: bytes | None,
-          fetch: Callable[[str, int], bytes]) -> str | None:
-    """The validator's side: None if replaying `uid`'s window from its committed state gives the file it scored,
-    else why not. θ_w: `theta` (outer step `step`); tokens: the uid's pages of the window; scored: the file the
-    validator scored (its own copy); previous: the uid's file of window − 1 as the validator saw it (None: none);
-    fetch(key, max_bytes): a file from the uid's bucket (raises what the bucket raises). `model` is not changed."""
+          step: int, tokens: torch.Tensor, scored: bytes, fetch: Callable[[str, int], bytes]) -> str | None:
+    """The validator's side: None if replaying `uid`'s window from its committed state gives the file, else why
+    not. θ: `theta`, the one the file names (outer step `step`); tokens: the uid's pages of the window; scored: the
+    file as the validator first saw it (its own copy); fetch(key, max_bytes): a file from the uid's bucket (raises
+    what the bucket raises: the caller decides). The state's linkage is the caller's (`linked`). `model` is not
+    changed."""
     strategy, shapes = strategy_of(hparams), {name: tuple(t.shape) for name, t in theta.items()}
     gradient = strategy.read_gradient(scored, window=window, uid=uid, shapes=shapes)
     if gradient.state is None:
         return "its file commits to no state"
     before_digest, after_digest = gradient.state
-    if before_digest != ZEROS and before_digest != _committed_after(previous, window - 1, uid, hparams, shapes):
-        return (f"its state before window {window} is neither a fresh start nor the one its file of window "
-                f"{window - 1} committed to")
     expected = strategy.state_shapes(theta)
 
     def put_state(side: str, digest: str) -> dict[str, torch.Tensor]:
-        state = read_miner_state(fetch(miner_state_key(window, uid, side), miner_state_limit(expected)),
-                                 window=window, uid=uid, side=side, shapes=expected)
+        wide = strategy.STATE_FLOAT64
+        state = read_miner_state(fetch(miner_state_key(window, uid, side), miner_state_limit(expected, wide)),
+                                 window=window, uid=uid, side=side, shapes=expected, float64=wide)
         if state_digest(state) != digest:
             raise InvalidFile(f"the state it put {side} the window does not hash to its commitment")
         return state
@@ -125,7 +167,12 @@ def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, th
     before = None if before_digest == ZEROS else put_state("before", before_digest)
     scratch = copy.deepcopy(model)
     load_parameters_(scratch, theta)
-    mined = strategy.mine(scratch, before, tokens, step=step)
+    try:  # the state is the miner's: one that breaks the replay (a negative step count, moments) is its failure
+        mined = strategy.mine(scratch, before, tokens, step=step)
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a hostile state makes the training code raise
+        return f"its state does not replay ({type(error).__name__}: {str(error)[:120]})"
     replayed = strategy.write_gradient(window, uid, mined.sent, model_hash=gradient.model_hash,
                                        probes=gradient.probes, state=(before_digest, state_digest(mined.state)))
     if replayed == scored:
@@ -158,15 +205,3 @@ def _dense(sent: Sparse | SparseDelta) -> torch.Tensor:
         return decode_delta(sent)
     chunks = torch.zeros(sent.idx.shape[0], int(torch.tensor(sent.chunk).prod()), dtype=torch.float32)
     return chunks.scatter(1, sent.idx.long(), sent.vals.float())
-
-
-def _committed_after(previous: bytes | None, window: int, uid: int, hparams: HParams,
-                     shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The digest the uid's file of `window` committed to after it; None without a file that reads as one."""
-    if previous is None:
-        return None
-    try:
-        state = strategy_of(hparams).read_gradient(previous, window=window, uid=uid, shapes=shapes).state
-    except InvalidFile:
-        return None
-    return None if state is None else state[1]

@@ -83,6 +83,7 @@ def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch
 
 class DemoStrategy:
     name = "demo"
+    STATE_FLOAT64: frozenset[str] = frozenset()  # the state's tensors not in float32 (spot_check.py reads them)
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -201,6 +202,7 @@ class SparseLoCoStrategy:
     down to 0.12 in rounds 60–90), so the cap leaves most honest scores alone and magnifies the rest less."""
 
     name = "sparseloco"
+    STATE_FLOAT64 = frozenset({"adam_t"})  # InnerState's step count
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured (top-NORM_BOUND_TOPK of 64 × 64)
     NORM_BOUND_DECAY = 0.95
     NORM_BOUND_TOPK, NORM_BOUND_CHUNK = 32, 64

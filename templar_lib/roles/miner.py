@@ -15,7 +15,7 @@ from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
-from templar_lib.spot_check import answer, drawn, state_digest
+from templar_lib.spot_check import answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, parse_header
@@ -37,7 +37,8 @@ class MinerResult:
     seconds: float
     momentum: str = "carried"  # where the momentum came from: carried (window − 1), zeros (no state), recomputed
     inner_losses: list[float] = dataclasses.field(default_factory=list)  # each inner step's (demo: the gradient's)
-    state: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)  # the miner's, after it
+    # the miner's state after it (None: the published file is an earlier run's, whose state this run does not have)
+    state: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def tokens_per_second(self) -> float:
@@ -75,11 +76,17 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
     data = strategy.write_gradient(window, uid, mined.sent, model_hash=model_hash or model_fingerprint(parameters),
                                    probes=tuple(probe_values(parameters, window)),
                                    state=(before, state_digest(mined.state)) if checked else None)
-    key = gradient_key(window, uid)
+    key, ours = gradient_key(window, uid), data
     data = publish_once(gradients, key, data, max_bytes=hparams.max_gradient_bytes)
+    after = mined.state
+    if checked and data != ours and (kept := committed(data, window=window, uid=uid, hparams=hparams)) is not None \
+            and kept.after != state_digest(mined.state):  # the published file commits to an earlier run's state
+        log.warning("uid %d: kept an earlier run's file of window %d, whose state after is not this run's: this "
+                    "run's state is not saved (the earlier run's, if it saved one, stays)", uid, window)
+        after = None
     dense_bytes = sum(p.numel() for p in parameters.values()) * 4
     return MinerResult(window, uid, mined.loss, tokens.numel(), len(data), dense_bytes / len(data), pages, key,
-                       time.perf_counter() - started, inner_losses=mined.inner_losses, state=mined.state)
+                       time.perf_counter() - started, inner_losses=mined.inner_losses, state=after)
 
 
 def publish_once(gradients: Bucket, key: str, data: bytes, *, max_bytes: int) -> bytes:
@@ -138,14 +145,16 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
                             gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source, state=None))
-        store.save_momentum(uid, window, result.state)
+        if result.state is not None:  # None: the published file is an earlier run's, whose state stands
+            store.save_momentum(uid, window, result.state)
     return results
 
 
 def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store: StateStore, gradients: Bucket,
                        hparams: HParams) -> dict[int, list[str]]:
     """Put the states a spot check of `window` asks of the uids this node serves (spot_check.py): their states
-    after window − 1 and after `window`, from the node's state store; seed: the hash of the window's closing block
+    after window − 1 (and after `window`, with a tolerance), from the node's state store; seed: the hash of the
+    window's closing block
     (None: not closed yet, nothing to answer). Run before mining window + 1, which updates those states in place.
     A state the store no longer has is logged: the check will fail, and ban the uid."""
     put = {}
@@ -154,14 +163,14 @@ def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store:
     for uid in sorted(uids):
         if not drawn(seed, window, uid, hparams.spot_check_probability):
             continue
-        try:
-            states = [store.load_momentum(uid, w) if w >= 0 else None for w in (window - 1, window)]
+        try:  # the state after the window only where the check has a tolerance (spot_check.answer)
+            before = store.load_momentum(uid, window - 1) if window >= 1 else None
+            after = store.load_momentum(uid, window) if hparams.spot_check_tolerance > 0 else None
         except (StateMissing, MomentumUnrecoverable) as error:
             log.error("uid %d: drawn for a spot check of window %d, but its state is gone (%s): the check will fail",
                       uid, window, error)
             continue
-        put[uid] = answer(window, uid, seed=seed, before=states[0], after=states[1], bucket=gradients,
-                          hparams=hparams)
+        put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
     return put
 
 

@@ -16,9 +16,10 @@ For window w, once it has closed, on the same θ_w the miners trained on:
    `evaluation-{w}-{validator}.json` (wire.documents) written to the validator's gradients bucket. A uid the
    aggregator of w − 1 found with other bytes than were scored (`refused` in aggregation-{w−1}) is banned
    (ratings.py).
-5. where the network spot-checks miners (spot_check_probability > 0), the drawn uids of w − 1 are replayed from the
-   states they committed to and put during w (spot_check.py); each failure is in the report's `checks` and bans the
-   uid for spot_check_ban_windows.
+5. where the network spot-checks miners (spot_check_probability > 0; spot_check.py, roles/spot_checks.py): the
+   report records what every file seen commits to (`commitments`), a scored file whose state does not continue the
+   uid's recorded file of w − 1 scores 0, and the drawn uids of w − 1 are replayed from the states they put during
+   w; each failure is in the report's `checks`, bans the uid for spot_check_ban_windows and zeroes its file of w.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, BucketError, ObjectMissing
+from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.data import Dataset, random_pages
@@ -42,17 +43,16 @@ from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
+from templar_lib.roles.spot_checks import BANNED, own_report, record_commitments, spot_check_window
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
-from templar_lib.spot_check import check, drawn
 from templar_lib.strategies import NormReference, strategy_of
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
 from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
-                              peers_key, read_evaluation, write_evaluation)
+                              peers_key, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
-from templar_lib.wire.keys import SEEN
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,15 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
 
     sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
     metagraph = chain.metagraph()
-    banned = {uid: r.banned_until for uid, r in ratings.by_uid.items()  # a ban keeps its files out of the peers too
+    banned = {uid: f"{BANNED} {r.banned_until}" for uid, r in ratings.by_uid.items()  # its files stay out of the peers
               if r.banned_until >= window and metagraph.hotkey(uid) == r.hotkey and uid in sightings}
-    reasons |= {uid: f"banned until window {until}" for uid, until in banned.items()}
+    # the spot checks of window − 1 (the drawn miners put their states during this window): a failure is banned
+    # from this window on (rate_window), so its file of this window is not used either
+    checks = spot_check_window(window - 1, chain=chain, model=model, dataset=dataset, watch=watch,
+                               own_bucket=own_bucket, hparams=hparams, history=history)
+    banned |= {uid: f"{BANNED} {window + hparams.spot_check_ban_windows - 1}: failed the spot check of window "
+                    f"{window - 1}: {why}" for uid, why in checks.items() if why and uid in sightings}
+    reasons |= banned
     seen = sample_uids([uid for uid in uids if uid in sightings and uid not in banned], ratings, window,
                        hparams.scored_per_window, seed)
     unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen and uid not in banned)
@@ -216,10 +222,17 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
             gradients[uid] = strategy.read_gradient(watch.read(uid), window=window, uid=uid, shapes=shapes)
         except InvalidFile as error:
             reasons[uid] = f"invalid: {error}"
-    lags = sync_lags(window, gradients, theta, state.fingerprint or model_fingerprint(theta), history, hparams)
+    fingerprint = state.fingerprint or model_fingerprint(theta)
+    lags = sync_lags(window, gradients, theta, fingerprint, history, hparams)
     for uid, lag in lags.items():
         if isinstance(lag, str):
             reasons[uid] = lag
+    previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
+    commitments, unlinked = record_commitments(
+        window, watch=watch, uids=[uid for uid in sightings if uid not in banned], hparams=hparams,
+        previous={} if window == 0 else None if previous is None else previous.commitments,
+        lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams))
+    reasons |= {uid: why for uid, why in unlinked.items() if uid in gradients and uid not in reasons}
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)
@@ -255,71 +268,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     chosen, reserves = sorted(positive[: hparams.topk_peers]), positive[hparams.topk_peers: 2 * hparams.topk_peers]
     peers = Peers(window=window, validator=validator_uid, uids=chosen, reserves=reserves,
                   sha256={uid: sightings[uid].sha256 for uid in chosen + reserves})
-    checks = spot_check_window(window - 1, chain=chain, model=model, dataset=dataset, watch=watch,
-                               own_bucket=own_bucket, hparams=hparams, history=history)
     report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block,
-                              unsampled, checks)
+                              unsampled, checks, commitments)
     keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)
-
-
-def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, dataset: Dataset, watch: Watch,
-                      own_bucket: Bucket, hparams: HParams,
-                      history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
-    """The spot checks of `window`, made once window + 1 has closed (the drawn miners put their states during it):
-    uid -> "" when the replay gave its file, else why not (spot_check.check; a state not put is a failure). Only
-    uids this validator scored in `window` are drawn, from its own reports, its own copies of the files (`watch`'s
-    state) and the θ each miner trained on (`history`: θ_window, or the earlier one a lagging miner was scored on);
-    a check it cannot make for want of its own records is logged and skipped."""
-    if hparams.spot_check_probability <= 0 or window < 0:
-        return {}
-
-    def own_report(at: int) -> EvaluationReport | None:
-        try:
-            return read_evaluation(own_bucket.get(evaluation_key(at, chain.uid)), window=at, validator=chain.uid)
-        except (ObjectMissing, InvalidFile) as error:
-            log.warning("spot checks of window %d: the evaluation report of window %d is not readable (%s)", window,
-                        at, error)
-            return None
-    seed, report = chain.block_hash((window + 1) * hparams.blocks_per_window), own_report(window)
-    if report is None or seed is None:
-        return {}
-    if window > 0 and not watch.state.exists(SEEN.key(window - 1)):  # a file's state links to the one before
-        log.warning("no spot checks of window %d: this validator did not watch window %d", window, window - 1)
-        return {}
-    scored, previous = watch.at(window), watch.at(window - 1)
-    results = {}
-    for uid in sorted(u for u, s in report.scores.items() if s.losses is not None):
-        if not drawn(seed, window, uid, hparams.spot_check_probability):
-            continue
-        try:
-            data = scored.read(uid)
-            before = previous.read(uid) if uid in previous.sightings() else None
-        except (KeyError, InvalidFile) as error:
-            log.warning("uid %d: no spot check of window %d, the validator lacks its own copy (%s)", uid, window,
-                        error)
-            continue
-        lag = report.scores[uid].sync_lag  # it trained on θ_{window − lag}, at that θ's outer step
-        trained_on, theta = (report if lag == 0 else own_report(window - lag)), history(window - lag)
-        if trained_on is None or theta is None:
-            log.warning("uid %d: no spot check of window %d, the validator no longer has θ_%d", uid, window,
-                        window - lag)
-            continue
-        bucket = watch.peers.buckets.get(uid)
-        tokens = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
-        try:
-            if bucket is None:
-                raise ObjectMissing(f"no bucket: {watch.peers.reason(uid)}")
-            results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=trained_on.step,
-                                 tokens=tokens, scored=data, previous=before,
-                                 fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
-        except ObjectMissing as error:
-            results[uid] = f"no answer: {error}"
-        except (InvalidFile, BucketError) as error:
-            results[uid] = f"{type(error).__name__}: {error}"
-        log.info("uid %d: spot check of window %d %s", uid, window, results[uid] or "passed")
-    return results
 
 
 def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:
@@ -344,7 +297,7 @@ def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int
     scores = report.scores
     new_ratings = update_ratings(ratings, report.window, {u: s.score for u, s in scores.items()},
                                  {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned,
-                                 missed=[u for u, s in scores.items() if s.reason],
+                                 missed=[u for u, s in scores.items() if s.reason and not s.reason.startswith(BANNED)],
                                  failed_checks={uid: why for uid, why in report.checks.items() if why})
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
 

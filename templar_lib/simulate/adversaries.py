@@ -290,6 +290,14 @@ def _thin(turn: Turn) -> bytes:
     return turn.write(turn.honest(page_rows=max(1, turn.dataset.manifest.rows_per_page // 2)))
 
 
+def _unlinked(turn: Turn) -> bytes:
+    """Honest work from a state its last file did not commit to (its own, nudged), which it puts when drawn: a
+    made-up state that replays to its file, what a greedy file built on a crafted error feedback would need."""
+    if turn.miner.own is not None:
+        turn.miner.own = {name: t + 1e-3 if t.dtype == torch.float32 else t for name, t in turn.miner.own.items()}
+    return turn.write(turn.honest())
+
+
 def _malformed(turn: Turn) -> bytes:
     data = turn.write(turn.honest())
     return data[: len(data) // 2] + bytes(range(256))
@@ -306,6 +314,7 @@ class Adversary:
     endpoint: str | None = None  # commits a hostile endpoint of this mode instead of its bucket (endpoints.py)
     honest_first: bool = False  # its first window is honest work (compute 1)
     open_under: tuple[str, ...] = ()  # strategies under which it still earns more than honest work: not yet countered
+    spot_checked: bool = False  # a cheat only where the network spot-checks miners (without, it is honest work)
 
     def compute_in(self, window: int) -> float:
         return 1.0 if self.honest_first and window == 0 else self.compute
@@ -334,11 +343,13 @@ KINDS: dict[str, Adversary] = {
     "majority_scale": Adversary(scaled(3)),
     "majority_shrink": Adversary(scaled(0.01)),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
+    "unlinked": Adversary(_unlinked, spot_checked=True),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
     "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),
 }
 ADVERSARIES = tuple(kind for kind in KINDS if kind != "honest")
 OPEN = {kind: adversary.open_under for kind, adversary in KINDS.items() if adversary.open_under}
+SPOT_CHECKED = tuple(kind for kind, adversary in KINDS.items() if adversary.spot_checked)
 
 
 def parse_adversaries(text: str) -> dict[str, int]:

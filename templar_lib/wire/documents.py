@@ -99,6 +99,9 @@ class EvaluationReport:
     unsampled: list[int] = field(default_factory=list)  # seen but not scored this window (roles/validator.py)
     # the spot checks of window − 1 made after this window closed (spot_check.py): uid -> "" passed, or why not
     checks: dict[int, str] = field(default_factory=dict)
+    # what each file seen this window commits to and the θ it names, where it links (spot_check.py): uid ->
+    # [state before, state after, outer steps behind θ_window]; the files a spot check of this window draws from
+    commitments: dict[int, list] = field(default_factory=dict)
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -112,7 +115,9 @@ def write_evaluation(report: EvaluationReport) -> bytes:
                        "random_pages": report.random_pages, "seed_block": report.seed_block,
                        "unsampled": report.unsampled} | (
                           {"checks": {str(uid): reason for uid, reason in sorted(report.checks.items())}}
-                          if report.checks else {}),
+                          if report.checks else {}) | (
+                          {"commitments": {str(uid): list(c) for uid, c in sorted(report.commitments.items())}}
+                          if report.commitments else {}),
                       sort_keys=True, indent=1).encode()
 
 
@@ -125,11 +130,16 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                     max_bytes: int = MAX_EVALUATION_BYTES) -> EvaluationReport:
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
     raw = _json_object(data, "evaluation file", max_bytes)
-    expect(set(raw) - {"checks"} == {"format", "window", "validator", "step", "random_loss", "peers", "uids",
-                                     "random_pages", "seed_block", "unsampled"}, "evaluation file has the wrong fields")
-    checks = raw.get("checks", {})
+    expect(set(raw) - {"checks", "commitments"} == {"format", "window", "validator", "step", "random_loss", "peers",
+                                                    "uids", "random_pages", "seed_block", "unsampled"},
+           "evaluation file has the wrong fields")
+    checks, commitments = raw.get("checks", {}), raw.get("commitments", {})
     expect(isinstance(checks, dict) and all(uid.isdigit() and isinstance(why, str) for uid, why in checks.items()),
            "checks must map uids to reasons")
+    expect(isinstance(commitments, dict) and all(
+        uid.isdigit() and isinstance(c, list) and len(c) == 3 and all(isinstance(d, str) and len(d) == 64
+                                                                      for d in c[:2])
+        and is_int(c[2]) and c[2] >= 0 for uid, c in commitments.items()), "commitments malformed")
     expect(raw["format"] == EVALUATION_FORMAT and raw["window"] == window and raw["validator"] == validator,
            "evaluation file is for another window or validator")
     expect(is_int(raw["step"]) and raw["step"] >= 0 and _is_number(raw["random_loss"]), "step or random loss malformed")
@@ -157,7 +167,8 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                                  losses=_losses(losses), reason=row["reason"], sync_lag=row["sync_lag"])
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
-                            list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())))
+                            list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())),
+                            dict(sorted((int(uid), list(c)) for uid, c in commitments.items())))
 
 
 def _losses(raw: dict | None) -> Losses | None:

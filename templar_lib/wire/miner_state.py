@@ -4,7 +4,7 @@ check draws it (spot_check.py). The templar header:
     {"format": 1, "kind": "miner-state", "window": w, "uid": u, "side": "before" | "after"}
 
 and one tensor per entry of the strategy's state (strategy.state_shapes: demo's momentum, sparseloco's inner AdamW
-moments, step count and error feedback), float32 (the step count float64), finite.
+moments, step count and error feedback), float32 (the step count float64: strategy.STATE_FLOAT64), finite.
 """
 
 from __future__ import annotations
@@ -32,25 +32,26 @@ def write_miner_state(window: int, uid: int, side: str, state: Mapping[str, torc
                                        "side": side})
 
 
-def miner_state_limit(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """The largest honest file for a state of these shapes: 8 bytes an element at most, and the header."""
-    return HEADER_BYTES + 8 + sum(8 * math.prod(shape) for shape in shapes.values())
+def miner_state_limit(shapes: Mapping[str, tuple[int, ...]], float64: frozenset[str] = frozenset()) -> int:
+    """The largest honest file for a state of these shapes: 4 bytes an element (8 for those in `float64`), and the
+    header."""
+    return HEADER_BYTES + 8 + sum((8 if name in float64 else 4) * math.prod(shape) for name, shape in shapes.items())
 
 
 @untrusted_reader
-def read_miner_state(data: bytes, *, window: int, uid: int, side: str, shapes: Mapping[str, tuple[int, ...]]
-                     ) -> dict[str, torch.Tensor]:
+def read_miner_state(data: bytes, *, window: int, uid: int, side: str, shapes: Mapping[str, tuple[int, ...]],
+                     float64: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The state in a file expected from `uid` for `window` and `side`, with exactly the tensors and shapes of
-    `shapes`, float32 or float64 and finite. Raises InvalidFile."""
+    `shapes`, finite, float64 those named in `float64` (a step count) and float32 the others. Raises InvalidFile."""
     entries, header = parse_templar_file(data, kind="miner-state", formats=(STATE_FORMAT,), window=window,
-                                         max_bytes=miner_state_limit(shapes), max_header=HEADER_BYTES,
+                                         max_bytes=miner_state_limit(shapes, float64), max_header=HEADER_BYTES,
                                          dtypes=STATE_DTYPES)
     expect(is_int(header.get("uid")) and header["uid"] == uid, f"header uid {str(header.get('uid'))[:20]} is not "
                                                                f"{uid}")
     expect(header.get("side") == side, f"side {str(header.get('side'))[:20]!r} is not {side!r}")
     expect(set(entries) == set(shapes), set_difference("state tensors", set(entries), set(shapes)))
     for name, entry in entries.items():
-        expect(entry["dtype"] in STATE_DTYPES and tuple(entry["shape"]) == tuple(shapes[name]),
+        expect(entry["dtype"] == ("F64" if name in float64 else "F32") and tuple(entry["shape"]) == tuple(shapes[name]),
                f"{name[:80]}: {entry['dtype']} {entry['shape']} is not a state tensor of shape {shapes[name]}")
     tensors = load_tensors(data)
     for name, tensor in tensors.items():

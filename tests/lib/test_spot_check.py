@@ -7,7 +7,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mine_window
-from templar_lib.spot_check import ZEROS, answer, check, commitment, drawn, state_digest
+from templar_lib.spot_check import ZEROS, answer, check, commitment, committed, drawn, linked, state_digest
 from templar_lib.state import StateStore, WriteBehind
 from templar_lib.strategies import STRATEGIES, strategy_of
 from templar_lib.wire import InvalidFile, gradient_key
@@ -40,14 +40,18 @@ def mine(strategy, model, data, window, uid, state, *, rows=None):
     return file, before, mined.state
 
 
+def read_sent(strategy, file: bytes, model) -> dict:
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return strategy.read_gradient(file, window=1, uid=1, shapes=shapes).tensors
+
+
 def checker(strategy, model, data, bucket, window, uid, hparams=None):
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokens = data.tokens(data.miner_pages(window, uid, strategy.hparams.pages_per_window))
 
-    def run(scored, previous):
+    def run(scored):
         return check(window, uid, hparams=hparams or strategy.hparams, model=model, theta=theta, step=window,
-                     tokens=tokens, scored=scored, previous=previous,
-                     fetch=lambda key, limit: bucket.get(key, max_bytes=limit))
+                     tokens=tokens, scored=scored, fetch=lambda key, limit: bucket.get(key, max_bytes=limit))
     return run
 
 
@@ -63,25 +67,37 @@ def test_an_honest_window_replays_to_its_file_and_a_cheap_one_does_not(name, mod
     assert answer(1, 1, seed="close", before=before, after=after, bucket=bucket, hparams=strategy.hparams) == [
         miner_state_key(1, 1, "before")]  # bit for bit the replay's own state after is checked against the file
     run = checker(strategy, model, data, bucket, 1, 1)
-    assert run(second, first) is None
-    # a fresh start needs no state and no earlier file
+    assert run(second) is None
+    # a fresh start needs no state put
     fresh, _, _ = mine(strategy, model, data, 1, 1, None)
-    assert run(fresh, None) is None
-    # a state that is not the one its previous file committed to (made up to fit a cheap file) is refused unreplayed
-    assert "neither a fresh start" in run(second, None)
-    assert "neither a fresh start" in run(second, fresh)
+    assert run(fresh) is None
+    # the link: a state before is a fresh start or the state after of the uid's recorded file of the window before
+    hparams = strategy.hparams
+    recorded = {1: [ZEROS, committed(first, window=0, uid=1, hparams=hparams).after, 0]}
+    assert all(linked(committed(f, window=1, uid=1, hparams=hparams), recorded, 1) for f in (second, fresh))
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {}, 1)  # no file of window 0 recorded
+    other = committed(fresh, window=1, uid=1, hparams=hparams).after  # another file's state after
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {1: [ZEROS, other, 0]}, 1)
+    assert linked(committed(second, window=1, uid=1, hparams=hparams), None, 1)  # no report of window 0: unknown
     # half the work (the first rows of its pages) from its real state: another file
     thin, before_thin, after_thin = mine(strategy, model, data, 1, 1, copied(after_first), rows=2)
-    assert run(thin, first) == "replaying its window from its committed state gives another file"
+    assert run(thin) == "replaying its window from its committed state gives another file"
     # the state put must hash to the commitment
     bucket.put(miner_state_key(1, 1, "before"), write_miner_state(1, 1, "before", {
         k: v + 1 if v.dtype == torch.float32 else v for k, v in before.items()}))
     with pytest.raises(InvalidFile, match="does not hash to its commitment"):
-        run(second, first)
+        run(second)
     # and it must be there
     bucket.delete(miner_state_key(1, 1, "before"))
     with pytest.raises(ObjectMissing):
-        run(second, first)
+        run(second)
+    # a state that breaks the replay (a negative step count, here) is the miner's failure, not the validator's crash
+    broken = {k: -v if k == "adam_t" else v for k, v in before.items()} if name == "sparseloco" else None
+    if broken is not None:
+        hostile = strategy.write_gradient(1, 1, read_sent(strategy, second, model), model_hash="ab" * 16,
+                                          state=commitment(broken, after))
+        bucket.put(miner_state_key(1, 1, "before"), write_miner_state(1, 1, "before", broken))
+        assert run(hostile).startswith("its state does not replay")
 
 
 @EACH
@@ -99,12 +115,10 @@ def test_a_tolerance_passes_a_near_replay_and_names_what_differs(name, model_and
     assert answer(0, 1, seed="close", before=before, after=nudged, bucket=bucket, hparams=hparams) == [
         miner_state_key(0, 1, "after")]  # a fresh start has no state before; the state after is compared
     run = checker(strategy, model, data, bucket, 0, 1, hparams)
-    assert run(near, None) is None
-    assert "replaying its window" in checker(strategy, model, data, bucket, 0, 1, FAST.replace(strategy=name))(
-        near, None)  # bit for bit: the state after differs
+    assert run(near) is None  # bit for bit it would be another file: its state after differs
     thin, _, after_thin = mine(strategy, model, data, 0, 1, None, rows=2)
     answer(0, 1, seed="close", before=None, after=after_thin, bucket=bucket, hparams=hparams)
-    assert "relative difference" in run(thin, None)
+    assert "relative difference" in run(thin)
 
 
 def test_a_draw_follows_the_closing_hash_at_the_network_s_rate():
@@ -129,22 +143,25 @@ def test_a_state_digest_covers_names_dtypes_shapes_and_bytes():
 def test_a_miner_state_file_is_validated():
     state = {"m.w": torch.ones(2, 3), "adam_t": torch.tensor([4.0], dtype=torch.float64)}
     shapes = {"m.w": (2, 3), "adam_t": (1,)}
+    expected = dict(window=5, uid=2, side="before", shapes=shapes, float64=frozenset({"adam_t"}))
     data = write_miner_state(5, 2, "before", state)
-    read = read_miner_state(data, window=5, uid=2, side="before", shapes=shapes)
+    read = read_miner_state(data, **expected)
     assert state_digest(read) == state_digest(state)
     refusals = {
         "window": dict(window=6), "uid": dict(uid=3), "side": dict(side="after"),
         "state tensors": dict(shapes={"m.w": (2, 3)}), "is not a state tensor": dict(shapes={**shapes, "m.w": (3, 2)}),
+        "F64 \\[1\\] is not": dict(float64=frozenset()),  # twice the bytes where float32 is the state's
     }
     for reason, change in refusals.items():
         with pytest.raises(InvalidFile, match=reason):
-            read_miner_state(data, **(dict(window=5, uid=2, side="before", shapes=shapes) | change))
+            read_miner_state(data, **(expected | change))
     for bad, reason in (({**state, "m.w": torch.ones(2, 3, dtype=torch.float16)}, "not allowed"),
+                        ({**state, "m.w": torch.ones(2, 3, dtype=torch.float64)}, "is not a state tensor"),
                         ({**state, "m.w": torch.full((2, 3), float("nan"))}, "non-finite")):
         with pytest.raises(InvalidFile, match=reason):
-            read_miner_state(write_miner_state(5, 2, "before", bad), window=5, uid=2, side="before", shapes=shapes)
+            read_miner_state(write_miner_state(5, 2, "before", bad), **expected)
     with pytest.raises(InvalidFile, match="exceeds the limit"):
-        read_miner_state(data + b" " * (2 << 20), window=5, uid=2, side="before", shapes=shapes)
+        read_miner_state(data + b" " * (2 << 20), **expected)
 
 
 @EACH
@@ -161,8 +178,9 @@ def test_where_the_network_spot_checks_a_file_must_commit_to_its_state(name, mod
         mined.state))
     off = strategy_of(FAST.replace(strategy=name, spot_check_probability=0.0))  # another protocol: its own hash
     assert off.hparams.protocol_hash() != strategy.hparams.protocol_hash()
-    assert off.hparams.protocol_hash() == FAST.replace(strategy=name, spot_check_probability=0.0,
-                                                       spot_check_tolerance=0.1).protocol_hash()
+    assert off.hparams.protocol_hash() == FAST.replace(strategy=name).replace(
+        spot_check_probability=0.0, spot_check_ban_windows=7).protocol_hash()  # how long a ban lasts is not
+    assert strategy.hparams.replace(spot_check_tolerance=0.1).protocol_hash() != strategy.hparams.protocol_hash()
     assert off.read_gradient(off.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes).state is None
     assert parameters_of(model)  # the model is untouched by it all
 
@@ -185,7 +203,9 @@ def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is
         1: [miner_state_key(1, 1, "before")]}
     tokens = data.tokens(data.miner_pages(1, 1, hparams.pages_per_window))
     assert check(1, 1, hparams=hparams, model=model, theta=theta, step=1, tokens=tokens, scored=files[1],
-                 previous=files[0], fetch=lambda key, limit: gradients.get(key, max_bytes=limit)) is None
+                 fetch=lambda key, limit: gradients.get(key, max_bytes=limit)) is None
+    assert committed(files[1], window=1, uid=1, hparams=hparams).before == committed(
+        files[0], window=0, uid=1, hparams=hparams).after  # the node continues its last file's state
     gradients.delete(gradient_key(1, 1))
     [result] = mine_window(2, [1], model=model, step=2, store=store, dataset=data, gradients=gradients,
                            hparams=hparams)

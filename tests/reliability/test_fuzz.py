@@ -102,7 +102,8 @@ def valid_miner_state() -> bytes:
 @given(data=st.one_of(mutations(valid_miner_state()), header_variants(valid_miner_state())))
 def test_read_miner_state_never_raises_anything_but_invalid_file(data):
     try:
-        state = read_miner_state(data, window=3, uid=1, side="before", shapes=STATE_SHAPES)
+        state = read_miner_state(data, window=3, uid=1, side="before", shapes=STATE_SHAPES,
+                                 float64=frozenset({"adam_t"}))
     except InvalidFile as error:
         assert str(error)
     else:

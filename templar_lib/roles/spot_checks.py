@@ -1,0 +1,108 @@
+"""A validator's spot checks (templar_lib/spot_check.py has the protocol): what it records of each window's files,
+and the checks of a window it makes once the next one has closed. Both read only the validator's own records: its
+evaluation reports, its copies of the files it saw (the watch's state) and the θ it kept (`history`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from templar_lib.buckets import Bucket, BucketError, ObjectMissing
+from templar_lib.chain import Chain
+from templar_lib.data import Dataset
+from templar_lib.hparams import HParams
+from templar_lib.spot_check import Commitment, check, committed, drawn, linked
+from templar_lib.watch import Watch
+from templar_lib.wire import EvaluationReport, InvalidFile, evaluation_key, read_evaluation
+
+log = logging.getLogger(__name__)
+BANNED = "banned until window"  # a banned uid's zero: not scored, and not a miss (its ban is the penalty)
+
+
+def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport | None:
+    """This validator's evaluation report of `window` (None: it has none, or none it can read)."""
+    if window < 0:
+        return None
+    try:
+        return read_evaluation(bucket.get(evaluation_key(window, validator)), window=window, validator=validator)
+    except (ObjectMissing, InvalidFile) as error:
+        log.info("no evaluation report of window %d to read (%s)", window, error)
+        return None
+
+
+def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
+                       previous: Mapping[int, list] | None,
+                       lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]]
+                       ) -> tuple[dict[int, list], dict[int, str]]:
+    """What `window`'s files commit to, as the report records it: uid -> [state before, state after, lag] for every
+    file seen (`uids`, sampled for scoring or not) whose header commits to a state, names a θ the validator has
+    (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous` (the commitments the
+    report of window − 1 recorded, {} in window 0; None: this validator has no report of it and cannot tell, so
+    every state is taken); and why each other file with a commitment does not link (the caller zeroes the ones it
+    scores). Nothing is recorded where the network does not spot-check."""
+    if hparams.spot_check_probability <= 0:
+        return {}, {}
+    files = {}
+    for uid in sorted(uids):
+        try:
+            commitment = committed(watch.read(uid), window=window, uid=uid, hparams=hparams)
+        except InvalidFile:  # the validator's own copy is gone: nothing to record
+            commitment = None
+        if commitment is not None:
+            files[uid] = commitment
+    lags, recorded, unlinked = lags_of(files), {}, {}
+    for uid, commitment in files.items():
+        if not linked(commitment, previous, uid):
+            unlinked[uid] = (f"state: it continues a state no file of window {window - 1} this validator saw "
+                             f"committed to (a fresh start or its last file's state after)")
+        elif isinstance(lags.get(uid), int):
+            recorded[uid] = [commitment.before, commitment.after, lags[uid]]
+    return recorded, unlinked
+
+
+def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, dataset: Dataset, watch: Watch,
+                      own_bucket: Bucket, hparams: HParams,
+                      history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
+    """The spot checks of `window`, made once window + 1 has closed (the drawn miners put their states during it):
+    uid -> "" when the replay gave its file, else why not. Drawn among the files the validator's report of `window`
+    recorded (record_commitments), each replayed on the θ it names (θ_window, or up to sync_max_lag steps before:
+    `history`, at that window's outer step). A state not put, or a bucket that does not give it, is a failure: the
+    miner had a window to put it. A check the validator cannot make for want of its own records is logged and
+    skipped."""
+    if hparams.spot_check_probability <= 0 or window < 0:
+        return {}
+    seed, report = chain.block_hash((window + 1) * hparams.blocks_per_window), own_report(own_bucket, window,
+                                                                                           chain.uid)
+    if report is None or seed is None:
+        return {}
+    files, results = watch.at(window), {}
+    for uid, (_, _, lag) in sorted(report.commitments.items()):
+        if not drawn(seed, window, uid, hparams.spot_check_probability):
+            continue
+        trained_on = report if lag == 0 else own_report(own_bucket, window - lag, chain.uid)
+        theta = history(window - lag)
+        bucket = watch.peers.buckets.get(uid)
+        try:
+            scored = files.read(uid)
+        except (KeyError, InvalidFile) as error:
+            scored = None
+            log.warning("uid %d: no spot check of window %d, the validator lost its copy (%s)", uid, window, error)
+        if trained_on is None or theta is None or scored is None:
+            log.warning("uid %d: no spot check of window %d, the validator lacks θ_%d or its records", uid, window,
+                        window - lag)
+            continue
+        tokens = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
+        try:
+            if bucket is None:
+                raise ObjectMissing(f"no bucket: {watch.peers.reason(uid)}")
+            results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=trained_on.step,
+                                 tokens=tokens, scored=scored,
+                                 fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
+        except ObjectMissing as error:
+            results[uid] = f"no state put: {error}"
+        except (InvalidFile, BucketError) as error:
+            results[uid] = f"{type(error).__name__}: {error}"
+        log.info("uid %d: spot check of window %d %s", uid, window, results[uid] or "passed")
+    return results
