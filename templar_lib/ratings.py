@@ -20,7 +20,8 @@ the work a miner did, while a rank throws the size of the difference away (two h
 different ordinals, and an OpenSkill rating random-walks with the noise of the ranks). The rating is kept because it
 says how consistently a miner places, which people read and the validator's sampling may use; it does not set pay.
 
-A uid found to have changed its file after the validator scored it is banned for `ban_windows` windows: its score
+A uid found to have changed its file after the validator scored it is banned for `ban_windows` windows, one that
+failed a spot check (spot_check.py) for `spot_check_ban_windows` (its zeros while banned are not misses): its score
 is 0, its moving average restarts at 0. A uid seen for the first time starts at the default rating (μ 25, σ 25/3),
 score_ema 0 and binary_ma 0, so it earns nothing until it has been evaluated; a uid whose hotkey changed
 (re-registered by someone else) or that left the metagraph loses its state.
