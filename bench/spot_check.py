@@ -1,7 +1,8 @@
 """What a spot check costs (templar_lib/spot_check.py), measured side by side with the miner's window it replays:
 one sparseloco miner node mines two windows through the library's path (roles.miner.mine_window, a write-behind
 state store, files committing to its state), answers a draw of the second (its states put), and a validator
-checks it; then the same check against a file of half the work (which must fail).
+checks it; then the same check against a file of half the work (which must fail); then a network of 5 honest
+miners at spot_check_probability 0, 0.5 and 1, side by side: what the checks add after each close.
 
     python bench/spot_check.py                      # tiny and small presets, CPU
     python bench/spot_check.py --presets 1b --device cuda --sequence-length 2048   (GPU: pending, no device lent)
@@ -27,6 +28,7 @@ from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model  # noqa: E402
 from templar_lib.roles.miner import answer_spot_checks, mine_window  # noqa: E402
+from templar_lib.simulate import run_network  # noqa: E402
 from templar_lib.spot_check import check, commitment, state_digest  # noqa: E402
 from templar_lib.state import StateStore, WriteBehind  # noqa: E402
 from templar_lib.strategies import strategy_of  # noqa: E402
@@ -58,7 +60,7 @@ def measure(preset: str, args, dataset: Dataset, work: Path) -> None:
     def run(scored: bytes) -> tuple[str | None, float]:
         began = time.perf_counter()
         reason = check(1, 1, hparams=hparams, model=model, theta=theta, step=1, tokens=tokens, scored=scored,
-                       previous=gradients.get(gradient_key(0, 1)), fetch=lambda key, limit: gradients.get(key))
+                       fetch=lambda key, limit: gradients.get(key))
         return reason, time.perf_counter() - began
 
     reason, checking = run(gradients.get(gradient_key(1, 1)))
@@ -75,6 +77,21 @@ def measure(preset: str, args, dataset: Dataset, work: Path) -> None:
     store.writer.flush()
 
 
+def latency(bucket: LocalBucket, work: Path, windows: int) -> None:
+    """What the checks add to the production order, side by side: 5 honest miners, sparseloco at the suite's
+    settings, the seconds from a window's close to the next window's mining (validator + aggregator + replay)."""
+    base = HParams.load(Path(__file__).resolve().parents[1] / "deploy" / "simulate-hparams.yaml").replace(
+        strategy="sparseloco")
+    print(f"\n| spot_check_probability | close → next window's mining (mean of {windows} windows) | validator |")
+    print("|---|---|---|")
+    for probability in (0.0, 0.5, 1.0):
+        report = run_network(bucket, work / f"latency-{probability}", miners=5, windows=windows,
+                             hparams=base.replace(spot_check_probability=probability), random_page_count=2)
+        wait = sum(w.close_to_next_seconds for w in report.windows) / windows
+        validator = sum(w.role_seconds["validator"] for w in report.windows) / windows
+        print(f"| {probability:g} | {wait:.2f} s | {validator:.2f} s |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,small")
@@ -82,6 +99,7 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--pages", type=int, default=3, help="pages per window (2 sequences each)")
     parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--latency-windows", type=int, default=5, help="0: skip the network side by side")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-spot-check-"))
     try:
@@ -95,6 +113,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for preset in args.presets.split(","):
             measure(preset, args, dataset, work)
+        if args.latency_windows:
+            latency(bucket, work, args.latency_windows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

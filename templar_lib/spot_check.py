@@ -133,13 +133,13 @@ def committed(data: bytes, *, window: int, uid: int, hparams: HParams) -> Commit
     return None if state is None else Commitment(state[0], state[1], model_hash, probes)
 
 
-def linked(commitment: Commitment, previous: Mapping[int, list] | None, uid: int) -> bool:
+def linked(commitment: Commitment, previous: Mapping[int, list], uid: int, hotkey: str | None) -> bool:
     """Whether a file's state before continues what the validator recorded: a fresh start, or the state after of
-    the uid's recorded file of the window before (`previous`: that window's report's `commitments`; None when this
-    validator has no report of it, and nothing can be told)."""
-    if commitment.before == ZEROS or previous is None:
+    the uid's recorded file of the window before (`previous`: uid -> [before, after, lag, hotkey]) by the same
+    hotkey (a uid registered anew starts fresh)."""
+    if commitment.before == ZEROS:
         return True
-    return uid in previous and previous[uid][1] == commitment.before
+    return uid in previous and previous[uid][1] == commitment.before and previous[uid][3] == hotkey
 
 
 def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, theta: Mapping[str, torch.Tensor],
@@ -169,7 +169,7 @@ def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, th
     load_parameters_(scratch, theta)
     try:  # the state is the miner's: one that breaks the replay (a negative step count, moments) is its failure
         mined = strategy.mine(scratch, before, tokens, step=step)
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError):  # the validator's own limits, not a verdict on the state
         raise
     except Exception as error:  # noqa: BLE001 - whatever a hostile state makes the training code raise
         return f"its state does not replay ({type(error).__name__}: {str(error)[:120]})"

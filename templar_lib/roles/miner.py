@@ -18,7 +18,7 @@ from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.spot_check import answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
-from templar_lib.wire import Gradient, InvalidFile, gradient_key, parse_header
+from templar_lib.wire import Gradient, InvalidFile, gradient_key, keys, parse_header
 from templar_lib.wire.container import templar_header
 
 log = logging.getLogger(__name__)
@@ -137,17 +137,24 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
             log.warning("uid %d: its state after window %d is not a %s miner's of this model (%s): starting from "
                         "zeros", uid, window - 1, hparams.strategy, misfit)
             before, source = None, f"zeros (a state that does not fit: {misfit})"
-        if before is not None and hparams.spot_check_probability > 0 and not gradients.exists(
-                gradient_key(window - 1, uid)):  # its state must continue what its last file committed to
-            log.warning("uid %d: no file of window %d to continue from (a spot check would refuse the state after "
-                        "it): starting from zeros", uid, window - 1)
-            before, source = None, "zeros (no file of the previous window its state would continue)"
+        if before is not None and hparams.spot_check_probability > 0 and (
+                not gradients.exists(gradient_key(window - 1, uid))
+                or store.bucket.exists(keys.late_upload(uid).key(window - 1))):  # continue only a file validators saw
+            log.warning("uid %d: its file of window %d is missing or landed after the close, so no validator recorded "
+                        "the state it continues: starting from zeros", uid, window - 1)
+            before, source = None, "zeros (its previous file is missing or was late: no validator recorded it)"
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
                             gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source, state=None))
         if result.state is not None:  # None: the published file is an earlier run's, whose state stands
             store.save_momentum(uid, window, result.state)
     return results
+
+
+def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
+    """Mark the files of `window` as landed after its close (mine_window then starts the next window from zeros)."""
+    for uid in uids:
+        store.bucket.put(keys.late_upload(uid).key(window), b'{"late": true}')
 
 
 def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store: StateStore, gradients: Bucket,

@@ -13,9 +13,10 @@ from templar_lib.buckets import Bucket, BucketError, ObjectMissing
 from templar_lib.chain import Chain
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
-from templar_lib.spot_check import Commitment, check, committed, drawn, linked
+from templar_lib.spot_check import ZEROS, Commitment, check, committed, drawn, linked
 from templar_lib.watch import Watch
 from templar_lib.wire import EvaluationReport, InvalidFile, evaluation_key, read_evaluation
+from templar_lib.wire.keys import SEEN
 
 log = logging.getLogger(__name__)
 BANNED = "banned until window"  # a banned uid's zero: not scored, and not a miss (its ban is the penalty)
@@ -33,17 +34,21 @@ def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport 
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
-                       previous: Mapping[int, list] | None,
+                       previous: Mapping[int, list] | None, hotkeys: Mapping[int, str],
                        lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]]
                        ) -> tuple[dict[int, list], dict[int, str]]:
-    """What `window`'s files commit to, as the report records it: uid -> [state before, state after, lag] for every
-    file seen (`uids`, sampled for scoring or not) whose header commits to a state, names a θ the validator has
-    (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous` (the commitments the
-    report of window − 1 recorded, {} in window 0; None: this validator has no report of it and cannot tell, so
-    every state is taken); and why each other file with a commitment does not link (the caller zeroes the ones it
-    scores). Nothing is recorded where the network does not spot-check."""
+    """What `window`'s files commit to, as the report records it: uid -> [state before, state after, lag, hotkey]
+    for every file seen (`uids`: sampled for scoring or not, banned or not) whose header commits to a state, names a
+    θ the validator has (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous`
+    (the commitments the report of window − 1 recorded, {} in window 0); and why each other file with a commitment
+    is not paid (the caller zeroes the ones it scores). Without a report of window − 1 (the validator was down),
+    its own copies of that window's files stand in; without those either, a file that does not start fresh is
+    recorded (so its miner can go on) but not paid this window: nothing can tell whether its state was made up.
+    Nothing is recorded where the network does not spot-check."""
     if hparams.spot_check_probability <= 0:
         return {}, {}
+    if previous is None and watch.state.exists(SEEN.key(window - 1)):
+        previous = seen_commitments(watch.at(window - 1), hparams=hparams, hotkeys=hotkeys)
     files = {}
     for uid in sorted(uids):
         try:
@@ -52,14 +57,30 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
             commitment = None
         if commitment is not None:
             files[uid] = commitment
-    lags, recorded, unlinked = lags_of(files), {}, {}
+    lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
-        if not linked(commitment, previous, uid):
-            unlinked[uid] = (f"state: it continues a state no file of window {window - 1} this validator saw "
-                             f"committed to (a fresh start or its last file's state after)")
-        elif isinstance(lags.get(uid), int):
-            recorded[uid] = [commitment.before, commitment.after, lags[uid]]
-    return recorded, unlinked
+        if previous is not None and not linked(commitment, previous, uid, hotkeys.get(uid)):
+            reasons[uid] = (f"state: it continues a state no file of window {window - 1} this validator saw "
+                            f"committed to (a fresh start or its last file's state after)")
+            continue
+        if previous is None and commitment.before != ZEROS:
+            reasons[uid] = f"state: this validator has no record of window {window - 1} to link it to"
+        if isinstance(lags.get(uid), int):
+            recorded[uid] = [commitment.before, commitment.after, lags[uid], hotkeys.get(uid, "")]
+    return recorded, reasons
+
+
+def seen_commitments(watch: Watch, *, hparams: HParams, hotkeys: Mapping[int, str]) -> dict[int, list]:
+    """The commitments of the files a watch saw (the validator's own copies), as record_commitments records them."""
+    seen = {}
+    for uid in watch.sightings():
+        try:
+            commitment = committed(watch.read(uid), window=watch.window, uid=uid, hparams=hparams)
+        except InvalidFile:
+            continue
+        if commitment is not None:
+            seen[uid] = [commitment.before, commitment.after, 0, hotkeys.get(uid, "")]
+    return seen
 
 
 def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, dataset: Dataset, watch: Watch,
@@ -77,9 +98,12 @@ def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, data
                                                                                            chain.uid)
     if report is None or seed is None:
         return {}
-    files, results = watch.at(window), {}
-    for uid, (_, _, lag) in sorted(report.commitments.items()):
+    files, results, metagraph = watch.at(window), {}, chain.metagraph()
+    for uid, (_, _, lag, hotkey) in sorted(report.commitments.items()):
         if not drawn(seed, window, uid, hparams.spot_check_probability):
+            continue
+        if metagraph.hotkey(uid) != hotkey:  # registered anew since: the file was someone else's
+            log.info("uid %d: no spot check of window %d, its hotkey changed since", uid, window)
             continue
         trained_on = report if lag == 0 else own_report(own_bucket, window - lag, chain.uid)
         theta = history(window - lag)

@@ -228,11 +228,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
         if isinstance(lag, str):
             reasons[uid] = lag
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
-    commitments, unlinked = record_commitments(
-        window, watch=watch, uids=[uid for uid in sightings if uid not in banned], hparams=hparams,
+    commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
+        window, watch=watch, uids=sightings, hparams=hparams, hotkeys={n.uid: n.hotkey for n in metagraph.neurons},
         previous={} if window == 0 else None if previous is None else previous.commitments,
         lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams))
-    reasons |= {uid: why for uid, why in unlinked.items() if uid in gradients and uid not in reasons}
+    reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
                               dataset.manifest.train_pages)

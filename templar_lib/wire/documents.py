@@ -100,7 +100,8 @@ class EvaluationReport:
     # the spot checks of window − 1 made after this window closed (spot_check.py): uid -> "" passed, or why not
     checks: dict[int, str] = field(default_factory=dict)
     # what each file seen this window commits to and the θ it names, where it links (spot_check.py): uid ->
-    # [state before, state after, outer steps behind θ_window]; the files a spot check of this window draws from
+    # [state before, state after, outer steps behind θ_window, hotkey]; the files a spot check of this window draws
+    # from
     commitments: dict[int, list] = field(default_factory=dict)
 
 
@@ -137,9 +138,10 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     expect(isinstance(checks, dict) and all(uid.isdigit() and isinstance(why, str) for uid, why in checks.items()),
            "checks must map uids to reasons")
     expect(isinstance(commitments, dict) and all(
-        uid.isdigit() and isinstance(c, list) and len(c) == 3 and all(isinstance(d, str) and len(d) == 64
+        uid.isdigit() and isinstance(c, list) and len(c) == 4 and all(isinstance(d, str) and len(d) == 64
                                                                       for d in c[:2])
-        and is_int(c[2]) and c[2] >= 0 for uid, c in commitments.items()), "commitments malformed")
+        and is_int(c[2]) and c[2] >= 0 and isinstance(c[3], str) and len(c[3]) <= 128
+        for uid, c in commitments.items()), "commitments malformed")
     expect(raw["format"] == EVALUATION_FORMAT and raw["window"] == window and raw["validator"] == validator,
            "evaluation file is for another window or validator")
     expect(is_int(raw["step"]) and raw["step"] >= 0 and _is_number(raw["random_loss"]), "step or random loss malformed")

@@ -90,6 +90,12 @@ def seen_bytes_key(window: int, uid: int) -> str:
     return f"seen-{window}-{uid}.safetensors"
 
 
+def late_upload(uid: int) -> Family:
+    """A miner node's mark that uid's file of a window landed after the window closed (spot_check.py: no validator
+    recorded it, so the next window starts from no state)."""
+    return Family(f"late-{uid}-", ".json")
+
+
 def momentum(uid: int) -> Family:
     """A miner's momentum files, by the window they follow."""
     return Family(f"momentum-{uid}-", ".safetensors")

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from templar_lib.roles.miner import answer_spot_checks, mine_window
+from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
@@ -22,6 +22,9 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
                                   store=store, gradients=buckets.gradients(), hparams=settings)
     results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
                           gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint)
+    if settings.spot_check_probability > 0 and live_chain.block() >= (window + 1) * settings.blocks_per_window:
+        context.log.warning(f"window {window} closed before the files landed: the next window starts from no state")
+        mark_late(window, [result.uid for result in results], store=store)
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {

@@ -6,7 +6,7 @@ from templar_lib.buckets import LocalBucket, ObjectMissing
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model, parameters_of
-from templar_lib.roles.miner import answer_spot_checks, mine_window
+from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
 from templar_lib.spot_check import ZEROS, answer, check, commitment, committed, drawn, linked, state_digest
 from templar_lib.state import StateStore, WriteBehind
 from templar_lib.strategies import STRATEGIES, strategy_of
@@ -73,12 +73,15 @@ def test_an_honest_window_replays_to_its_file_and_a_cheap_one_does_not(name, mod
     assert run(fresh) is None
     # the link: a state before is a fresh start or the state after of the uid's recorded file of the window before
     hparams = strategy.hparams
-    recorded = {1: [ZEROS, committed(first, window=0, uid=1, hparams=hparams).after, 0]}
-    assert all(linked(committed(f, window=1, uid=1, hparams=hparams), recorded, 1) for f in (second, fresh))
-    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {}, 1)  # no file of window 0 recorded
+    recorded = {1: [ZEROS, committed(first, window=0, uid=1, hparams=hparams).after, 0, "hotkey-1"]}
+    assert all(linked(committed(f, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-1") for f in (second, fresh))
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {}, 1, "hotkey-1")  # nothing recorded
     other = committed(fresh, window=1, uid=1, hparams=hparams).after  # another file's state after
-    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {1: [ZEROS, other, 0]}, 1)
-    assert linked(committed(second, window=1, uid=1, hparams=hparams), None, 1)  # no report of window 0: unknown
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {1: [ZEROS, other, 0, "hotkey-1"]}, 1,
+                      "hotkey-1")
+    # the uid registered anew: the recorded file was someone else's, only a fresh start links
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-2")
+    assert linked(committed(fresh, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-2")
     # half the work (the first rows of its pages) from its real state: another file
     thin, before_thin, after_thin = mine(strategy, model, data, 1, 1, copied(after_first), rows=2)
     assert run(thin) == "replaying its window from its committed state gives another file"
@@ -206,11 +209,17 @@ def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is
                  fetch=lambda key, limit: gradients.get(key, max_bytes=limit)) is None
     assert committed(files[1], window=1, uid=1, hparams=hparams).before == committed(
         files[0], window=0, uid=1, hparams=hparams).after  # the node continues its last file's state
-    gradients.delete(gradient_key(1, 1))
-    [result] = mine_window(2, [1], model=model, step=2, store=store, dataset=data, gradients=gradients,
-                           hparams=hparams)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert result.momentum.startswith("zeros (no file of the previous window")
-    assert strategy_of(hparams).read_gradient(gradients.get(result.key), window=2, uid=1, shapes=shapes).state[0] \
-        == ZEROS
+
+    def starts_fresh(window: int) -> bool:
+        [result] = mine_window(window, [1], model=model, step=window, store=store, dataset=data,
+                               gradients=gradients, hparams=hparams)
+        state = strategy_of(hparams).read_gradient(gradients.get(result.key), window=window, uid=1,
+                                                   shapes=shapes).state
+        return result.momentum.startswith("zeros (its previous file is missing or was late") and state[0] == ZEROS
+    gradients.delete(gradient_key(1, 1))
+    assert starts_fresh(2)  # its file of window 1 is gone
+    assert not starts_fresh(3)  # it continues window 2's
+    mark_late(3, [1], store=store)  # window 3's file landed after the close: no validator saw it
+    assert starts_fresh(4)
     store.writer.flush()
