@@ -73,14 +73,14 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
     before = state_digest(state) if checked else None  # before mining: it updates the state's tensors in place
     mined = strategy.mine(model, state, tokens, step=step)
     parameters = parameters_of(model)
+    digests = (before, state_digest(mined.state)) if checked else None
     data = strategy.write_gradient(window, uid, mined.sent, model_hash=model_hash or model_fingerprint(parameters),
-                                   probes=tuple(probe_values(parameters, window)),
-                                   state=(before, state_digest(mined.state)) if checked else None)
+                                   probes=tuple(probe_values(parameters, window)), state=digests)
     key, ours = gradient_key(window, uid), data
     data = publish_once(gradients, key, data, max_bytes=hparams.max_gradient_bytes)
     after = mined.state
     if checked and data != ours and (kept := committed(data, window=window, uid=uid, hparams=hparams)) is not None \
-            and kept.after != state_digest(mined.state):  # the published file commits to an earlier run's state
+            and kept.after != digests[1]:  # the published file commits to an earlier run's state
         log.warning("uid %d: kept an earlier run's file of window %d, whose state after is not this run's: this "
                     "run's state is not saved (the earlier run's, if it saved one, stays)", uid, window)
         after = None

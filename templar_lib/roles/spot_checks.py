@@ -47,16 +47,10 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     Nothing is recorded where the network does not spot-check."""
     if hparams.spot_check_probability <= 0:
         return {}, {}
-    if previous is None and watch.state.exists(SEEN.key(window - 1)):
-        previous = seen_commitments(watch.at(window - 1), hparams=hparams, hotkeys=hotkeys)
-    files = {}
-    for uid in sorted(uids):
-        try:
-            commitment = committed(watch.read(uid), window=window, uid=uid, hparams=hparams)
-        except InvalidFile:  # the validator's own copy is gone: nothing to record
-            commitment = None
-        if commitment is not None:
-            files[uid] = commitment
+    if previous is None and watch.state.exists(SEEN.key(window - 1)):  # its own copies of window − 1 stand in
+        previous = {uid: [c.before, c.after, 0, hotkeys.get(uid, "")]
+                    for uid, c in file_commitments(watch.at(window - 1), hparams=hparams).items()}
+    files = file_commitments(watch, hparams=hparams, uids=uids)
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
         if previous is not None and not linked(commitment, previous, uid, hotkeys.get(uid)):
@@ -70,39 +64,42 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     return recorded, reasons
 
 
-def seen_commitments(watch: Watch, *, hparams: HParams, hotkeys: Mapping[int, str]) -> dict[int, list]:
-    """The commitments of the files a watch saw (the validator's own copies), as record_commitments records them."""
-    seen = {}
-    for uid in watch.sightings():
+def file_commitments(watch: Watch, *, hparams: HParams, uids: Iterable[int] | None = None
+                     ) -> dict[int, Commitment]:
+    """What the files a watch saw (the validator's own copies; of `uids`, or every uid seen) commit to, for those
+    that commit to a state; a copy the validator lost commits to nothing here."""
+    files = {}
+    for uid in sorted(watch.sightings() if uids is None else uids):
         try:
             commitment = committed(watch.read(uid), window=watch.window, uid=uid, hparams=hparams)
         except InvalidFile:
             continue
         if commitment is not None:
-            seen[uid] = [commitment.before, commitment.after, 0, hotkeys.get(uid, "")]
-    return seen
+            files[uid] = commitment
+    return files
 
 
-def spot_check_window(window: int, *, chain: Chain, model: torch.nn.Module, dataset: Dataset, watch: Watch,
-                      own_bucket: Bucket, hparams: HParams,
+def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys: Mapping[int, str],
+                      model: torch.nn.Module, dataset: Dataset, watch: Watch, own_bucket: Bucket, hparams: HParams,
                       history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
-    """The spot checks of `window`, made once window + 1 has closed (the drawn miners put their states during it):
-    uid -> "" when the replay gave its file, else why not. Drawn among the files the validator's report of `window`
-    recorded (record_commitments), each replayed on the θ it names (θ_window, or up to sync_max_lag steps before:
+    """The spot checks of the window of `report` (this validator's report of it; None: it has none), made once the
+    next window has closed (the drawn miners put their states during it): uid -> "" when the replay gave its file,
+    else why not. Drawn among the files the report recorded (record_commitments) whose uid still has the hotkey
+    (`hotkeys`: the metagraph now), each replayed on the θ it names (θ_window, or up to sync_max_lag steps before:
     `history`, at that window's outer step). A state not put, or a bucket that does not give it, is a failure: the
     miner had a window to put it. A check the validator cannot make for want of its own records is logged and
     skipped."""
-    if hparams.spot_check_probability <= 0 or window < 0:
+    if hparams.spot_check_probability <= 0 or report is None:
         return {}
-    seed, report = chain.block_hash((window + 1) * hparams.blocks_per_window), own_report(own_bucket, window,
-                                                                                           chain.uid)
-    if report is None or seed is None:
+    window = report.window
+    seed = chain.block_hash((window + 1) * hparams.blocks_per_window)
+    if seed is None:
         return {}
-    files, results, metagraph = watch.at(window), {}, chain.metagraph()
+    files, results = watch.at(window), {}
     for uid, (_, _, lag, hotkey) in sorted(report.commitments.items()):
         if not drawn(seed, window, uid, hparams.spot_check_probability):
             continue
-        if metagraph.hotkey(uid) != hotkey:  # registered anew since: the file was someone else's
+        if hotkeys.get(uid) != hotkey:  # registered anew since: the file was someone else's
             log.info("uid %d: no spot check of window %d, its hotkey changed since", uid, window)
             continue
         trained_on = report if lag == 0 else own_report(own_bucket, window - lag, chain.uid)

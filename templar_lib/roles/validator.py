@@ -198,17 +198,19 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     seed = chain.block_hash(seed_block)
     if seed is None:
         raise ChainError(f"window {window} has not closed: block {seed_block} is not on the chain yet")
-    uids = [uid for uid in chain.metagraph().uids if uid != validator_uid][: hparams.max_peers]
+    metagraph = chain.metagraph()
+    uids = [uid for uid in metagraph.uids if uid != validator_uid][: hparams.max_peers]
+    hotkeys = {neuron.uid: neuron.hotkey for neuron in metagraph.neurons}
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
     sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
-    metagraph = chain.metagraph()
     banned = {uid: f"{BANNED} {r.banned_until}" for uid, r in ratings.by_uid.items()  # its files stay out of the peers
-              if r.banned_until >= window and metagraph.hotkey(uid) == r.hotkey and uid in sightings}
+              if r.banned_until >= window and hotkeys.get(uid) == r.hotkey and uid in sightings}
     # the spot checks of window − 1 (the drawn miners put their states during this window): a failure is banned
     # from this window on (rate_window), so its file of this window is not used either
-    checks = spot_check_window(window - 1, chain=chain, model=model, dataset=dataset, watch=watch,
+    previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
+    checks = spot_check_window(previous, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset, watch=watch,
                                own_bucket=own_bucket, hparams=hparams, history=history)
     banned |= {uid: f"{BANNED} {window + hparams.spot_check_ban_windows - 1}: failed the spot check of window "
                     f"{window - 1}: {why}" for uid, why in checks.items() if why and uid in sightings}
@@ -227,9 +229,8 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     for uid, lag in lags.items():
         if isinstance(lag, str):
             reasons[uid] = lag
-    previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
     commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
-        window, watch=watch, uids=sightings, hparams=hparams, hotkeys={n.uid: n.hotkey for n in metagraph.neurons},
+        window, watch=watch, uids=sightings, hparams=hparams, hotkeys=hotkeys,
         previous={} if window == 0 else None if previous is None else previous.commitments,
         lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams))
     reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
