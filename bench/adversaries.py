@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.simulate import parse_adversaries, run_network  # noqa: E402
-from templar_lib.simulate.adversaries import OPEN, SPOT_CHECKED  # noqa: E402
+from templar_lib.simulate.adversaries import KINDS, OPEN, SPOT_CHECKED  # noqa: E402
 from tests.lib.test_network import ATTACKS, progress, weight_per_compute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         checked = dict.fromkeys(SPOT_CHECKED) if hparams.spot_check_probability > 0 else {}
         kinds = [kind for kind in {**ATTACKS, **OPEN, **checked} if not args.only or kind in args.only.split(",")]
-        kinds = [kind for kind in kinds if hparams.strategy in OPEN.get(kind, (hparams.strategy,))]
+        kinds = [kind for kind in kinds if hparams.strategy in OPEN.get(kind, KINDS[kind].strategies)]
         for kind in kinds:
             report = network(kind, miners=5, windows=args.windows, adversaries={kind: ATTACKS.get(kind, 1)})
             print(row(kind, report, progress(honest)), flush=True)

@@ -53,4 +53,7 @@ wanted state && step "${STATE_LIMIT:-100}" bench/state.py --preset "$PRESET" --r
 # issue 16 (not in the default list: the five above fill a lease): ONLY=sparseloco bash bench/gpu.sh
 wanted sparseloco && step "${SPARSELOCO_LIMIT:-240}" bench/sparseloco_device.py --preset "$PRESET" --device "$DEVICE" \
     $([ "$DEVICE" = cpu ] || echo --peak-tflops 989 --rows 4 --compile)
+# the tolerance a spot check's replay needs on this hardware (a GPU miner's file replayed on the GPU again and on
+# the CPU): ONLY=replay bash bench/gpu.sh
+wanted replay && step "${REPLAY_LIMIT:-200}" bench/replay_tolerance.py --presets small --device "$DEVICE"
 echo "done: $OUT/bench.txt"

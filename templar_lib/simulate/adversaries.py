@@ -24,6 +24,8 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     slow_endpoint   commits an endpoint on loopback that trickles its bodies or never answers (endpoints.py)
     gradient        sparseloco: the top-k of its raw gradient at its honest file's size (open: OPEN says where)
     gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
+    unlinked        honest work from a state its last file did not commit to (a cheat where spot checks are on)
+    steer           sparseloco, spot checks on: its honest file moved toward gradient_sign's within the tolerance
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient
 from templar_lib.sparseloco import decode_delta, encode_delta, with_values
-from templar_lib.spot_check import commitment
+from templar_lib.spot_check import allowed_difference, commitment, values_difference
 from templar_lib.strategies import Strategy, new_feedback, strategy_of
 from templar_lib.training import loss_and_gradients
 from templar_lib.wire import Gradient, gradient_key, write_gradient
@@ -262,6 +264,12 @@ def _greedy(turn: Turn, direction: Callable[[torch.Tensor, torch.Tensor], torch.
         raise ValueError("the greedy adversaries are sparseloco ones: demo's honest file already is the top-k of its "
                          "gradients' momentum")
     honest = turn.honest()
+    return turn.write(honest.with_tensors(_greedy_sent(turn, direction, honest)))
+
+
+def _greedy_sent(turn: Turn, direction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 honest: SparseGradient) -> dict:
+    """What _greedy sends in place of `honest`'s values."""
     _, gradients = loss_and_gradients(turn.model, turn.dataset.tokens(turn.own_pages()), turn.hparams.batch_size)
     turn.model.zero_grad(set_to_none=True)
     sent, _ = turn.strategy.encode(gradients, None)
@@ -271,8 +279,7 @@ def _greedy(turn: Turn, direction: Callable[[torch.Tensor, torch.Tensor], torch.
     for name, delta in honest.tensors.items():
         size = float(torch.linalg.vector_norm(decode_delta(sent[name])))
         scale[name] = float(torch.linalg.vector_norm(decode_delta(delta))) / size if size > 0 else 0.0
-    return turn.write(honest.with_tensors(turn.strategy.encode({n: g * scale[n] for n, g in greedy.items()},
-                                                               None)[0]))
+    return turn.strategy.encode({n: g * scale[n] for n, g in greedy.items()}, None)[0]
 
 
 def _gradient(turn: Turn) -> bytes:
@@ -280,9 +287,32 @@ def _gradient(turn: Turn) -> bytes:
     return _greedy(turn, lambda g, chosen: g)
 
 
+def _sign(g: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    return torch.where(chosen, torch.sign(g), torch.zeros_like(g))
+
+
 def _gradient_sign(turn: Turn) -> bytes:
     """±1 on the top-k of |g|: the best reply found to a validator scoring in AdamW's own metric (RELIABILITY)."""
-    return _greedy(turn, lambda g, chosen: torch.where(chosen, torch.sign(g), torch.zeros_like(g)))
+    return _greedy(turn, _sign)
+
+
+def _steer(turn: Turn) -> bytes:
+    """sparseloco, where spot checks are on: its honest file moved toward gradient_sign's as far as a check's
+    tolerance lets it pass (0.9 of it, measured as the check measures it): its state is the honest one and its
+    replay is within the tolerance, so no check fails it. What it earns over honest work is what the tolerance
+    leaves a miner (spot_check.py)."""
+    fresh = turn.miner.own is None
+    honest = turn.honest()
+    room = 0.9 * allowed_difference(turn.hparams, fresh=fresh)
+    if room <= 0:
+        return turn.write(honest)
+    greedy = _greedy_sent(turn, _sign, honest)
+    for mix in (min(1.0, room * 2.0 ** -n) for n in range(-3, 6)):  # the farthest that re-encodes within it
+        sent = turn.strategy.encode({name: (1 - mix) * decode_delta(delta) + mix * decode_delta(greedy[name])
+                                     for name, delta in honest.tensors.items()}, None)[0]
+        if values_difference(honest.tensors, sent) <= room:
+            return turn.write(honest.with_tensors(sent))
+    return turn.write(honest)
 
 
 def _thin(turn: Turn) -> bytes:
@@ -315,6 +345,7 @@ class Adversary:
     honest_first: bool = False  # its first window is honest work (compute 1)
     open_under: tuple[str, ...] = ()  # strategies under which it still earns more than honest work: not yet countered
     spot_checked: bool = False  # a cheat only where the network spot-checks miners (without, it is honest work)
+    strategies: tuple[str, ...] = ("demo", "sparseloco")  # the strategies it is defined under
 
     def compute_in(self, window: int) -> float:
         return 1.0 if self.honest_first and window == 0 else self.compute
@@ -344,6 +375,7 @@ KINDS: dict[str, Adversary] = {
     "majority_shrink": Adversary(scaled(0.01)),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "unlinked": Adversary(_unlinked, spot_checked=True),
+    "steer": Adversary(_steer, spot_checked=True, strategies=("sparseloco",)),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
     "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),
 }
