@@ -20,8 +20,9 @@ p = spot_check_probability > 0:
              where the check has a tolerance)
     check    after w + 1 closes the validator requires the state put to hash to the commitment, have the
              strategy's shapes and dtypes, be finite, and strategy.mine(θ, S_{w−1}, pages(w, uid), step) on the θ
-             the file names to give the file: bit for bit at tolerance 0; else the file's values (as one vector) and
-             each state tensor within the tolerance (relative L2), S_w put and hashing to its commitment too
+             the file names to give the file: its values (as one vector) and each state tensor within the
+             tolerance (relative L2; FRESH_START_SLACK times it from no state), S_w put and hashing to its
+             commitment too; bit for bit at tolerance 0
     failing  (no state put, one that does not hash, fit or replay, another file) bans the uid for
              spot_check_ban_windows, and its file of w + 1 scores 0.
 
