@@ -63,6 +63,7 @@ from templar_lib.sparseloco import SparseDelta, decode_delta
 from templar_lib.strategies import strategy_of
 from templar_lib.wire.container import (InvalidFile, check_sender, check_state, expect, is_int, parse_header,
                                         templar_header)
+from templar_lib.wire.documents import Recorded
 from templar_lib.wire.gradient import GRADIENT_HEADER_BYTES
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import miner_state_limit, read_miner_state, write_miner_state
@@ -145,13 +146,13 @@ def committed(data: bytes, *, window: int, uid: int, hparams: HParams) -> Commit
     return None if state is None else Commitment(state[0], state[1], model_hash, probes)
 
 
-def linked(commitment: Commitment, previous: Mapping[int, list], uid: int, hotkey: str | None) -> bool:
+def linked(commitment: Commitment, previous: Mapping[int, Recorded], uid: int, hotkey: str | None) -> bool:
     """Whether a file's state before continues what the validator recorded: a fresh start, or the state after of
-    the uid's recorded file of the window before (`previous`: uid -> [before, after, lag, hotkey]) by the same
+    the uid's recorded file of the window before (`previous`, the report of that window's record) by the same
     hotkey (a uid registered anew starts fresh)."""
     if commitment.before == ZEROS:
         return True
-    return uid in previous and previous[uid][1] == commitment.before and previous[uid][3] == hotkey
+    return uid in previous and previous[uid].after == commitment.before and previous[uid].hotkey == hotkey
 
 
 def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, theta: Mapping[str, torch.Tensor],

@@ -13,11 +13,13 @@ import shutil
 from pathlib import Path
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from templar_lib.buckets import LocalBucket  # noqa: E402
-from templar_lib.data import build_dataset  # noqa: E402
+from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
+from templar_lib.model import build_model  # noqa: E402
 from tests.s3 import S3_SERVERS, TEST_KEY_ID, TEST_SECRET, SeaweedFS, weed_binary  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -34,6 +36,13 @@ def dataset(tmp_path_factory) -> LocalBucket:
     bucket = LocalBucket(tmp_path_factory.mktemp("dataset"))
     build_dataset(bucket, sequence_length=128, max_chars=300_000, held_out_pages=8)
     return bucket
+
+
+@pytest.fixture(scope="module")
+def model_and_data(dataset) -> tuple[torch.nn.Module, Dataset]:
+    """The tiny model (seed 0) and the dataset opened, once per test module (its tests may train the model)."""
+    data = Dataset.open(dataset)
+    return build_model("tiny", seed=0, vocab_size=data.vocab_size), data
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from templar_lib.hparams import HParams
 from templar_lib.spot_check import ZEROS, Commitment, check, committed, drawn, linked
 from templar_lib.watch import Watch
 from templar_lib.wire import EvaluationReport, InvalidFile, evaluation_key, read_evaluation
+from templar_lib.wire.documents import Recorded
 from templar_lib.wire.keys import SEEN
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,12 @@ def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport 
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
-                       previous: Mapping[int, list] | None, hotkeys: Mapping[int, str],
+                       previous: Mapping[int, Recorded] | None, hotkeys: Mapping[int, str],
                        lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]]
-                       ) -> tuple[dict[int, list], dict[int, str]]:
-    """What `window`'s files commit to, as the report records it: uid -> [state before, state after, lag, hotkey]
-    for every file seen (`uids`: sampled for scoring or not, banned or not) whose header commits to a state, names a
-    θ the validator has (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous`
+                       ) -> tuple[dict[int, Recorded], dict[int, str]]:
+    """What `window`'s files commit to, as the report records it (uid -> Recorded), for every file seen (`uids`:
+    sampled for scoring or not, banned or not) whose header commits to a state, names a θ the validator has
+    (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous`
     (the commitments the report of window − 1 recorded, {} in window 0); and why each other file with a commitment
     is not paid (the caller zeroes the ones it scores). Without a report of window − 1 (the validator was down),
     its own copies of that window's files stand in; without those either, a file that does not start fresh is
@@ -48,7 +49,7 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     if hparams.spot_check_probability <= 0:
         return {}, {}
     if previous is None and watch.state.exists(SEEN.key(window - 1)):  # its own copies of window − 1 stand in
-        previous = {uid: [c.before, c.after, 0, hotkeys.get(uid, "")]
+        previous = {uid: Recorded(c.before, c.after, 0, hotkeys.get(uid, ""))
                     for uid, c in file_commitments(watch.at(window - 1), hparams=hparams).items()}
     files = file_commitments(watch, hparams=hparams, uids=uids)
     lags, recorded, reasons = lags_of(files), {}, {}
@@ -60,7 +61,7 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
         if previous is None and commitment.before != ZEROS:
             reasons[uid] = f"state: this validator has no record of window {window - 1} to link it to"
         if isinstance(lags.get(uid), int):
-            recorded[uid] = [commitment.before, commitment.after, lags[uid], hotkeys.get(uid, "")]
+            recorded[uid] = Recorded(commitment.before, commitment.after, lags[uid], hotkeys.get(uid, ""))
     return recorded, reasons
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 from templar_lib.scoring import Losses, Score
 from templar_lib.wire.container import InvalidFile, expect, is_int, json_object, untrusted_reader
@@ -84,6 +85,17 @@ def read_peers(data: bytes, *, window: int, max_uids: int = 65536, max_bytes: in
                  sha256={int(uid): digest for uid, digest in hashes.items()}, signature=raw["signature"])
 
 
+class Recorded(NamedTuple):
+    """What an evaluation report records of one file seen (spot_check.py): the digests of its miner's state before
+    and after the window, the outer steps its θ is behind θ_window, and the uid's hotkey then. In JSON, a list of the
+    four in this order."""
+
+    before: str
+    after: str
+    lag: int
+    hotkey: str
+
+
 @dataclass(frozen=True)
 class EvaluationReport:
     """evaluation-{window}-{validator}.json: a validator's measurements of one window."""
@@ -99,10 +111,9 @@ class EvaluationReport:
     unsampled: list[int] = field(default_factory=list)  # seen but not scored this window (roles/validator.py)
     # the spot checks of window − 1 made after this window closed (spot_check.py): uid -> "" passed, or why not
     checks: dict[int, str] = field(default_factory=dict)
-    # what each file seen this window commits to and the θ it names, where it links (spot_check.py): uid ->
-    # [state before, state after, outer steps behind θ_window, hotkey]; the files a spot check of this window draws
-    # from
-    commitments: dict[int, list] = field(default_factory=dict)
+    # what each file seen this window commits to and the θ it names, where it links (spot_check.py); the files a
+    # spot check of this window draws from
+    commitments: dict[int, Recorded] = field(default_factory=dict)
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -170,7 +181,7 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
                             list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())),
-                            dict(sorted((int(uid), list(c)) for uid, c in commitments.items())))
+                            dict(sorted((int(uid), Recorded(*c)) for uid, c in commitments.items())))
 
 
 def _losses(raw: dict | None) -> Losses | None:

@@ -1,5 +1,6 @@
 """Spot checks (templar_lib/spot_check.py): a drawn miner's window replayed from the state it committed to."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,18 +15,13 @@ from templar_lib.spot_check import (FRESH_START_SLACK, ZEROS, answer, check, com
 from templar_lib.state import StateStore, WriteBehind
 from templar_lib.strategies import STRATEGIES, strategy_of
 from templar_lib.wire import InvalidFile, gradient_key
+from templar_lib.wire.documents import EvaluationReport, Recorded, read_evaluation, write_evaluation
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import read_miner_state, write_miner_state
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2,
                spot_check_probability=1.0, spot_check_tolerance=0.0)  # bit for bit: miner and validator in one process
 EACH = pytest.mark.parametrize("name", sorted(STRATEGIES))
-
-
-@pytest.fixture(scope="module")
-def model_and_data(dataset):
-    data = Dataset.open(dataset)
-    return build_model("tiny", seed=0, vocab_size=data.vocab_size), data
 
 
 def copied(state):
@@ -76,12 +72,12 @@ def test_an_honest_window_replays_to_its_file_and_a_cheap_one_does_not(name, mod
     assert run(fresh) is None
     # the link: a state before is a fresh start or the state after of the uid's recorded file of the window before
     hparams = strategy.hparams
-    recorded = {1: [ZEROS, committed(first, window=0, uid=1, hparams=hparams).after, 0, "hotkey-1"]}
+    recorded = {1: Recorded(ZEROS, committed(first, window=0, uid=1, hparams=hparams).after, 0, "hotkey-1")}
     assert all(linked(committed(f, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-1") for f in (second, fresh))
     assert not linked(committed(second, window=1, uid=1, hparams=hparams), {}, 1, "hotkey-1")  # nothing recorded
     other = committed(fresh, window=1, uid=1, hparams=hparams).after  # another file's state after
-    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {1: [ZEROS, other, 0, "hotkey-1"]}, 1,
-                      "hotkey-1")
+    assert not linked(committed(second, window=1, uid=1, hparams=hparams), {1: Recorded(ZEROS, other, 0, "hotkey-1")},
+                      1, "hotkey-1")
     # the uid registered anew: the recorded file was someone else's, only a fresh start links
     assert not linked(committed(second, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-2")
     assert linked(committed(fresh, window=1, uid=1, hparams=hparams), recorded, 1, "hotkey-2")
@@ -173,6 +169,19 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
                 assert reason is None, (start, tolerance, reason)
             else:
                 assert reason.startswith("replaying its window from its committed state gives other values"), reason
+
+
+def test_a_report_s_record_of_commitments_round_trips_as_lists_of_four():
+    recorded = {3: Recorded("a" * 64, "b" * 64, 1, "hotkey-3"), 7: Recorded(ZEROS, "c" * 64, 0, "")}
+    report = EvaluationReport(5, 0, 5, 4.2, [3], {}, commitments=recorded, checks={7: ""})
+    data = write_evaluation(report)
+    assert json.loads(data)["commitments"]["3"] == ["a" * 64, "b" * 64, 1, "hotkey-3"]
+    read = read_evaluation(data, window=5, validator=0)
+    assert read.commitments == recorded and read.commitments[3].after == "b" * 64 and read.checks == {7: ""}
+    document = json.loads(data)
+    document["commitments"]["3"] = ["a" * 64, "b" * 64, -1, "hotkey-3"]  # a lag below 0
+    with pytest.raises(InvalidFile, match="commitments malformed"):
+        read_evaluation(json.dumps(document).encode(), window=5, validator=0)
 
 
 def test_a_draw_follows_the_closing_hash_at_the_network_s_rate():

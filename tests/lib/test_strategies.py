@@ -21,12 +21,6 @@ FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_siz
 EACH = pytest.mark.parametrize("name", sorted(STRATEGIES))
 
 
-@pytest.fixture(scope="module")
-def model_and_data(dataset):
-    data = Dataset.open(dataset)
-    return build_model("tiny", seed=0, vocab_size=data.vocab_size), data
-
-
 @EACH
 def test_mining_is_deterministic_restores_theta_and_round_trips_the_wire(name, model_and_data):
     model, data = model_and_data
