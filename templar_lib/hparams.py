@@ -47,6 +47,9 @@ MAX_INNER_BETA2 = 0.99
 # and its β₁: from the tuned 0.8 to Templar's 0.9, where the norm bound's allowance for it is measured
 # (SparseLoCoStrategy.beta1_lag; bench/RESULTS.md, "Inner AdamW β₁")
 MIN_INNER_BETA1, MAX_INNER_BETA1 = 0.8, 0.9
+# and a spot check's tolerance: room a miner can steer its file in; at 0.02 steering toward the greediest file found
+# earned no more than honest work, at 0.1 it earned 3.3× (docs/RELIABILITY.md, kind `steer`)
+MAX_SPOT_CHECK_TOLERANCE = 0.02
 
 
 class HParamsError(ValueError):
@@ -126,11 +129,11 @@ class HParams:
     # spot checks (spot_check.py): each scored file is replayed from the miner's committed state with this
     # probability, drawn by the window's closing block; 0 turns them off (files then commit to no state)
     spot_check_probability: float = 0.0
-    # the replay's relative L2 difference allowed, of the file's values and of each state tensor (a fresh start's:
-    # 20 times it). Other kernels, even another thread count, round otherwise: ≤ 4.8e-5 from a carried state, 0.0062
-    # at a fresh start (small preset, CPU; bench/RESULTS.md "Replay tolerance"). 0 is bit for bit: one process's
-    # kernels (a simulation). GPUs: not measured yet. A protocol field where checks are on (a miner puts its state
-    # after the window too where it is above 0)
+    # the replay's relative L2 difference allowed, of the file's values (20 times it at a sparseloco fresh start)
+    # and of each state tensor (spot_check.check). Other kernels, even another thread count, round otherwise: ≤ 4.8e-5
+    # from a carried state, 0.0062 at a fresh start (small preset, CPU; bench/RESULTS.md "Replay tolerance"). 0 is bit
+    # for bit: one process's kernels (a simulation). At most MAX_SPOT_CHECK_TOLERANCE. GPUs: not measured yet. A
+    # protocol field where checks are on (a miner puts its state after the window too where it is above 0)
     spot_check_tolerance: float = 1e-3
     spot_check_ban_windows: int = 50  # windows a uid that failed a spot check earns nothing
     # --- limits for untrusted input ---
@@ -157,10 +160,12 @@ class HParams:
             if getattr(self, name) < 0:
                 raise HParamsError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         for name in ("momentum_decay", "binary_score_ma_alpha", "lr_floor_ratio", "score_ema_alpha",
-                     "peer_score_ratio", "miss_penalty", "error_decay", "spot_check_probability",
-                     "spot_check_tolerance"):
+                     "peer_score_ratio", "miss_penalty", "error_decay", "spot_check_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 <= self.spot_check_tolerance <= MAX_SPOT_CHECK_TOLERANCE:
+            raise HParamsError(f"spot_check_tolerance: must be within [0, {MAX_SPOT_CHECK_TOLERANCE}] (room a miner "
+                               f"can steer its file in), got {self.spot_check_tolerance!r}")
         if not 0.0 <= self.inner_beta1 < 1.0:
             raise HParamsError(f"inner_beta1: must be within [0, 1), got {self.inner_beta1!r}")
         if self.strategy == "sparseloco" and not MIN_INNER_BETA1 <= self.inner_beta1 <= MAX_INNER_BETA1:

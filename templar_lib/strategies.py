@@ -31,7 +31,7 @@ from templar_lib.hparams import MAX_INNER_BETA1, MAX_INNER_BETA2, MIN_INNER_BETA
 from templar_lib.inner import InnerState, inner_steps
 from templar_lib.model import parameters_of
 from templar_lib.screening import norm_reason
-from templar_lib.sparseloco import SparseDelta, combine_deltas, encode_delta, feedback_gain
+from templar_lib.sparseloco import SparseDelta, combine_deltas, decode_delta, encode_delta, feedback_gain
 from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
                               read_gradient, write_aggregation, write_gradient)
@@ -84,9 +84,17 @@ def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch
 class DemoStrategy:
     name = "demo"
     STATE_FLOAT64: frozenset[str] = frozenset()  # the state's tensors not in float32 (spot_check.py reads them)
+    # a spot check's allowance for the values of a window mined from no state, in multiples of its tolerance (the
+    # sparseloco strategy's says why); demo's first gradients tie nothing (bench/RESULTS.md "Replay tolerance")
+    FRESH_START_SLACK = 1.0
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
+
+    def tie_free_state(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, Sparse]) -> dict[str, torch.Tensor]:
+        """The state after a window in a form other kernels' rounding moves only a little (spot_check.py compares it
+        per tensor): demo's momentum as it is, whose DCT coefficients were not seen to tie."""
+        return dict(state)
 
     def state_shapes(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """What a miner's state holds: the error feedback's momentum, one tensor per parameter."""
@@ -203,6 +211,10 @@ class SparseLoCoStrategy:
 
     name = "sparseloco"
     STATE_FLOAT64 = frozenset({"adam_t"})  # InnerState's step count
+    # AdamW's first steps are sign-like (m̂/√v̂ = ±1 at step 1), so from no state many values of Δ nearly tie and
+    # other kernels, even another thread count, break the top-k's ties otherwise: 0.0062 of a file's values on the
+    # small preset, ≤ 2.9e-5 from a carried state (bench/RESULTS.md "Replay tolerance")
+    FRESH_START_SLACK = 20.0
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured (top-NORM_BOUND_TOPK of 64 × 64)
     NORM_BOUND_DECAY = 0.95
     NORM_BOUND_TOPK, NORM_BOUND_CHUNK = 32, 64
@@ -336,6 +348,15 @@ class SparseLoCoStrategy:
                     return (f"norm: {name[:60]} has ‖values‖ {norm:.3g}, {side} {factor:.3g}× the validator's "
                             f"reference {limit:.3g}")
         return None
+
+    def tie_free_state(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, SparseDelta]
+                       ) -> dict[str, torch.Tensor]:
+        """The state after a window in a form that does not depend on how the top-k broke its ties (spot_check.py
+        compares it per tensor): each error feedback plus what was sent, e_after + decode(sent) = β·e + Δ, the
+        accumulation the top-k chose from. A tie broken otherwise moves a value between the two terms, not their
+        sum; and a file that sends more than its replay must have kept that much less back."""
+        return {name: t + decode_delta(sent[name[6:]]).to(t.device, t.dtype) if name.startswith("error.") else t
+                for name, t in state.items()}
 
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,
                      step: int, reference: NormReference | None = None) -> None:

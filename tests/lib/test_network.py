@@ -15,7 +15,7 @@ from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.simulate import ADVERSARIES, parse_adversaries, run_network
 from templar_lib.simulate.adversaries import OPEN, SPOT_CHECKED
-from templar_lib.spot_check import FRESH_START_SLACK, values_difference
+from templar_lib.spot_check import values_difference
 from templar_lib.strategies import strategy_of
 from templar_lib.wire import gradient_key, read_aggregation
 
@@ -223,7 +223,8 @@ def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more
     first = [strategy_of(hparams.replace(spot_check_tolerance=t)).read_gradient(
         (tmp_path / str(t) / "gradients" / gradient_key(0, cheat)).read_bytes(), window=0, uid=cheat, shapes=shapes
     ).tensors for t in runs]  # window 0, on the same θ_0 in both: a fresh start, allowed FRESH_START_SLACK × it
-    assert 0 < values_difference(first[0], first[1]) <= FRESH_START_SLACK * hparams.spot_check_tolerance  # it steered
+    slack = strategy_of(hparams).FRESH_START_SLACK
+    assert 0 < values_difference(first[0], first[1]) <= slack * hparams.spot_check_tolerance  # it steered
     assert weight_per_compute(report, [cheat]) <= 1.05 * weight_per_compute(runs[0.0], [cheat])
 
 
