@@ -47,8 +47,8 @@ MAX_INNER_BETA2 = 0.99
 # and its β₁: from the tuned 0.8 to Templar's 0.9, where the norm bound's allowance for it is measured
 # (SparseLoCoStrategy.beta1_lag; bench/RESULTS.md, "Inner AdamW β₁")
 MIN_INNER_BETA1, MAX_INNER_BETA1 = 0.8, 0.9
-# and a spot check's tolerance: room a miner can steer its file in; at 0.02 steering toward the greediest file found
-# earned no more than honest work, at 0.1 it earned 3.3× (docs/RELIABILITY.md, kind `steer`)
+# and a spot check's tolerance, where checks are on: room a miner can steer its file in; at 0.02 steering toward the
+# greediest file found earned no more than honest work, at 0.1 it earned 3.3× (docs/RELIABILITY.md, kind `steer`)
 MAX_SPOT_CHECK_TOLERANCE = 0.02
 
 
@@ -163,7 +163,8 @@ class HParams:
                      "peer_score_ratio", "miss_penalty", "error_decay", "spot_check_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise HParamsError(f"{name}: must be within [0, 1], got {getattr(self, name)!r}")
-        if not 0.0 <= self.spot_check_tolerance <= MAX_SPOT_CHECK_TOLERANCE:
+        if self.spot_check_tolerance < 0 or (self.spot_check_probability
+                                             and self.spot_check_tolerance > MAX_SPOT_CHECK_TOLERANCE):
             raise HParamsError(f"spot_check_tolerance: must be within [0, {MAX_SPOT_CHECK_TOLERANCE}] (room a miner "
                                f"can steer its file in), got {self.spot_check_tolerance!r}")
         if not 0.0 <= self.inner_beta1 < 1.0:

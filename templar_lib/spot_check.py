@@ -203,7 +203,7 @@ def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, th
     after = put_state("after", after_digest)
     replay_state, put = (strategy.tie_free_state(state, sent.tensors)
                          for state, sent in ((mined.state, again), (after, gradient)))
-    for name in sorted(expected):
+    for name in sorted(replay_state):
         exact = name in strategy.STATE_FLOAT64
         difference = (0.0 if torch.equal(replay_state[name].cpu(), put[name].cpu()) else float("inf")) if exact \
             else relative_difference(replay_state[name], put[name])

@@ -26,12 +26,14 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
     unlinked        honest work from a state its last file did not commit to (a cheat where spot checks are on)
     steer           sparseloco, spot checks on: its honest file moved toward gradient_sign's within the tolerance
+                    (steer_unpaid: keeping back no less; steer_fresh: from no state every window)
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -296,11 +298,15 @@ def _gradient_sign(turn: Turn) -> bytes:
     return _greedy(turn, _sign)
 
 
-def _steer(turn: Turn) -> bytes:
+def _steer(turn: Turn, *, pays: bool = True, fresh_every_window: bool = False) -> bytes:
     """sparseloco, where spot checks are on: its honest file moved toward gradient_sign's as far as a check's
     tolerance lets the values pass (0.9 of it, measured as the check measures it), its error feedback keeping back
-    what it sent beyond its honest file (as the check's tie-free state requires), so no check fails it. What it
-    earns over honest work is what the tolerance leaves a miner (spot_check.py)."""
+    what it sent beyond its honest file (as the check's tie-free state requires: `pays`; without, it keeps back
+    nothing and the state check alone stands in its way), from no state every window where `fresh_every_window`
+    (the values' room at a fresh start, and nothing owed carried on). What it earns over honest work is what the
+    tolerance leaves a miner (spot_check.py)."""
+    if fresh_every_window:
+        turn.miner.own = None
     fresh = turn.miner.own is None
     honest = turn.honest()
     room = 0.9 * allowed_difference(turn.hparams, fresh=fresh)
@@ -310,6 +316,8 @@ def _steer(turn: Turn) -> bytes:
     for mix in (min(1.0, room * 2.0 ** -n) for n in range(-3, 6)):  # the farthest that re-encodes within it
         sent = turn.strategy.encode({name: (1 - mix) * decode_delta(delta) + mix * decode_delta(greedy[name])
                                      for name, delta in honest.tensors.items()}, None)[0]
+        if values_difference(honest.tensors, sent) <= room and not pays:
+            return turn.write(honest.with_tensors(sent))
         if values_difference(honest.tensors, sent) <= room:
             before, _ = turn.miner.transitions[turn.window]
             own = dict(turn.miner.own)
@@ -383,6 +391,9 @@ KINDS: dict[str, Adversary] = {
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "unlinked": Adversary(_unlinked, spot_checked=True),
     "steer": Adversary(_steer, spot_checked=True, strategies=("sparseloco",)),
+    "steer_unpaid": Adversary(functools.partial(_steer, pays=False), spot_checked=True, strategies=("sparseloco",)),
+    "steer_fresh": Adversary(functools.partial(_steer, fresh_every_window=True), spot_checked=True,
+                             strategies=("sparseloco",)),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
     "gradient_sign": Adversary(_gradient_sign, open_under=("sparseloco",)),
 }

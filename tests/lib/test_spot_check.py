@@ -275,6 +275,7 @@ def test_where_the_network_spot_checks_a_file_must_commit_to_its_state(name, mod
     assert off.hparams.replace(spot_check_tolerance=0.01).protocol_hash() == off.hparams.protocol_hash()  # no checks
     with pytest.raises(HParamsError, match="room a miner can steer its file in"):  # steering paid 3.3× at 0.1
         strategy.hparams.replace(spot_check_tolerance=0.1)
+    assert HParams(spot_check_tolerance=0.1).protocol_hash() == HParams().protocol_hash()  # checks off: not used
     assert HParams().protocol_hash() == HParams(spot_check_tolerance=0.0).protocol_hash()  # the default: off
     assert off.read_gradient(off.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes).state is None
     assert parameters_of(model)  # the model is untouched by it all
