@@ -43,12 +43,15 @@ CPU_VARIANTS = {
 DEVICE_VARIANTS = {"same": ({}, None, None), "on the CPU": ({}, None, "cpu")}  # a GPU miner's file, replayed
 
 
+def hparams_of(args) -> HParams:
+    return HParams(strategy=args.strategy, sequence_length=args.sequence_length, pages_per_window=args.pages,
+                   batch_size=args.batch)
+
+
 def setting(args) -> tuple[HParams, Dataset]:
-    hparams = HParams(strategy=args.strategy, sequence_length=args.sequence_length, pages_per_window=args.pages,
-                      batch_size=args.batch)
     bucket = LocalBucket(Path(args.work) / "dataset")
     manifest = build_dataset(bucket, sequence_length=args.sequence_length, max_chars=300_000, held_out_pages=8)
-    return hparams, Dataset(bucket, manifest)
+    return hparams_of(args), Dataset(bucket, manifest)
 
 
 def mine(args, start: dict[str, torch.Tensor], out: Path) -> None:
@@ -86,8 +89,7 @@ def start_of(args) -> dict[str, torch.Tensor]:
 
 
 def compare(args, miner: Path, replay: Path) -> str:
-    hparams, _ = setting(args)
-    strategy = strategy_of(hparams)
+    strategy = strategy_of(hparams_of(args))
     shapes = {k[6:]: tuple(v.shape) for k, v in load_file(miner.parent / "start.safetensors").items()
               if k.startswith("theta.")}
     read = [strategy.read_gradient(p.joinpath("file").read_bytes(), window=args.windows - 1, uid=1, shapes=shapes)

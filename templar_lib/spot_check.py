@@ -233,12 +233,13 @@ def values_difference(replay: Mapping[str, Sparse | SparseDelta], sent: Mapping[
     where kernels differ (another CPU's, a GPU's) a top-k tie broken the other way moves one value of a parameter: a
     large share of a small parameter, a small one of the file (bench/replay_tolerance.py). Summed parameter by
     parameter, never the whole model dense at once."""
-    squared_difference = squared_norm = 0.0
+    squared = [0.0, 0.0, 0.0]  # ‖replay − sent‖², ‖replay‖², ‖sent‖²
     for name, values in sent.items():
         a, b = (sent_values(x).detach().to("cpu", torch.float64) for x in (replay[name], values))
-        squared_difference += float(torch.linalg.vector_norm(a - b)) ** 2
-        squared_norm += max(float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))) ** 2
-    return squared_difference ** 0.5 / squared_norm ** 0.5 if squared_norm > 0 else 0.0
+        for i, t in enumerate((a - b, a, b)):
+            squared[i] += float(torch.linalg.vector_norm(t)) ** 2
+    scale = max(squared[1], squared[2]) ** 0.5
+    return squared[0] ** 0.5 / scale if scale > 0 else 0.0
 
 
 def sent_values(sent: Sparse | SparseDelta) -> torch.Tensor:

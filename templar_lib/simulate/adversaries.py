@@ -316,18 +316,23 @@ def _steer(turn: Turn, *, pays: bool = True, fresh_every_window: bool = False) -
     for mix in (min(1.0, room * 2.0 ** -n) for n in range(-3, 6)):  # the farthest that re-encodes within it
         sent = turn.strategy.encode({name: (1 - mix) * decode_delta(delta) + mix * decode_delta(greedy[name])
                                      for name, delta in honest.tensors.items()}, None)[0]
-        if values_difference(honest.tensors, sent) <= room and not pays:
+        if values_difference(honest.tensors, sent) > room:
+            continue
+        if not pays:
             return turn.write(honest.with_tensors(sent))
-        if values_difference(honest.tensors, sent) <= room:
-            before, _ = turn.miner.transitions[turn.window]
-            own = dict(turn.miner.own)
-            for name, delta in sent.items():
-                error = own[f"error.{name}"]
-                own[f"error.{name}"] = error - (decode_delta(delta) - decode_delta(honest.tensors[name])).to(error)
-            turn.miner.own = own
-            turn.miner.record(turn.window, before, own)
-            return turn.write(dataclasses.replace(honest.with_tensors(sent), state=commitment(before, own)))
+        before, _ = turn.miner.transitions[turn.window]
+        turn.miner.own = kept_back(turn.miner.own, sent, honest.tensors)
+        turn.miner.record(turn.window, before, turn.miner.own)
+        return turn.write(dataclasses.replace(honest.with_tensors(sent), state=commitment(before, turn.miner.own)))
     return turn.write(honest)
+
+
+def kept_back(state: dict[str, torch.Tensor], sent: dict, instead: dict) -> dict[str, torch.Tensor]:
+    """The state after of a sparseloco miner whose file sent `sent` where its work gave `instead`: its error feedback
+    keeps back what the file sent beyond (e − (decode(sent) − decode(instead))), so its tie-free state
+    (strategies.SparseLoCoStrategy.tie_free_state) is its work's; other entries (and demo's momentum) as they are."""
+    return {name: t - (decode_delta(sent[name[6:]]) - decode_delta(instead[name[6:]])).to(t)
+            if name.startswith("error.") else t for name, t in state.items()}
 
 
 def _thin(turn: Turn) -> bytes:

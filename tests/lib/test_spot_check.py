@@ -10,7 +10,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
-from templar_lib.sparseloco import decode_delta
+from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
 from templar_lib.state import StateStore, WriteBehind
@@ -148,13 +148,6 @@ def tie_broken_otherwise(sent):
     return dataclasses.replace(sent, idx=idx, **{field: values})
 
 
-def owed(after, moved, sent):
-    """The state after of a miner whose file sent `moved` instead of `sent`: sparseloco's error feedback keeps back
-    what the file sent beyond (what a tie broken otherwise does to a miner's own state); demo's momentum as it is."""
-    return {k: v - (decode_delta(moved[k[6:]]) - decode_delta(sent[k[6:]])) if k.startswith("error.") else v
-            for k, v in after.items()}
-
-
 @EACH
 def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, dataset, tmp_path):
     """Other kernels (another CPU's, a GPU's) can break a top-k tie the other way: a value of one parameter moves
@@ -178,9 +171,9 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
         of_parameter = relative_difference(sent_values(moved[smallest]), sent_values(sent[smallest]))
         assert 0 < 3 * of_file < of_parameter  # demo: every parameter's values have unit norm, a share of √(#params)
         fresh_passes = start == "fresh" and bit_for_bit.FRESH_START_SLACK > 2
-        cases = [((of_file * of_parameter) ** 0.5, owed(after, moved, sent), True),
-                 (of_file / 2, owed(after, moved, sent), fresh_passes),
-                 (of_file / (2 * bit_for_bit.FRESH_START_SLACK), owed(after, moved, sent), False)]
+        cases = [((of_file * of_parameter) ** 0.5, kept_back(after, moved, sent), True),
+                 (of_file / 2, kept_back(after, moved, sent), fresh_passes),
+                 (of_file / (2 * bit_for_bit.FRESH_START_SLACK), kept_back(after, moved, sent), False)]
         if name == "sparseloco":  # the same file from a miner that kept back what it would have without the tie:
             slack = bit_for_bit.FRESH_START_SLACK if start == "fresh" else 1.0  # the values just pass
             cases.append((1.01 * of_file / slack, after, "state"))
