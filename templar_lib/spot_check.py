@@ -43,8 +43,9 @@ state tensor and 2.9e-5 of the values; a fresh start breaks AdamW's near-ties (i
 other way, on one thread as on AVX2: within 0.0062 of the values and 0.0061 of a state tensor on the small preset.
 Hence the tolerance 1e-3, and 20 times it for the values of a sparseloco fresh start. The state after is compared in
 a form the ties do not move (sparseloco's error feedback plus what was sent), so a file that sends more than its
-replay must have kept that much less back for later windows: what a miner steers within the tolerance, it owes.
-What it leaves a miner (kind `steer`): measured in docs/RELIABILITY.md.
+replay must have kept that much less back for later windows: what a miner steers beyond the state's own room
+(tol · ‖β·e + Δ‖ per tensor), it owes. What the room leaves a miner (kinds `steer`, `steer_carried`: nothing
+measurable at the cap) is measured in bench/RESULTS.md "Replay tolerance".
 GPU kernels are not measured yet.
 """
 

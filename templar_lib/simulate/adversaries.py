@@ -26,7 +26,8 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
     unlinked        honest work from a state its last file did not commit to (a cheat where spot checks are on)
     steer           sparseloco, spot checks on: its honest file moved toward gradient_sign's within the tolerance
-                    (steer_unpaid: keeping back no less; steer_fresh: from no state every window)
+                    (steer_unpaid: keeping back no less; steer_carried: the same from a carried state, each
+                    parameter within the state check's room; steer_fresh: from no state every window)
 """
 
 from __future__ import annotations
@@ -327,6 +328,34 @@ def _steer(turn: Turn, *, pays: bool = True, fresh_every_window: bool = False) -
     return turn.write(honest)
 
 
+def _steer_carried(turn: Turn) -> bytes:
+    """sparseloco, where spot checks are on: from a carried state, its honest file moved toward gradient_sign's
+    without keeping back what it sent beyond (its state stays its honest work's), each parameter only as far as the
+    state check's room (tol · ‖β·e + Δ‖ of its error feedback, 0.9 of it) and the whole file as far as the values'
+    (0.9 of the tolerance); honest work at a fresh start (nothing carried: the state check would catch the values'
+    20× room there, `steer_unpaid`). The most a miner can steer unpaid, tensor by tensor."""
+    fresh = turn.miner.own is None
+    honest = turn.honest()
+    tolerance = turn.hparams.spot_check_tolerance
+    if fresh or tolerance <= 0:
+        return turn.write(honest)
+    greedy = _greedy_sent(turn, _sign, honest)
+    owed = turn.strategy.tie_free_state(turn.miner.own, honest.tensors)  # what a replay's state after holds
+    away = {name: decode_delta(greedy[name]) - decode_delta(delta) for name, delta in honest.tensors.items()}
+    room = {name: 0.9 * tolerance * float(torch.linalg.vector_norm(owed["error." + name]))
+            for name in honest.tensors}
+    for mix in (min(1.0, tolerance * 2.0 ** (-n / 4)) for n in range(-24, 32)):  # the farthest passing both
+        sent = dict(honest.tensors)
+        for name, delta in honest.tensors.items():  # a parameter whose re-encoding leaves its room stays honest
+            share = min(mix, room[name] / max(float(torch.linalg.vector_norm(away[name])), 1e-30))
+            [steered] = turn.strategy.encode({name: decode_delta(delta) + share * away[name]}, None)[0].values()
+            if float(torch.linalg.vector_norm(decode_delta(steered) - decode_delta(delta))) <= room[name]:
+                sent[name] = steered
+        if values_difference(honest.tensors, sent) <= 0.9 * tolerance:
+            return turn.write(honest.with_tensors(sent))
+    return turn.write(honest)
+
+
 def kept_back(state: dict[str, torch.Tensor], sent: dict, instead: dict) -> dict[str, torch.Tensor]:
     """The state after of a sparseloco miner whose file sent `sent` where its work gave `instead`: its error feedback
     keeps back what the file sent beyond (e − (decode(sent) − decode(instead))), so its tie-free state
@@ -397,6 +426,7 @@ KINDS: dict[str, Adversary] = {
     "unlinked": Adversary(_unlinked, spot_checked=True),
     "steer": Adversary(_steer, spot_checked=True, strategies=("sparseloco",)),
     "steer_unpaid": Adversary(functools.partial(_steer, pays=False), spot_checked=True, strategies=("sparseloco",)),
+    "steer_carried": Adversary(_steer_carried, spot_checked=True, strategies=("sparseloco",)),
     "steer_fresh": Adversary(functools.partial(_steer, fresh_every_window=True), spot_checked=True,
                              strategies=("sparseloco",)),
     "gradient": Adversary(_gradient, open_under=("sparseloco",)),
