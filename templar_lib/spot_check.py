@@ -24,8 +24,12 @@ p = spot_check_probability > 0:
              the strategy's FRESH_START_SLACK times it from no state), and S_w put, hashing to its commitment
              and within the tolerance of the replay's, tensor by tensor, in the strategy's tie_free_state form;
              bit for bit at tolerance 0
-    failing  (no state put, one that does not hash, fit or replay, another file) bans the uid for
-             spot_check_ban_windows, and its file of w + 1 scores 0.
+    failing  (one that does not hash, fit or replay, another file) bans the uid for spot_check_ban_windows, and
+             its file of w + 1 scores 0. No state put (or a bucket that does not give it) leaves the check
+             pending: its file of w + 1 scores 0 and the miner may put the state during w + 2, when the check is
+             made again and no state is a failure (roles/spot_checks.py): a node down for a window loses that
+             window's pay instead of 50, and a cheat gains nothing by waiting (the state must still hash to what
+             its file committed to, and the waiting window is unpaid).
 
 Why the chain of commitments: a state made up to fit a cheap file (an error feedback that turns an honest Δ into a
 greedy file, moments large enough to swamp the gradients) must be the state after of a recorded file of w − 1, which

@@ -10,6 +10,7 @@ import dagster as dg
 from templar_lib.hparams import HParams
 from templar_lib.ratings import Ratings
 from templar_lib.roles import AggregatorResult, MinerResult
+from templar_lib.roles.spot_checks import is_failure
 from templar_lib.roles.validator import WindowEvaluation
 
 if TYPE_CHECKING:
@@ -100,11 +101,13 @@ def evaluations_metadata(evaluation: WindowEvaluation) -> dict:
 
 def spot_checks_line(report) -> str:
     """The spot checks of the previous window this evaluation made (spot_check.py): how many passed, and each
-    failure with its reason; "none" when none was drawn or the network does not check."""
+    failure with its reason, and each check left pending (no state put yet: asked again a window later); "none" when
+    none was drawn or the network does not check."""
     checks = report.checks
     if not checks:
         return "none"
-    failed = [f"uid {uid} failed: {reason}" for uid, reason in sorted(checks.items()) if reason]
+    failed = [f"uid {uid} {'failed: ' if is_failure(reason) else ''}{reason}" for uid, reason in sorted(checks.items())
+              if reason]
     passed = sum(1 for reason in checks.values() if not reason)
     return "; ".join([f"window {report.window - 1}: {passed} passed"] + failed)
 

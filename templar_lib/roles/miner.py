@@ -19,6 +19,7 @@ from templar_lib.spot_check import answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, keys, parse_header
+from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.container import templar_header
 
 log = logging.getLogger(__name__)
@@ -158,12 +159,14 @@ def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
 
 
 def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store: StateStore, gradients: Bucket,
-                       hparams: HParams) -> dict[int, list[str]]:
+                       hparams: HParams, late: bool = False) -> dict[int, list[str]]:
     """Put the states a spot check of `window` asks of the uids this node serves (spot_check.py): their states
     after window − 1 (and after `window`, with a tolerance), from the node's state store; seed: the hash of the
     window's closing block
-    (None: not closed yet, nothing to answer). Run before mining window + 1, which updates those states in place.
-    A state the store no longer has is logged: the check will fail, and ban the uid."""
+    (None: not closed yet, nothing to answer). Run during window + 1, before mining it (which updates those states
+    in place); `late`: during window + 2 instead, for the uids whose answer is not in the bucket (the node was down
+    during window + 1, or its put failed: the validator asks once more before it bans). A state the store no longer
+    has is logged: the check will fail, and ban the uid."""
     put = {}
     if seed is None or hparams.spot_check_probability <= 0:
         return put
@@ -177,6 +180,9 @@ def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store:
             log.error("uid %d: drawn for a spot check of window %d, but its state is gone (%s): the check will fail",
                       uid, window, error)
             continue
+        if late and all(gradients.exists(miner_state_key(window, uid, side))
+                        for side, state in (("before", before), ("after", after)) if state is not None):
+            continue  # answered in time
         put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
     return put
 

@@ -5,7 +5,7 @@ evaluation reports, its copies of the files it saw (the watch's state) and the �
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 
@@ -21,6 +21,18 @@ from templar_lib.wire.keys import SEEN
 
 log = logging.getLogger(__name__)
 BANNED = "banned until window"  # a banned uid's zero: not scored, and not a miss (its ban is the penalty)
+# a check whose miner put no state during the window after: asked again for one more window, not yet a failure
+PENDING = "pending: "
+
+
+def is_failure(why: str) -> bool:
+    """Whether a report's `checks` entry bans its uid: a reason that is not a pending check's ("" passed)."""
+    return bool(why) and not why.startswith(PENDING)
+
+
+def pending_checks(report: EvaluationReport | None) -> set[int]:
+    """The uids whose spot check `report` left pending (no state put yet), to be made again a window later."""
+    return set() if report is None else {uid for uid, why in report.checks.items() if why.startswith(PENDING)}
 
 
 def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport | None:
@@ -82,14 +94,16 @@ def file_commitments(watch: Watch, *, hparams: HParams, uids: Iterable[int] | No
 
 def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys: Mapping[int, str],
                       model: torch.nn.Module, dataset: Dataset, watch: Watch, own_bucket: Bucket, hparams: HParams,
-                      history: Callable[[int], Mapping[str, torch.Tensor] | None]) -> dict[int, str]:
+                      history: Callable[[int], Mapping[str, torch.Tensor] | None],
+                      again: Collection[int] | None = None) -> dict[int, str]:
     """The spot checks of the window of `report` (this validator's report of it; None: it has none), made once the
     next window has closed (the drawn miners put their states during it): uid -> "" when the replay gave its file,
     else why not. Drawn among the files the report recorded (record_commitments) whose uid still has the hotkey
     (`hotkeys`: the metagraph now), each replayed on the θ it names (θ_window, or up to sync_max_lag steps before:
-    `history`, at that window's outer step). A state not put, or a bucket that does not give it, is a failure: the
-    miner had a window to put it. A check the validator cannot make for want of its own records is logged and
-    skipped."""
+    `history`, at that window's outer step). A state not put, or a bucket that does not give it, leaves the check
+    PENDING: the miner's node may have been down, and it is asked again a window later (`again`: the uids to check
+    again, a window after their first check), when the same is a failure. A check the validator cannot make for want
+    of its own records is logged and skipped."""
     if hparams.spot_check_probability <= 0 or report is None:
         return {}
     window = report.window
@@ -98,7 +112,7 @@ def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys:
         return {}
     files, results = watch.at(window), {}
     for uid, (_, _, lag, hotkey) in sorted(report.commitments.items()):
-        if not drawn(seed, window, uid, hparams.spot_check_probability):
+        if not drawn(seed, window, uid, hparams.spot_check_probability) or (again is not None and uid not in again):
             continue
         if hotkeys.get(uid) != hotkey:  # registered anew since: the file was someone else's
             log.info("uid %d: no spot check of window %d, its hotkey changed since", uid, window)
@@ -122,9 +136,12 @@ def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys:
             results[uid] = check(window, uid, hparams=hparams, model=model, theta=theta, step=trained_on.step,
                                  tokens=tokens, scored=scored,
                                  fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
-        except ObjectMissing as error:
-            results[uid] = f"no state put: {error}"
-        except (InvalidFile, BucketError) as error:
+        except (ObjectMissing, BucketError) as error:  # nothing put, or a bucket that did not give it
+            results[uid] = (f"{PENDING}no state put for window {window} ({error}): asked again during window "
+                            f"{window + 2}") if again is None else (
+                f"no state put for window {window} during windows {window + 1} and {window + 2} ({error})")
+        except InvalidFile as error:
             results[uid] = f"{type(error).__name__}: {error}"
-        log.info("uid %d: spot check of window %d %s", uid, window, results[uid] or "passed")
+        log.info("uid %d: spot check of window %d%s %s", uid, window, " (again)" if again else "",
+                 results[uid] or "passed")
     return results

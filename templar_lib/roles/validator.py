@@ -19,13 +19,16 @@ For window w, once it has closed, on the same θ_w the miners trained on:
 5. where the network spot-checks miners (spot_check_probability > 0; spot_check.py, roles/spot_checks.py): the
    report records what every file seen commits to (`commitments`), a scored file whose state does not continue the
    uid's recorded file of w − 1 scores 0, and the drawn uids of w − 1 are replayed from the states they put during
-   w; each failure is in the report's `checks`, bans the uid for spot_check_ban_windows and zeroes its file of w.
+   w; each result is in the report's `checks`: a failure bans the uid for spot_check_ban_windows and zeroes its file
+   of w; no state put leaves the check pending, zeroes the file of w and asks again during w + 1 (a node down for a
+   window loses that window's pay, not 50), when no state is a failure.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import statistics
@@ -43,7 +46,8 @@ from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
-from templar_lib.roles.spot_checks import BANNED, own_report, record_commitments, spot_check_window
+from templar_lib.roles.spot_checks import (BANNED, PENDING, is_failure, own_report, pending_checks, record_commitments,
+                                           spot_check_window)
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
 from templar_lib.strategies import NormReference, strategy_of
@@ -207,14 +211,22 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
     banned = {uid: f"{BANNED} {r.banned_until}" for uid, r in ratings.by_uid.items()  # its files stay out of the peers
               if r.banned_until >= window and hotkeys.get(uid) == r.hotkey and uid in sightings}
-    # the spot checks of window − 1 (the drawn miners put their states during this window): a failure is banned
-    # from this window on (rate_window), so its file of this window is not used either
+    # the spot checks of window − 1 (the drawn miners put their states during this window), and again those of
+    # window − 2 that found no state put: a failure is banned from this window on (rate_window), so its file of this
+    # window is not used either; a pending check (no state put yet) zeroes it, unpaid until the state is put
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
-    checks = spot_check_window(previous, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset, watch=watch,
-                               own_bucket=own_bucket, hparams=hparams, history=history)
-    banned |= {uid: f"{BANNED} {window + hparams.spot_check_ban_windows - 1}: failed the spot check of window "
-                    f"{window - 1}: {why}" for uid, why in checks.items() if why and uid in sightings}
-    reasons |= banned
+    check_window = functools.partial(spot_check_window, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset,
+                                     watch=watch, own_bucket=own_bucket, hparams=hparams, history=history)
+    checks = check_window(previous)
+    waiting = pending_checks(previous)
+    again = check_window(own_report(own_bucket, window - 2, validator_uid), again=waiting) if waiting else {}
+    for checked, results in ((window - 2, again), (window - 1, checks)):
+        banned |= {uid: f"{BANNED} {window + hparams.spot_check_ban_windows - 1}: failed the spot check of window "
+                        f"{checked}: {why}" for uid, why in results.items()
+                   if is_failure(why) and uid in sightings and uid not in banned}
+    checks |= {uid: why for uid, why in again.items() if why or uid not in checks}  # a failure over a pending one
+    reasons |= banned | {uid: f"spot check {why}" for uid, why in checks.items()
+                         if why.startswith(PENDING) and uid in sightings and uid not in banned}
     seen = sample_uids([uid for uid in uids if uid in sightings and uid not in banned], ratings, window,
                        hparams.scored_per_window, seed)
     unsampled = sorted(uid for uid in uids if uid in sightings and uid not in seen and uid not in banned)
@@ -299,7 +311,7 @@ def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int
     new_ratings = update_ratings(ratings, report.window, {u: s.score for u, s in scores.items()},
                                  {u: s.indicator for u, s in scores.items()}, hotkeys, hparams, banned=banned,
                                  missed=[u for u, s in scores.items() if s.reason and not s.reason.startswith(BANNED)],
-                                 failed_checks={uid: why for uid, why in report.checks.items() if why})
+                                 failed_checks={uid: why for uid, why in report.checks.items() if is_failure(why)})
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
 
 

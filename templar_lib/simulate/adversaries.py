@@ -25,6 +25,8 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     gradient        sparseloco: the top-k of its raw gradient at its honest file's size (open: OPEN says where)
     gradient_sign   sparseloco: ±1 on the top-k of its raw gradient's |values|, at its honest file's size (open)
     unlinked        honest work from a state its last file did not commit to (a cheat where spot checks are on)
+    answers_late    honest work, answering each spot check a window late (its node down when asked)
+    never_answers   honest work, never answering a spot check
     steer           sparseloco, spot checks on: its honest file moved toward gradient_sign's within the tolerance
                     (steer_unpaid: keeping back no less; steer_carried: the same from a carried state, each
                     parameter within the state check's room; steer_fresh: from no state every window)
@@ -395,6 +397,7 @@ class Adversary:
     open_under: tuple[str, ...] = ()  # strategies under which it still earns more than honest work: not yet countered
     spot_checked: bool = False  # a cheat only where the network spot-checks miners (without, it is honest work)
     strategies: tuple[str, ...] = ("demo", "sparseloco")  # the strategies it is defined under
+    answers: str = "in time"  # a spot check's request for its state: "in time" (the window after), "late", "never"
 
     def compute_in(self, window: int) -> float:
         return 1.0 if self.honest_first and window == 0 else self.compute
@@ -424,6 +427,8 @@ KINDS: dict[str, Adversary] = {
     "majority_shrink": Adversary(scaled(0.01)),
     "slow_endpoint": Adversary(compute=0.0, endpoint="trickle"),
     "unlinked": Adversary(_unlinked, spot_checked=True),
+    "answers_late": Adversary(mines=True, spot_checked=True, answers="late"),
+    "never_answers": Adversary(mines=True, spot_checked=True, answers="never"),
     "steer": Adversary(_steer, spot_checked=True, strategies=("sparseloco",)),
     "steer_unpaid": Adversary(functools.partial(_steer, pays=False), spot_checked=True, strategies=("sparseloco",)),
     "steer_carried": Adversary(_steer_carried, spot_checked=True, strategies=("sparseloco",)),

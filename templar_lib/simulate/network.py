@@ -141,12 +141,14 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
 
         def answer(window: int) -> None:
             """Every miner drawn for a spot check of `window` puts the states around the work it committed to (a
-            cheat its real ones: the replay of its honest work is then not its file)."""
-            seed = chain.block_hash((window + 1) * bpw) if window >= 0 else None
+            cheat its real ones: the replay of its honest work is then not its file); one that answers late puts
+            those of window − 1 instead (a window late: its node was down), one that never answers nothing."""
             for uid, node in sorted(nodes.items()):
-                if seed is not None and window in node.transitions:
-                    before, after = node.transitions[window]
-                    spot_check.answer(window, uid, seed=seed, before=before, after=after, bucket=gradients,
+                asked = window - {"in time": 0, "late": 1, "never": window + 1}[KINDS[node.kind].answers]
+                seed = chain.block_hash((asked + 1) * bpw) if asked >= 0 else None
+                if seed is not None and asked in node.transitions:
+                    before, after = node.transitions[asked]
+                    spot_check.answer(asked, uid, seed=seed, before=before, after=after, bucket=gradients,
                                       hparams=hparams)
 
         def mine(window: int) -> None:

@@ -109,7 +109,8 @@ class EvaluationReport:
     random_pages: list[int] = field(default_factory=list)  # which: random_pages(seed of the closing block's hash)
     seed_block: int = -1  # the block whose hash seeded them (anyone can recompute the pages afterwards)
     unsampled: list[int] = field(default_factory=list)  # seen but not scored this window (roles/validator.py)
-    # the spot checks of window − 1 made after this window closed (spot_check.py): uid -> "" passed, or why not
+    # the spot checks of window − 1 made after this window closed, and those of window − 2 made again (spot_check.py):
+    # uid -> "" passed, or why not ("pending: …": no state put yet, asked again a window later; not a failure)
     checks: dict[int, str] = field(default_factory=dict)
     # what each file seen this window commits to and the θ it names, where it links (spot_check.py); the files a
     # spot check of this window draws from

@@ -17,9 +17,12 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
     model, state = node.model_at(window, dataset)
     settings, uids, store = hparams.load(), node.miners(live_chain), node.store()
-    # a spot check of the previous window is answered first: this window's work updates the states it asks for
-    answered = answer_spot_checks(window - 1, uids, seed=live_chain.block_hash(window * settings.blocks_per_window),
-                                  store=store, gradients=buckets.gradients(), hparams=settings)
+    # a spot check of the previous window is answered first: this window's work updates the states it asks for;
+    # one of the window before that too where its answer is not in the bucket (the node was down), asked once more
+    answered = {window - back: answer_spot_checks(
+        window - back, uids, seed=live_chain.block_hash((window - back + 1) * settings.blocks_per_window),
+        store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2) for back in (2, 1)
+        if window - back >= 0}
     results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
                           gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint)
     if settings.spot_check_probability > 0 and live_chain.block() >= (window + 1) * settings.blocks_per_window:
@@ -28,6 +31,7 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {
-        "spot_checks_answered": ", ".join(f"{uid} (window {window - 1})" for uid in sorted(answered)) or "none"}
+        "spot_checks_answered": ", ".join(f"{uid} (window {checked})" for checked, put in sorted(answered.items())
+                                          for uid in sorted(put)) or "none"}
     wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

@@ -203,6 +203,37 @@ def test_where_miners_are_spot_checked_a_state_no_seen_file_committed_to_scores_
     assert weight_per_compute(report, [cheat]) < weight_per_compute(report, honest)
 
 
+def test_a_miner_that_answers_a_spot_check_a_window_late_loses_that_window_and_one_that_never_does_is_banned(
+        dataset, tmp_path):
+    """A drawn miner puts its state during the window after; one whose node was down then (`answers_late`: every
+    answer a window late) leaves the check pending: its file of that window scores 0, and the check is made again a
+    window later, which its late answer passes, so it is never banned. `never_answers` is banned at the second
+    asking, from then on. Every file is drawn here (p = 1); window 0's checks need no state (a fresh start whose
+    replay gives the file bit for bit), so the first one pending is window 1's, after window 2 closes."""
+    hparams = STRATEGIES["sparseloco"].replace(spot_check_probability=1.0)
+    report = run_network(dataset, tmp_path, miners=5, windows=4, adversaries={"answers_late": 1, "never_answers": 1},
+                         hparams=hparams, random_page_count=2)
+    [late] = [uid for uid, role in report.roles.items() if role == "answers_late"]
+    [silent] = [uid for uid, role in report.roles.items() if role == "never_answers"]
+    honest = [uid for uid, role in report.roles.items() if role == "honest"]
+    checks = {window: json.loads((tmp_path / "gradients" / f"evaluation-{window}-0.json").read_bytes())["checks"]
+              for window in range(1, 4)}
+    assert not any(uid in window.reasons for window in report.windows for uid in honest), report.windows[-1]
+    assert all(checks[window][str(uid)] == "" for window in checks for uid in honest), checks
+    assert all(uid not in window.reasons for window in report.windows[:2] for uid in (late, silent))
+    pending = "spot check pending: no state put for window"
+    assert [report.windows[window].reasons[late][:len(pending) + 2] for window in (2, 3)] == [
+        f"{pending} 1", f"{pending} 2"]  # window 1's check passed when made again: not banned
+    assert checks[3][str(late)].startswith("pending: no state put for window 2")
+    assert report.windows[2].reasons[silent].startswith(f"{pending} 1")
+    assert report.windows[3].reasons[silent].startswith("banned until window") and (
+        "failed the spot check of window 1: no state put for window 1 during windows 2 and 3"
+        in report.windows[3].reasons[silent])
+    assert checks[3][str(silent)].startswith("no state put for window 1 during windows 2 and 3")  # a failure
+    assert report.windows[3].weights.get(silent, 0.0) == 0.0 < report.windows[3].weights.get(late, 0.0)
+    assert weight_per_compute(report, [late]) < weight_per_compute(report, honest)
+
+
 @pytest.mark.parametrize("kind", ["steer", "steer_carried"])
 def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more_than_its_honest_work(dataset,
                                                                                                       tmp_path, kind):

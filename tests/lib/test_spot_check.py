@@ -1,5 +1,6 @@
 """Spot checks (templar_lib/spot_check.py): a drawn miner's window replayed from the state it committed to."""
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -290,6 +291,13 @@ def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is
         files[window] = gradients.get(result.key)
     assert answer_spot_checks(1, [1], seed="close-1", store=store, gradients=gradients, hparams=hparams) == {
         1: [miner_state_key(1, 1, "before")]}
+    # asked again a window on (late: for a node that was down when asked), an answer in the bucket is not put again;
+    # one that is not there is
+    late = functools.partial(answer_spot_checks, 1, [1], seed="close-1", store=store, gradients=gradients,
+                             hparams=hparams, late=True)
+    assert late() == {}
+    gradients.delete(miner_state_key(1, 1, "before"))
+    assert late() == {1: [miner_state_key(1, 1, "before")]}
     tokens = data.tokens(data.miner_pages(1, 1, hparams.pages_per_window))
     assert check(1, 1, hparams=hparams, model=model, theta=theta, step=1, tokens=tokens, scored=files[1],
                  fetch=lambda key, limit: gradients.get(key, max_bytes=limit)) is None
