@@ -200,9 +200,10 @@ def check(window: int, uid: int, *, hparams: HParams, model: torch.nn.Module, th
     if tolerance <= 0:
         return (f"replaying its window from its committed state gives another file (values {difference:.3g} apart, "
                 f"relative L2)")
-    if not difference <= tolerance:  # NaN fails too
+    if not difference <= tolerance and (why := strategy.rounding_difference(  # NaN fails too
+            mined.state, mined.sent, gradient.tensors, hparams.spot_check_tolerance)) is not None:
         return (f"replaying its window from its committed state gives other values (relative difference "
-                f"{difference:.3g} > {tolerance:g})")
+                f"{difference:.3g} > {tolerance:g}; {why})")
     # the state after, in a form a tie broken otherwise does not move: within the tolerance itself, at a fresh start
     # too; counts (the step) exactly
     after = put_state("after", after_digest)

@@ -31,7 +31,8 @@ from templar_lib.hparams import MAX_INNER_BETA1, MAX_INNER_BETA2, MIN_INNER_BETA
 from templar_lib.inner import InnerState, inner_steps
 from templar_lib.model import parameters_of
 from templar_lib.screening import norm_reason
-from templar_lib.sparseloco import SparseDelta, combine_deltas, decode_delta, encode_delta, feedback_gain
+from templar_lib.sparseloco import (SparseDelta, combine_deltas, decode_delta, encode_delta, feedback_gain,
+                                    rounding_difference)
 from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
                               read_gradient, write_aggregation, write_gradient)
@@ -90,6 +91,12 @@ class DemoStrategy:
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
+
+    def rounding_difference(self, state: Mapping[str, torch.Tensor], replayed: Mapping[str, Sparse],
+                            sent: Mapping[str, Sparse], tolerance: float) -> str | None:
+        """Why a file's values are not its replay's up to other kernels' rounding (the sparseloco strategy's says
+        how): demo's are compared as values only (no tie or bin seen on CPU; bench/RESULTS.md "Replay tolerance")."""
+        return "demo files are compared by their values alone"
 
     def tie_free_state(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, Sparse]) -> dict[str, torch.Tensor]:
         """The state after a window in the form spot_check.py compares, tensor by tensor: demo's momentum as it is.
@@ -350,6 +357,21 @@ class SparseLoCoStrategy:
                 if outside:
                     return (f"norm: {name[:60]} has ‖values‖ {norm:.3g}, {side} {factor:.3g}× the validator's "
                             f"reference {limit:.3g}")
+        return None
+
+    def rounding_difference(self, state: Mapping[str, torch.Tensor], replayed: Mapping[str, SparseDelta],
+                            sent: Mapping[str, SparseDelta], tolerance: float) -> str | None:
+        """Why the file's values (`sent`) are not what a replay's accumulation β·e + Δ (its state after and what it
+        sent: `state`, `replayed`) gives up to other kernels' rounding at relative `tolerance`: a value kept or left
+        out that does not nearly tie its chunk's top-k, a code its value is not near, a shift or table that are not
+        its values' (sparseloco.rounding_difference); None if none."""
+        accumulated = self.tie_free_state({f"error.{name}": state[f"error.{name}"] for name in sent}, replayed)
+        hparams = self.hparams
+        for name in sorted(sent):
+            why = rounding_difference(accumulated[f"error.{name}"], sent[name], topk=hparams.sparse_topk,
+                                      sigmas=hparams.quantization_range, tolerance=tolerance)
+            if why is not None:
+                return f"{name[:80]} {why}"
         return None
 
     def tie_free_state(self, state: Mapping[str, torch.Tensor], sent: Mapping[str, SparseDelta]

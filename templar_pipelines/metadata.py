@@ -109,7 +109,8 @@ def spot_checks_line(report) -> str:
     failed = [f"uid {uid} {'failed: ' if is_failure(reason) else ''}{reason}" for uid, reason in sorted(checks.items())
               if reason]
     passed = sum(1 for reason in checks.values() if not reason)
-    return "; ".join([f"window {report.window - 1}: {passed} passed"] + failed)
+    return "; ".join([f"window {report.window - 1} (and window {report.window - 2}'s pending ones made again): "
+                      f"{passed} passed"] + failed)
 
 
 def sightings_metadata(watch) -> dict:

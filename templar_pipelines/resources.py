@@ -30,6 +30,7 @@ from templar_lib.checkpoints import ModelState
 from templar_lib.commitments import PeerBuckets, peer_buckets
 from templar_lib.data import Dataset
 from templar_lib.hparams import ENV_PREFIX, HParams, hparams_file
+from templar_lib.roles.spot_checks import kept_windows
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
 from templar_lib.strategies import strategy_of
@@ -107,7 +108,9 @@ class NodeResource(dg.ConfigurableResource):
     validator_uid: int | None = Field(default=None, description="uid this node validates as (default: the chain's "
                                                                 "first validator, a local network)")
     keep_windows: int = Field(default=4, description="windows of θ and momentum kept in the state store; older θ is "
-                                                      "rebuilt from checkpoints")
+                                                      "rebuilt from checkpoints; at least sync_max_lag + 3 where "
+                                                      "the network spot-checks (a check made again a window late "
+                                                      "replays a file of window − 2 on θ up to sync_max_lag before)")
     keep_origin: bool = Field(default=True, description="keep the node's first θ (θ_0 of `templar init`, or the "
                                                         "checkpoint it joined from) besides the newest windows: θ of "
                                                         "a window before the first published checkpoint is rebuilt "
@@ -134,7 +137,8 @@ class NodeResource(dg.ConfigurableResource):
     def store(self) -> StateStore:
         self._in_order()
         writer = WriteBehind.for_directory(self.state_dir) if self.write_behind else None
-        return StateStore(self.state_dir, keep_windows=self.keep_windows, writer=writer, keep_origin=self.keep_origin)
+        return StateStore(self.state_dir, keep_windows=kept_windows(self.keep_windows, self.hparams.load()),
+                          writer=writer, keep_origin=self.keep_origin)
 
     def sync_state(self, window: int) -> ModelState:
         """θ_window from the state store, replayed from published checkpoints and aggregations (and saved) when this

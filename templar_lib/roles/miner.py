@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, ObjectMissing, ObjectTooLarge
+from templar_lib.buckets import Bucket, BucketError, ObjectMissing, ObjectTooLarge
 from templar_lib.checkpoints import model_fingerprint, probe_values
 from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
@@ -159,31 +159,44 @@ def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
 
 
 def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store: StateStore, gradients: Bucket,
-                       hparams: HParams, late: bool = False) -> dict[int, list[str]]:
+                       hparams: HParams, late: bool = False, model: torch.nn.Module | None = None,
+                       dataset: Dataset | None = None) -> dict[int, list[str]]:
     """Put the states a spot check of `window` asks of the uids this node serves (spot_check.py): their states
     after window − 1 (and after `window`, with a tolerance), from the node's state store; seed: the hash of the
     window's closing block
     (None: not closed yet, nothing to answer). Run during window + 1, before mining it (which updates those states
     in place); `late`: during window + 2 instead, for the uids whose answer is not in the bucket (the node was down
-    during window + 1, or its put failed: the validator asks once more before it bans). A state the store no longer
-    has is logged: the check will fail, and ban the uid."""
+    during window + 1, or its put failed: the validator asks once more before it bans; a bucket that fails then is
+    logged, not raised). A state whose background write was lost is computed again where `model` (holding any θ;
+    restored after) and `dataset` are given, as mining does; one the store no longer has is logged: the check will
+    fail, and ban the uid."""
     put = {}
     if seed is None or hparams.spot_check_probability <= 0:
         return put
     for uid in sorted(uids):
         if not drawn(seed, window, uid, hparams.spot_check_probability):
             continue
-        try:  # the state after the window only where the check has a tolerance (spot_check.answer)
-            before = store.load_momentum(uid, window - 1) if window >= 1 else None
-            after = store.load_momentum(uid, window) if hparams.spot_check_tolerance > 0 else None
+
+        def state_after(of: int) -> dict[str, torch.Tensor] | None:
+            try:
+                return store.load_momentum(uid, of) if of >= 0 else None
+            except MomentumLost as lost:  # a background write a crash lost: the same again, where it can be made
+                if model is None or dataset is None:
+                    raise
+                return recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
+        try:
+            if late and any(gradients.exists(miner_state_key(window, uid, side)) for side in ("before", "after")):
+                continue  # answered in time
+            # the state after the window only where the check has a tolerance (spot_check.answer)
+            before, after = state_after(window - 1), state_after(window) if hparams.spot_check_tolerance > 0 else None
+            put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
         except (StateMissing, MomentumUnrecoverable) as error:
             log.error("uid %d: drawn for a spot check of window %d, but its state is gone (%s): the check will fail",
                       uid, window, error)
-            continue
-        if late and all(gradients.exists(miner_state_key(window, uid, side))
-                        for side, state in (("before", before), ("after", after)) if state is not None):
-            continue  # answered in time
-        put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
+        except BucketError as error:
+            if not late:  # in time the run fails and is retried; late, the next window's run tries once more
+                raise
+            log.error("uid %d: could not answer the spot check of window %d late (%s)", uid, window, error)
     return put
 
 

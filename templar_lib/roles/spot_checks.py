@@ -25,6 +25,14 @@ BANNED = "banned until window"  # a banned uid's zero: not scored, and not a mis
 PENDING = "pending: "
 
 
+def kept_windows(keep: int, hparams: HParams) -> int:
+    """The windows of θ a node's state store keeps, `keep` asked: where the network spot-checks, at least
+    sync_max_lag + 3, since a check made again a window late (PENDING) replays a file of window − 2 on the θ it names,
+    up to sync_max_lag windows before (with fewer, the check could not be made and a cheat that did not answer in
+    time would go unbanned)."""
+    return keep if hparams.spot_check_probability <= 0 else max(keep, hparams.sync_max_lag + 3)
+
+
 def is_failure(why: str) -> bool:
     """Whether a report's `checks` entry bans its uid: a reason that is not a pending check's ("" passed)."""
     return bool(why) and not why.startswith(PENDING)
@@ -126,8 +134,8 @@ def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys:
             scored = None
             log.warning("uid %d: no spot check of window %d, the validator lost its copy (%s)", uid, window, error)
         if trained_on is None or theta is None or scored is None:
-            log.warning("uid %d: no spot check of window %d, the validator lacks θ_%d or its records", uid, window,
-                        window - lag)
+            log.warning("uid %d: no spot check of window %d%s, the validator lacks θ_%d or its records", uid, window,
+                        " (made again: the pending check is dropped)" if again else "", window - lag)
             continue
         tokens = dataset.tokens(dataset.miner_pages(window, uid, hparams.pages_per_window))
         try:
@@ -137,9 +145,10 @@ def spot_check_window(report: EvaluationReport | None, *, chain: Chain, hotkeys:
                                  tokens=tokens, scored=scored,
                                  fetch=lambda key, limit: bucket.get(key, max_bytes=limit)) or ""
         except (ObjectMissing, BucketError) as error:  # nothing put, or a bucket that did not give it
-            results[uid] = (f"{PENDING}no state put for window {window} ({error}): asked again during window "
+            got = f"{type(error).__name__}: {error}"
+            results[uid] = (f"{PENDING}no state put for window {window} ({got}): asked again during window "
                             f"{window + 2}") if again is None else (
-                f"no state put for window {window} during windows {window + 1} and {window + 2} ({error})")
+                f"no state put for window {window} during windows {window + 1} and {window + 2} ({got})")
         except InvalidFile as error:
             results[uid] = f"{type(error).__name__}: {error}"
         log.info("uid %d: spot check of window %d%s %s", uid, window, " (again)" if again else "",

@@ -31,6 +31,7 @@ from templar_lib.model import build_model
 from templar_lib.ratings import Ratings
 from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
                                validator_step)
+from templar_lib.roles.spot_checks import kept_windows
 from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.simulate.endpoints import HostileServer
 from templar_lib.state import StateStore
@@ -95,7 +96,8 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         raise ValueError("more adversaries than miners")
     data = Dataset.open(dataset)
     gradients, aggregator = LocalBucket(home / "gradients"), LocalBucket(home / "aggregator")
-    store, seen = StateStore(home / "state", keep_windows=hparams.sync_max_lag + 2), LocalBucket(home / "validator")
+    store = StateStore(home / "state", keep_windows=kept_windows(hparams.sync_max_lag + 2, hparams))
+    seen = LocalBucket(home / "validator")
     bpw = hparams.blocks_per_window
     chain = LocalChain(home / "chain.sqlite", clock="manual", blocks_per_window=bpw, secret=f"simulation-{seed}")
     validator_uid, uids = register_local_network(chain, miners, gradients.url)

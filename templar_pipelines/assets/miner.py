@@ -21,8 +21,8 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     # one of the window before that too where its answer is not in the bucket (the node was down), asked once more
     answered = {window - back: answer_spot_checks(
         window - back, uids, seed=live_chain.block_hash((window - back + 1) * settings.blocks_per_window),
-        store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2) for back in (2, 1)
-        if window - back >= 0}
+        store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2, model=model, dataset=dataset)
+        for back in (1, 2) if window - back >= 0}
     results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
                           gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint)
     if settings.spot_check_probability > 0 and live_chain.block() >= (window + 1) * settings.blocks_per_window:
