@@ -85,9 +85,6 @@ def fold_gradient(model: torch.nn.Module, feedback: ErrorFeedback, tokens: torch
 class DemoStrategy:
     name = "demo"
     STATE_FLOAT64: frozenset[str] = frozenset()  # the state's tensors not in float32 (spot_check.py reads them)
-    # a spot check's allowance for the values of a window mined from no state, in multiples of its tolerance (the
-    # sparseloco strategy's says why); demo's first gradients tie nothing (bench/RESULTS.md "Replay tolerance")
-    FRESH_START_SLACK = 1.0
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -221,10 +218,6 @@ class SparseLoCoStrategy:
 
     name = "sparseloco"
     STATE_FLOAT64 = frozenset({"adam_t"})  # InnerState's step count
-    # AdamW's first steps are sign-like (m̂/√v̂ = ±1 at step 1), so from no state many values of Δ nearly tie and
-    # other kernels, even another thread count, break the top-k's ties otherwise: 0.0062 of a file's values on the
-    # small preset, ≤ 2.9e-5 from a carried state (bench/RESULTS.md "Replay tolerance")
-    FRESH_START_SLACK = 20.0
     NORM_BOUND = 2.0  # at β = NORM_BOUND_DECAY, where it was measured (top-NORM_BOUND_TOPK of 64 × 64)
     NORM_BOUND_DECAY = 0.95
     NORM_BOUND_TOPK, NORM_BOUND_CHUNK = 32, 64
