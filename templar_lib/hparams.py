@@ -129,12 +129,11 @@ class HParams:
     # spot checks (spot_check.py): each scored file is replayed from the miner's committed state with this
     # probability, drawn by the window's closing block; 0 turns them off (files then commit to no state)
     spot_check_probability: float = 0.0
-    # the replay's relative L2 difference allowed, of the file's values (and under sparseloco the relative closeness
-    # of a near-tie or a near-boundary that rounding may break otherwise) and of each state tensor (spot_check.check).
-    # Other kernels, even another thread count, round otherwise: ≤ 4.8e-5 from a carried state, 0.0062 at a fresh
-    # start (small preset, CPU; bench/RESULTS.md "Replay tolerance"). 0 is bit for bit: one process's kernels (a
-    # simulation). At most MAX_SPOT_CHECK_TOLERANCE. GPUs: not measured yet. A protocol field where checks are on (a
-    # miner puts its state after the window too where it is above 0)
+    # the replay's relative L2 difference allowed, of the file's values (20 times it at a sparseloco fresh start)
+    # and of each state tensor (spot_check.check). Other kernels, even another thread count, round otherwise: ≤ 4.8e-5
+    # from a carried state, 0.0062 at a fresh start (small preset, CPU; bench/RESULTS.md "Replay tolerance"). 0 is bit
+    # for bit: one process's kernels (a simulation). At most MAX_SPOT_CHECK_TOLERANCE. GPUs: not measured yet. A
+    # protocol field where checks are on (a miner puts its state after the window too where it is above 0)
     spot_check_tolerance: float = 1e-3
     spot_check_ban_windows: int = 50  # windows a uid that failed a spot check earns nothing
     # --- limits for untrusted input ---

@@ -241,72 +241,19 @@ def _top_positions(rows: torch.Tensor, k: int) -> torch.Tensor:
 def _quantise(vals: torch.Tensor, bins: int, sigmas: float) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Step 4 over all kept values of a parameter, vals (n_chunks, k) float32 -> (codes uint8 (n_chunks, k), shift,
     table (bins,) float32). The same float32 operations as Templar's _quantize_values."""
-    shift, centred, scale = _centred(vals, bins, sigmas)
-    codes = (centred / scale + bins // 2).round().clamp(0, bins - 1).to(torch.uint8)
-    return codes, float(shift), _bin_means(centred, codes, bins)
-
-
-def _centred(vals: torch.Tensor, bins: int, sigmas: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(shift μ = mean, vals − μ, the bin width s = sigmas·std / bins; 1 where that is 0 or not finite)."""
     shift = vals.mean()
     centred = vals - shift
     std = centred.norm() / math.sqrt(centred.numel() - 1)  # NaN for a single value (0 / 0): then s = 1
     scale = sigmas * std / bins
     if not bool(torch.isfinite(scale)) or float(scale) == 0.0:
         scale = torch.ones((), dtype=torch.float32, device=vals.device)
-    return shift, centred, scale
-
-
-def _bin_means(centred: torch.Tensor, codes: torch.Tensor, bins: int) -> torch.Tensor:
-    """The table: each bin's mean of the centred values coded into it (0 for an empty bin), (bins,) float32."""
+    codes = (centred / scale + bins // 2).round().clamp(0, bins - 1).to(torch.uint8)
     flat_codes, flat_centred = codes.reshape(-1).long(), centred.reshape(-1)
-    sums = torch.zeros(bins, dtype=torch.float32, device=centred.device).scatter_add_(0, flat_codes, flat_centred)
-    counts = torch.zeros(bins, dtype=torch.float32, device=centred.device).scatter_add_(
+    sums = torch.zeros(bins, dtype=torch.float32, device=vals.device).scatter_add_(0, flat_codes, flat_centred)
+    counts = torch.zeros(bins, dtype=torch.float32, device=vals.device).scatter_add_(
         0, flat_codes, torch.ones_like(flat_centred))
-    return torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))
-
-
-def rounding_difference(accumulated: torch.Tensor, sent: SparseDelta, *, topk: int = TOPK, sigmas: float = SIGMAS,
-                        tolerance: float) -> str | None:
-    """Whether `sent` is what steps 2–4 make of `accumulated` (β·e + Δ, a replay's, of sent's shape) up to the
-    rounding of other kernels, relative `tolerance` τ; None if so, else why not. Where kernels differ, a value of
-    β·e + Δ that nearly ties the chunk's k-th largest |value| may be kept or not, and one that lies near a boundary
-    between two bins may take either code: each moves a whole value, far more of the file than the rounding that
-    moved it (bench/RESULTS.md "Replay tolerance"). So, per chunk with t its k-th largest |a|:
-
-        kept      every kept |a| ≥ (1 − τ)·t and every other |a| ≤ (1 + τ)·t
-        codes     each code is round(u ± δ) for some δ ≤ τ·(|u − bins/2| + 1), u = (a − μ)/s + bins/2 the value's
-                  place among the bins (μ, s of the kept values of `accumulated` at sent's positions)
-        shift     |shift − μ| ≤ τ·(|μ| + s)
-        table     each bin's entry within τ·(|m_b| + s) of m_b, the mean of the centred values sent's codes put in it
-
-    so a file steered beyond the near-ties and the near-boundaries of its replay's own accumulation fails."""
-    rows = _to_rows(accumulated.detach().float().reshape(sent.shape), sent.view, sent.chunk)
-    k, magnitude = sent.k, rows.abs()
-    if k != keep_count(rows.shape[1], topk):
-        return f"keeps {k} values a chunk, not {keep_count(rows.shape[1], topk)}"
-    kth = magnitude.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    idx = sent.idx.to(rows.device)
-    if bool((magnitude.gather(1, idx) < (1 - tolerance) * kth).any()):
-        return "keeps a value below its chunk's top-k"
-    if k < rows.shape[1] and bool((magnitude.scatter(1, idx, -1.0) > (1 + tolerance) * kth).any()):
-        return "leaves out a value above its chunk's top-k"
-    bins = sent.bins
-    shift, centred, scale = _centred(rows.gather(1, idx), bins, sigmas)
-    place = centred / scale + bins // 2
-    reach = tolerance * ((place - bins // 2).abs() + 1)
-    low, high = ((place + sign * reach).round().clamp(0, bins - 1) for sign in (-1, 1))
-    codes = sent.codes.to(rows.device).float()
-    if bool(((codes < low) | (codes > high)).any()):
-        return "codes a value into a bin its replay's value is not near"
-    if abs(sent.shift - float(shift)) > tolerance * (abs(float(shift)) + float(scale)):
-        return f"shift {sent.shift:.4g} is not its values' mean {float(shift):.4g}"
-    means = _bin_means(centred, sent.codes.to(rows.device), bins)
-    used = torch.zeros(bins, dtype=torch.bool, device=rows.device).scatter_(0, sent.codes.to(rows.device).reshape(
-        -1).long(), True)
-    if bool(((sent.table.to(rows.device) - means).abs() > tolerance * (means.abs() + scale))[used].any()):
-        return "its table is not its values' bin means"
-    return None
+    table = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))  # empty bin: 0
+    return codes, float(shift), table
 
 
 def with_values(sent: SparseDelta, values: torch.Tensor, sigmas: float = SIGMAS) -> SparseDelta:

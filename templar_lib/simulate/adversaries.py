@@ -53,7 +53,7 @@ from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.miner import compute_gradient
 from templar_lib.sparseloco import decode_delta, encode_delta, with_values
-from templar_lib.spot_check import commitment, values_difference
+from templar_lib.spot_check import allowed_difference, commitment, values_difference
 from templar_lib.strategies import Strategy, new_feedback, strategy_of
 from templar_lib.training import loss_and_gradients
 from templar_lib.wire import Gradient, gradient_key, write_gradient
@@ -306,12 +306,13 @@ def _steer(turn: Turn, *, pays: bool = True, fresh_every_window: bool = False) -
     tolerance lets the values pass (0.9 of it, measured as the check measures it), its error feedback keeping back
     what it sent beyond its honest file (as the check's tie-free state requires: `pays`; without, it keeps back
     nothing and the state check alone stands in its way), from no state every window where `fresh_every_window`
-    (nothing owed carried on). What it earns over honest work is what the tolerance leaves a miner
-    (spot_check.py)."""
+    (the values' room at a fresh start, and nothing owed carried on). What it earns over honest work is what the
+    tolerance leaves a miner (spot_check.py)."""
     if fresh_every_window:
         turn.miner.own = None
+    fresh = turn.miner.own is None
     honest = turn.honest()
-    room = 0.9 * turn.hparams.spot_check_tolerance
+    room = 0.9 * allowed_difference(turn.hparams, fresh=fresh)
     if room <= 0:
         return turn.write(honest)
     greedy = _greedy_sent(turn, _sign, honest)
@@ -333,9 +334,9 @@ def _steer_carried(turn: Turn) -> bytes:
     """sparseloco, where spot checks are on: from a carried state, its honest file moved toward gradient_sign's
     without keeping back what it sent beyond (its state stays its honest work's), each parameter only as far as the
     state check's room (tol · ‖β·e + Δ‖ of its error feedback, 0.9 of it) and the whole file as far as the values'
-    (0.9 of the tolerance); honest work at a fresh start (nothing carried: the state check's room is its own
-    accumulation's, which the first window's file is most of). A uniform share of each parameter's room, toward
-    one greedy file: a stronger allocation may exist (docs/RELIABILITY.md, "Spot checks")."""
+    (0.9 of the tolerance); honest work at a fresh start (nothing carried: the state check would catch the values'
+    20× room there, `steer_unpaid`). A uniform share of each parameter's room toward one greedy file: a stronger
+    allocation may exist (bench/RESULTS.md "Replay tolerance")."""
     fresh = turn.miner.own is None
     honest = turn.honest()
     tolerance = turn.hparams.spot_check_tolerance

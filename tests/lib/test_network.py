@@ -254,13 +254,13 @@ def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more
     assert all(check == "" for window in checks for check in window.values()) and len(checks[0]) == 5, checks
     model = build_model("tiny", vocab_size=Dataset.open(dataset).vocab_size)  # the simulation's shapes
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    # the first window it steers, on the same θ in both runs: window 0 (a fresh start) for `steer`; window 1 for
-    # `steer_carried`, whose window 0 is honest work
-    window = 0 if kind == "steer" else 1
+    # the first window it steers, on the same θ in both runs: window 0 (a fresh start, allowed FRESH_START_SLACK ×
+    # the tolerance) for `steer`; window 1 for `steer_carried`, whose window 0 is honest work
+    window, slack = (0, strategy_of(hparams).FRESH_START_SLACK) if kind == "steer" else (1, 1.0)
     first = [strategy_of(hparams.replace(spot_check_tolerance=t)).read_gradient(
         (tmp_path / str(t) / "gradients" / gradient_key(window, cheat)).read_bytes(), window=window, uid=cheat,
         shapes=shapes).tensors for t in runs]
-    assert 0 < values_difference(first[0], first[1]) <= hparams.spot_check_tolerance  # it steered
+    assert 0 < values_difference(first[0], first[1]) <= slack * hparams.spot_check_tolerance  # it steered
     assert weight_per_compute(report, [cheat]) <= 1.05 * weight_per_compute(runs[0.0], [cheat])
 
 
