@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_lib.checkpoints import ModelState
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
+from templar_lib.roles.spot_checks import kept_windows
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
@@ -191,6 +193,21 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
                                          f"{smallest}"), (start, reason)
             else:
                 assert reason.startswith("replaying its window from its committed state gives other values"), reason
+
+
+def test_a_node_that_spot_checks_keeps_the_theta_a_check_made_again_replays_on(tmp_path):
+    """A check left pending (no state put in time) is made again after window w + 2 closes, on the θ the file named:
+    up to sync_max_lag windows before w. A node that checks keeps that many windows of θ (kept_windows); with the
+    default 4 alone it would have pruned it, and the check made again would be skipped (a cheat that never answered
+    would go unbanned)."""
+    hparams = FAST.replace(strategy="sparseloco")  # spot checks on
+    assert kept_windows(4, hparams.replace(spot_check_probability=0.0)) == 4  # nothing to keep where none are made
+    for keep in (4, kept_windows(4, hparams)):
+        store = StateStore(tmp_path / str(keep), keep_windows=keep)
+        for window in range(8):  # what the node holds when it evaluates window 7 (θ_8 not yet saved)
+            store.save_model(ModelState(window, window, {"w": torch.full((2,), float(window))}))
+        made_again = 7 - 2 - hparams.sync_max_lag  # the file of window 5, on θ sync_max_lag windows older
+        assert (store.parameters_at(made_again) is not None) == (keep > 4), keep
 
 
 def test_a_report_s_record_of_commitments_round_trips_as_lists_of_four():
