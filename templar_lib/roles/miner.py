@@ -132,24 +132,38 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
             before = store.load_momentum(uid, window - 1)
             source = "carried" if before is not None else "zeros"
         except MomentumLost as lost:
-            before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
+            before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams,
+                                        gradients=gradients)
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
-        if before is not None and (misfit := state_misfit(before, expected)) is not None:
-            log.warning("uid %d: its state after window %d is not a %s miner's of this model (%s): starting from "
-                        "zeros", uid, window - 1, hparams.strategy, misfit)
-            before, source = None, f"zeros (a state that does not fit: {misfit})"
-        if before is not None and hparams.spot_check_probability > 0 and (
-                not gradients.exists(gradient_key(window - 1, uid))
-                or store.bucket.exists(keys.late_upload(uid).key(window - 1))):  # continue only a file validators saw
-            log.warning("uid %d: its file of window %d is missing or landed after the close, so no validator recorded "
-                        "the state it continues: starting from zeros", uid, window - 1)
-            before, source = None, "zeros (its previous file is missing or was late: no validator recorded it)"
+        before, zeroed = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
+                                   expected=expected)
+        if zeroed is not None:
+            log.warning("uid %d, window %d: %s: starting from zeros", uid, window, zeroed)
+            source = f"zeros ({zeroed})"
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
                             gradients=gradients, hparams=hparams, model_hash=model_hash)
         results.append(dataclasses.replace(result, momentum=source, state=None))
         if result.state is not None:  # None: the published file is an earlier run's, whose state stands
             store.save_momentum(uid, window, result.state)
     return results
+
+
+def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, store: StateStore, gradients: Bucket,
+              hparams: HParams, expected: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor] | None,
+                                                                             str | None]:
+    """The state `uid`'s mining of `window` starts from, given its saved state after window − 1 (`before`), and why
+    it is zeros instead (None: it is `before`): a state that does not fit the model (`expected`: the strategy's
+    state_shapes), or, where the network spot-checks, one that continues a file of window − 1 that is missing or
+    landed after the close (no validator recorded it, so nothing would link to it)."""
+    if before is None:
+        return None, None
+    if (misfit := state_misfit(before, expected)) is not None:
+        return None, (f"a state that does not fit: its state after window {window - 1} is not a {hparams.strategy} "
+                      f"miner's of this model ({misfit})")
+    if hparams.spot_check_probability > 0 and (not gradients.exists(gradient_key(window - 1, uid))
+                                               or store.bucket.exists(keys.late_upload(uid).key(window - 1))):
+        return None, "its previous file is missing or was late: no validator recorded it"
+    return before, None
 
 
 def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
@@ -183,10 +197,15 @@ def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store:
             except MomentumLost as lost:  # a background write a crash lost: the same again, where it can be made
                 if model is None or dataset is None:
                     raise
-                return recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams)
-        try:
-            if late and any(gradients.exists(miner_state_key(window, uid, side)) for side in ("before", "after")):
-                continue  # answered in time
+                again = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams,
+                                           gradients=gradients)
+                if again is None:
+                    raise
+                return again
+        try:  # answered in time: the last side an answer puts is there
+            if late and gradients.exists(miner_state_key(window, uid, "after" if hparams.spot_check_tolerance > 0
+                                                          else "before")):
+                continue
             # the state after the window only where the check has a tolerance (spot_check.answer)
             before, after = state_after(window - 1), state_after(window) if hparams.spot_check_tolerance > 0 else None
             put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
@@ -211,16 +230,19 @@ def state_misfit(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
 
 
 def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: StateStore, dataset: Dataset,
-                       hparams: HParams) -> dict[str, torch.Tensor] | None:
+                       hparams: HParams, gradients: Bucket | None = None) -> dict[str, torch.Tensor] | None:
     """The miner state (momentum) a background write lost (state.py, contract point 4), computed again: mine the
-    lost window on θ_window and the uid's pages from the state before it, exactly as that window did (mining is
-    deterministic given θ, pages, step and state), save it synchronously and return it. The model is restored to
-    the θ it held. Falls back to None (zeros) only when θ_window is no longer in the store either; the warning says
-    so."""
+    lost window on θ_window and the uid's pages from the state it started from, exactly as that window did (mining
+    is deterministic given θ, pages, step and state; `continued`'s rules where `gradients` is given, as mine_window
+    applied them), save it synchronously and return it. The model is restored to the θ it held. Falls back to None
+    (zeros) only when θ_window is no longer in the store either; the warning says so."""
     uid, window = lost.uid, lost.window
     try:
         state = store.load_model(window)
         before = store.load_momentum(uid, window - 1)
+        if gradients is not None:
+            before, _ = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
+                                  expected=strategy_of(hparams).state_shapes(parameters_of(model)))
     except StateMissing as missing:
         log.warning("%s; it cannot be recomputed (%s): uid %d starts again from zero momentum", lost, missing, uid)
         return None

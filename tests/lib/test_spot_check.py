@@ -334,3 +334,17 @@ def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is
     mark_late(3, [1], store=store)  # window 3's file landed after the close: no validator saw it
     assert starts_fresh(4)
     store.writer.flush()
+    # the state after window 4 (mined from zeros) is lost in a crash before its write landed; asked for it, the node
+    # computes it again as window 4 was mined, from zeros again, so it hashes to what the file committed to
+    store.save_model(ModelState(4, 4, theta), background=False)
+    (tmp_path / "state" / "momentum-1-4.safetensors").unlink()
+    (tmp_path / "state" / "momentum-1-4.pending").write_bytes(b"")
+    restarted = StateStore(tmp_path / "state", writer=WriteBehind())
+    tolerant = hparams.replace(spot_check_tolerance=1e-3)
+    assert answer_spot_checks(4, [1], seed="close-4", store=restarted, gradients=gradients, hparams=tolerant,
+                              model=model, dataset=data) == {1: [miner_state_key(4, 1, side) for side in
+                                                                 ("before", "after")]}
+    strategy = strategy_of(hparams)
+    put = read_miner_state(gradients.get(miner_state_key(4, 1, "after")), window=4, uid=1, side="after",
+                           shapes=strategy.state_shapes(theta), float64=strategy.STATE_FLOAT64)
+    assert state_digest(put) == committed(gradients.get(gradient_key(4, 1)), window=4, uid=1, hparams=hparams).after
