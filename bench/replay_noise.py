@@ -28,14 +28,14 @@ from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, load_parameters_, parameters_of  # noqa: E402
+from templar_lib.sparseloco import flat_positions  # noqa: E402
 from templar_lib.spot_check import relative_difference, values_difference  # noqa: E402
 from templar_lib.strategies import strategy_of  # noqa: E402
 
 
 def kept(sent) -> dict[int, int]:
-    """A parameter's kept positions as one index over its chunks (chunk · chunk size + position) -> its code."""
-    flat = (torch.arange(sent.n_chunks).unsqueeze(1) * sent.chunk_size + sent.idx).reshape(-1)
-    return dict(zip(flat.tolist(), sent.codes.reshape(-1).tolist()))
+    """A parameter's kept positions (in the flattened parameter) -> their codes."""
+    return dict(zip(flat_positions(sent).reshape(-1).tolist(), sent.codes.reshape(-1).tolist()))
 
 
 def main() -> None:
