@@ -7,6 +7,12 @@ import os
 # Triton's interpreter must be chosen before triton is first imported (transformers imports it), so that
 # tests/lib/test_kernels.py can run the fused kernels on CPU tensors. Nothing picks those kernels off CUDA by itself.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite runs in two pytest-xdist workers (pyproject.toml): one thread each, inherited by the processes a test
+# starts (a Dagster run, the CLI), so two workers share two cores without oversubscribing them, and a test that
+# compares its own computation with a subprocess's compares like with like. The golden record pins its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
 import json  # noqa: E402
 import shutil
