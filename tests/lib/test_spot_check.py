@@ -242,6 +242,33 @@ def test_a_state_digest_covers_names_dtypes_shapes_and_bytes():
         assert state_digest(other) != digest
 
 
+def test_a_state_digest_is_its_definition_whatever_the_threads_and_the_memory_held(monkeypatch):
+    """The digest is spelled out for other implementations: sha256 over, in name order, each tensor's name, dtype and
+    shape, then the sha256 of every DIGEST_CHUNK bytes of its data; the pool's threads and the bytes it holds at once
+    change only the time it takes."""
+    import hashlib
+
+    import templar_lib.spot_check as spot_check
+
+    chunk = spot_check.DIGEST_CHUNK
+    state = {"b": torch.arange(chunk // 4 * 2 + 5, dtype=torch.float32),  # two whole chunks and a piece
+             "a": torch.ones(3, 2), "empty": torch.zeros(0), "adam_t": torch.tensor([7.0], dtype=torch.float64)}
+    expected = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        expected.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        data = tensor.numpy().tobytes()
+        for start in range(0, len(data), chunk):
+            expected.update(hashlib.sha256(data[start:start + chunk]).digest())
+    for threads, held in ((1, 1), (3, 1 << 30), (16, chunk)):
+        monkeypatch.setattr(spot_check, "_DIGEST_THREADS", threads)
+        monkeypatch.setattr(spot_check, "_DIGEST_HELD_BYTES", held)
+        assert state_digest(state) == expected.hexdigest(), (threads, held)
+    last = state["b"].clone()
+    last[-1] += 1  # a byte of the last chunk
+    assert state_digest({**state, "b": last}) != expected.hexdigest()
+
+
 def test_a_miner_state_file_is_validated():
     state = {"m.w": torch.ones(2, 3), "adam_t": torch.tensor([4.0], dtype=torch.float64)}
     shapes = {"m.w": (2, 3), "adam_t": (1,)}
