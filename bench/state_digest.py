@@ -1,8 +1,9 @@
 """What hashing a miner's state costs (templar_lib/spot_check.py state_digest), side by side: one sha256 stream over
-the whole state (the digest's definition until 2026-12-07) against the chunked digest (every DIGEST_CHUNK bytes of a
-tensor hashed apart, on a pool of threads), on one thread and on the pool. A miner that spot checks hashes its state
-twice a window (before and after it), a validator twice per check; the state is a sparseloco miner's (AdamW moments,
-step count and error feedback: 12 bytes per parameter), random values, built on `--device` from the preset's shapes.
+the whole state (the digest's definition until 2026-12-07) against the chunked digest (every STATE_DIGEST_CHUNK
+bytes of a tensor hashed apart, on a pool of threads), on one thread and on the pool. A miner that spot checks
+hashes its state twice a window (before and after it), a validator twice per check; the state is a sparseloco
+miner's (AdamW moments, step count and error feedback: 12 bytes per parameter), random values, built on `--device`
+from the preset's shapes.
 
     python bench/state_digest.py                                   # tiny and small presets, CPU
     python bench/state_digest.py --presets 1b --device cuda        # ≈ 15 GB (GPU node: pending, no device lent)
@@ -28,7 +29,8 @@ from templar_lib.strategies import strategy_of  # noqa: E402
 
 
 def one_stream(state: dict[str, torch.Tensor]) -> str:
-    """The former definition: the names, dtypes, shapes and bytes of every tensor through one sha256."""
+    """The former definition (its framing aside): the names, dtypes, shapes and bytes of every tensor through one
+    sha256."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
@@ -53,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = spot_check._DIGEST_THREADS
     print(f"{platform.processor() or platform.machine()}, {threads} digest threads, state on {args.device}; "
-          f"DIGEST_CHUNK {spot_check.DIGEST_CHUNK >> 20} MiB")
+          f"STATE_DIGEST_CHUNK {spot_check.STATE_DIGEST_CHUNK >> 20} MiB")
     print("| preset | state | one stream | chunked, 1 thread | chunked, pool | pool vs one stream |")
     print("|---|---|---|---|---|---|")
     strategy = strategy_of(HParams(strategy="sparseloco"))

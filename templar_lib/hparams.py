@@ -50,6 +50,10 @@ MIN_INNER_BETA1, MAX_INNER_BETA1 = 0.8, 0.9
 # and a spot check's tolerance, where checks are on: room a miner can steer its file in; at 0.02 steering toward the
 # greediest file found earned no more than honest work, at 0.1 it earned 3.3× (docs/RELIABILITY.md, kind `steer`)
 MAX_SPOT_CHECK_TOLERANCE = 0.02
+# how a miner's state is digested where checks are on (spot_check.state_digest: sha256 over the sha256 of every this
+# many bytes of each tensor), in the protocol hash there: nodes that digest otherwise (one sha256 stream, before
+# 2026-12-07) refuse each other's files as another protocol's instead of banning honest miners whose states do not hash
+STATE_DIGEST_CHUNK = 8 << 20
 
 
 class HParamsError(ValueError):
@@ -242,6 +246,8 @@ class HParams:
         settings = {name: getattr(self, name) for name in fields}
         if not self.spot_check_probability:  # the tolerance of checks that never run: not part of the protocol
             del settings["spot_check_tolerance"]
+        else:  # what a file's state commitment means
+            settings["state_digest_chunk"] = STATE_DIGEST_CHUNK
         return settings
 
     def protocol_hash(self) -> str:

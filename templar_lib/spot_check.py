@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 from collections import deque
@@ -71,7 +72,7 @@ import torch
 
 from templar_lib.buckets import Bucket
 from templar_lib.compression import Sparse
-from templar_lib.hparams import HParams
+from templar_lib.hparams import STATE_DIGEST_CHUNK, HParams
 from templar_lib.model import load_parameters_
 from templar_lib.sparseloco import SparseDelta, decode_delta
 from templar_lib.strategies import strategy_of
@@ -97,11 +98,11 @@ class Commitment:
 
 
 def state_digest(state: Mapping[str, torch.Tensor] | None) -> str:
-    """The digest a gradient file commits to: sha256 over a state's tensors in name order, each as its name, dtype
-    and shape followed by the sha256 of every DIGEST_CHUNK bytes of its data (on the CPU, in order); ZEROS for None
-    (no state). The chunks are hashed on a pool of threads (hashlib lets go of the GIL), so the same digest comes in
-    a fraction of the time one stream takes on a node with many cores (bench/state_digest.py: a 1b state is ≈ 13 GB,
-    two hashes a window), whatever the number of threads."""
+    """The digest a gradient file commits to: sha256 over a state's tensors in name order, each as the compact JSON
+    of [name, dtype, shape] followed by the sha256 of every STATE_DIGEST_CHUNK bytes of its data (on the CPU, in
+    order; their number follows from the dtype and shape); ZEROS for None (no state). The chunks are hashed on a pool
+    of threads (hashlib lets go of the GIL), so the same digest comes in a fraction of the time one stream takes on a
+    node with many cores (bench/state_digest.py: a 1b state is ≈ 15 GB, two digests a window), whatever the threads."""
     if state is None:
         return ZEROS
     digest = hashlib.sha256()
@@ -118,17 +119,19 @@ def state_digest(state: Mapping[str, torch.Tensor] | None) -> str:
 
     with ThreadPoolExecutor(max_workers=_DIGEST_THREADS) as pool:
         for name in sorted(state):
-            tensor = state[name].detach().to("cpu").contiguous()  # a GPU state: one budget of copies at a time
+            # a GPU state is copied as it goes: about _DIGEST_HELD_BYTES and one tensor held at once
+            tensor = state[name].detach().to("cpu").contiguous()
             data = tensor.reshape(-1).view(torch.uint8).numpy()
-            chunks = [pool.submit(_sha256, data[start:start + DIGEST_CHUNK])
-                      for start in range(0, data.size, DIGEST_CHUNK)]
-            queued.append((f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode(), chunks, data.size))
+            chunks = [pool.submit(_sha256, data[start:start + STATE_DIGEST_CHUNK])
+                      for start in range(0, data.size, STATE_DIGEST_CHUNK)]
+            header = json.dumps([name, str(tensor.dtype), list(tensor.shape)], separators=(",", ":"))
+            queued.append((header.encode(), chunks, data.size))
+            del tensor, data
             fold(_DIGEST_HELD_BYTES)
         fold()
     return digest.hexdigest()
 
 
-DIGEST_CHUNK = 8 << 20  # bytes hashed as one piece (a protocol constant: another size gives another digest)
 _DIGEST_THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _DIGEST_HELD_BYTES = 1 << 30
 

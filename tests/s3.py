@@ -202,6 +202,10 @@ class SeaweedFS:
         server = cls(process, f"http://127.0.0.1:{s3}", directory, log, sockets)
         try:
             server._wait_ready(timeout)
+        except _ExitedEarly:  # most likely a port taken before weed bound it (two test workers start one each):
+            # the socket files named after that port may be the other server's, so they are left
+            server.process.wait(timeout=10)
+            raise
         except BaseException:
             server.stop()
             raise

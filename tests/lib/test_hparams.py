@@ -71,6 +71,17 @@ def test_protocol_hash_tracks_protocol_fields_only():
     assert base.replace(openskill_beta=5.0).protocol_hash() == base.protocol_hash()
 
 
+def test_a_spot_checked_network_hash_names_how_states_are_digested(monkeypatch):
+    """Nodes that digest a miner's state otherwise must refuse each other's files as another protocol's, not ban
+    each other's honest miners for states that do not hash to their commitments."""
+    import templar_lib.hparams as hparams_module
+
+    checked, unchecked = HParams(spot_check_probability=0.5), HParams()
+    before = checked.protocol_hash(), unchecked.protocol_hash()
+    monkeypatch.setattr(hparams_module, "STATE_DIGEST_CHUNK", hparams_module.STATE_DIGEST_CHUNK * 2)
+    assert checked.protocol_hash() != before[0] and unchecked.protocol_hash() == before[1]
+
+
 def test_a_network_record_from_before_a_field_existed_keeps_its_old_value_and_hash(tmp_path):
     # `templar init` writes every field; one written before inner_beta1 and inner_beta2 existed lacks only those
     later = ("inner_beta1", "inner_beta2")
@@ -110,7 +121,8 @@ def test_the_protocol_settings_are_what_the_hash_covers(strategy):
     settings = hparams.protocol_settings()
     fields = list(PROTOCOL_FIELDS + (SPARSELOCO_FIELDS if strategy != "demo" else ()))
     assert list(settings) == [f for f in fields if f != "spot_check_tolerance"]  # the tolerance of checks that are off
-    assert list(hparams.replace(spot_check_probability=0.1).protocol_settings()) == fields
+    checked = hparams.replace(spot_check_probability=0.1)  # with checks, what a state commitment means as well
+    assert list(checked.protocol_settings()) == fields + ["state_digest_chunk"]
     assert json.loads(json.dumps(settings)) == settings
     assert hparams.replace(pages_per_window=3).protocol_hash() != hparams.protocol_hash()
     if strategy == "sparseloco":  # shown at the old value, which the hash leaves out: another hash than the defaults'

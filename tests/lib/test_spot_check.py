@@ -243,20 +243,20 @@ def test_a_state_digest_covers_names_dtypes_shapes_and_bytes():
 
 
 def test_a_state_digest_is_its_definition_whatever_the_threads_and_the_memory_held(monkeypatch):
-    """The digest is spelled out for other implementations: sha256 over, in name order, each tensor's name, dtype and
-    shape, then the sha256 of every DIGEST_CHUNK bytes of its data; the pool's threads and the bytes it holds at once
-    change only the time it takes."""
+    """The digest is spelled out for other implementations: sha256 over, in name order, each tensor's compact JSON
+    [name, dtype, shape], then the sha256 of every STATE_DIGEST_CHUNK bytes of its data; the pool's threads and the
+    bytes it holds at once change only the time it takes."""
     import hashlib
 
     import templar_lib.spot_check as spot_check
+    from templar_lib.hparams import STATE_DIGEST_CHUNK as chunk
 
-    chunk = spot_check.DIGEST_CHUNK
     state = {"b": torch.arange(chunk // 4 * 2 + 5, dtype=torch.float32),  # two whole chunks and a piece
              "a": torch.ones(3, 2), "empty": torch.zeros(0), "adam_t": torch.tensor([7.0], dtype=torch.float64)}
     expected = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
-        expected.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        expected.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)], separators=(",", ":")).encode())
         data = tensor.numpy().tobytes()
         for start in range(0, len(data), chunk):
             expected.update(hashlib.sha256(data[start:start + chunk]).digest())
@@ -267,6 +267,9 @@ def test_a_state_digest_is_its_definition_whatever_the_threads_and_the_memory_he
     last = state["b"].clone()
     last[-1] += 1  # a byte of the last chunk
     assert state_digest({**state, "b": last}) != expected.hexdigest()
+    # names are framed: an empty tensor's header cannot pass for part of the next name (NUL-separated it could)
+    glued = "a\0torch.float32\0(0,)\0b"
+    assert state_digest({"a": torch.zeros(0), "b": state["a"]}) != state_digest({glued: state["a"]})
 
 
 def test_a_miner_state_file_is_validated():
