@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -85,9 +85,13 @@ class BucketsResource(dg.ConfigurableResource):
     def aggregator(self) -> Bucket:
         return self._open(self.aggregator_url)
 
-    def peers(self, chain: Chain) -> PeerBuckets:
-        """The buckets the chain's commitments point to (local ones only on a local network)."""
-        return peer_buckets(chain.commitments(), allow_local=self.allow_local_peers)
+    def peers(self, chain: Chain, uids: Collection[int] | None = None) -> PeerBuckets:
+        """The buckets the chain's commitments point to (local ones only on a local network); of `uids` only,
+        where given (each bucket opened is a client made)."""
+        commitments = chain.commitments()
+        if uids is not None:
+            commitments = {uid: text for uid, text in commitments.items() if uid in uids}
+        return peer_buckets(commitments, allow_local=self.allow_local_peers)
 
 
 class TrainingResource(dg.ConfigurableResource):

@@ -15,6 +15,7 @@ from templar_lib.data import Dataset
 from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
+from templar_lib.roles.spot_checks import Records
 from templar_lib.spot_check import answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
@@ -120,10 +121,12 @@ def _same_work(first: bytes, second: bytes) -> bool:
 
 
 def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: int, store: StateStore,
-                dataset: Dataset, gradients: Bucket, hparams: HParams,
-                model_hash: str | None = None) -> list[MinerResult]:
+                dataset: Dataset, gradients: Bucket, hparams: HParams, model_hash: str | None = None,
+                records: Records | None = None) -> list[MinerResult]:
     """miner_step for every uid this node serves, each from its state after window − 1 (zeros if none) in the
-    node's StateStore, saving its state after `window`: re-running a window reproduces the same files."""
+    node's StateStore, saving its state after `window`: re-running a window reproduces the same files. records:
+    what the validators recorded of window − 1 (roles.spot_checks.validator_records), where the network
+    spot-checks: a uid whose last file they did not record starts fresh (`continued`)."""
     results = []
     model_hash = model_hash or model_fingerprint(parameters_of(model))  # θ_w is the same for every uid of this node
     expected = strategy_of(hparams).state_shapes(parameters_of(model))  # what a state that fits holds
@@ -136,7 +139,7 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
                                         gradients=gradients)
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
         before, zeroed = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
-                                   expected=expected)
+                                   expected=expected, records=records)
         if zeroed is not None:
             log.warning("uid %d, window %d: %s: starting from zeros", uid, window, zeroed)
             source = f"zeros ({zeroed})"
@@ -149,20 +152,33 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
 
 
 def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, store: StateStore, gradients: Bucket,
-              hparams: HParams, expected: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor] | None,
-                                                                             str | None]:
+              hparams: HParams, expected: dict[str, tuple[int, ...]], records: Records | None = None
+              ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
     """The state `uid`'s mining of `window` starts from, given its saved state after window − 1 (`before`), and why
     it is zeros instead (None: it is `before`): a state that does not fit the model (`expected`: the strategy's
     state_shapes), or, where the network spot-checks, one that continues a file of window − 1 that is missing or
-    landed after the close (no validator recorded it, so nothing would link to it)."""
+    landed after the close (no validator recorded it, so nothing would link to it), or one the validators
+    (`records` of window − 1, where given) did not record: their watch missed a file that landed (its bucket failed
+    them), and without a fresh start every later file would score 0 with them."""
     if before is None:
         return None, None
     if (misfit := state_misfit(before, expected)) is not None:
         return None, (f"a state that does not fit: its state after window {window - 1} is not a {hparams.strategy} "
                       f"miner's of this model ({misfit})")
-    if hparams.spot_check_probability > 0 and (not gradients.exists(gradient_key(window - 1, uid))
-                                               or store.bucket.exists(keys.late_upload(uid).key(window - 1))):
+    if hparams.spot_check_probability <= 0:
+        return before, None
+    previous = gradient_key(window - 1, uid)
+    if not gradients.exists(previous) or store.bucket.exists(keys.late_upload(uid).key(window - 1)):
         return None, "its previous file is missing or was late: no validator recorded it"
+    if records is not None and records.window == window - 1:
+        try:
+            own = committed(gradients.get(previous, max_bytes=hparams.max_gradient_bytes), window=window - 1,
+                            uid=uid, hparams=hparams)
+            why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
+        except BucketError as error:
+            why = f"its previous file does not read ({error})"
+        if why is not None:
+            return None, why
     return before, None
 
 

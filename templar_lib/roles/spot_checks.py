@@ -1,21 +1,26 @@
 """A validator's spot checks (templar_lib/spot_check.py has the protocol): what it records of each window's files,
 and the checks of a window it makes once the next one has closed. Both read only the validator's own records: its
-evaluation reports, its copies of the files it saw (the watch's state) and the θ it kept (`history`)."""
+evaluation reports, its copies of the files it saw (the watch's state) and the θ it kept (`history`). And what a
+miner reads of those records (`Records`): whether the validators recorded its last file, so that what it sends
+next links to something."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from templar_lib.buckets import Bucket, BucketError, ObjectMissing
-from templar_lib.chain import Chain
+from templar_lib.chain import Chain, Metagraph
+from templar_lib.commitments import PeerBuckets
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.spot_check import ZEROS, Commitment, check, committed, drawn, linked
 from templar_lib.watch import Watch
 from templar_lib.wire import EvaluationReport, InvalidFile, evaluation_key, read_evaluation
+from templar_lib.wire.documents import MAX_EVALUATION_BYTES
 from templar_lib.wire.documents import Recorded
 from templar_lib.wire.keys import SEEN
 
@@ -52,6 +57,58 @@ def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport 
     except (ObjectMissing, InvalidFile) as error:
         log.info("no evaluation report of window %d to read (%s)", window, error)
         return None
+
+
+@dataclass(frozen=True)
+class Records:
+    """What the validators recorded of one window's files, as a miner reads them before it mines the next window:
+    each validator's evaluation report of `window` (None: none read) and its stake."""
+
+    window: int
+    reports: Mapping[int, EvaluationReport | None]
+    stakes: Mapping[int, float]
+
+    def unrecorded(self, uid: int, after: str) -> str | None:
+        """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh: the
+        validators holding at least half the stake of those that recorded any file of `window` did not record
+        this one with that state (their watch never saw it, their copy is another file, or it did not link).
+        Such a validator links nothing the uid sends on from that state, so every later file would score 0 there
+        until the uid starts fresh, which always links (record_commitments). None where they recorded it, or where
+        no validator recorded anything (checks off, or a validator without records of its own: it links anything).
+        Against Yuma's stake-weighted consensus a minority's zero costs little, and a minority cannot make the
+        uid give up its state."""
+        recording = {v: report for v, report in self.reports.items() if report is not None and report.commitments}
+        if not recording:
+            return None
+        weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in recording}
+        if not sum(weight.values()):  # no stake anywhere (a local network's validators): one each
+            weight = dict.fromkeys(recording, 1.0)
+        missed = [v for v, report in sorted(recording.items())
+                  if uid not in report.commitments or report.commitments[uid].after != after]
+        share = sum(weight[v] for v in missed) / sum(weight.values())
+        if share < 0.5:
+            return None
+        return (f"validators {missed} ({share:.0%} of the recording stake) did not record its file of window "
+                f"{self.window}: nothing it sends on from that state would link there")
+
+
+def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None
+                      ) -> Records:
+    """Every validator's report of `window` from the bucket it commits (bounded like any stranger's file; None where
+    it has none, or none that reads), with its stake: what a miner node checks its last file against (Records).
+    shared: where a validator that commits no bucket writes (a local network's validators write to the bucket its
+    miners share); elsewhere it holds no report of theirs, so such a validator is left out."""
+    reports: dict[int, EvaluationReport | None] = {}
+    for validator in metagraph.validators:
+        bucket = peers.buckets.get(validator, shared)
+        try:
+            reports[validator] = None if bucket is None else read_evaluation(
+                bucket.get(evaluation_key(window, validator), max_bytes=MAX_EVALUATION_BYTES), window=window,
+                validator=validator)
+        except (ObjectMissing, InvalidFile, BucketError) as error:
+            log.info("validator %d: no report of window %d to read (%s)", validator, window, error)
+            reports[validator] = None
+    return Records(window, reports, {n.uid: n.stake for n in metagraph.neurons if n.validator_permit})
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,

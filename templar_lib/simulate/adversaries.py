@@ -27,6 +27,8 @@ one would (`when`), and what it costs (`compute`, in honest miner-windows: what 
     unlinked        honest work from a state its last file did not commit to (a cheat where spot checks are on)
     answers_late    honest work, answering each spot check a window late (its node down when asked)
     never_answers   honest work, never answering a spot check
+    unseen_once     honest work, its bucket failing the validator's every read in window 1 (its file lands; its node
+                    does not know the validator missed it)
     steer           sparseloco, spot checks on: its honest file moved toward gradient_sign's within the tolerance
                     (steer_unpaid: keeping back no less; steer_carried: the same from a carried state, each
                     parameter within the state check's room; steer_fresh: from no state every window)
@@ -399,6 +401,7 @@ class Adversary:
     spot_checked: bool = False  # a cheat only where the network spot-checks miners (without, it is honest work)
     strategies: tuple[str, ...] = ("demo", "sparseloco")  # the strategies it is defined under
     answers: str = "in time"  # a spot check's request for its state: "in time" (the window after), "late", "never"
+    unseen: tuple[int, ...] = ()  # windows in which its bucket fails the validator's every read
 
     def compute_in(self, window: int) -> float:
         return 1.0 if self.honest_first and window == 0 else self.compute
@@ -430,6 +433,7 @@ KINDS: dict[str, Adversary] = {
     "unlinked": Adversary(_unlinked, spot_checked=True),
     "answers_late": Adversary(mines=True, spot_checked=True, answers="late"),
     "never_answers": Adversary(mines=True, spot_checked=True, answers="never"),
+    "unseen_once": Adversary(mines=True, spot_checked=True, unseen=(1,)),
     "steer": Adversary(_steer, spot_checked=True, strategies=("sparseloco",)),
     "steer_unpaid": Adversary(functools.partial(_steer, pays=False), spot_checked=True, strategies=("sparseloco",)),
     "steer_carried": Adversary(_steer_carried, spot_checked=True, strategies=("sparseloco",)),

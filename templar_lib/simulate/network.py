@@ -24,14 +24,15 @@ from templar_lib import schedule, spot_check
 from templar_lib.buckets import Bucket, LocalBucket
 from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import ModelState
-from templar_lib.commitments import BucketCommitment, peer_buckets, register_local_network
+from templar_lib.commitments import BucketCommitment, PeerBuckets, peer_buckets, register_local_network
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.ratings import Ratings
 from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
                                validator_step)
-from templar_lib.roles.spot_checks import kept_windows
+from templar_lib.roles.miner import continued
+from templar_lib.roles.spot_checks import kept_windows, validator_records
 from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.simulate.endpoints import HostileServer
 from templar_lib.state import StateStore
@@ -158,11 +159,19 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             losses, files = [], {}
             honest[window] = (losses, files)
             answer(window - 1)  # as a miner node does, before the next window's work updates its state
+            # as a node does, where checks are on: a state the validator did not record is not carried on
+            records = validator_records(window - 1, metagraph=chain.metagraph(), peers=peers, shared=gradients) if (
+                hparams.spot_check_probability > 0 and window > 0) else None
+            expected = strategy_of(hparams).state_shapes(dict(model.named_parameters()))
             for uid in sorted(nodes):
                 node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
                 if behaviour.remembers:  # keep the last four θ
                     node.history = node.history[-3:] + [{n: p.detach().clone() for n, p in model.named_parameters()}]
                 if behaviour.mines:
+                    node.state, zeroed = continued(node.state, uid, window, store=store, gradients=gradients,
+                                                   hparams=hparams, expected=expected, records=records)
+                    if zeroed is not None:
+                        log.info("uid %d, window %d: %s: starting from zeros", uid, window, zeroed)
                     before = {n: t.clone() for n, t in node.state.items()} if node.state is not None else None
                     result = miner_step(window, uid, model=model, step=state.step, state=node.state, dataset=data,
                                         gradients=gradients, hparams=hparams)
@@ -224,7 +233,10 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
                 on_window(entry)
 
         def watch(window: int) -> None:
-            watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=peers, uids=uids,
+            unseen = {uid for uid, node in nodes.items() if window in KINDS[node.kind].unseen}
+            seeing = PeerBuckets({uid: b for uid, b in peers.buckets.items() if uid not in unseen}, peers.skipped | {
+                uid: "its bucket failed every read this window (simulated)" for uid in unseen})
+            watches[window] = Watch(window, blocks_per_window=bpw, state=seen, peers=seeing, uids=uids,
                                     max_bytes=limit, poll_timeout=SIMULATED_POLL_SECONDS)
 
         limit = strategy_of(hparams).gradient_limit({n: tuple(p.shape) for n, p in model.named_parameters()})

@@ -1,6 +1,7 @@
 import dagster as dg
 
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
+from templar_lib.roles.spot_checks import validator_records
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
@@ -23,8 +24,14 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
         window - back, uids, seed=live_chain.block_hash((window - back + 1) * settings.blocks_per_window),
         store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2, model=model, dataset=dataset)
         for back in (1, 2) if window - back >= 0}
+    records = None
+    if settings.spot_check_probability > 0 and window > 0:  # what the validators recorded of the last files
+        metagraph = live_chain.metagraph()
+        records = validator_records(window - 1, metagraph=metagraph, shared=buckets.gradients(),
+                                    peers=buckets.peers(live_chain, uids=metagraph.validators))
     results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
-                          gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint)
+                          gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint,
+                          records=records)
     if settings.spot_check_probability > 0 and live_chain.block() >= (window + 1) * settings.blocks_per_window:
         context.log.warning(f"window {window} closed before the files landed: the next window starts from no state")
         mark_late(window, [result.uid for result in results], store=store)

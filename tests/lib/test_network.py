@@ -234,6 +234,21 @@ def test_a_miner_that_answers_a_spot_check_a_window_late_loses_that_window_and_o
     assert weight_per_compute(report, [late]) < weight_per_compute(report, honest)
 
 
+def test_a_miner_whose_file_the_validator_missed_starts_fresh_and_is_paid_again(dataset, tmp_path):
+    """`unseen_once`: honest work, but every read of its bucket by the validator failed in window 1, so its file
+    (which landed: its node cannot tell) scored 0 and was not recorded. Carrying its state on, each later file
+    would continue a state no recorded file committed to and score 0 for good; its node reads the validator's
+    report of window 1 before it mines window 2, starts fresh (which always links) and is paid from then on."""
+    hparams = STRATEGIES["sparseloco"].replace(spot_check_probability=1.0)
+    report = run_network(dataset, tmp_path, miners=5, windows=4, adversaries={"unseen_once": 1}, hparams=hparams,
+                         random_page_count=2)
+    [missed] = [uid for uid, role in report.roles.items() if role == "unseen_once"]
+    assert report.windows[1].reasons[missed].startswith("its bucket failed every read"), report.windows[1].reasons
+    assert all(missed not in report.windows[w].reasons and report.windows[w].scores[missed] > 0 for w in (2, 3)), [
+        (w.reasons.get(missed), w.scores.get(missed)) for w in report.windows]
+    assert report.windows[3].weights.get(missed, 0.0) > 0
+
+
 @pytest.mark.parametrize("kind", ["steer", "steer_carried"])
 def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more_than_its_honest_work(dataset,
                                                                                                       tmp_path, kind):

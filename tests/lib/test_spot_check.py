@@ -12,7 +12,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
-from templar_lib.roles.spot_checks import kept_windows
+from templar_lib.roles.spot_checks import Records, kept_windows
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
@@ -223,6 +223,30 @@ def test_a_report_s_record_of_commitments_round_trips_as_lists_of_four():
         read_evaluation(json.dumps(document).encode(), window=5, validator=0)
 
 
+def test_a_miner_starts_fresh_where_the_validators_holding_half_the_stake_did_not_record_its_last_file():
+    """A validator whose watch missed a file (its bucket failed it) links nothing that continues its state: the
+    miner's later files would score 0 there for good. It starts fresh (which always links) once validators holding
+    at least half of the recording stake did not record its file of the window, with the state it committed to."""
+    def report(validator: int, recorded: dict[int, str]) -> EvaluationReport:
+        return EvaluationReport(window=5, validator=validator, step=5, random_loss=1.0, peers=[], scores={},
+                                commitments={uid: Recorded("b" * 64, after, 0, "") for uid, after in recorded.items()})
+
+    mine, other = "a" * 64, "c" * 64
+    big, small, idle = report(0, {7: mine, 8: other}), report(1, {8: other}), report(2, {})
+    stakes = {0: 600.0, 1: 400.0, 2: 5000.0}
+    assert Records(5, {0: big, 1: small, 2: idle}, stakes).unrecorded(7, mine) is None  # a minority missed it
+    assert Records(5, {0: big, 1: small}, stakes).unrecorded(8, other) is None
+    why = Records(5, {0: small, 1: big}, {0: 600.0, 1: 400.0}).unrecorded(7, mine)  # the majority missed it
+    assert why is not None and "validators [0] (60% of the recording stake)" in why and "window 5" in why
+    assert Records(5, {0: big}, stakes).unrecorded(7, other) is not None  # recorded, with another state after
+    # half is enough (a tie leaves it zeroed by half the stake); without stake, one validator one vote
+    assert Records(5, {0: big, 1: small}, {0: 1.0, 1: 1.0}).unrecorded(7, mine) is not None
+    assert Records(5, {0: big, 1: small, 3: report(3, {7: mine})}, {}).unrecorded(7, mine) is None
+    # a validator that recorded nothing (checks off, no records of its own: it links anything), or whose report
+    # is not there, counts for nothing
+    assert Records(5, {0: None, 2: idle}, stakes).unrecorded(7, mine) is None
+
+
 def test_a_draw_follows_the_closing_hash_at_the_network_s_rate():
     for probability in (0.1, 0.5):
         share = sum(drawn("hash-a", 7, uid, probability) for uid in range(4000)) / 4000
@@ -320,6 +344,28 @@ def test_where_the_network_spot_checks_a_file_must_commit_to_its_state(name, mod
     assert HParams().protocol_hash() == HParams(spot_check_tolerance=0.0).protocol_hash()  # the default: off
     assert off.read_gradient(off.write_gradient(0, 1, mined.sent), window=0, uid=1, shapes=shapes).state is None
     assert parameters_of(model)  # the model is untouched by it all
+
+
+def test_a_node_starts_fresh_where_the_validators_did_not_record_its_last_file(dataset, tmp_path):
+    """The node path: a uid whose file of the last window the validator's report does not record (its watch missed
+    it: the file landed, so nothing else tells the node) mines from no state; one it recorded carries its state."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco")
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    mine_window(0, [1, 2], model=model, step=0, store=store, dataset=data, gradients=gradients, hparams=hparams)
+    commitments = {uid: committed(gradients.get(gradient_key(0, uid)), window=0, uid=uid, hparams=hparams)
+                   for uid in (1, 2)}
+    seen = EvaluationReport(0, 0, 0, 1.0, [], {}, commitments={1: Recorded(ZEROS, commitments[1].after, 0, "")})
+    results = {result.uid: result for result in mine_window(
+        1, [1, 2], model=model, step=1, store=store, dataset=data, gradients=gradients, hparams=hparams,
+        records=Records(0, {0: seen}, {0: 1000.0}))}
+    assert results[1].momentum == "carried" and results[2].momentum.startswith(
+        "zeros (validators [0] (100% of the recording stake) did not record its file of window 0")
+    before = {uid: committed(gradients.get(gradient_key(1, uid)), window=1, uid=uid, hparams=hparams).before
+              for uid in (1, 2)}
+    assert before == {1: commitments[1].after, 2: ZEROS}
+    store.writer.flush()
 
 
 def test_a_node_answers_from_its_state_store_and_restarts_where_its_last_file_is_gone(dataset, tmp_path):

@@ -64,6 +64,35 @@ def test_two_windows_materialise_every_asset_with_metadata(network_home, network
     assert LocalChain(network_home / "chain.sqlite").weights()[0]  # the validator's weights are on the chain
 
 
+def test_a_spot_checked_miner_the_validator_did_not_record_starts_its_next_window_fresh(network_home, network_env):
+    """Through Dagster: the gradients asset reads what the validators recorded of the last window (on a local
+    network from the bucket its miners share: its validator commits none) before it mines. Every miner carries its
+    state on while its files are recorded; one the validator's report of window 1 leaves out (as when its watch
+    missed the file) starts window 2 from no state, which links, instead of scoring 0 for good."""
+    from templar_lib.hparams import HParams
+    from templar_lib.spot_check import ZEROS, committed
+    from templar_lib.wire import evaluation_key
+    from tests.conftest import FAST_HPARAMS
+
+    env = {**network_env, "TEMPLAR_HP_SPOT_CHECK_PROBABILITY": "1.0"}
+    hparams = HParams.load(FAST_HPARAMS, env)
+    run_local_network(network_home, windows=2, environ=env)
+    report = network_home / "gradients" / evaluation_key(1, 0)
+    document = json.loads(report.read_bytes())
+    assert {"1", "2", "3"} <= set(document["commitments"])
+    del document["commitments"]["1"]
+    report.write_text(json.dumps(document))
+    summaries = run_local_network(network_home, windows=1, environ=env)
+    assert [summary["window"] for summary in summaries] == [2]
+
+    def state(window: int, uid: int):
+        data = (network_home / "gradients" / gradient_key(window, uid)).read_bytes()
+        return committed(data, window=window, uid=uid, hparams=hparams)
+    assert state(2, 1).before == ZEROS
+    assert state(2, 2).before == state(1, 2).after != ZEROS and state(2, 3).before == state(1, 3).after
+    assert not summaries[0]["reasons"], summaries[0]["reasons"]  # the fresh start links: every file is paid
+
+
 def test_backfill_of_past_windows_reproduces_every_object_and_hash(network_home, network_env):
     live = run_local_network(network_home, windows=2, environ=network_env)
     before = snapshot(network_home)
