@@ -16,7 +16,7 @@ from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.spot_checks import Records
-from templar_lib.spot_check import answer, committed, drawn, state_digest
+from templar_lib.spot_check import ZEROS, answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, keys, parse_header
@@ -170,16 +170,26 @@ def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, 
     previous = gradient_key(window - 1, uid)
     if not gradients.exists(previous) or store.bucket.exists(keys.late_upload(uid).key(window - 1)):
         return None, "its previous file is missing or was late: no validator recorded it"
-    if records is not None and records.window == window - 1:
-        try:
-            own = committed(gradients.get(previous, max_bytes=hparams.max_gradient_bytes), window=window - 1,
-                            uid=uid, hparams=hparams)
-            why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
-        except BucketError as error:
-            why = f"its previous file does not read ({error})"
+    if records is not None and records.window == window - 1:  # a bucket failing here fails the run (retried)
+        own = committed(gradients.get(previous, max_bytes=hparams.max_gradient_bytes), window=window - 1, uid=uid,
+                        hparams=hparams)
+        why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
         if why is not None:
             return None, why
     return before, None
+
+
+def _started_fresh(gradients: Bucket, uid: int, window: int, hparams: HParams) -> bool:
+    """Whether uid's file of `window` committed to no state before it (mining started it fresh), where the network
+    spot-checks and the file is there to say."""
+    if hparams.spot_check_probability <= 0:
+        return False
+    try:
+        own = committed(gradients.get(gradient_key(window, uid), max_bytes=hparams.max_gradient_bytes),
+                        window=window, uid=uid, hparams=hparams)
+    except ObjectMissing:
+        return False
+    return own is not None and own.before == ZEROS
 
 
 def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
@@ -259,6 +269,8 @@ def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: Sta
         if gradients is not None:
             before, _ = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
                                   expected=strategy_of(hparams).state_shapes(parameters_of(model)))
+            if before is not None and _started_fresh(gradients, uid, window, hparams):
+                before = None  # as mining decided from what it read then (the validators' records)
     except StateMissing as missing:
         log.warning("%s; it cannot be recomputed (%s): uid %d starts again from zero momentum", lost, missing, uid)
         return None

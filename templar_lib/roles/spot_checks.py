@@ -7,7 +7,9 @@ next links to something."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from templar_lib.commitments import PeerBuckets
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams
 from templar_lib.spot_check import ZEROS, Commitment, check, committed, drawn, linked
+from templar_lib.transport import TransferRefused
 from templar_lib.watch import Watch
 from templar_lib.wire import EvaluationReport, InvalidFile, evaluation_key, read_evaluation
 from templar_lib.wire.documents import MAX_EVALUATION_BYTES
@@ -62,52 +65,59 @@ def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport 
 @dataclass(frozen=True)
 class Records:
     """What the validators recorded of one window's files, as a miner reads them before it mines the next window:
-    each validator's evaluation report of `window` (None: none read) and its stake."""
+    each permit holder's evaluation report of `window` (None: none read in time) and its stake."""
 
     window: int
     reports: Mapping[int, EvaluationReport | None]
-    stakes: Mapping[int, float]
+    stakes: Mapping[int, float]  # every validator-permit holder's
 
     def unrecorded(self, uid: int, after: str) -> str | None:
-        """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh: the
-        validators holding at least half the stake of those that recorded any file of `window` did not record
-        this one with that state (their watch never saw it, their copy is another file, or it did not link).
-        Such a validator links nothing the uid sends on from that state, so every later file would score 0 there
-        until the uid starts fresh, which always links (record_commitments). None where they recorded it, or where
-        no validator recorded anything (checks off, or a validator without records of its own: it links anything).
-        Against Yuma's stake-weighted consensus a minority's zero costs little, and a minority cannot make the
-        uid give up its state."""
-        recording = {v: report for v, report in self.reports.items() if report is not None and report.commitments}
-        if not recording:
-            return None
-        weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in recording}
+        """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh:
+        validators holding at least half of all validators' stake recorded files of `window` but not this one with
+        that state (their watch never saw it, their copy is another file, or it did not link). Such a validator
+        links nothing the uid sends on from that state, so every later file would score 0 there until the uid
+        starts fresh, which always links (record_commitments). A validator whose report was not read in time, or
+        that recorded nothing (checks off; no records of its own, when it links anything), counts as having
+        recorded it: a minority, or a validator slow to publish, cannot make the uid give up its state. The price:
+        a miss by validators holding less than half the stake is not mended (docs/RELIABILITY.md)."""
+        weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in set(self.stakes) | set(self.reports)}
         if not sum(weight.values()):  # no stake anywhere (a local network's validators): one each
-            weight = dict.fromkeys(recording, 1.0)
-        missed = [v for v, report in sorted(recording.items())
-                  if uid not in report.commitments or report.commitments[uid].after != after]
-        share = sum(weight[v] for v in missed) / sum(weight.values())
+            weight = dict.fromkeys(weight, 1.0)
+        missed = [v for v, report in sorted(self.reports.items()) if report is not None and report.commitments
+                  and (uid not in report.commitments or report.commitments[uid].after != after)]
+        share = sum(weight[v] for v in missed) / sum(weight.values()) if weight else 0.0
         if share < 0.5:
             return None
-        return (f"validators {missed} ({share:.0%} of the recording stake) did not record its file of window "
-                f"{self.window}: nothing it sends on from that state would link there")
+        return (f"validators {missed} ({share:.0%} of the stake) did not record its file of window {self.window}: "
+                f"nothing it sends on from that state would link there")
 
 
-def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None
-                      ) -> Records:
-    """Every validator's report of `window` from the bucket it commits (bounded like any stranger's file; None where
-    it has none, or none that reads), with its stake: what a miner node checks its last file against (Records).
-    shared: where a validator that commits no bucket writes (a local network's validators write to the bucket its
-    miners share); elsewhere it holds no report of theirs, so such a validator is left out."""
-    reports: dict[int, EvaluationReport | None] = {}
-    for validator in metagraph.validators:
+REPORTS_SECONDS = 10.0  # how long a miner node waits for the validators' reports, all read at once, before it mines
+
+
+def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None,
+                      seconds: float = REPORTS_SECONDS) -> Records:
+    """Every validator's report of `window` from the bucket it commits, read side by side within `seconds` (each
+    bounded like any stranger's file; None where it has none, or none that reads in time), with every validator's
+    stake: what a miner node checks its last file against (Records). shared: where a validator that commits no
+    bucket writes (a local network's validators write to the bucket its miners share); elsewhere it holds no
+    report of theirs, so such a validator counts as having recorded everything."""
+    deadline = time.monotonic() + seconds
+
+    def read(validator: int) -> EvaluationReport | None:
         bucket = peers.buckets.get(validator, shared)
+        if bucket is None:
+            return None
         try:
-            reports[validator] = None if bucket is None else read_evaluation(
-                bucket.get(evaluation_key(window, validator), max_bytes=MAX_EVALUATION_BYTES), window=window,
-                validator=validator)
-        except (ObjectMissing, InvalidFile, BucketError) as error:
-            log.info("validator %d: no report of window %d to read (%s)", validator, window, error)
-            reports[validator] = None
+            data = bucket.get(evaluation_key(window, validator), max_bytes=MAX_EVALUATION_BYTES, deadline=deadline)
+            return read_evaluation(data, window=window, validator=validator)
+        except (BucketError, InvalidFile, TransferRefused) as error:
+            log.info("validator %d: no report of window %d read (%s)", validator, window, error)
+            return None
+
+    validators = metagraph.validators
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(validators)))) as pool:
+        reports = dict(zip(validators, pool.map(read, validators)))
     return Records(window, reports, {n.uid: n.stake for n in metagraph.neurons if n.validator_permit})
 
 

@@ -11,13 +11,16 @@ import time
 import pytest
 import torch
 
-from templar_lib.buckets import S3Bucket
+from templar_lib.buckets import LocalBucket, S3Bucket
+from templar_lib.chain import Metagraph, Neuron
 from templar_lib.commitments import BucketCommitment, PeerBuckets, peer_buckets
 from templar_lib.compression import encode, unit_norm
 from templar_lib.gather import gather
 from templar_lib.hparams import HParams
+from templar_lib.roles.spot_checks import validator_records
 from templar_lib.transport import Guard, Limits, address_refusal
-from templar_lib.wire import Gradient, gradient_key, write_gradient
+from templar_lib.wire import EvaluationReport, Gradient, evaluation_key, gradient_key, write_evaluation, write_gradient
+from templar_lib.wire.documents import Recorded
 from tests.conftest import ROOT
 from templar_lib.simulate.endpoints import HostileServer
 
@@ -154,3 +157,23 @@ def test_local_peers_read_only_their_own_regular_files(tmp_path):
     from templar_lib.buckets import BucketAccessDenied, LocalBucket
     with pytest.raises(BucketAccessDenied):
         LocalBucket(bucket_dir, peer=True).get(f"sub/{gradient_key(WINDOW, 3)}")
+
+
+def test_a_miner_reads_the_validators_reports_by_its_deadline_whatever_their_endpoints_do(servers, tmp_path):
+    """Before it mines, a spot-checked miner reads every validator's report of the last window (roles/spot_checks.py
+    validator_records), side by side: validators whose endpoints trickle or never answer cost it the deadline at
+    most (one that never answers held a read ≈ 20 s, retries included), and count as having recorded its file."""
+    trickle, silent, honest = servers("trickle"), servers("silent"), LocalBucket(tmp_path / "validator-2")
+    after = "a" * 64
+    honest.put(evaluation_key(3, 2), write_evaluation(EvaluationReport(
+        3, 2, 3, 1.0, [], {}, commitments={8: Recorded("b" * 64, "c" * 64, 0, "")})))  # recorded uid 8, not 7
+    metagraph = Metagraph(0, [Neuron(0, "v0", 100.0, True), Neuron(1, "v1", 100.0, True),
+                              Neuron(2, "v2", 300.0, True), Neuron(7, "m7", 0.0, False)])
+    peers = PeerBuckets.of({0: peer(trickle.url), 1: peer(silent.url), 2: honest})
+    started = time.monotonic()
+    records = validator_records(3, metagraph=metagraph, peers=peers, seconds=2.0)
+    assert time.monotonic() - started < 8.0
+    assert records.reports[0] is None and records.reports[1] is None and records.reports[2] is not None
+    assert records.unrecorded(7, after) is not None  # 300 of 500: the only report read holds the majority
+    assert validator_records(3, metagraph=metagraph, peers=PeerBuckets.of({2: honest}), seconds=2.0).stakes == {
+        0: 100.0, 1: 100.0, 2: 300.0}
