@@ -14,8 +14,9 @@ p = spot_check_probability > 0:
              or the state after of the uid's recorded file of w − 1 (`linked`); a file it scores that is not
              linked scores 0 (a state no seen file committed to); an unlinked file is not recorded, so the uid's
              next file must start fresh: a miner node reads the validators' reports before it mines and starts
-             fresh where validators holding half of all validators' stake did not record its last file (their
-             watch missed it; roles/spot_checks.py Records), or it would score 0 there for good
+             fresh where validators holding at least half of all validators' stake recorded that window's files
+             but not its own (their watch missed it; roles/spot_checks.py Records), or it would score 0 there for
+             good
     draw     once w has closed, a recorded uid is checked iff  sha256(closing hash, w, uid) < p: the closing hash
              does not exist while files are uploaded, so no miner knows which windows are checked
     answer   a drawn miner puts S_{w−1} at miner_state_key(w, uid, "before") during w + 1 (and S_w, "after",

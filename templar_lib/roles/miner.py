@@ -265,12 +265,13 @@ def recompute_momentum(lost: MomentumLost, *, model: torch.nn.Module, store: Sta
     uid, window = lost.uid, lost.window
     try:
         state = store.load_model(window)
-        before = store.load_momentum(uid, window - 1)
-        if gradients is not None:
-            before, _ = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
-                                  expected=strategy_of(hparams).state_shapes(parameters_of(model)))
-            if before is not None and _started_fresh(gradients, uid, window, hparams):
-                before = None  # as mining decided from what it read then (the validators' records)
+        if gradients is not None and _started_fresh(gradients, uid, window, hparams):
+            before = None  # as mining decided from what it read then (the validators' records, say)
+        else:
+            before = store.load_momentum(uid, window - 1)
+            if gradients is not None:
+                before, _ = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
+                                      expected=strategy_of(hparams).state_shapes(parameters_of(model)))
     except StateMissing as missing:
         log.warning("%s; it cannot be recomputed (%s): uid %d starts again from zero momentum", lost, missing, uid)
         return None

@@ -92,7 +92,9 @@ class Records:
                 f"nothing it sends on from that state would link there")
 
 
-REPORTS_SECONDS = 10.0  # how long a miner node waits for the validators' reports, all read at once, before it mines
+# how long a miner node's reads of the validators' reports (all at once) may take before it mines: the deadline of
+# every read from a committed bucket (its guard cuts it; a retry's back-off and the parsing come on top)
+REPORTS_SECONDS = 10.0
 
 
 def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None,

@@ -147,10 +147,10 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                                                     "uids", "random_pages", "seed_block", "unsampled"},
            "evaluation file has the wrong fields")
     checks, commitments = raw.get("checks", {}), raw.get("commitments", {})
-    expect(isinstance(checks, dict) and all(uid.isdigit() and isinstance(why, str) for uid, why in checks.items()),
+    expect(isinstance(checks, dict) and all(_uid_key(uid) and isinstance(why, str) for uid, why in checks.items()),
            "checks must map uids to reasons")
     expect(isinstance(commitments, dict) and all(
-        uid.isdigit() and isinstance(c, list) and len(c) == 4 and all(isinstance(d, str) and len(d) == 64
+        _uid_key(uid) and isinstance(c, list) and len(c) == 4 and all(isinstance(d, str) and len(d) == 64
                                                                       for d in c[:2])
         and is_int(c[2]) and c[2] >= 0 and isinstance(c[3], str) and len(c[3]) <= 128
         for uid, c in commitments.items()), "commitments malformed")
@@ -164,7 +164,7 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     expect(isinstance(raw["uids"], dict), "uids must be an object")
     scores = {}
     for key, row in raw["uids"].items():
-        expect(key.isdigit() and isinstance(row, dict) and set(row) == _SCORE_FIELDS, f"uid {key[:12]!r}: malformed")
+        expect(_uid_key(key) and isinstance(row, dict) and set(row) == _SCORE_FIELDS, f"uid {key[:12]!r}: malformed")
         losses = row["losses"]
         expect(losses is None or (isinstance(losses, dict) and set(losses) == _LOSS_FIELDS
                                   and all(_is_number(losses[name]) for name in _LOSS_FIELDS - {"own_pages"})
@@ -183,6 +183,12 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
                             list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())),
                             dict(sorted((int(uid), Recorded(*c)) for uid, c in commitments.items())))
+
+
+def _uid_key(key: str) -> bool:
+    """A JSON object key that names a uid: ASCII digits, at most 12 (`str.isdigit` alone takes "²", which int()
+    refuses, and int() refuses more than 4300 digits)."""
+    return key.isascii() and key.isdigit() and len(key) <= 12
 
 
 def _losses(raw: dict | None) -> Losses | None:

@@ -221,6 +221,10 @@ def test_a_report_s_record_of_commitments_round_trips_as_lists_of_four():
     document["commitments"]["3"] = ["a" * 64, "b" * 64, -1, "hotkey-3"]  # a lag below 0
     with pytest.raises(InvalidFile, match="commitments malformed"):
         read_evaluation(json.dumps(document).encode(), window=5, validator=0)
+    for key in ("²", "9" * 13):  # a digit int() refuses; a uid no chain has (and int() refuses 4300 digits)
+        document["commitments"] = {key: ["a" * 64, "b" * 64, 1, ""]}
+        with pytest.raises(InvalidFile, match="commitments malformed"):
+            read_evaluation(json.dumps(document).encode(), window=5, validator=0)
 
 
 def test_a_miner_starts_fresh_where_the_validators_holding_half_the_stake_did_not_record_its_last_file():
