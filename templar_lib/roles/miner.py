@@ -16,7 +16,7 @@ from templar_lib.error_feedback import ErrorFeedback
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.roles.spot_checks import Records
-from templar_lib.spot_check import ZEROS, answer, committed, drawn, state_digest
+from templar_lib.spot_check import ZEROS, Commitment, answer, committed, drawn, state_digest
 from templar_lib.state import MomentumLost, MomentumUnrecoverable, StateMissing, StateStore
 from templar_lib.strategies import fold_gradient, strategy_of
 from templar_lib.wire import Gradient, InvalidFile, gradient_key, keys, parse_header
@@ -167,12 +167,11 @@ def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, 
                       f"miner's of this model ({misfit})")
     if hparams.spot_check_probability <= 0:
         return before, None
-    previous = gradient_key(window - 1, uid)
-    if not gradients.exists(previous) or store.bucket.exists(keys.late_upload(uid).key(window - 1)):
+    missing = not gradients.exists(gradient_key(window - 1, uid))
+    if missing or store.bucket.exists(keys.late_upload(uid).key(window - 1)):
         return None, "its previous file is missing or was late: no validator recorded it"
     if records is not None and records.window == window - 1:  # a bucket failing here fails the run (retried)
-        own = committed(gradients.get(previous, max_bytes=hparams.max_gradient_bytes), window=window - 1, uid=uid,
-                        hparams=hparams)
+        own = _own_commitment(gradients, uid, window - 1, hparams)
         why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
         if why is not None:
             return None, why
@@ -185,11 +184,17 @@ def _started_fresh(gradients: Bucket, uid: int, window: int, hparams: HParams) -
     if hparams.spot_check_probability <= 0:
         return False
     try:
-        own = committed(gradients.get(gradient_key(window, uid), max_bytes=hparams.max_gradient_bytes),
-                        window=window, uid=uid, hparams=hparams)
+        own = _own_commitment(gradients, uid, window, hparams)
     except ObjectMissing:
         return False
     return own is not None and own.before == ZEROS
+
+
+def _own_commitment(gradients: Bucket, uid: int, window: int, hparams: HParams) -> Commitment | None:
+    """What uid's own file of `window` in its bucket commits to (None: it commits to no state, or is not this
+    network's file); raises what the bucket raises."""
+    return committed(gradients.get(gradient_key(window, uid), max_bytes=hparams.max_gradient_bytes), window=window,
+                     uid=uid, hparams=hparams)
 
 
 def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
