@@ -7,6 +7,7 @@ next links to something."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -72,24 +73,43 @@ class Records:
     stakes: Mapping[int, float]  # every validator-permit holder's
 
     def unrecorded(self, uid: int, after: str) -> str | None:
-        """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh:
-        validators holding at least half of all validators' stake recorded files of `window` but not this one with
-        that state (their watch never saw it, their copy is another file, or it did not link). Such a validator
-        links nothing the uid sends on from that state, so every later file would score 0 there until the uid
-        starts fresh, which always links (record_commitments). A validator whose report was not read in time, or
-        that recorded nothing (checks off; no records of its own, when it links anything), counts as having
-        recorded it: a minority, or a validator slow to publish, cannot make the uid give up its state. The price:
-        a miss by validators holding less than half the stake is not mended (docs/RELIABILITY.md)."""
+        """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh
+        (None: it carries its state on). A validator that recorded files of `window` but not this one with that
+        state (its watch never saw it, its copy is another file, or it did not link) links nothing the uid sends on
+        from that state: every later file would score 0 there until the uid starts fresh, which always links
+        (record_commitments). Let s be the share of all validators' stake such validators hold. s ≥ 1/2: fresh
+        now. 0 < s < 1/2: fresh in the first window w + 1 ≡ −uid (mod P(s)), P(s) = 2^⌈log₂(MINORITY_RESET_WINDOWS
+        / s)⌉ (`reset_period`). So a miss is mended within P(s) < 2·MINORITY_RESET_WINDOWS / s windows (the pay
+        lost meanwhile, s a window, is under 2·MINORITY_RESET_WINDOWS windows' worth), and validators holding a
+        share S, however they miss, can make the uid give up its state at most once every P(S) ≥
+        MINORITY_RESET_WINDOWS / S windows (the periods are powers of two: a smaller share's reset windows are
+        among a larger one's). A validator whose report was not read in time, or that recorded nothing (checks
+        off; no records of its own, when it links anything), counts as having recorded it: one slow to publish
+        cannot make the uid give up its state."""
         weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in set(self.stakes) | set(self.reports)}
         if not sum(weight.values()):  # no stake anywhere (a local network's validators): one each
             weight = dict.fromkeys(weight, 1.0)
         missed = [v for v, report in sorted(self.reports.items()) if report is not None and report.commitments
                   and (uid not in report.commitments or report.commitments[uid].after != after)]
         share = sum(weight[v] for v in missed) / sum(weight.values()) if weight else 0.0
-        if share < 0.5:
-            return None
-        return (f"validators {missed} ({share:.0%} of the stake) did not record its file of window {self.window}: "
-                f"nothing it sends on from that state would link there")
+        why = (f"validators {missed} ({share:.0%} of the stake) did not record its file of window {self.window}: "
+               f"nothing it sends on from that state would link there")
+        if share >= 0.5:
+            return why
+        if share > 0 and (self.window + 1 + uid) % (period := reset_period(share)) == 0:
+            return f"{why} (a minority's miss, mended in every {period}th window)"
+        return None
+
+
+# a coalition of validators holding a share S of the stake can make a miner start fresh, by missing its files, at
+# most once every MINORITY_RESET_WINDOWS / S windows; a miss by a share s is mended within 2 · it / s windows
+MINORITY_RESET_WINDOWS = 4.0
+
+
+def reset_period(share: float) -> int:
+    """P(s) = 2^⌈log₂(MINORITY_RESET_WINDOWS / s)⌉ for 0 < s < 1/2 (Records.unrecorded): the spacing of the
+    windows in which a miss by validators holding the share s of the stake makes a miner start fresh."""
+    return 1 << max(0, math.ceil(math.log2(MINORITY_RESET_WINDOWS / share)))
 
 
 # how long a miner node's reads of the validators' reports (all at once) may take before it mines: the deadline of

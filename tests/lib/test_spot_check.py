@@ -12,7 +12,7 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
-from templar_lib.roles.spot_checks import Records, kept_windows
+from templar_lib.roles.spot_checks import MINORITY_RESET_WINDOWS, Records, kept_windows, reset_period
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
@@ -252,6 +252,42 @@ def test_a_miner_starts_fresh_where_the_validators_holding_half_the_stake_did_no
     assert Records(5, {0: None, 1: lacks}, stakes | {0: 5000.0}).unrecorded(7, mine) is None
     assert Records(5, {1: lacks, 2: idle}, {1: 400.0, 2: 5000.0}).unrecorded(7, mine) is None
     assert Records(5, {1: lacks}, {1: 400.0, 2: 5000.0}).unrecorded(7, mine) is None  # 2 holds a permit, no report
+
+
+def test_a_minority_s_miss_is_mended_within_its_period_and_cannot_reset_a_miner_more_often():
+    """Validators holding a share s < 1/2 of the stake that missed a file: the miner starts fresh in the first
+    window w + 1 ≡ −uid (mod P(s)), P(s) = 2^⌈log₂(MINORITY_RESET_WINDOWS / s)⌉. Played window by window as a
+    miner node meets it (a validator that missed its file links nothing after it, so it misses every later one
+    until the miner starts fresh): an honest miss is mended within P(s) < 2·R/s windows, and validators missing
+    on purpose every window reset it at most once every R/S windows (R = MINORITY_RESET_WINDOWS)."""
+    def report(validator: int, recorded: dict[int, str]) -> EvaluationReport:
+        return EvaluationReport(window=0, validator=validator, step=0, random_loss=1.0, peers=[], scores={},
+                                commitments={uid: Recorded("b" * 64, after, 0, "") for uid, after in recorded.items()})
+
+    mine = "a" * 64
+    rate = MINORITY_RESET_WINDOWS
+    for share in (0.49, 0.25, 0.2, 0.1, 0.01, 1e-6):  # the least power of two at or above R / s
+        period = reset_period(share)
+        assert period & (period - 1) == 0 and rate / share <= period < 2 * rate / share
+    for share in (0.45, 0.25, 0.1, 0.03):
+        stakes = {0: 1.0 - share, 1: share}
+        for uid in (0, 3, 12):
+            def records(window: int, missed: bool) -> Records:  # of window − 1, read before mining `window`
+                recorded = {99: mine} if missed else {uid: mine}  # another uid's: its watch missed this one
+                return Records(window - 1, {0: report(0, {uid: mine}), 1: report(1, recorded)}, stakes)
+            assert all(records(w, missed=False).unrecorded(uid, mine) is None for w in range(1, 300))
+            resets = [w for w in range(1, 2000) if records(w, missed=True).unrecorded(uid, mine) is not None]
+            assert resets and min(b - a for a, b in zip(resets, resets[1:])) >= rate / share
+            # a miss in any window: mended within P(s) < 2R/s windows, the pay lost meanwhile s a window
+            waits = [next(w for w in resets if w >= start) - start for start in range(1, 1000)]
+            assert max(waits) < reset_period(share) <= 2 * rate / share
+            why = records(resets[0], missed=True).unrecorded(uid, mine)
+            assert f"{share:.0%} of the stake" in why and "a minority's miss" in why
+    # a validator holding a larger share resets no more often than the smallest share's period allows it
+    everyone = {0: 0.6, 1: 0.3, 2: 0.1}
+    windows = [w for w in range(1, 2000) if Records(w - 1, {0: report(0, {5: mine}), 1: report(1, {6: mine}),
+                                                            2: report(2, {6: mine})}, everyone).unrecorded(5, mine)]
+    assert min(b - a for a, b in zip(windows, windows[1:])) >= rate / 0.4
 
 
 def test_a_draw_follows_the_closing_hash_at_the_network_s_rate():
