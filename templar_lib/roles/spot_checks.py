@@ -96,25 +96,31 @@ class Records:
                f"nothing it sends on from that state would link there")
         if share >= 0.5:
             return why
-        if share > 0 and (self.window + 1 + uid) % (period := reset_period(share)) == 0:
+        if share >= MIN_RESET_SHARE and (self.window + 1 + uid) % (period := reset_period(share)) == 0:
             return f"{why} (a minority's miss, mended in every {period}th window)"
         return None
 
 
 # a coalition of validators holding a share S of the stake can make a miner start fresh, by missing its files, at
-# most once every MINORITY_RESET_WINDOWS / S windows; a miss by a share s is mended within 2 · it / s windows
-MINORITY_RESET_WINDOWS = 4.0
+# most once every MINORITY_RESET_WINDOWS / S windows; a miss by a share s is mended within 2 · it / s windows. At
+# least what one fresh start costs a miner (≈ 20-25 windows of its pay: bench/RESULTS.md "What one fresh start
+# costs"), so that a coalition's resets cost a miner no more than the coalition's share of its pay
+MINORITY_RESET_WINDOWS = 32.0
+
+
+MIN_RESET_SHARE = 1e-12  # below it a miss is not mended (R / s would overflow a float; 5e-17 is one rao's share)
 
 
 def reset_period(share: float) -> int:
-    """P(s) = 2^⌈log₂(MINORITY_RESET_WINDOWS / s)⌉ for 0 < s < 1/2 (Records.unrecorded): the spacing of the
-    windows in which a miss by validators holding the share s of the stake makes a miner start fresh."""
+    """P(s) = 2^⌈log₂(MINORITY_RESET_WINDOWS / s)⌉ for MIN_RESET_SHARE ≤ s < 1/2 (Records.unrecorded): the spacing
+    of the windows in which a miss by validators holding the share s of the stake makes a miner start fresh."""
     return 1 << max(0, math.ceil(math.log2(MINORITY_RESET_WINDOWS / share)))
 
 
 # how long a miner node's reads of the validators' reports (all at once) may take before it mines: the deadline of
 # every read from a committed bucket (its guard cuts it; a retry's back-off and the parsing come on top)
 REPORTS_SECONDS = 10.0
+READERS = 64  # reads at once: a subnet's validator permits (bittensor's max_allowed_validators, 64 by default)
 
 
 def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None,
@@ -137,10 +143,12 @@ def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, 
             log.info("validator %d: no report of window %d read (%s)", validator, window, error)
             return None
 
-    validators = metagraph.validators
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(validators)))) as pool:
+    stakes = {n.uid: n.stake for n in metagraph.neurons if n.validator_permit}
+    # the most staked first: where there are more permit holders than threads, those that decide are read first
+    validators = sorted(metagraph.validators, key=lambda v: (-stakes.get(v, 0.0), v))
+    with ThreadPoolExecutor(max_workers=max(1, min(READERS, len(validators)))) as pool:
         reports = dict(zip(validators, pool.map(read, validators)))
-    return Records(window, reports, {n.uid: n.stake for n in metagraph.neurons if n.validator_permit})
+    return Records(window, reports, stakes)
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
