@@ -16,7 +16,10 @@ p = spot_check_probability > 0:
              next file must start fresh: a miner node reads the validators' reports before it mines and starts
              fresh where validators holding at least half of all validators' stake recorded that window's files
              but not its own (their watch missed it; roles/spot_checks.py Records), or it would score 0 there for
-             good; where a smaller share s did, in a window of its schedule, at most every 2^⌈log₂(32 / s)⌉
+             good; a smaller share's miss those validators mend themselves, linking the next file to the record
+             that validators holding half the stake agree on (roles/spot_checks.py Records.mendable), unless the
+             draw picked the last file: then the miner starts fresh on a schedule, at most every 2^⌈log₂(32 / s)⌉
+             windows for a share s
     draw     once w has closed, a recorded uid is checked iff  sha256(closing hash, w, uid) < p: the closing hash
              does not exist while files are uploaded, so no miner knows which windows are checked
     answer   a drawn miner puts S_{w−1} at miner_state_key(w, uid, "before") during w + 1 (and S_w, "after",

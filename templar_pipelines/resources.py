@@ -30,7 +30,7 @@ from templar_lib.checkpoints import ModelState
 from templar_lib.commitments import PeerBuckets, peer_buckets
 from templar_lib.data import Dataset
 from templar_lib.hparams import ENV_PREFIX, HParams, hparams_file
-from templar_lib.roles.spot_checks import kept_windows
+from templar_lib.roles.spot_checks import Records, kept_windows, validator_records
 from templar_lib.state import StateMissing, StateStore, WriteBehind, sync_to
 from templar_lib.watch import Watch
 from templar_lib.strategies import strategy_of
@@ -92,6 +92,16 @@ class BucketsResource(dg.ConfigurableResource):
         if uids is not None:
             commitments = {uid: text for uid, text in commitments.items() if uid in uids}
         return peer_buckets(commitments, allow_local=self.allow_local_peers)
+
+    def validator_records(self, chain: Chain, window: int) -> Records:
+        """Every validator's evaluation report of `window`, from the bucket it commits (a local network's write to
+        the gradients bucket), read side by side within roles.spot_checks.REPORTS_SECONDS, with their stakes and
+        the window's closing hash: what a miner checks its last file against before it mines, and what a validator
+        mends a missed file from (roles.spot_checks.Records)."""
+        metagraph = chain.metagraph()
+        return validator_records(window, metagraph=metagraph, shared=self.gradients(),
+                                 peers=self.peers(chain, uids=metagraph.validators),
+                                 seed=chain.block_hash((window + 1) * chain.blocks_per_window))
 
 
 class TrainingResource(dg.ConfigurableResource):

@@ -158,8 +158,8 @@ def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, 
     it is zeros instead (None: it is `before`): a state that does not fit the model (`expected`: the strategy's
     state_shapes), or, where the network spot-checks, one that continues a file of window − 1 that is missing or
     landed after the close (no validator recorded it, so nothing would link to it), or one the validators
-    (`records` of window − 1, where given) did not record: their watch missed a file that landed (its bucket failed
-    them), and without a fresh start every later file would score 0 with them."""
+    (`records` of window − 1, where given) did not record and will not mend (Records.unrecorded: their watch missed
+    a file that landed, its bucket failing them; without a fresh start every later file would score 0 with them)."""
     if before is None:
         return None, None
     if (misfit := state_misfit(before, expected)) is not None:
@@ -172,7 +172,8 @@ def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, 
         return None, "its previous file is missing or was late: no validator recorded it"
     if records is not None and records.window == window - 1:  # a bucket failing here fails the run (retried)
         own = _own_commitment(gradients, uid, window - 1, hparams)
-        why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
+        why = "its previous file commits to no state" if own is None else records.unrecorded(
+            uid, own.after, hparams.spot_check_probability)
         if why is not None:
             return None, why
     return before, None

@@ -71,8 +71,38 @@ class Records:
     window: int
     reports: Mapping[int, EvaluationReport | None]
     stakes: Mapping[int, float]  # every validator-permit holder's
+    seed: str | None = None  # the hash of `window`'s closing block (None: not known), which drew its checks
 
-    def unrecorded(self, uid: int, after: str) -> str | None:
+    def _weights(self) -> dict[int, float]:
+        """Each validator's weight: its stake, every permit holder's and every reporter's (no stake anywhere, a
+        local network's validators: one each)."""
+        weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in set(self.stakes) | set(self.reports)}
+        return weight if sum(weight.values()) else dict.fromkeys(weight, 1.0)
+
+    def mendable(self, uid: int, probability: float) -> Recorded | None:
+        """The record of `uid`'s file of `window` that a validator which missed that file links the uid's next
+        file to (record_commitments' `mend`): the state after and hotkey that validators holding at least half of
+        all validators' stake recorded, the one such record (a report not read counts as not recording it), where
+        the draw (`seed`, `probability`) did not pick the file for a check. A drawn one is not: its check, which
+        the validator that missed it cannot make, may yet fail, and paying its next file would pay a cheat that
+        hid its file from a minority for the ban the others give it. Safe otherwise: the state was committed to
+        before θ_{window+1} existed and the file was exposed to the same draw as every recorded one; only
+        validators holding half the stake, who decide consensus anyway, could make such a record up."""
+        if self.seed is None or drawn(self.seed, self.window, uid, probability):
+            return None
+        weight = self._weights()
+        held: dict[tuple[str, str], float] = {}  # (state after, hotkey) -> the stake that recorded it
+        records: dict[tuple[str, str], Recorded] = {}
+        for validator, report in sorted(self.reports.items()):
+            if report is not None and uid in report.commitments:
+                record = report.commitments[uid]
+                key = (record.after, record.hotkey)
+                held[key] = held.get(key, 0.0) + weight[validator]
+                records.setdefault(key, record)
+        agreed = [key for key, stake in held.items() if stake >= 0.5 * sum(weight.values())]
+        return records[agreed[0]] if len(agreed) == 1 else None
+
+    def unrecorded(self, uid: int, after: str, probability: float = 0.0) -> str | None:
         """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh
         (None: it carries its state on). A validator that recorded files of `window` but not this one with that
         state (its watch never saw it, its copy is another file, or it did not link) links nothing the uid sends on
@@ -85,10 +115,10 @@ class Records:
         MINORITY_RESET_WINDOWS / S windows (the periods are powers of two: a smaller share's reset windows are
         among a larger one's). A validator whose report was not read in time, or that recorded nothing (checks
         off; no records of its own, when it links anything), counts as having recorded it: one slow to publish
-        cannot make the uid give up its state."""
-        weight = {v: max(0.0, self.stakes.get(v, 0.0)) for v in set(self.stakes) | set(self.reports)}
-        if not sum(weight.values()):  # no stake anywhere (a local network's validators): one each
-            weight = dict.fromkeys(weight, 1.0)
+        cannot make the uid give up its state. Nor does a minority's miss that those validators mend themselves
+        (`mendable`, at the network's spot_check_probability: the others agreed on this state and the draw did not
+        pick the file), which keeps the state without a reset."""
+        weight = self._weights()
         missed = [v for v, report in sorted(self.reports.items()) if report is not None and report.commitments
                   and (uid not in report.commitments or report.commitments[uid].after != after)]
         share = sum(weight[v] for v in missed) / sum(weight.values()) if weight else 0.0
@@ -96,6 +126,8 @@ class Records:
                f"nothing it sends on from that state would link there")
         if share >= 0.5:
             return why
+        if (mended := self.mendable(uid, probability)) is not None and mended.after == after:
+            return None
         if share >= MIN_RESET_SHARE and (self.window + 1 + uid) % (period := reset_period(share)) == 0:
             return f"{why} (a minority's miss, mended in every {period}th window)"
         return None
@@ -124,12 +156,13 @@ READERS = 64  # reads at once: a subnet's validator permits (bittensor's max_all
 
 
 def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None,
-                      seconds: float = REPORTS_SECONDS) -> Records:
+                      seed: str | None = None, seconds: float = REPORTS_SECONDS) -> Records:
     """Every validator's report of `window` from the bucket it commits, read side by side within `seconds` (each
     bounded like any stranger's file; None where it has none, or none that reads in time), with every validator's
     stake: what a miner node checks its last file against (Records). shared: where a validator that commits no
     bucket writes (a local network's validators write to the bucket its miners share); elsewhere it holds no
-    report of theirs, so such a validator counts as having recorded everything."""
+    report of theirs, so such a validator counts as having recorded everything. seed: the hash of `window`'s
+    closing block (Records.seed)."""
     deadline = time.monotonic() + seconds
 
     def read(validator: int) -> EvaluationReport | None:
@@ -148,12 +181,13 @@ def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, 
     validators = sorted(metagraph.validators, key=lambda v: (-stakes.get(v, 0.0), v))
     with ThreadPoolExecutor(max_workers=max(1, min(READERS, len(validators)))) as pool:
         reports = dict(zip(validators, pool.map(read, validators)))
-    return Records(window, reports, stakes)
+    return Records(window, reports, stakes, seed)
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
                        previous: Mapping[int, Recorded] | None, hotkeys: Mapping[int, str],
-                       lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]]
+                       lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]],
+                       mend: Callable[[int], Recorded | None] | None = None
                        ) -> tuple[dict[int, Recorded], dict[int, str]]:
     """What `window`'s files commit to, as the report records it (uid -> Recorded), for every file seen (`uids`:
     sampled for scoring or not, banned or not) whose header commits to a state, names a θ the validator has
@@ -162,7 +196,11 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     is not paid (the caller zeroes the ones it scores). Without a report of window − 1 (the validator was down),
     its own copies of that window's files stand in; without those either, a file that does not start fresh is
     recorded (so its miner can go on) but not paid this window: nothing can tell whether its state was made up.
-    Nothing is recorded where the network does not spot-check."""
+    mend(uid): the record of the uid's file of window − 1 that the other validators agreed on, for a file that links
+    to nothing of this validator's own (its watch missed the uid's last file, or it has no records), asked only then
+    (Records.mendable: validators holding half the stake recorded it and the draw did not pick it); a file that links
+    to it is recorded and paid as if this validator had recorded it: without it, every later file of the uid would
+    score 0 here until the uid started fresh. Nothing is recorded where the network does not spot-check."""
     if hparams.spot_check_probability <= 0:
         return {}, {}
     if previous is None and watch.state.exists(SEEN.key(window - 1)):  # its own copies of window − 1 stand in
@@ -171,11 +209,16 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     files = file_commitments(watch, hparams=hparams, uids=uids)
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
-        if previous is not None and not linked(commitment, previous, uid, hotkeys.get(uid)):
+        own = previous is not None and linked(commitment, previous, uid, hotkeys.get(uid))
+        if not own and commitment.before != ZEROS and mend is not None and (agreed := mend(uid)) is not None \
+                and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
+            log.info("uid %d: its file of window %d links to the record the validators holding half the stake made "
+                     "of its last file (this validator had none)", uid, window)
+        elif previous is not None and not own:
             reasons[uid] = (f"state: it continues a state no file of window {window - 1} this validator saw "
                             f"committed to (a fresh start or its last file's state after)")
             continue
-        if previous is None and commitment.before != ZEROS:
+        elif previous is None and commitment.before != ZEROS:
             reasons[uid] = f"state: this validator has no record of window {window - 1} to link it to"
         if isinstance(lags.get(uid), int):
             recorded[uid] = Recorded(commitment.before, commitment.after, lags[uid], hotkeys.get(uid, ""))

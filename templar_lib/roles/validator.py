@@ -46,8 +46,8 @@ from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
-from templar_lib.roles.spot_checks import (BANNED, PENDING, is_failure, own_report, pending_checks, record_commitments,
-                                           spot_check_window)
+from templar_lib.roles.spot_checks import (BANNED, PENDING, Records, is_failure, own_report, pending_checks,
+                                           record_commitments, spot_check_window)
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
 from templar_lib.strategies import NormReference, strategy_of
@@ -190,12 +190,16 @@ def sync_lags(window: int, gradients: Mapping[int, Gradient], theta: Mapping[str
 def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
                     watch: Watch, own_bucket: Bucket, hparams: HParams, ratings: Ratings = Ratings(),
                     history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
-                    options: EvaluationOptions = EvaluationOptions()) -> WindowEvaluation:
+                    options: EvaluationOptions = EvaluationOptions(),
+                    others: Callable[[int], Records] | None = None) -> WindowEvaluation:
     """Score the other uids' gradients for `window` as the watch saw them, on θ_w, which `model` holds (`state`: its
     step and fingerprint), as the validator `chain` acts for; writes the signed peers_{w}.json and
     evaluation-{w}-{validator}.json to `own_bucket`. Needs the window closed (its closing block seeds the random
     pages). With more uids seen than scored_per_window, a sample of them is scored (`ratings`: what they have earned
-    and when they were last evaluated; sample_uids); the others are `unsampled` and nothing about them changes."""
+    and when they were last evaluated; sample_uids); the others are `unsampled` and nothing about them changes.
+    others(w): every validator's report of window w (roles.spot_checks.validator_records, with w's closing hash),
+    read only where spot checks are on and a file does not link to this validator's own records, to mend a file of
+    window − 1 its watch missed (record_commitments' `mend`); None: nothing is mended."""
     started = time.perf_counter()
     validator_uid = chain.uid
     seed_block = (window + 1) * hparams.blocks_per_window
@@ -241,10 +245,12 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     for uid, lag in lags.items():
         if isinstance(lag, str):
             reasons[uid] = lag
+    records = functools.cache(lambda: others(window - 1)) if others is not None and window > 0 else None
     commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
         window, watch=watch, uids=sightings, hparams=hparams, hotkeys=hotkeys,
         previous={} if window == 0 else None if previous is None else previous.commitments,
-        lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams))
+        lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams),
+        mend=None if records is None else lambda uid: records().mendable(uid, hparams.spot_check_probability))
     reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,
@@ -330,11 +336,13 @@ def validator_step(window: int, *, chain: Chain, model: torch.nn.Module, state: 
                    watch: Watch, own_bucket: Bucket, ratings: Ratings, hparams: HParams,
                    banned: Mapping[int, str] | None = None,
                    history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
-                   options: EvaluationOptions = EvaluationOptions()) -> ValidatorResult:
-    """The whole validator window: evaluate, rate (banning `banned`), set weights."""
+                   options: EvaluationOptions = EvaluationOptions(),
+                   others: Callable[[int], Records] | None = None) -> ValidatorResult:
+    """The whole validator window: evaluate (mending from `others`' reports: evaluate_window), rate (banning
+    `banned`), set weights."""
     evaluation = evaluate_window(window, chain=chain, model=model, state=state, dataset=dataset, watch=watch,
                                  own_bucket=own_bucket, hparams=hparams, ratings=ratings, history=history,
-                                 options=options)
+                                 options=options, others=others)
     hotkeys = {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons}
     new_ratings, weights = rate_window(evaluation.report, ratings, hotkeys, hparams, banned=banned)
     status = submit_weights(chain, weights)

@@ -32,7 +32,7 @@ from templar_lib.ratings import Ratings
 from templar_lib.roles import (EvaluationOptions, ValidatorResult, advance_window, aggregator_step, miner_step,
                                validator_step)
 from templar_lib.roles.miner import continued
-from templar_lib.roles.spot_checks import kept_windows, validator_records
+from templar_lib.roles.spot_checks import Records, kept_windows, validator_records
 from templar_lib.simulate.adversaries import KINDS, Miner, Turn, backdate
 from templar_lib.simulate.endpoints import HostileServer
 from templar_lib.state import StateStore
@@ -126,6 +126,10 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         started: dict[int, float] = {}
         cursor = schedule.initial_cursor(0)
 
+        def reports(window: int) -> Records:  # the validators' reports of a window, as a node reads them
+            return validator_records(window, metagraph=chain.metagraph(), peers=peers, shared=gradients,
+                                     seed=chain.block_hash((window + 1) * bpw))
+
         def turn(window: int, uid: int) -> Turn:
             return Turn(window, nodes[uid], model, state, data, hparams, chain, gradients, honest[window][1],
                         validator_uid)
@@ -160,8 +164,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             honest[window] = (losses, files)
             answer(window - 1)  # as a miner node does, before the next window's work updates its state
             # as a node does, where checks are on: a state the validator did not record is not carried on
-            records = validator_records(window - 1, metagraph=chain.metagraph(), peers=peers, shared=gradients) if (
-                hparams.spot_check_probability > 0 and window > 0) else None
+            records = reports(window - 1) if hparams.spot_check_probability > 0 and window > 0 else None
             expected = strategy_of(hparams).state_shapes(dict(model.named_parameters()))
             for uid in sorted(nodes):
                 node, behaviour = nodes[uid], KINDS[nodes[uid].kind]
@@ -198,7 +201,8 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             with timed("validator", window):
                 result = validator_step(window, chain=validator_chain, model=model, state=state, dataset=data,
                                         watch=watches.pop(window), own_bucket=gradients, ratings=ratings,
-                                        hparams=hparams, banned=banned, history=store.parameters_at, options=options)
+                                        hparams=hparams, banned=banned, history=store.parameters_at, options=options,
+                                        others=reports)
             ratings, validated[window] = result.ratings, result
             act(window, "scored")
 

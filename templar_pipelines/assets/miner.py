@@ -1,7 +1,6 @@
 import dagster as dg
 
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
-from templar_lib.roles.spot_checks import validator_records
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
@@ -26,9 +25,7 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
         for back in (1, 2) if window - back >= 0}
     records = None
     if settings.spot_check_probability > 0 and window > 0:  # what the validators recorded of the last files
-        metagraph = live_chain.metagraph()
-        records = validator_records(window - 1, metagraph=metagraph, shared=buckets.gradients(),
-                                    peers=buckets.peers(live_chain, uids=metagraph.validators))
+        records = buckets.validator_records(live_chain, window - 1)
     results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
                           gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint,
                           records=records)

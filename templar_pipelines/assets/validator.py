@@ -1,3 +1,4 @@
+import functools
 import time
 
 import dagster as dg
@@ -45,7 +46,8 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
                                  watch=watch, own_bucket=buckets.gradients(),
                                  hparams=settings, ratings=store.load_ratings(window - 1),
-                                 history=store.parameters_at, options=EvaluationOptions())
+                                 history=store.parameters_at, options=EvaluationOptions(),
+                                 others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
         context.log.info(line)
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})

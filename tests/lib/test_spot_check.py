@@ -13,7 +13,9 @@ from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
-from templar_lib.roles.spot_checks import MINORITY_RESET_WINDOWS, Records, kept_windows, reset_period
+from templar_lib.commitments import PeerBuckets
+from templar_lib.roles.spot_checks import (MINORITY_RESET_WINDOWS, Records, kept_windows, record_commitments,
+                                           reset_period)
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
@@ -23,6 +25,7 @@ from templar_lib.wire import InvalidFile, gradient_key
 from templar_lib.wire.documents import EvaluationReport, Recorded, read_evaluation, write_evaluation
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import read_miner_state, write_miner_state
+from templar_lib.watch import Watch
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4, checkpoint_frequency=2,
                spot_check_probability=1.0, spot_check_tolerance=0.0)  # bit for bit: miner and validator in one process
@@ -435,6 +438,73 @@ def test_a_node_starts_fresh_where_the_validators_did_not_record_its_last_file(d
     put = read_miner_state(gradients.get(miner_state_key(1, 2, "after")), window=1, uid=2, side="after",
                            shapes=strategy.state_shapes(parameters_of(model)), float64=strategy.STATE_FLOAT64)
     assert state_digest(put) == committed(gradients.get(gradient_key(1, 2)), window=1, uid=2, hparams=hparams).after
+
+
+def test_a_validator_that_missed_a_file_mends_it_from_the_record_validators_holding_half_the_stake_agree_on():
+    """Records.mendable: the state after (and hotkey) of a uid's file that validators holding at least half of all
+    validators' stake recorded, where the draw did not pick the file (its check, which the validator that missed it
+    cannot make, might yet fail); and a miner does not give up its state for a minority's miss that will be mended
+    this way, even in a window of the minority's schedule, but does where the file was drawn."""
+    def report(validator: int, recorded: dict[int, str], hotkey: str = "hk") -> EvaluationReport:
+        return EvaluationReport(window=5, validator=validator, step=5, random_loss=1.0, peers=[], scores={},
+                                commitments={u: Recorded("b" * 64, after, 0, hotkey) for u, after in recorded.items()})
+
+    mine, other, rate = "a" * 64, "c" * 64, 0.5
+    uid = reset_period(0.2) - 6  # mining window 6 is in the schedule of a 20 % share's miss
+    free, picked = (next(f"close-{i}" for i in range(200) if drawn(f"close-{i}", 5, uid, rate) == want)
+                    for want in (False, True))
+    stakes = {0: 500.0, 1: 300.0, 2: 200.0}
+    lacks = report(2, {uid + 1: other})  # its watch missed the uid's file
+
+    def records(reports, seed=free):
+        return Records(5, reports, stakes, seed)
+    mended = records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}).mendable(uid, rate)
+    assert mended is not None and (mended.after, mended.hotkey) == (mine, "hk")
+    assert records({0: report(0, {uid: mine}), 1: report(1, {uid: other}), 2: lacks}).mendable(uid, rate).after == mine
+    for unmendable in (
+            records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}, seed=picked),  # drawn
+            records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}, seed=None),  # no hash
+            records({0: None, 1: report(1, {uid: mine}), 2: lacks}),  # 300 of 1000: a report not read is no record
+            records({0: report(0, {uid: mine}), 1: report(1, {uid: other}), 2: report(2, {uid: other})}),  # a tie
+            records({0: None, 1: report(1, {uid: mine}), 2: report(2, {uid: mine}, "other")})):  # two hotkeys
+        assert unmendable.mendable(uid, rate) is None
+    # the miner: the 20 % that missed it will mend it, so it keeps its state; drawn, the schedule resets it
+    assert records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}).unrecorded(uid, mine, rate) \
+        is None
+    why = records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}, seed=picked).unrecorded(
+        uid, mine, rate)
+    assert why is not None and "a minority's miss" in why
+
+
+def test_a_file_that_links_only_to_the_others_record_of_the_last_file_is_recorded_and_paid(dataset, tmp_path):
+    """record_commitments with `mend`, on real files: a validator whose record of window 0 lacks the uid's file (its
+    watch missed it) records and pays the uid's file of window 1 where the record the others agreed on links it (the
+    same hotkey), and refuses it otherwise; without a report of window 0 at all, the agreed record pays it too."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco", spot_check_probability=0.5)
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    for window in (0, 1):
+        mine_window(window, [1], model=model, step=window, store=store, dataset=data, gradients=gradients,
+                    hparams=hparams)
+    last = committed(gradients.get(gradient_key(0, 1)), window=0, uid=1, hparams=hparams)
+    watch = Watch(1, blocks_per_window=hparams.blocks_per_window, state=LocalBucket(tmp_path / "validator"),
+                  peers=PeerBuckets.of({1: gradients}), uids=[1], max_bytes=hparams.max_gradient_bytes)
+    watch.poll(hparams.blocks_per_window + 1)
+
+    def record(previous, mend):
+        return record_commitments(1, watch=watch, uids=[1], hparams=hparams, previous=previous, hotkeys={1: "hk"},
+                                  lags_of=lambda files: dict.fromkeys(files, 0), mend=mend)
+    agreed = Recorded(ZEROS, last.after, 0, "hk")
+    recorded, reasons = record({}, None)
+    assert 1 not in recorded and reasons[1].startswith("state: it continues a state no file of window 0")
+    recorded, reasons = record({}, {1: agreed}.get)
+    assert recorded[1].before == last.after and 1 not in reasons
+    for wrong in (agreed._replace(hotkey="another"), agreed._replace(after="d" * 64)):
+        assert 1 not in record({}, {1: wrong}.get)[0]
+    assert record(None, None)[1][1].startswith("state: this validator has no record of window 0")  # unpaid
+    recorded, reasons = record(None, {1: agreed}.get)
+    assert 1 in recorded and 1 not in reasons
 
 
 def test_a_node_mends_a_minority_s_miss_in_a_window_of_its_period(dataset, tmp_path):
