@@ -18,7 +18,7 @@ p = spot_check_probability > 0:
              but not its own (their watch missed it; roles/spot_checks.py Records), or it would score 0 there for
              good; a smaller share's miss those validators mend themselves, linking the next file to the record
              that validators holding half the stake agree on (roles/spot_checks.py Records.mendable), unless the
-             draw picked the last file: then the miner starts fresh on a schedule, at most every 2^⌈log₂(32 / s)⌉
+             draw picked the last file; under that, the miner starts fresh on a schedule, within 2^⌈log₂(32 / s)⌉
              windows for a share s
     draw     once w has closed, a recorded uid is checked iff  sha256(closing hash, w, uid) < p: the closing hash
              does not exist while files are uploaded, so no miner knows which windows are checked

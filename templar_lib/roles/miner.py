@@ -172,8 +172,7 @@ def continued(before: dict[str, torch.Tensor] | None, uid: int, window: int, *, 
         return None, "its previous file is missing or was late: no validator recorded it"
     if records is not None and records.window == window - 1:  # a bucket failing here fails the run (retried)
         own = _own_commitment(gradients, uid, window - 1, hparams)
-        why = "its previous file commits to no state" if own is None else records.unrecorded(
-            uid, own.after, hparams.spot_check_probability)
+        why = "its previous file commits to no state" if own is None else records.unrecorded(uid, own.after)
         if why is not None:
             return None, why
     return before, None

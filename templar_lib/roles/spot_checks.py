@@ -80,21 +80,22 @@ class Records:
         return weight if sum(weight.values()) else dict.fromkeys(weight, 1.0)
 
     def mendable(self, uid: int, probability: float) -> Recorded | None:
-        """The record of `uid`'s file of `window` that a validator which missed that file links the uid's next
-        file to (record_commitments' `mend`): the state after and hotkey that validators holding at least half of
-        all validators' stake recorded, the one such record (a report not read counts as not recording it), where
-        the draw (`seed`, `probability`) did not pick the file for a check. A drawn one is not: its check, which
-        the validator that missed it cannot make, may yet fail, and paying its next file would pay a cheat that
-        hid its file from a minority for the ban the others give it. Safe otherwise: the state was committed to
-        before θ_{window+1} existed and the file was exposed to the same draw as every recorded one; only
-        validators holding half the stake, who decide consensus anyway, could make such a record up."""
+        """The record of `uid`'s file of `window` that a validator whose watch missed that file links the uid's
+        next file to (record_commitments' `mend`): the state after and hotkey that validators holding at least half
+        of all validators' stake recorded, the one such record, counting only reports that hold the uid in good
+        standing (not banned, no check of it failed or pending: the others' ban reaches the validator that missed
+        the file; a report not read counts as not recording it), where the draw (`seed`, `probability`) did not
+        pick the file. A drawn one is not: its check, which the validator that missed it cannot make, may yet
+        fail. Safe otherwise: the state was committed to before θ_{window+1} existed, by a file exposed to the same
+        draw as every recorded one, so it is no more made up than the others' own links; only validators holding
+        half the stake, who decide consensus anyway, could agree on a record made up."""
         if self.seed is None or drawn(self.seed, self.window, uid, probability):
             return None
         weight = self._weights()
         held: dict[tuple[str, str], float] = {}  # (state after, hotkey) -> the stake that recorded it
         records: dict[tuple[str, str], Recorded] = {}
         for validator, report in sorted(self.reports.items()):
-            if report is not None and uid in report.commitments:
+            if report is not None and uid in report.commitments and _in_good_standing(report, uid):
                 record = report.commitments[uid]
                 key = (record.after, record.hotkey)
                 held[key] = held.get(key, 0.0) + weight[validator]
@@ -102,7 +103,7 @@ class Records:
         agreed = [key for key, stake in held.items() if stake >= 0.5 * sum(weight.values())]
         return records[agreed[0]] if len(agreed) == 1 else None
 
-    def unrecorded(self, uid: int, after: str, probability: float = 0.0) -> str | None:
+    def unrecorded(self, uid: int, after: str) -> str | None:
         """Why `uid`, whose file of `window` committed to the state `after`, must start its next window fresh
         (None: it carries its state on). A validator that recorded files of `window` but not this one with that
         state (its watch never saw it, its copy is another file, or it did not link) links nothing the uid sends on
@@ -115,9 +116,10 @@ class Records:
         MINORITY_RESET_WINDOWS / S windows (the periods are powers of two: a smaller share's reset windows are
         among a larger one's). A validator whose report was not read in time, or that recorded nothing (checks
         off; no records of its own, when it links anything), counts as having recorded it: one slow to publish
-        cannot make the uid give up its state. Nor does a minority's miss that those validators mend themselves
-        (`mendable`, at the network's spot_check_probability: the others agreed on this state and the draw did not
-        pick the file), which keeps the state without a reset."""
+        cannot make the uid give up its state. A minority's miss is mostly mended by those validators themselves
+        (`mendable`), within a window or two; the schedule is the net under it, whatever a miner predicts of their
+        mend (its reads of the reports may differ from theirs), so that the bound holds: a reset it makes needlessly
+        comes with probability ≈ (windows until the mend) / P(s)."""
         weight = self._weights()
         missed = [v for v, report in sorted(self.reports.items()) if report is not None and report.commitments
                   and (uid not in report.commitments or report.commitments[uid].after != after)]
@@ -126,11 +128,15 @@ class Records:
                f"nothing it sends on from that state would link there")
         if share >= 0.5:
             return why
-        if (mended := self.mendable(uid, probability)) is not None and mended.after == after:
-            return None
         if share >= MIN_RESET_SHARE and (self.window + 1 + uid) % (period := reset_period(share)) == 0:
             return f"{why} (a minority's miss, mended in every {period}th window)"
         return None
+
+
+def _in_good_standing(report: EvaluationReport, uid: int) -> bool:
+    """Whether `report` holds `uid` in good standing: not banned there, no spot check of it failed or pending."""
+    score = report.scores.get(uid)
+    return not report.checks.get(uid) and not (score is not None and score.reason.startswith((BANNED, "spot check")))
 
 
 # a coalition of validators holding a share S of the stake can make a miner start fresh, by missing its files, at
@@ -196,11 +202,14 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     is not paid (the caller zeroes the ones it scores). Without a report of window − 1 (the validator was down),
     its own copies of that window's files stand in; without those either, a file that does not start fresh is
     recorded (so its miner can go on) but not paid this window: nothing can tell whether its state was made up.
-    mend(uid): the record of the uid's file of window − 1 that the other validators agreed on, for a file that links
-    to nothing of this validator's own (its watch missed the uid's last file, or it has no records), asked only then
-    (Records.mendable: validators holding half the stake recorded it and the draw did not pick it); a file that links
-    to it is recorded and paid as if this validator had recorded it: without it, every later file of the uid would
-    score 0 here until the uid started fresh. Nothing is recorded where the network does not spot-check."""
+    mend(uid): the record of the uid's file of window − 1 that the other validators agreed on, for a file that does
+    not start fresh where this validator recorded nothing of the uid in window − 1 (its watch missed the uid's last
+    file, or it has no records), asked only then (Records.mendable: validators holding half the stake recorded it in
+    good standing and the draw did not pick it); a file that links to it is recorded and paid as if this validator
+    had recorded it: without it, every later file of the uid would score 0 here until the uid started fresh. Not
+    where this validator recorded another state after for the uid: a miner that showed validators different files
+    would otherwise move a minority onto a state only the others could check. Nothing is recorded where the
+    network does not spot-check."""
     if hparams.spot_check_probability <= 0:
         return {}, {}
     if previous is None and watch.state.exists(SEEN.key(window - 1)):  # its own copies of window − 1 stand in
@@ -210,8 +219,9 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
         own = previous is not None and linked(commitment, previous, uid, hotkeys.get(uid))
-        if not own and commitment.before != ZEROS and mend is not None and (agreed := mend(uid)) is not None \
-                and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
+        missed = previous is None or uid not in previous  # a record of its own that does not link is no miss
+        if not own and missed and commitment.before != ZEROS and mend is not None and (agreed := mend(uid)) \
+                is not None and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
             log.info("uid %d: its file of window %d links to the record the validators holding half the stake made "
                      "of its last file (this validator had none)", uid, window)
         elif previous is not None and not own:

@@ -34,11 +34,12 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, ObjectMissing
+from templar_lib.buckets import Bucket, BucketError, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.data import Dataset, random_pages
@@ -57,6 +58,7 @@ from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
                               peers_key, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
+from templar_lib.wire.documents import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,15 @@ def sync_lags(window: int, gradients: Mapping[int, Gradient], theta: Mapping[str
     return lags
 
 
+def _result(future: Future | None, what: str):
+    """What `future` computed, or None (logged) where it raised what a chain or a bucket raises."""
+    try:
+        return None if future is None else future.result()
+    except (ChainError, BucketError, OSError) as error:
+        log.warning("%s not read (%s): nothing is mended from them", what, error)
+        return None
+
+
 def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
                     watch: Watch, own_bucket: Bucket, hparams: HParams, ratings: Ratings = Ratings(),
                     history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
@@ -219,6 +230,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     # window − 2 that found no state put: a failure is banned from this window on (rate_window), so its file of this
     # window is not used either; a pending check (no state put yet) zeroes it, unpaid until the state is put
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
+    # the others' reports of window − 1, read beside the spot checks below (a read cut at its deadline costs no
+    # time then), for record_commitments to mend a file of window − 1 this validator's watch missed
+    reads = ThreadPoolExecutor(max_workers=1) if others is not None and window > 0 \
+        and hparams.spot_check_probability > 0 else None
+    reports = None if reads is None else reads.submit(others, window - 1)
     check_window = functools.partial(spot_check_window, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset,
                                      watch=watch, own_bucket=own_bucket, hparams=hparams, history=history)
     checks = check_window(previous)
@@ -245,12 +261,17 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     for uid, lag in lags.items():
         if isinstance(lag, str):
             reasons[uid] = lag
-    records = functools.cache(lambda: others(window - 1)) if others is not None and window > 0 else None
+    def mend(uid: int) -> Recorded | None:
+        records = _result(reports, f"the validators' reports of window {window - 1}")
+        return None if records is None else records.mendable(uid, hparams.spot_check_probability)
+
     commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
         window, watch=watch, uids=sightings, hparams=hparams, hotkeys=hotkeys,
         previous={} if window == 0 else None if previous is None else previous.commitments,
         lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams),
-        mend=None if records is None else lambda uid: records().mendable(uid, hparams.spot_check_probability))
+        mend=None if reports is None else mend)
+    if reads is not None:
+        reads.shutdown(wait=False)  # a read not needed ends at its deadline
     reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,

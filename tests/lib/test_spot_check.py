@@ -8,20 +8,23 @@ import pytest
 import torch
 
 from templar_lib.buckets import LocalBucket, ObjectMissing
+from templar_lib.chain import LocalChain
 from templar_lib.checkpoints import ModelState
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
 from templar_lib.commitments import PeerBuckets
-from templar_lib.roles.spot_checks import (MINORITY_RESET_WINDOWS, Records, kept_windows, record_commitments,
-                                           reset_period)
+from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDING, Records, kept_windows,
+                                           record_commitments, reset_period, validator_records)
+from templar_lib.roles.validator import evaluate_window
+from templar_lib.scoring import zero_score
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
 from templar_lib.state import StateStore, WriteBehind
 from templar_lib.strategies import STRATEGIES, strategy_of
-from templar_lib.wire import InvalidFile, gradient_key
+from templar_lib.wire import InvalidFile, evaluation_key, gradient_key
 from templar_lib.wire.documents import EvaluationReport, Recorded, read_evaluation, write_evaluation
 from templar_lib.wire.keys import miner_state_key
 from templar_lib.wire.miner_state import read_miner_state, write_miner_state
@@ -442,9 +445,8 @@ def test_a_node_starts_fresh_where_the_validators_did_not_record_its_last_file(d
 
 def test_a_validator_that_missed_a_file_mends_it_from_the_record_validators_holding_half_the_stake_agree_on():
     """Records.mendable: the state after (and hotkey) of a uid's file that validators holding at least half of all
-    validators' stake recorded, where the draw did not pick the file (its check, which the validator that missed it
-    cannot make, might yet fail); and a miner does not give up its state for a minority's miss that will be mended
-    this way, even in a window of the minority's schedule, but does where the file was drawn."""
+    validators' stake recorded in good standing, where the draw did not pick the file (its check, which the
+    validator that missed it cannot make, might yet fail)."""
     def report(validator: int, recorded: dict[int, str], hotkey: str = "hk") -> EvaluationReport:
         return EvaluationReport(window=5, validator=validator, step=5, random_loss=1.0, peers=[], scores={},
                                 commitments={u: Recorded("b" * 64, after, 0, hotkey) for u, after in recorded.items()})
@@ -468,11 +470,14 @@ def test_a_validator_that_missed_a_file_mends_it_from_the_record_validators_hold
             records({0: report(0, {uid: mine}), 1: report(1, {uid: other}), 2: report(2, {uid: other})}),  # a tie
             records({0: None, 1: report(1, {uid: mine}), 2: report(2, {uid: mine}, "other")})):  # two hotkeys
         assert unmendable.mendable(uid, rate) is None
-    # the miner: the 20 % that missed it will mend it, so it keeps its state; drawn, the schedule resets it
-    assert records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}).unrecorded(uid, mine, rate) \
-        is None
-    why = records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}, seed=picked).unrecorded(
-        uid, mine, rate)
+    # only reports that hold the uid in good standing count: one that bans it, or whose check of it failed or is
+    # pending, does not (the others' ban reaches the validator that missed the file)
+    banning = dataclasses.replace(report(0, {uid: mine}), scores={uid: zero_score(uid, f"{BANNED} 60: failed")})
+    for standing in (banning, dataclasses.replace(report(0, {uid: mine}), checks={uid: "replaying … gives another"}),
+                     dataclasses.replace(report(0, {uid: mine}), checks={uid: PENDING + "no state put"})):
+        assert records({0: standing, 1: report(1, {uid: mine}), 2: lacks}).mendable(uid, rate) is None
+    # the miner's schedule stays the net under the mend (its reads of the reports may differ from the validators')
+    why = records({0: report(0, {uid: mine}), 1: report(1, {uid: mine}), 2: lacks}).unrecorded(uid, mine)
     assert why is not None and "a minority's miss" in why
 
 
@@ -502,9 +507,64 @@ def test_a_file_that_links_only_to_the_others_record_of_the_last_file_is_recorde
     assert recorded[1].before == last.after and 1 not in reasons
     for wrong in (agreed._replace(hotkey="another"), agreed._replace(after="d" * 64)):
         assert 1 not in record({}, {1: wrong}.get)[0]
+    # a record of its own with another state after (a miner showing validators different files) is no miss
+    assert 1 not in record({1: agreed._replace(after="d" * 64)}, {1: agreed}.get)[0]
     assert record(None, None)[1][1].startswith("state: this validator has no record of window 0")  # unpaid
     recorded, reasons = record(None, {1: agreed}.get)
     assert 1 in recorded and 1 not in reasons
+
+
+def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_others_reports(dataset, tmp_path):
+    """evaluate_window with `others` (as the validators asset and the simulation run it): the validator holding 20 %
+    of the stake recorded nothing of the miner's file of window 0; the others (80 %) did, and the draw of window 0's
+    closing hash did not pick it. Its file of window 1 is recorded and scored, not zeroed for a state nobody it knows
+    committed to; without the others' reports, or where the others' reports ban the uid, it is zeroed."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco", spot_check_probability=0.5)
+    bpw = hparams.blocks_per_window
+    for attempt in range(100):  # a chain whose window 0 closes with a hash that does not draw the miner
+        chain = LocalChain(tmp_path / f"chain-{attempt}.sqlite", blocks_per_window=bpw, secret=f"mend-{attempt}")
+        validators = [chain.register(hotkey=f"v{i}", stake=stake, validator_permit=True)
+                      for i, stake in enumerate((500.0, 300.0, 200.0))]
+        miner = chain.register(hotkey="miner")
+        chain.advance(2 * bpw)  # windows 0 and 1 have closed
+        if not drawn(chain.block_hash(bpw), 0, miner, hparams.spot_check_probability):
+            break
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    for window in (0, 1):
+        mine_window(window, [miner], model=model, step=0, store=store, dataset=data, gradients=gradients,
+                    hparams=hparams)
+    after = committed(gradients.get(gradient_key(0, miner)), window=0, uid=miner, hparams=hparams).after
+    reports = LocalBucket(tmp_path / "reports")  # every validator's, as on a local network
+
+    def publish(validator: int, recorded: dict[int, Recorded], **fields) -> None:
+        reports.put(evaluation_key(0, validator), write_evaluation(dataclasses.replace(
+            EvaluationReport(0, validator, 0, 1.0, [], {}, commitments=recorded), **fields)))
+    for validator in validators[:2]:
+        publish(validator, {miner: Recorded(ZEROS, after, 0, "miner")})
+    missing = validators[2]
+    publish(missing, {miner + 1: Recorded(ZEROS, after, 0, "other")})  # its watch missed the miner's file
+
+    def evaluate(name: str, others):
+        watch = Watch(1, blocks_per_window=bpw, state=LocalBucket(tmp_path / name),
+                      peers=PeerBuckets.of({miner: gradients}), uids=[miner], max_bytes=hparams.max_gradient_bytes)
+        watch.poll(bpw + 1)
+        state = ModelState(1, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+        return evaluate_window(1, chain=chain.as_uid(missing), model=model, state=state, dataset=data, watch=watch,
+                               own_bucket=reports, hparams=hparams, others=others).report
+
+    def others(window: int) -> Records:
+        return validator_records(window, metagraph=chain.metagraph(), peers=PeerBuckets.of({}), shared=reports,
+                                 seed=chain.block_hash((window + 1) * bpw))
+    mended = evaluate("mended", others)
+    assert miner in mended.commitments and not mended.scores[miner].reason
+    alone = evaluate("alone", None)
+    assert miner not in alone.commitments and alone.scores[miner].reason.startswith("state: it continues a state")
+    publish(validators[0], {miner: Recorded(ZEROS, after, 0, "miner")},
+            scores={miner: zero_score(miner, f"{BANNED} 60: failed the spot check of window -1: …")})
+    banned = evaluate("banned", others)  # 300 of 1000 in good standing: no mend
+    assert miner not in banned.commitments and banned.scores[miner].reason.startswith("state: it continues")
 
 
 def test_a_node_mends_a_minority_s_miss_in_a_window_of_its_period(dataset, tmp_path):
