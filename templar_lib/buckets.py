@@ -245,10 +245,12 @@ class S3Bucket:
                     from botocore import UNSIGNED
 
                     config = config.merge(Config(signature_version=UNSIGNED))
-                client = _peer_session().create_client(
-                    "s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config,
-                    aws_access_key_id=credentials[0] if credentials else None,
-                    aws_secret_access_key=credentials[1] if credentials else None)
+                session = _peer_session()
+                with _PEER_SESSION_LOCK:  # a botocore session is not thread-safe (reports are read off-thread)
+                    client = session.create_client(
+                        "s3", endpoint_url=self.endpoint_url, region_name=region or "auto", config=config,
+                        aws_access_key_id=credentials[0] if credentials else None,
+                        aws_secret_access_key=credentials[1] if credentials else None)
             else:  # boto3's own chain: environment, named profile, instance role
                 session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
                 client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region or "auto",

@@ -17,9 +17,9 @@ p = spot_check_probability > 0:
              fresh where validators holding at least half of all validators' stake recorded that window's files
              but not its own (their watch missed it; roles/spot_checks.py Records), or it would score 0 there for
              good; a smaller share's miss those validators mend themselves, linking the next file to the record
-             that validators holding half the stake agree on (roles/spot_checks.py Records.mendable), unless the
-             draw picked the last file; under that, the miner starts fresh on a schedule, within 2^⌈log₂(32 / s)⌉
-             windows for a share s
+             that validators holding half the stake agree on, in good standing (roles/spot_checks.py
+             Records.mendable), unless the draw picked the last file; under that, the miner starts fresh on a
+             schedule, within 2^⌈log₂(32 / s)⌉ windows for a share s
     draw     once w has closed, a recorded uid is checked iff  sha256(closing hash, w, uid) < p: the closing hash
              does not exist while files are uploaded, so no miner knows which windows are checked
     answer   a drawn miner puts S_{w−1} at miner_state_key(w, uid, "before") during w + 1 (and S_w, "after",

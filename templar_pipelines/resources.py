@@ -95,13 +95,12 @@ class BucketsResource(dg.ConfigurableResource):
 
     def validator_records(self, chain: Chain, window: int) -> Records:
         """Every validator's evaluation report of `window`, from the bucket it commits (a local network's write to
-        the gradients bucket), read side by side within roles.spot_checks.REPORTS_SECONDS, with their stakes and
-        the window's closing hash: what a miner checks its last file against before it mines, and what a validator
-        mends a missed file from (roles.spot_checks.Records)."""
+        the gradients bucket), read side by side within roles.spot_checks.REPORTS_SECONDS, with their stakes: what a
+        miner checks its last file against before it mines, and what a validator mends a missed file from
+        (roles.spot_checks.Records, mender)."""
         metagraph = chain.metagraph()
         return validator_records(window, metagraph=metagraph, shared=self.gradients(),
-                                 peers=self.peers(chain, uids=metagraph.validators),
-                                 seed=chain.block_hash((window + 1) * chain.blocks_per_window))
+                                 peers=self.peers(chain, uids=metagraph.validators))
 
 
 class TrainingResource(dg.ConfigurableResource):

@@ -6,6 +6,8 @@ next links to something."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import time
@@ -65,8 +67,9 @@ def own_report(bucket: Bucket, window: int, validator: int) -> EvaluationReport 
 
 @dataclass(frozen=True)
 class Records:
-    """What the validators recorded of one window's files, as a miner reads them before it mines the next window:
-    each permit holder's evaluation report of `window` (None: none read in time) and its stake."""
+    """What the validators recorded of one window's files, as a miner reads them before it mines the next window
+    and a validator that missed a file mends it from them: each permit holder's evaluation report of `window` (None:
+    none read in time) and its stake."""
 
     window: int
     reports: Mapping[int, EvaluationReport | None]
@@ -80,15 +83,15 @@ class Records:
         return weight if sum(weight.values()) else dict.fromkeys(weight, 1.0)
 
     def mendable(self, uid: int, probability: float) -> Recorded | None:
-        """The record of `uid`'s file of `window` that a validator whose watch missed that file links the uid's
-        next file to (record_commitments' `mend`): the state after and hotkey that validators holding at least half
-        of all validators' stake recorded, the one such record, counting only reports that hold the uid in good
-        standing (not banned, no check of it failed or pending: the others' ban reaches the validator that missed
-        the file; a report not read counts as not recording it), where the draw (`seed`, `probability`) did not
-        pick the file. A drawn one is not: its check, which the validator that missed it cannot make, may yet
-        fail. Safe otherwise: the state was committed to before θ_{window+1} existed, by a file exposed to the same
-        draw as every recorded one, so it is no more made up than the others' own links; only validators holding
-        half the stake, who decide consensus anyway, could agree on a record made up."""
+        """The record of `uid`'s file of `window` that a validator whose watch missed that file links the uid's next
+        file to (record_commitments' `mend`): the state after and hotkey that validators holding at least half of all
+        validators' stake recorded, the one such record, counting only reports that hold the uid in good standing (not
+        banned, no check of it failed or pending: the others' ban keeps the validator that missed the file from mending
+        it; a report not read counts as not recording it), where the draw (`seed`, `probability`) did not pick the file.
+        A drawn one is not: its check, which the validator that missed it cannot make, may yet fail. Safe otherwise: the
+        state was committed to before θ_{window+1} existed, by a file exposed to the same draw as every recorded one, so
+        it is no more made up than the others' own links; only validators holding half the stake, who decide consensus
+        anyway, could agree on a record made up."""
         if self.seed is None or drawn(self.seed, self.window, uid, probability):
             return None
         weight = self._weights()
@@ -162,13 +165,12 @@ READERS = 64  # reads at once: a subnet's validator permits (bittensor's max_all
 
 
 def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, shared: Bucket | None = None,
-                      seed: str | None = None, seconds: float = REPORTS_SECONDS) -> Records:
+                      seconds: float = REPORTS_SECONDS) -> Records:
     """Every validator's report of `window` from the bucket it commits, read side by side within `seconds` (each
     bounded like any stranger's file; None where it has none, or none that reads in time), with every validator's
     stake: what a miner node checks its last file against (Records). shared: where a validator that commits no
     bucket writes (a local network's validators write to the bucket its miners share); elsewhere it holds no
-    report of theirs, so such a validator counts as having recorded everything. seed: the hash of `window`'s
-    closing block (Records.seed)."""
+    report of theirs, so such a validator counts as having recorded everything."""
     deadline = time.monotonic() + seconds
 
     def read(validator: int) -> EvaluationReport | None:
@@ -187,14 +189,14 @@ def validator_records(window: int, *, metagraph: Metagraph, peers: PeerBuckets, 
     validators = sorted(metagraph.validators, key=lambda v: (-stakes.get(v, 0.0), v))
     with ThreadPoolExecutor(max_workers=max(1, min(READERS, len(validators)))) as pool:
         reports = dict(zip(validators, pool.map(read, validators)))
-    return Records(window, reports, stakes, seed)
+    return Records(window, reports, stakes)
 
 
 def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparams: HParams,
                        previous: Mapping[int, Recorded] | None, hotkeys: Mapping[int, str],
                        lags_of: Callable[[Mapping[int, Commitment]], Mapping[int, int | str]],
-                       mend: Callable[[int], Recorded | None] | None = None
-                       ) -> tuple[dict[int, Recorded], dict[int, str]]:
+                       mend: Callable[[int], Recorded | None] | None = None,
+                       files: Mapping[int, Commitment] | None = None) -> tuple[dict[int, Recorded], dict[int, str]]:
     """What `window`'s files commit to, as the report records it (uid -> Recorded), for every file seen (`uids`:
     sampled for scoring or not, banned or not) whose header commits to a state, names a θ the validator has
     (`lags_of`: steps behind θ_window, or why not) and links (spot_check.linked) to `previous`
@@ -209,13 +211,13 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     had recorded it: without it, every later file of the uid would score 0 here until the uid started fresh. Not
     where this validator recorded another state after for the uid: a miner that showed validators different files
     would otherwise move a minority onto a state only the others could check. Nothing is recorded where the
-    network does not spot-check."""
+    network does not spot-check. files: file_commitments of `uids`, where the caller has them."""
     if hparams.spot_check_probability <= 0:
         return {}, {}
     if previous is None and watch.state.exists(SEEN.key(window - 1)):  # its own copies of window − 1 stand in
         previous = {uid: Recorded(c.before, c.after, 0, hotkeys.get(uid, ""))
                     for uid, c in file_commitments(watch.at(window - 1), hparams=hparams).items()}
-    files = file_commitments(watch, hparams=hparams, uids=uids)
+    files = file_commitments(watch, hparams=hparams, uids=uids) if files is None else files
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
         own = previous is not None and linked(commitment, previous, uid, hotkeys.get(uid))
@@ -233,6 +235,43 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
         if isinstance(lags.get(uid), int):
             recorded[uid] = Recorded(commitment.before, commitment.after, lags[uid], hotkeys.get(uid, ""))
     return recorded, reasons
+
+
+# how long a validator waits for the others' reports past its spot checks, which they are read beside, before it
+# records the window without mending (a miner can make it read them every window; an endpoint can take the deadline)
+MEND_WAIT_SECONDS = 2.0
+
+
+def mender(window: int, *, files: Mapping[int, Commitment], previous: EvaluationReport | None,
+           others: Callable[[int], Records] | None, chain: Chain, hparams: HParams
+           ) -> Callable[[int], Recorded | None] | None:
+    """record_commitments' `mend` for a validator's evaluation of `window`, or None where nothing needs one: some
+    file of `files` that does not start fresh and whose uid its own report of window − 1 (`previous`) does not
+    record. others(window − 1) (the validators' reports) is then read at once on a thread, beside the spot checks,
+    and waited for at most MEND_WAIT_SECONDS when first asked; not ready, or failing in any way, nothing is mended
+    this window (logged; the miner's schedule is the net). The draw it excludes is window − 1's closing hash."""
+    if others is None or window <= 0 or hparams.spot_check_probability <= 0 or not any(
+            commitment.before != ZEROS and (previous is None or uid not in previous.commitments)
+            for uid, commitment in files.items()):
+        return None
+    seed = chain.block_hash(window * hparams.blocks_per_window)
+    reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-reports")
+    future = reads.submit(others, window - 1)
+    reads.shutdown(wait=False)  # the thread ends with the read, which its deadline cuts
+
+    @functools.cache
+    def records() -> Records | None:
+        try:
+            return dataclasses.replace(future.result(timeout=MEND_WAIT_SECONDS), seed=seed)
+        except TimeoutError:
+            log.warning("the validators' reports of window %d not read in time: nothing mended", window - 1)
+        except Exception:  # noqa: BLE001 - a mend is optional: whatever a chain or a bucket raises, none is made
+            log.warning("the validators' reports of window %d not read: nothing mended", window - 1, exc_info=True)
+        return None
+
+    def mend(uid: int) -> Recorded | None:
+        return None if (read := records()) is None else read.mendable(uid, hparams.spot_check_probability)
+    return mend
 
 
 def file_commitments(watch: Watch, *, hparams: HParams, uids: Iterable[int] | None = None

@@ -34,12 +34,11 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from templar_lib.buckets import Bucket, BucketError, ObjectMissing
+from templar_lib.buckets import Bucket, ObjectMissing
 from templar_lib.chain import Chain, ChainError
 from templar_lib.checkpoints import ModelState, model_fingerprint, probe_values
 from templar_lib.data import Dataset, random_pages
@@ -47,8 +46,8 @@ from templar_lib.gather import fetch_peers, publish_peers
 from templar_lib.hparams import HParams
 from templar_lib.model import load_parameters_, parameters_of
 from templar_lib.ratings import Ratings, update_ratings
-from templar_lib.roles.spot_checks import (BANNED, PENDING, Records, is_failure, own_report, pending_checks,
-                                           record_commitments, spot_check_window)
+from templar_lib.roles.spot_checks import (BANNED, PENDING, Records, file_commitments, is_failure, mender, own_report,
+                                           pending_checks, record_commitments, spot_check_window)
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
 from templar_lib.strategies import NormReference, strategy_of
@@ -58,7 +57,6 @@ from templar_lib.watch import Watch
 from templar_lib.wire import (EvaluationReport, Gradient, InvalidFile, Peers, aggregation_key, evaluation_key,
                               peers_key, write_evaluation)
 from templar_lib.wire.aggregation import CHANGED_AFTER_SCORING, read_refusals
-from templar_lib.wire.documents import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +187,6 @@ def sync_lags(window: int, gradients: Mapping[int, Gradient], theta: Mapping[str
     return lags
 
 
-def _result(future: Future | None, what: str):
-    """What `future` computed, or None (logged) where it raised what a chain or a bucket raises."""
-    try:
-        return None if future is None else future.result()
-    except (ChainError, BucketError, OSError) as error:
-        log.warning("%s not read (%s): nothing is mended from them", what, error)
-        return None
-
-
 def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state: ModelState, dataset: Dataset,
                     watch: Watch, own_bucket: Bucket, hparams: HParams, ratings: Ratings = Ratings(),
                     history: Callable[[int], Mapping[str, torch.Tensor] | None] = lambda window: None,
@@ -208,9 +197,9 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     evaluation-{w}-{validator}.json to `own_bucket`. Needs the window closed (its closing block seeds the random
     pages). With more uids seen than scored_per_window, a sample of them is scored (`ratings`: what they have earned
     and when they were last evaluated; sample_uids); the others are `unsampled` and nothing about them changes.
-    others(w): every validator's report of window w (roles.spot_checks.validator_records, with w's closing hash),
-    read only where spot checks are on and a file does not link to this validator's own records, to mend a file of
-    window − 1 its watch missed (record_commitments' `mend`); None: nothing is mended."""
+    others(w): every validator's report of window w (roles.spot_checks.validator_records), read only where spot
+    checks are on and a file that does not start fresh finds no record of its uid in this validator's own report of
+    window − 1, to mend a file of window − 1 its watch missed (roles.spot_checks.mender); None: nothing is mended."""
     started = time.perf_counter()
     validator_uid = chain.uid
     seed_block = (window + 1) * hparams.blocks_per_window
@@ -230,11 +219,9 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     # window − 2 that found no state put: a failure is banned from this window on (rate_window), so its file of this
     # window is not used either; a pending check (no state put yet) zeroes it, unpaid until the state is put
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
-    # the others' reports of window − 1, read beside the spot checks below (a read cut at its deadline costs no
-    # time then), for record_commitments to mend a file of window − 1 this validator's watch missed
-    reads = ThreadPoolExecutor(max_workers=1) if others is not None and window > 0 \
-        and hparams.spot_check_probability > 0 else None
-    reports = None if reads is None else reads.submit(others, window - 1)
+    files = file_commitments(watch, hparams=hparams, uids=sightings) if hparams.spot_check_probability > 0 else {}
+    # where a file links to nothing of its own, the others' reports of window − 1, read beside the checks below
+    mend = mender(window, files=files, previous=previous, others=others, chain=chain, hparams=hparams)
     check_window = functools.partial(spot_check_window, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset,
                                      watch=watch, own_bucket=own_bucket, hparams=hparams, history=history)
     checks = check_window(previous)
@@ -261,17 +248,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     for uid, lag in lags.items():
         if isinstance(lag, str):
             reasons[uid] = lag
-    def mend(uid: int) -> Recorded | None:
-        records = _result(reports, f"the validators' reports of window {window - 1}")
-        return None if records is None else records.mendable(uid, hparams.spot_check_probability)
-
     commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
         window, watch=watch, uids=sightings, hparams=hparams, hotkeys=hotkeys,
         previous={} if window == 0 else None if previous is None else previous.commitments,
-        lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams),
-        mend=None if reports is None else mend)
-    if reads is not None:
-        reads.shutdown(wait=False)  # a read not needed ends at its deadline
+        lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams), files=files,
+        mend=mend)
     reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
     in_sync = {uid: g for uid, g in gradients.items() if isinstance(lags.get(uid), int)}
     random_ids = random_pages(window, f"{seed}:{validator_uid}", options.random_page_count or hparams.pages_per_window,

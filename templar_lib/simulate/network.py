@@ -127,8 +127,7 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
         cursor = schedule.initial_cursor(0)
 
         def reports(window: int) -> Records:  # the validators' reports of a window, as a node reads them
-            return validator_records(window, metagraph=chain.metagraph(), peers=peers, shared=gradients,
-                                     seed=chain.block_hash((window + 1) * bpw))
+            return validator_records(window, metagraph=chain.metagraph(), peers=peers, shared=gradients)
 
         def turn(window: int, uid: int) -> Turn:
             return Turn(window, nodes[uid], model, state, data, hparams, chain, gradients, honest[window][1],

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
 from templar_lib.commitments import PeerBuckets
+import templar_lib.roles.spot_checks as spot_checks
 from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDING, Records, kept_windows,
                                            record_commitments, reset_period, validator_records)
 from templar_lib.roles.validator import evaluate_window
@@ -514,11 +516,13 @@ def test_a_file_that_links_only_to_the_others_record_of_the_last_file_is_recorde
     assert 1 in recorded and 1 not in reasons
 
 
-def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_others_reports(dataset, tmp_path):
+def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_others_reports(dataset, tmp_path,
+                                                                                              monkeypatch):
     """evaluate_window with `others` (as the validators asset and the simulation run it): the validator holding 20 %
     of the stake recorded nothing of the miner's file of window 0; the others (80 %) did, and the draw of window 0's
     closing hash did not pick it. Its file of window 1 is recorded and scored, not zeroed for a state nobody it knows
-    committed to; without the others' reports, or where the others' reports ban the uid, it is zeroed."""
+    committed to; without the others' reports (none given, their reader failing, or not ready in time), or where
+    the others' reports ban the uid, it is zeroed."""
     data = Dataset.open(dataset)
     model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
     hparams = FAST.replace(strategy="sparseloco", spot_check_probability=0.5)
@@ -555,12 +559,20 @@ def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_oth
                                own_bucket=reports, hparams=hparams, others=others).report
 
     def others(window: int) -> Records:
-        return validator_records(window, metagraph=chain.metagraph(), peers=PeerBuckets.of({}), shared=reports,
-                                 seed=chain.block_hash((window + 1) * bpw))
+        return validator_records(window, metagraph=chain.metagraph(), peers=PeerBuckets.of({}), shared=reports)
+
+    def failing(window: int) -> Records:
+        raise RuntimeError("the reports' reader failed")
+
+    def slow(window: int) -> Records:
+        time.sleep(1.0)
+        return others(window)
+    monkeypatch.setattr(spot_checks, "MEND_WAIT_SECONDS", 0.2)
     mended = evaluate("mended", others)
     assert miner in mended.commitments and not mended.scores[miner].reason
-    alone = evaluate("alone", None)
-    assert miner not in alone.commitments and alone.scores[miner].reason.startswith("state: it continues a state")
+    for name, reader in (("alone", None), ("failing", failing), ("slow", slow)):  # nothing mended, no more
+        alone = evaluate(name, reader)
+        assert miner not in alone.commitments and alone.scores[miner].reason.startswith("state: it continues a")
     publish(validators[0], {miner: Recorded(ZEROS, after, 0, "miner")},
             scores={miner: zero_score(miner, f"{BANNED} 60: failed the spot check of window -1: …")})
     banned = evaluate("banned", others)  # 300 of 1000 in good standing: no mend
