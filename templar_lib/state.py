@@ -403,6 +403,21 @@ class StateStore:
         except ObjectMissing:
             return Ratings()
 
+    def latest_ratings(self, window: int) -> Ratings:
+        """The ratings a validator goes on from after `window`: those after `window`, or, where it did not rate
+        `window` (the node was down, or a backfill runs out of order), those after the latest window before it that
+        it rated, so that its history and bans stand (fresh ratings would drop both, and set weights from one
+        window); fresh ratings when it rated none."""
+        try:
+            return Ratings.from_json(self.bucket.get(keys.RATINGS.key(window)))
+        except ObjectMissing:
+            rated = [w for w in map(keys.RATINGS.window_of, self.bucket.list(keys.RATINGS.prefix))
+                     if w is not None and w < window]
+        if not rated:
+            return Ratings()
+        log.warning("no ratings of window %d in %s: going on from those of window %d", window, self.root, max(rated))
+        return Ratings.from_json(self.bucket.get(keys.RATINGS.key(max(rated))))
+
     def load_weights(self, window: int) -> dict[int, float] | None:
         """The weights saved with the ratings after `window` (None: nothing positive to set). StateMissing when the
         ratings of `window` were not saved here."""

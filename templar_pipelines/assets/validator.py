@@ -45,7 +45,7 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
                                  watch=watch, own_bucket=buckets.gradients(),
-                                 hparams=settings, ratings=store.load_ratings(window - 1),
+                                 hparams=settings, ratings=store.latest_ratings(window - 1),
                                  history=store.parameters_at, options=EvaluationOptions(),
                                  others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
@@ -69,6 +69,6 @@ def ratings(context: dg.AssetExecutionContext, chain: ChainResource, buckets: Bu
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     banned = swaps_found(buckets.aggregator(), window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
     hotkeys = {neuron.uid: neuron.hotkey for neuron in live_chain.metagraph().neurons}
-    updated, weights = rate_window(report, store.load_ratings(window - 1), hotkeys, settings, banned=banned)
+    updated, weights = rate_window(report, store.latest_ratings(window - 1), hotkeys, settings, banned=banned)
     store.save_ratings(updated, weights)
     return dg.MaterializeResult(metadata=ratings_metadata(updated))

@@ -11,6 +11,7 @@ from templar_lib.checkpoints import ModelState, model_fingerprint
 from templar_lib.data import Dataset, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
+from templar_lib.ratings import Ratings, UidRating
 from templar_lib.roles.miner import mine_window
 from templar_lib.strategies import new_feedback
 from templar_lib.state import MomentumLost, StateMissing, StateStore, WriteBehind
@@ -183,3 +184,18 @@ def test_a_theta_pruned_as_it_is_opened_is_missing_state_not_a_crash(tmp_path, m
     monkeypatch.setattr(LocalBucket, "local_path", pruned_meanwhile)
     with pytest.raises(StateMissing, match="θ_3 is not in .*older than the windows kept"):
         store.load_model(3)
+
+
+def test_a_validator_that_did_not_rate_a_window_goes_on_from_the_ratings_it_had(tmp_path, caplog):
+    """latest_ratings: the ratings after a window, or after the latest one before it this node rated (it was down,
+    or a backfill runs out of order), bans and history included; fresh ratings only where it rated none."""
+    store = StateStore(tmp_path / "state")
+    banned = Ratings(window=3, by_uid={7: UidRating("hotkey-7", 30.0, 5.0, score_ema=0.4, banned_until=52)})
+    store.save_ratings(banned, {7: 1.0})
+    store.save_ratings(Ratings(window=9, by_uid={}), None)
+    assert store.latest_ratings(3) == banned
+    with caplog.at_level(logging.WARNING, logger="templar_lib.state"):
+        assert store.latest_ratings(5) == banned  # windows 4 and 5 not rated
+    assert "going on from those of window 3" in caplog.text
+    assert store.latest_ratings(2) == Ratings()
+    assert store.latest_ratings(12).window == 9
