@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -12,9 +11,8 @@ from templar_lib.ratings import Ratings
 from templar_lib.roles import AggregatorResult, MinerResult
 from templar_lib.roles.spot_checks import is_failure
 from templar_lib.roles.validator import WindowEvaluation
+from templar_pipelines.health import NetworkHealth, WindowRecord
 
-if TYPE_CHECKING:
-    from templar_pipelines.assets.network import NetworkHealth, WindowRecord
 
 _COLUMN = dg.TableColumn
 # Per-uid numeric keys (`uid_3_score`) are plotted over the window partitions by the UI, which draws at most 100

@@ -4,9 +4,9 @@ import dagster as dg
 
 from templar_lib.roles.validator import submit_weights
 from templar_lib.wire import evaluation_key, read_evaluation
-from templar_pipelines.assets.network import (HISTORY_WINDOWS, NETWORK, last_weights_block, network_health,
-                                              recent_records, window_record)
+from templar_pipelines.assets.network import HISTORY_WINDOWS, NETWORK, last_weights_block, recent_records
 from templar_pipelines.assets.validator import ratings
+from templar_pipelines.health import network_health, window_record
 from templar_pipelines.metadata import network_metadata, network_metrics, uid_series, weights_metadata
 from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, NodeResource, WandbResource

@@ -10,7 +10,7 @@ import pytest
 
 from templar_lib.chain import LocalChain
 from templar_lib.roles import AggregatorResult
-from templar_pipelines.assets.network import NetworkHealth, WindowRecord
+from templar_pipelines.health import NetworkHealth, WindowRecord
 from templar_pipelines.local_network import run_local_network
 from templar_pipelines.metadata import PLOTTED_UIDS, aggregation_lines, human_bytes, network_metadata
 
