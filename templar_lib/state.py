@@ -62,6 +62,7 @@ from templar_lib.ratings import Ratings
 from templar_lib.wire import keys
 
 log = logging.getLogger(__name__)
+RATINGS_LOOKBACK = 64  # windows a validator looks back for the ratings it goes on from (more than a 50-window ban)
 
 
 class StateMissing(LookupError):
@@ -407,16 +408,19 @@ class StateStore:
         """The ratings a validator goes on from after `window`: those after `window`, or, where it did not rate
         `window` (the node was down, or a backfill runs out of order), those after the latest window before it that
         it rated, so that its history and bans stand (fresh ratings would drop both, and set weights from one
-        window); fresh ratings when it rated none."""
-        try:
-            return Ratings.from_json(self.bucket.get(keys.RATINGS.key(window)))
-        except ObjectMissing:
-            rated = [w for w in map(keys.RATINGS.window_of, self.bucket.list(keys.RATINGS.prefix))
-                     if w is not None and w < window]
-        if not rated:
-            return Ratings()
-        log.warning("no ratings of window %d in %s: going on from those of window %d", window, self.root, max(rated))
-        return Ratings.from_json(self.bucket.get(keys.RATINGS.key(max(rated))))
+        window); fresh ratings when it rated none in the RATINGS_LOOKBACK windows up to `window` (older ones are
+        another era: its weights would follow miners that may have left). What the windows it did not rate would
+        have added is not: a ban only those windows' reports held (a spot check that failed then) is lost."""
+        for earlier in range(window, max(-1, window - RATINGS_LOOKBACK) - 1, -1):
+            try:
+                ratings = Ratings.from_json(self.bucket.get(keys.RATINGS.key(earlier)))
+            except ObjectMissing:
+                continue
+            if earlier < window:
+                log.warning("no ratings of window %d in %s: going on from those of window %d", window, self.root,
+                            earlier)
+            return ratings
+        return Ratings()
 
     def load_weights(self, window: int) -> dict[int, float] | None:
         """The weights saved with the ratings after `window` (None: nothing positive to set). StateMissing when the

@@ -10,9 +10,11 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -243,28 +245,45 @@ MEND_WAIT_SECONDS = 2.0
 
 
 def mender(window: int, *, files: Mapping[int, Commitment], previous: EvaluationReport | None,
-           others: Callable[[int], Records] | None, chain: Chain, hparams: HParams
+           others: Callable[[int], Records] | None, chain: Chain, hparams: HParams,
+           published: Callable[[], EvaluationReport | None] = lambda: None
            ) -> Callable[[int], Recorded | None] | None:
     """record_commitments' `mend` for a validator's evaluation of `window`, or None where nothing needs one: some
     file of `files` that does not start fresh and whose uid its own report of window − 1 (`previous`) does not
-    record. others(window − 1) (the validators' reports) is then read at once on a thread, beside the spot checks,
-    and waited for at most MEND_WAIT_SECONDS when first asked; not ready, or failing in any way, nothing is mended
-    this window (logged; the miner's schedule is the net). The draw it excludes is window − 1's closing hash."""
+    record. others(window − 1) (the validators' reports) is then read at once on a daemon thread, beside the spot
+    checks, and waited for at most MEND_WAIT_SECONDS when first asked; not ready, or failing in any way, nothing is
+    mended this window (logged; the miner's schedule is the net), and an unfinished read holds up neither the
+    evaluation nor its process's exit. The draw it excludes is window − 1's closing hash. published(): this
+    validator's own report of `window` where an earlier run wrote one: a re-run takes the mends it made instead
+    (so it gives the same bytes, whatever the reads give now)."""
     if others is None or window <= 0 or hparams.spot_check_probability <= 0 or not any(
             commitment.before != ZEROS and (previous is None or uid not in previous.commitments)
             for uid, commitment in files.items()):
         return None
+    if (done := published()) is not None:
+        def again(uid: int) -> Recorded | None:  # what the file linked to, where the earlier run recorded it
+            record = done.commitments.get(uid)
+            return None if record is None else Recorded(ZEROS, record.before, 0, record.hotkey)
+        return again
     seed = chain.block_hash(window * hparams.blocks_per_window)
-    reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-reports")
-    future = reads.submit(others, window - 1)
-    reads.shutdown(wait=False)  # the thread ends with the read, which its deadline cuts
+    future: Future[Records] = Future()
+
+    def read() -> None:
+        try:
+            future.set_result(others(window - 1))
+        except BaseException as error:  # handed to the evaluation, which decides what it means
+            future.set_exception(error)
+    threading.Thread(target=read, name=f"validator-reports-{window - 1}", daemon=True).start()
 
     @functools.cache
     def records() -> Records | None:
         try:
             return dataclasses.replace(future.result(timeout=MEND_WAIT_SECONDS), seed=seed)
-        except TimeoutError:
-            log.warning("the validators' reports of window %d not read in time: nothing mended", window - 1)
+        except MemoryError:
+            raise
+        except FutureTimeout:
+            log.warning("the validators' reports of window %d not read within %g s of asking: nothing mended",
+                        window - 1, MEND_WAIT_SECONDS)
         except Exception:  # noqa: BLE001 - a mend is optional: whatever a chain or a bucket raises, none is made
             log.warning("the validators' reports of window %d not read: nothing mended", window - 1, exc_info=True)
         return None

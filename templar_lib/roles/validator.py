@@ -221,7 +221,8 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
     files = file_commitments(watch, hparams=hparams, uids=sightings) if hparams.spot_check_probability > 0 else {}
     # where a file links to nothing of its own, the others' reports of window − 1, read beside the checks below
-    mend = mender(window, files=files, previous=previous, others=others, chain=chain, hparams=hparams)
+    mend = mender(window, files=files, previous=previous, others=others, chain=chain, hparams=hparams,
+                  published=lambda: own_report(own_bucket, window, validator_uid))
     check_window = functools.partial(spot_check_window, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset,
                                      watch=watch, own_bucket=own_bucket, hparams=hparams, history=history)
     checks = check_window(previous)

@@ -550,7 +550,9 @@ def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_oth
     missing = validators[2]
     publish(missing, {miner + 1: Recorded(ZEROS, after, 0, "other")})  # its watch missed the miner's file
 
-    def evaluate(name: str, others):
+    def evaluate(name: str, others, rerun: bool = False):
+        if not rerun:  # a first run: no report of window 1 of its own yet
+            reports.delete(evaluation_key(1, missing))
         watch = Watch(1, blocks_per_window=bpw, state=LocalBucket(tmp_path / name),
                       peers=PeerBuckets.of({miner: gradients}), uids=[miner], max_bytes=hparams.max_gradient_bytes)
         watch.poll(bpw + 1)
@@ -570,6 +572,8 @@ def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_oth
     monkeypatch.setattr(spot_checks, "MEND_WAIT_SECONDS", 0.2)
     mended = evaluate("mended", others)
     assert miner in mended.commitments and not mended.scores[miner].reason
+    # a re-run takes the mends its published report made, whatever its reads give now: the same bytes
+    assert write_evaluation(evaluate("rerun", failing, rerun=True)) == write_evaluation(mended)
     for name, reader in (("alone", None), ("failing", failing), ("slow", slow)):  # nothing mended, no more
         alone = evaluate(name, reader)
         assert miner not in alone.commitments and alone.scores[miner].reason.startswith("state: it continues a")

@@ -14,7 +14,7 @@ from templar_lib.model import build_model
 from templar_lib.ratings import Ratings, UidRating
 from templar_lib.roles.miner import mine_window
 from templar_lib.strategies import new_feedback
-from templar_lib.state import MomentumLost, StateMissing, StateStore, WriteBehind
+from templar_lib.state import RATINGS_LOOKBACK, MomentumLost, StateMissing, StateStore, WriteBehind
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)
 UIDS = [1, 2]
@@ -199,3 +199,5 @@ def test_a_validator_that_did_not_rate_a_window_goes_on_from_the_ratings_it_had(
     assert "going on from those of window 3" in caplog.text
     assert store.latest_ratings(2) == Ratings()
     assert store.latest_ratings(12).window == 9
+    assert store.latest_ratings(9 + RATINGS_LOOKBACK).window == 9
+    assert store.latest_ratings(10 + RATINGS_LOOKBACK) == Ratings()  # another era
