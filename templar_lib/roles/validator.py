@@ -50,6 +50,7 @@ from templar_lib.roles.spot_checks import (BANNED, PENDING, Records, file_commit
                                            pending_checks, record_commitments, spot_check_window)
 from templar_lib.scoring import Losses, Score, score_losses, zero_score
 from templar_lib.screening import screen, sync_lag
+from templar_lib.state import RATINGS_LOOKBACK, StateStore
 from templar_lib.strategies import NormReference, strategy_of
 from templar_lib.training import evaluate_loss
 from templar_lib.weights import normalised_weights
@@ -322,6 +323,25 @@ def rate_window(report: EvaluationReport, ratings: Ratings, hotkeys: Mapping[int
                                  missed=[u for u, s in scores.items() if s.reason and not s.reason.startswith(BANNED)],
                                  failed_checks={uid: why for uid, why in report.checks.items() if is_failure(why)})
     return new_ratings, normalised_weights(new_ratings.final_scores(), hotkeys)
+
+
+def ratings_before(window: int, *, store: StateStore, own_bucket: Bucket, validator: int, aggregator: Bucket,
+                   hotkeys: Callable[[], Mapping[int, str]], hparams: HParams,
+                   shapes: Mapping[str, tuple[int, ...]]) -> Ratings:
+    """The ratings a validator goes on from in `window`: those after window − 1 (StateStore.latest_ratings: the
+    latest it rated), with its own reports of the windows since then folded in (rate_window, banning what each
+    window's aggregation found changed after scoring), where it evaluated them but did not rate them (its ratings
+    step failed for good, or ratings run out of order): the bans of their failed checks stand. Nothing is saved;
+    none to fold in (the usual case) reads nothing more. hotkeys(): the metagraph's now, asked only to fold one in."""
+    ratings = store.latest_ratings(window - 1)
+    for skipped in range(max(ratings.window + 1, window - RATINGS_LOOKBACK), window):
+        if not own_bucket.exists(evaluation_key(skipped, validator)) or (
+                report := own_report(own_bucket, skipped, validator)) is None:
+            continue
+        log.warning("window %d was evaluated but not rated here: its report is folded into the ratings", skipped)
+        banned = swaps_found(aggregator, skipped - 1, shapes=shapes, hparams=hparams) if skipped > 0 else {}
+        ratings, _ = rate_window(report, ratings, hotkeys(), hparams, banned=banned)
+    return ratings
 
 
 def submit_weights(chain: Chain, weights: dict[int, float] | None) -> str:

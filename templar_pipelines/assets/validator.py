@@ -2,9 +2,13 @@ import functools
 import time
 
 import dagster as dg
+import torch
 
-from templar_lib.chain import LocalChain
-from templar_lib.roles.validator import EvaluationOptions, evaluate_window, rate_window, swaps_found
+from templar_lib.chain import Chain, LocalChain
+from templar_lib.hparams import HParams
+from templar_lib.ratings import Ratings
+from templar_lib.roles.validator import (EvaluationOptions, evaluate_window, rate_window, ratings_before,
+                                         swaps_found)
 from templar_lib.wire import evaluation_key, read_evaluation
 from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
 from templar_pipelines.assets.miner import gradients
@@ -44,14 +48,23 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     model, state = node.model_at(window, dataset)
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
-                                 watch=watch, own_bucket=buckets.gradients(),
-                                 hparams=settings, ratings=store.latest_ratings(window - 1),
+                                 watch=watch, own_bucket=buckets.gradients(), hparams=settings,
+                                 ratings=_ratings_before(window, validator_chain, buckets, node, settings, model),
                                  history=store.parameters_at, options=EvaluationOptions(),
                                  others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
         context.log.info(line)
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
+
+
+def _ratings_before(window: int, chain: Chain, buckets: BucketsResource, node: NodeResource, settings: HParams,
+                    model: torch.nn.Module) -> Ratings:
+    """roles.validator.ratings_before for this node: its state store, its own reports, the aggregator's files."""
+    return ratings_before(window, store=node.store(), own_bucket=buckets.gradients(), validator=node.validator(chain),
+                          aggregator=buckets.aggregator(), hparams=settings,
+                          hotkeys=lambda: {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons},
+                          shapes={name: tuple(p.shape) for name, p in model.named_parameters()})
 
 
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"python"}, deps=[evaluations])
@@ -69,6 +82,7 @@ def ratings(context: dg.AssetExecutionContext, chain: ChainResource, buckets: Bu
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     banned = swaps_found(buckets.aggregator(), window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
     hotkeys = {neuron.uid: neuron.hotkey for neuron in live_chain.metagraph().neurons}
-    updated, weights = rate_window(report, store.latest_ratings(window - 1), hotkeys, settings, banned=banned)
+    updated, weights = rate_window(report, _ratings_before(window, live_chain, buckets, node, settings, model),
+                                   hotkeys, settings, banned=banned)
     store.save_ratings(updated, weights)
     return dg.MaterializeResult(metadata=ratings_metadata(updated))

@@ -1,5 +1,6 @@
 """The node's state store writing behind (a resident node), and a miner recovering momentum a write behind lost."""
 
+import functools
 import logging
 import threading
 
@@ -12,8 +13,11 @@ from templar_lib.data import Dataset, read_manifest
 from templar_lib.hparams import HParams
 from templar_lib.model import build_model
 from templar_lib.ratings import Ratings, UidRating
+from templar_lib.roles.validator import rate_window, ratings_before
+from templar_lib.scoring import Score
 from templar_lib.roles.miner import mine_window
 from templar_lib.strategies import new_feedback
+from templar_lib.wire import EvaluationReport, evaluation_key, write_evaluation
 from templar_lib.state import RATINGS_LOOKBACK, MomentumLost, StateMissing, StateStore, WriteBehind
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)
@@ -201,3 +205,29 @@ def test_a_validator_that_did_not_rate_a_window_goes_on_from_the_ratings_it_had(
     assert store.latest_ratings(12).window == 9
     assert store.latest_ratings(9 + RATINGS_LOOKBACK).window == 9
     assert store.latest_ratings(10 + RATINGS_LOOKBACK) == Ratings()  # another era
+
+
+def test_a_window_evaluated_but_not_rated_is_folded_into_the_ratings_with_its_bans(tmp_path):
+    """roles.validator.ratings_before: the latest ratings, with the node's own reports of the windows it evaluated
+    but did not rate since then folded in, so that a spot check that failed in one of them still bans its uid."""
+    hparams = HParams()
+    store, reports, aggregator = (StateStore(tmp_path / "state"), LocalBucket(tmp_path / "reports"),
+                                  LocalBucket(tmp_path / "aggregator"))
+    hotkeys = {7: "hotkey-7", 8: "hotkey-8"}
+    rated, _ = rate_window(EvaluationReport(3, 0, 3, 1.0, [], {7: Score(7, 0.5, 1), 8: Score(8, 0.4, 1)}), Ratings(),
+                           hotkeys, hparams)
+    store.save_ratings(rated, None)
+    failed = EvaluationReport(4, 0, 4, 1.0, [], {7: Score(7, 0.5, 1), 8: Score(8, 0.4, 1)},
+                              checks={7: "replaying its window from its committed state gives another file"})
+    reports.put(evaluation_key(4, 0), write_evaluation(failed))  # window 4 evaluated, its ratings step failed
+    asked = []
+
+    def metagraph() -> dict[int, str]:
+        asked.append(True)
+        return hotkeys
+    before = functools.partial(ratings_before, store=store, own_bucket=reports, validator=0, aggregator=aggregator,
+                               hotkeys=metagraph, hparams=hparams, shapes={})
+    assert before(4) == rated and not asked  # nothing to fold in: nothing more is read
+    caught_up = before(6)  # window 5 not evaluated either
+    assert caught_up.window == 4 and caught_up.by_uid[7].banned_until == 4 + hparams.spot_check_ban_windows - 1
+    assert caught_up.by_uid[8].banned_until == -1 and asked
