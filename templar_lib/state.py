@@ -410,7 +410,7 @@ class StateStore:
         it rated, so that its history and bans stand (fresh ratings would drop both, and set weights from one
         window); fresh ratings when it rated none in the RATINGS_LOOKBACK windows up to `window` (older ones are
         another era: its weights would follow miners that may have left). What the windows it did not rate would
-        have added is not: a ban only those windows' reports held (a spot check that failed then) is lost."""
+        have added, roles.validator.ratings_before folds in from its reports of them."""
         for earlier in range(window, max(-1, window - RATINGS_LOOKBACK) - 1, -1):
             try:
                 ratings = Ratings.from_json(self.bucket.get(keys.RATINGS.key(earlier)))

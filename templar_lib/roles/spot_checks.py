@@ -223,8 +223,7 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
         own = previous is not None and linked(commitment, previous, uid, hotkeys.get(uid))
-        missed = previous is None or uid not in previous  # a record of its own that does not link is no miss
-        if not own and missed and commitment.before != ZEROS and mend is not None and (agreed := mend(uid)) \
+        if not own and _missed(uid, commitment, previous) and mend is not None and (agreed := mend(uid)) \
                 is not None and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
             log.info("uid %d: its file of window %d links to the record the validators holding half the stake made "
                      "of its last file (this validator had none)", uid, window)
@@ -237,6 +236,13 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
         if isinstance(lags.get(uid), int):
             recorded[uid] = Recorded(commitment.before, commitment.after, lags[uid], hotkeys.get(uid, ""))
     return recorded, reasons
+
+
+def _missed(uid: int, commitment: Commitment, previous: Mapping[int, Recorded] | None) -> bool:
+    """Whether a file that does not start fresh finds no record of its uid at all in `previous` (this validator's
+    records of the window before; None: it has none): a miss, which the others' records may mend. A record of its
+    own that does not link is no miss: the miner showed this validator another file."""
+    return commitment.before != ZEROS and (previous is None or uid not in previous)
 
 
 # how long a validator waits for the others' reports past its spot checks, which they are read beside, before it
@@ -256,9 +262,9 @@ def mender(window: int, *, files: Mapping[int, Commitment], previous: Evaluation
     evaluation nor its process's exit. The draw it excludes is window − 1's closing hash. published(): this
     validator's own report of `window` where an earlier run wrote one: a re-run takes the mends it made instead
     (so it gives the same bytes, whatever the reads give now)."""
+    recorded = None if previous is None else previous.commitments
     if others is None or window <= 0 or hparams.spot_check_probability <= 0 or not any(
-            commitment.before != ZEROS and (previous is None or uid not in previous.commitments)
-            for uid, commitment in files.items()):
+            _missed(uid, commitment, recorded) for uid, commitment in files.items()):
         return None
     if (done := published()) is not None:
         def again(uid: int) -> Recorded | None:  # what the file linked to, where the earlier run recorded it

@@ -1,8 +1,8 @@
 import functools
 import time
+from collections.abc import Callable
 
 import dagster as dg
-import torch
 
 from templar_lib.chain import Chain, LocalChain
 from templar_lib.hparams import HParams
@@ -47,9 +47,11 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     validator_chain = chain.open_as(node.validator(chain.open()))
     model, state = node.model_at(window, dataset)
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
+    before = _ratings_before(window, validator_chain, buckets, node, settings,
+                             shapes={name: tuple(p.shape) for name, p in model.named_parameters()},
+                             hotkeys=lambda: _hotkeys(validator_chain))
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
-                                 watch=watch, own_bucket=buckets.gradients(), hparams=settings,
-                                 ratings=_ratings_before(window, validator_chain, buckets, node, settings, model),
+                                 watch=watch, own_bucket=buckets.gradients(), hparams=settings, ratings=before,
                                  history=store.parameters_at, options=EvaluationOptions(),
                                  others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
@@ -58,13 +60,15 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
 
 
-def _ratings_before(window: int, chain: Chain, buckets: BucketsResource, node: NodeResource, settings: HParams,
-                    model: torch.nn.Module) -> Ratings:
+def _ratings_before(window: int, chain: Chain, buckets: BucketsResource, node: NodeResource, settings: HParams, *,
+                    shapes: dict[str, tuple[int, ...]], hotkeys: Callable[[], dict[int, str]]) -> Ratings:
     """roles.validator.ratings_before for this node: its state store, its own reports, the aggregator's files."""
     return ratings_before(window, store=node.store(), own_bucket=buckets.gradients(), validator=node.validator(chain),
-                          aggregator=buckets.aggregator(), hparams=settings,
-                          hotkeys=lambda: {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons},
-                          shapes={name: tuple(p.shape) for name, p in model.named_parameters()})
+                          aggregator=buckets.aggregator(), hparams=settings, hotkeys=hotkeys, shapes=shapes)
+
+
+def _hotkeys(chain: Chain) -> dict[int, str]:
+    return {neuron.uid: neuron.hotkey for neuron in chain.metagraph().neurons}
 
 
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"python"}, deps=[evaluations])
@@ -81,8 +85,8 @@ def ratings(context: dg.AssetExecutionContext, chain: ChainResource, buckets: Bu
     model = node.training.model(buckets.dataset().vocab_size)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     banned = swaps_found(buckets.aggregator(), window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
-    hotkeys = {neuron.uid: neuron.hotkey for neuron in live_chain.metagraph().neurons}
-    updated, weights = rate_window(report, _ratings_before(window, live_chain, buckets, node, settings, model),
-                                   hotkeys, settings, banned=banned)
+    hotkeys = _hotkeys(live_chain)
+    before = _ratings_before(window, live_chain, buckets, node, settings, shapes=shapes, hotkeys=lambda: hotkeys)
+    updated, weights = rate_window(report, before, hotkeys, settings, banned=banned)
     store.save_ratings(updated, weights)
     return dg.MaterializeResult(metadata=ratings_metadata(updated))
