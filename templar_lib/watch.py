@@ -12,7 +12,9 @@ when the validator first saw the bytes. A backdated LastModified changes nothing
 never seen (it is "missing"), and content that changes after the last look is caught by the aggregator, which
 combines only files whose sha256 the validator published. Polls after the window closed record nothing, so a
 watch re-run later (a backfill) keeps what was seen live. Two uploads first seen in the same poll are a tie: their
-order is unknown, so neither is rejected as the other's copy (screening.py).
+order is unknown, so neither is rejected as the other's copy (screening.py). A window no poll looked at while it
+was open (the validator was down) is not `watched`: nothing of it can be judged, and the validator scores nobody
+there (roles/validator.py) rather than every uid "missing".
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Watch:
         self.max_bytes, self.poll_timeout = max_bytes, poll_timeout
         self._seen: dict[int, Sighting] = {}
         self._reasons: dict[int, str] = {}  # why a uid has nothing seen yet, from the last poll
+        self.watched = False  # whether any poll looked while the window was open (its record is on disk)
         self._load()
 
     def at(self, window: int) -> Watch:
@@ -72,6 +75,7 @@ class Watch:
             record = json.loads(self.state.get(self._record_key()))
         except ObjectMissing:
             return
+        self.watched = True
         self._seen = {int(uid): Sighting(**entry) for uid, entry in record["seen"].items()}
         self._reasons = {int(uid): reason for uid, reason in record["reasons"].items()}
 
@@ -79,6 +83,7 @@ class Watch:
         record = {"window": self.window, "seen": {str(u): asdict(s) for u, s in sorted(self._seen.items())},
                   "reasons": {str(u): r for u, r in sorted(self._reasons.items())}}
         self.state.put(self._record_key(), json.dumps(record, sort_keys=True).encode())
+        self.watched = True
 
     # ------------------------------------------------------------------ polling
     def poll(self, block: int) -> int:

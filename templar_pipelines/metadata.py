@@ -85,6 +85,7 @@ def evaluations_metadata(evaluation: WindowEvaluation) -> dict:
                      "score": round(score.score, 6), "indicator": score.indicator, "reason": score.reason})
     reasons = [f"- uid {uid}: {s.reason}" for uid, s in evaluation.scores.items() if s.reason]
     return {
+        "watched": evaluation.report.watched,  # False: the watch never looked at the window, nobody is scored
         "valid_gradients": len(evaluation.valid_uids), "random_loss": evaluation.random_loss,
         "peers": ",".join(map(str, evaluation.peers)) or "(none)",
         "scores": _table([("uid", "int"), ("loss_before", "float"), ("loss_after", "float"), ("own_before", "float"),
@@ -114,7 +115,7 @@ def spot_checks_line(report) -> str:
 def sightings_metadata(watch) -> dict:
     rows = [{"uid": uid, "first_seen_block": s.block, "bytes": s.size, "sha256": s.sha256[:16]}
             for uid, s in watch.sightings().items()]
-    return {"seen": len(rows), "closing_block": watch.closes,
+    return {"seen": len(rows), "closing_block": watch.closes, "watched": watch.watched,
             "sightings": _table([("uid", "int"), ("first_seen_block", "int"), ("bytes", "int"), ("sha256", "string")],
                                 rows),
             "not_seen": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in watch.reasons().items())
@@ -185,7 +186,9 @@ def evaluation_lines(evaluation: WindowEvaluation, sizes: Mapping[int, int]) -> 
         lines.append(f"uid {uid}: {got}zero, reason: {score.reason}" if score.reason
                      else f"uid {uid}: {got}scored {score.score:.3g}")
     unsampled = evaluation.report.unsampled
-    return lines + [f"uid {uid}: seen, not sampled this window (no score)" for uid in unsampled]
+    unwatched = [] if evaluation.report.watched else [
+        f"window {evaluation.report.window}: not watched while it was open (this validator was down): nobody scored"]
+    return unwatched + lines + [f"uid {uid}: seen, not sampled this window (no score)" for uid in unsampled]
 
 
 def aggregation_lines(result: AggregatorResult) -> list[str]:

@@ -3,7 +3,8 @@
 For window w, once it has closed, on the same θ_w the miners trained on:
 1. take what the validator's watch first saw of each uid's gradient before the close (watch.py: its own clock, chain
    blocks), validate each file, then screen them (stale model, unit norms, copies by first sight: screening.py).
-   Everything else scores 0 with its reason.
+   Everything else scores 0 with its reason. A window the watch never looked at while it was open (the validator
+   was down and runs it late) scores nobody: nothing of it can be judged, and its report says so (`watched`).
 2. the random pages: chosen by the hash of the block that closed w, which nobody knew while w was open and anyone
    can recompute afterwards (they are in the evaluation report); θ_w's loss on them, once.
 3. per valid uid, in ascending uid order, on one scratch copy of the model: load θ_w, loss on each of the uid's own
@@ -208,7 +209,12 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     if seed is None:
         raise ChainError(f"window {window} has not closed: block {seed_block} is not on the chain yet")
     metagraph = chain.metagraph()
-    uids = [uid for uid in metagraph.uids if uid != validator_uid][: hparams.max_peers]
+    # a window its watch never looked at while it was open (the validator was down, and runs it late): nothing of it
+    # can be judged, so nobody is scored (every uid "missing" would be a miss the miners did not make)
+    uids = [uid for uid in metagraph.uids if uid != validator_uid][: hparams.max_peers] if watch.watched else []
+    if not watch.watched:
+        log.warning("window %d: this validator's watch never looked at it while it was open: nobody is scored",
+                    window)
     hotkeys = {neuron.uid: neuron.hotkey for neuron in metagraph.neurons}
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
@@ -220,9 +226,11 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     # window − 2 that found no state put: a failure is banned from this window on (rate_window), so its file of this
     # window is not used either; a pending check (no state put yet) zeroes it, unpaid until the state is put
     previous = own_report(own_bucket, window - 1, validator_uid) if hparams.spot_check_probability > 0 else None
+    # files link to the records of window − 1; one it did not watch holds none, as if it had no report of it
+    linked_to = previous if previous is None or previous.watched else None
     files = file_commitments(watch, hparams=hparams, uids=sightings) if hparams.spot_check_probability > 0 else {}
     # where a file links to nothing of its own, the others' reports of window − 1, read beside the checks below
-    mend = mender(window, files=files, previous=previous, others=others, chain=chain, hparams=hparams,
+    mend = mender(window, files=files, previous=linked_to, others=others, chain=chain, hparams=hparams,
                   published=lambda: own_report(own_bucket, window, validator_uid))
     check_window = functools.partial(spot_check_window, chain=chain, hotkeys=hotkeys, model=model, dataset=dataset,
                                      watch=watch, own_bucket=own_bucket, hparams=hparams, history=history)
@@ -252,7 +260,7 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
             reasons[uid] = lag
     commitments, unpaid = record_commitments(  # banned uids' files too: the next file after a ban links to them
         window, watch=watch, uids=sightings, hparams=hparams, hotkeys=hotkeys,
-        previous={} if window == 0 else None if previous is None else previous.commitments,
+        previous={} if window == 0 else None if linked_to is None else linked_to.commitments,
         lags_of=lambda files: sync_lags(window, files, theta, fingerprint, history, hparams), files=files,
         mend=mend)
     reasons |= {uid: why for uid, why in unpaid.items() if uid in gradients and uid not in reasons}
@@ -292,7 +300,7 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     peers = Peers(window=window, validator=validator_uid, uids=chosen, reserves=reserves,
                   sha256={uid: sightings[uid].sha256 for uid in chosen + reserves})
     report = EvaluationReport(window, validator_uid, state.step, random_before, chosen, scores, random_ids, seed_block,
-                              unsampled, checks, commitments)
+                              unsampled, checks, commitments, watch.watched)
     keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
     return WindowEvaluation(report, keys, time.perf_counter() - started)

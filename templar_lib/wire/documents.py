@@ -8,8 +8,11 @@
                                          (`Peers.message()`)
     evaluation-{window}-{validator}.json {"format": 1, "window": w, "validator": v, "step": s, "random_loss": x,
                                           "peers": [...], "uids": {uid: {score, indicator, improvement_own,
-                                          improvement_random, losses: {own_before, ...} | null, reason}}}
-                                         what the validator measured, per uid
+                                          improvement_random, losses: {own_before, ...} | null, reason}},
+                                          "random_pages", "seed_block", "unsampled", and where they apply "checks",
+                                          "commitments", "watched": false}
+                                         what the validator measured, per uid ("watched": false: it never looked at
+                                         the window while it was open, and scored nobody)
 
 Both are written as sorted JSON (the same document gives the same bytes) and read with the schema checked: any
 failure raises InvalidFile with a one-line reason.
@@ -115,6 +118,9 @@ class EvaluationReport:
     # what each file seen this window commits to and the θ it names, where it links (spot_check.py); the files a
     # spot check of this window draws from
     commitments: dict[int, Recorded] = field(default_factory=dict)
+    # False: the validator's watch never looked at the window while it was open (it was down), so it scored nobody;
+    # its spot checks of earlier windows stand (written only when False: every other report keeps its bytes)
+    watched: bool = True
 
 
 def write_evaluation(report: EvaluationReport) -> bytes:
@@ -130,7 +136,7 @@ def write_evaluation(report: EvaluationReport) -> bytes:
                           {"checks": {str(uid): reason for uid, reason in sorted(report.checks.items())}}
                           if report.checks else {}) | (
                           {"commitments": {str(uid): list(c) for uid, c in sorted(report.commitments.items())}}
-                          if report.commitments else {}),
+                          if report.commitments else {}) | ({} if report.watched else {"watched": False}),
                       sort_keys=True, indent=1).encode()
 
 
@@ -143,10 +149,12 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
                     max_bytes: int = MAX_EVALUATION_BYTES) -> EvaluationReport:
     """Parse evaluation-{window}-{validator}.json, validating its schema. Raises InvalidFile."""
     raw = _json_object(data, "evaluation file", max_bytes)
-    expect(set(raw) - {"checks", "commitments"} == {"format", "window", "validator", "step", "random_loss", "peers",
-                                                    "uids", "random_pages", "seed_block", "unsampled"},
-           "evaluation file has the wrong fields")
-    checks, commitments = raw.get("checks", {}), raw.get("commitments", {})
+    optional = {"checks", "commitments", "watched"}  # written only where they apply
+    expect(set(raw) - optional == {"format", "window", "validator", "step", "random_loss", "peers", "uids",
+                                   "random_pages", "seed_block", "unsampled"}, "evaluation file has the wrong fields")
+    checks, commitments, watched = raw.get("checks", {}), raw.get("commitments", {}), raw.get("watched", True)
+    expect(watched is True or (watched is False and not raw["uids"] and not raw["peers"] and not commitments),
+           "watched, where present, must be false, in a report that scores and records nothing")
     expect(isinstance(checks, dict) and all(_uid_key(uid) and isinstance(why, str) for uid, why in checks.items()),
            "checks must map uids to reasons")
     expect(isinstance(commitments, dict) and all(
@@ -182,7 +190,7 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     return EvaluationReport(window, validator, raw["step"], float(raw["random_loss"]), list(raw["peers"]),
                             dict(sorted(scores.items())), list(raw["random_pages"]), raw["seed_block"],
                             list(raw["unsampled"]), dict(sorted((int(uid), reason) for uid, reason in checks.items())),
-                            dict(sorted((int(uid), Recorded(*c)) for uid, c in commitments.items())))
+                            dict(sorted((int(uid), Recorded(*c)) for uid, c in commitments.items())), watched)
 
 
 def _uid_key(key: str) -> bool:

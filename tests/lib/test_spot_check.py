@@ -583,6 +583,42 @@ def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_oth
     assert miner not in banned.commitments and banned.scores[miner].reason.startswith("state: it continues")
 
 
+def test_a_file_after_a_window_its_validator_did_not_watch_is_recorded_and_the_next_one_paid(dataset, tmp_path):
+    """The validator was down during window 1 and evaluates it late: its watch never looked, so it scores nobody
+    there and its report says so (nobody missed). The miner carried its state on meanwhile; its file of window 2 is
+    recorded (not paid: nothing links it), and its file of window 3 links to that record and is paid. A report of
+    window 1 that recorded nothing but counted as a record would have left every later file unlinked for good."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco", spot_check_probability=1e-9)  # records kept, nobody drawn
+    bpw = hparams.blocks_per_window
+    chain = LocalChain(tmp_path / "chain.sqlite", blocks_per_window=bpw)
+    validator = chain.register(hotkey="v", stake=100.0, validator_permit=True)
+    miner = chain.register(hotkey="miner")
+    chain.advance(4 * bpw)  # windows 0 to 3 have closed
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    reports, seen = LocalBucket(tmp_path / "reports"), LocalBucket(tmp_path / "seen")
+
+    def evaluate(window: int, *, watched: bool) -> EvaluationReport:
+        mine_window(window, [miner], model=model, step=0, store=store, dataset=data, gradients=gradients,
+                    hparams=hparams)
+        watch = Watch(window, blocks_per_window=bpw, state=seen, peers=PeerBuckets.of({miner: gradients}),
+                      uids=[miner], max_bytes=hparams.max_gradient_bytes)
+        if watched:
+            watch.poll(window * bpw + 1)
+        state = ModelState(window, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+        return evaluate_window(window, chain=chain.as_uid(validator), model=model, state=state, dataset=data,
+                               watch=watch, own_bucket=reports, hparams=hparams).report
+    first = evaluate(0, watched=True)
+    assert miner in first.commitments and not first.scores[miner].reason
+    down = evaluate(1, watched=False)
+    assert not down.watched and down.scores == {} and down.peers == [] and down.commitments == {}
+    back = evaluate(2, watched=True)
+    assert miner in back.commitments and back.scores[miner].reason.startswith("state: this validator has no record")
+    paid = evaluate(3, watched=True)
+    assert miner in paid.commitments and not paid.scores[miner].reason and paid.peers == [miner]
+
+
 def test_a_node_mends_a_minority_s_miss_in_a_window_of_its_period(dataset, tmp_path):
     """The node path with two validators: the one holding 10 % of the stake missed the files of uids 1 and
     P(0.1) − 1 (its report records another uid's); in window 1, which is in that share's schedule for the second uid

@@ -1,5 +1,6 @@
 """The validator's watch: first sightings by the chain's block, whatever times a miner's bucket reports."""
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -101,3 +102,31 @@ def test_uploads_after_the_close_are_never_seen_and_sightings_survive_the_proces
     (tmp_path / "validator" / "seen-3-1.safetensors").write_bytes(b"tampered")
     with pytest.raises(InvalidFile, match="does not hash"):
         again.read(1)
+
+
+def test_a_window_no_poll_looked_at_while_it_was_open_is_not_watched(tmp_path):
+    """The validator was down: polls before the window opened or after it closed record nothing, and the window
+    stays unwatched (the validator then scores nobody there); one poll in the window, even one that found nothing,
+    makes it watched, for any process that opens the watch later. Its report says so and reads back; a report
+    that says so while scoring or recording anything is refused."""
+    from templar_lib.scoring import zero_score
+    from templar_lib.wire import EvaluationReport, read_evaluation, write_evaluation
+    from templar_lib.wire.documents import Recorded
+
+    bucket = LocalBucket(tmp_path / "miner")
+    bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))
+    watch = watch_of(tmp_path, bucket)
+    for block in (20, 28, 40):
+        watch.poll(block)
+    assert not watch.watched and not watch_of(tmp_path, bucket).watched and watch.sightings() == {}
+    bucket.delete(gradient_key(WINDOW, 1))
+    watch.poll(27)
+    assert watch.watched and watch_of(tmp_path, bucket).watched and watch.sightings() == {}
+    unwatched = EvaluationReport(WINDOW, 0, 3, 7.5, peers=[], scores={}, checks={2: ""}, watched=False)
+    data = write_evaluation(unwatched)
+    assert read_evaluation(data, window=WINDOW, validator=0) == unwatched
+    assert b"watched" not in write_evaluation(EvaluationReport(WINDOW, 0, 3, 7.5, [], {}))  # bytes kept otherwise
+    for scored in ({"scores": {1: zero_score(1, "missing")}}, {"peers": [1]},
+                   {"commitments": {1: Recorded("a" * 64, "b" * 64, 0, "")}}):
+        with pytest.raises(InvalidFile, match="watched"):
+            read_evaluation(write_evaluation(dataclasses.replace(unwatched, **scored)), window=WINDOW, validator=0)

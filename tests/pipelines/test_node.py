@@ -96,3 +96,42 @@ def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
         for run_id in ("node-run", "never-started", "recycled-pid"):
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_not_watch(network_home, network_env):
+    """Down for windows 2-4, the node runs their jobs late on its restart, in order, as the aggregator needs; its watch
+    saw none of their files, so it scores nobody there (no uid is missed, the ratings stand) instead of every uid
+    "missing". With spot checks on, the files it sees after the gap are recorded and every miner is paid again
+    (tests/lib/test_spot_check.py has a miner that carried its state on through the gap)."""
+    from templar_lib.wire import evaluation_key, read_evaluation
+    from templar_pipelines.resources import resources_from_env
+
+    environ = network_env | {"TEMPLAR_HP_SPOT_CHECK_PROBABILITY": "0.5"}
+    chain, blocks = LocalChain(network_home / "chain.sqlite"), 7
+
+    def next_window(_seconds):
+        chain.advance(blocks)
+
+    assert all(run.success for run in run_node(network_home, until_window=1, environ=environ, wait=next_window))
+    store = StateStore(network_home / "state")
+    rated = store.load_ratings(1)
+    chain.advance(3 * blocks)  # the node is down: windows 2, 3 and 4 open and close unwatched
+    runs = run_node(network_home, until_window=6, environ=environ, wait=next_window)
+    assert all(run.success for run in runs)
+    assert [(run.job, run.window) for run in runs if run.job == "validator_job"] == [
+        ("validator_job", window) for window in range(2, 7)]
+    resources = resources_from_env(environ)
+    validator, bucket = resources["node"].validator(chain), resources["buckets"].gradients()
+
+    def report(window):
+        return read_evaluation(bucket.get(evaluation_key(window, validator)), window=window, validator=validator)
+
+    miners = sorted(report(1).scores)
+    assert len(miners) == 3 and all(not score.reason for score in report(1).scores.values())
+    for window in (2, 3, 4):
+        assert not report(window).watched and report(window).scores == {} and report(window).peers == []
+    after_gap = store.load_ratings(4)
+    assert {uid: r.recent for uid, r in after_gap.by_uid.items()} == {uid: r.recent for uid, r in rated.by_uid.items()}
+    assert report(5).watched and sorted(report(5).commitments) == miners  # seen and recorded (not paid: no link)
+    assert all(not report(6).scores[uid].reason and report(6).scores[uid].score > 0 for uid in miners)
+    assert sorted(report(6).peers) == miners

@@ -155,7 +155,7 @@ EVALUATION = json.dumps({"format": 1, "window": 4, "validator": 0, "step": 4, "r
 @FUZZ
 @given(data=st.one_of(mutations(EVALUATION), json_values.map(lambda v: json.dumps(v).encode()),
                       st.tuples(st.sampled_from(["format", "window", "validator", "step", "random_loss", "peers",
-                                                 "uids"]), json_values)
+                                                 "uids", "watched"]), json_values)
                       .map(lambda c: json.dumps(json.loads(EVALUATION) | {c[0]: c[1]}).encode())))
 def test_read_evaluation_never_raises_anything_but_invalid_file(data):
     try:
