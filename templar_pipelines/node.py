@@ -40,6 +40,7 @@ from templar_lib.watch import Watch
 from templar_lib.wire.keys import NODE_CURSOR
 from templar_pipelines.in_process import execute_window, node_instance
 from templar_pipelines.jobs import JOB_ROLES, JOBS
+from templar_pipelines.partitions import BACKFILL_TAG
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import load_cursor
 
@@ -124,9 +125,6 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                 cursor = schedule.advanced(cursor, [(role, window)])
                 state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
     return runs
-
-
-BACKFILL_TAG = "templar/backfill"  # the runs of one run_backfill (a Dagster backfill's runs carry dagster/backfill)
 
 
 class BackfillStopped(RuntimeError):

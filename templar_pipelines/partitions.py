@@ -41,6 +41,7 @@ window_partitions = dg.DynamicPartitionsDefinition(name="window")
 LANE = "templar/lane"
 MODEL_LANE, WATCH_LANE = {LANE: "model"}, {LANE: "watch"}
 ROLE_TAG = "templar/role"  # the run's place in a window (templar_lib.schedule.ROLES)
+BACKFILL_TAG = "templar/backfill"  # the runs of one run_backfill (a Dagster backfill's runs carry dagster/backfill)
 
 UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
@@ -50,6 +51,11 @@ RETRY_PENDING_FOR = datetime.timedelta(hours=1)  # a failed run whose retry is n
 def partition_window(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
     """The window a partitioned run works on."""
     return int(context.partition_key)
+
+
+def is_backfill(run: dg.DagsterRun) -> bool:
+    """Whether a run re-runs a past window on purpose: a Dagster backfill's, or `templar backfill`'s."""
+    return BACKFILL_ID_TAG in run.tags or BACKFILL_TAG in run.tags
 
 
 def order_tags(role: str, window: int) -> dict[str, str]:

@@ -197,6 +197,18 @@ def _own_commitment(gradients: Bucket, uid: int, window: int, hparams: HParams) 
                      uid=uid, hparams=hparams)
 
 
+def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket) -> list[int]:
+    """Where miners are spot-checked, a window that closed before the node's run started is not mined: no validator
+    would see its files, and the next window starts from no state either way (`continued`: its previous file is
+    missing). Marks the uids with no file of `window` in the bucket (an earlier attempt of the run may have put one
+    in time) as not mined, so no spot check of that window is answered for them (answer_spot_checks: none can be
+    asked, nothing was recorded, and a state put is up to twice the miner's state in size); returns them."""
+    unmined = [uid for uid in sorted(uids) if not gradients.exists(gradient_key(window, uid))]
+    for uid in unmined:
+        store.bucket.put(keys.unmined(uid).key(window), b'{"mined": false}')
+    return unmined
+
+
 def mark_late(window: int, uids: list[int], *, store: StateStore) -> None:
     """Mark the files of `window` as landed after its close (mine_window then starts the next window from zeros)."""
     for uid in uids:
@@ -233,6 +245,9 @@ def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store:
                 if again is None:
                     raise
                 return again
+        if store.bucket.exists(keys.unmined(uid).key(window)):  # no file: no validator recorded one to check
+            log.info("uid %d: drawn for window %d, which this node did not mine: nothing to answer", uid, window)
+            continue
         try:  # answered in time: the last side an answer puts is there
             if late and gradients.exists(miner_state_key(window, uid, "after" if hparams.spot_check_tolerance > 0
                                                           else "before")):

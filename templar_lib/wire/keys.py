@@ -101,6 +101,12 @@ def momentum(uid: int) -> Family:
     return Family(f"momentum-{uid}-", ".safetensors")
 
 
+def unmined(uid: int) -> Family:
+    """A miner node's mark that it did not mine uid's file of a window (the window had closed when its run started,
+    and no earlier attempt put a file): no spot check of it can be asked (roles/miner.py skip_window)."""
+    return Family(f"unmined-{uid}-", ".json")
+
+
 def momentum_pending(uid: int) -> Family:
     """The markers of momentum files promised by a write in the background."""
     return Family(f"momentum-{uid}-", ".pending")

@@ -1,10 +1,10 @@
 import dagster as dg
 
-from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
+from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, skip_window
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
-from templar_pipelines.partitions import partition_window, window_partitions
+from templar_pipelines.partitions import is_backfill, partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
@@ -13,7 +13,9 @@ from templar_pipelines.resources import BucketsResource, ChainResource, HParamsR
 def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
               hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid}, under the network's strategy
-    (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps)."""
+    (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps). Where miners
+    are spot-checked, a window that closed before the run started is not mined (a node catching up after downtime):
+    only the spot checks it owes are answered."""
     window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
     model, state = node.model_at(window, dataset)
     settings, uids, store = hparams.load(), node.miners(live_chain), node.store()
@@ -23,19 +25,28 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
         window - back, uids, seed=live_chain.block_hash((window - back + 1) * settings.blocks_per_window),
         store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2, model=model, dataset=dataset)
         for back in (1, 2) if window - back >= 0}
-    records = None
-    if settings.spot_check_probability > 0 and window > 0:  # what the validators recorded of the last files
-        records = buckets.validator_records(live_chain, window - 1)
-    results = mine_window(window, uids, model=model, step=state.step, store=store, dataset=dataset,
-                          gradients=buckets.gradients(), hparams=settings, model_hash=state.fingerprint,
-                          records=records)
-    if settings.spot_check_probability > 0 and live_chain.block() >= (window + 1) * settings.blocks_per_window:
+    closes, spot_checked = (window + 1) * settings.blocks_per_window, settings.spot_check_probability > 0
+    # where miners are spot-checked, a file of a closed window is worth nothing (no validator sees it, and the next
+    # window starts from no state either way): a node catching up after downtime does not mine it, unless a backfill
+    # re-runs the window on purpose
+    skipped = spot_checked and not is_backfill(context.run) and live_chain.block() >= closes
+    results = [] if skipped else mine_window(
+        window, uids, model=model, step=state.step, store=store, dataset=dataset, gradients=buckets.gradients(),
+        hparams=settings, model_hash=state.fingerprint,  # what the validators recorded of the last files:
+        records=buckets.validator_records(live_chain, window - 1) if spot_checked and window > 0 else None)
+    if skipped:
+        unmined = skip_window(window, uids, store=store, gradients=buckets.gradients())
+        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined (the next "
+                            f"window starts from no state)")
+    elif spot_checked and live_chain.block() >= closes:
         context.log.warning(f"window {window} closed before the files landed: the next window starts from no state")
         mark_late(window, [result.uid for result in results], store=store)
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {
+        "mined": not skipped,  # False: the window had closed when the run started (spot checks on)
         "spot_checks_answered": ", ".join(f"{uid} (window {checked})" for checked, put in sorted(answered.items())
                                           for uid in sorted(put)) or "none"}
-    wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
+    if results:
+        wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
     return dg.MaterializeResult(metadata=metadata)

@@ -14,7 +14,7 @@ from templar_lib.checkpoints import ModelState
 from templar_lib.data import Dataset
 from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
-from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window
+from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, skip_window
 from templar_lib.commitments import PeerBuckets
 import templar_lib.roles.spot_checks as spot_checks
 from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDING, Records, kept_windows,
@@ -617,6 +617,28 @@ def test_a_file_after_a_window_its_validator_did_not_watch_is_recorded_and_the_n
     assert miner in back.commitments and back.scores[miner].reason.startswith("state: this validator has no record")
     paid = evaluate(3, watched=True)
     assert miner in paid.commitments and not paid.scores[miner].reason and paid.peers == [miner]
+
+
+def test_a_window_a_node_did_not_mine_is_not_answered_but_one_an_earlier_attempt_put_a_file_of_is(dataset,
+                                                                                                    tmp_path):
+    """A miner node catching up after downtime does not mine a window that had closed (the gradients asset): each uid
+    without a file of it is marked unmined, and no check of that window is answered for it (nothing was recorded,
+    so none can be asked; a state put is up to twice the state's size). A uid an earlier attempt of the run put a
+    file of is not marked: validators may have recorded that file, and its check is answered."""
+    data = Dataset.open(dataset)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    hparams = FAST.replace(strategy="sparseloco", spot_check_probability=1.0)  # every file drawn
+    store, gradients = StateStore(tmp_path / "state", writer=WriteBehind()), LocalBucket(tmp_path / "gradients")
+    mine = functools.partial(mine_window, model=model, step=0, store=store, dataset=data, gradients=gradients,
+                             hparams=hparams)
+    mine(0, [1, 2])
+    mine(1, [2])  # uid 2's earlier attempt put its file of window 1 before the window closed
+    assert skip_window(1, [1, 2], store=store, gradients=gradients) == [1]
+    put = answer_spot_checks(1, [1, 2], seed="ab" * 32, store=store, gradients=gradients, hparams=hparams,
+                             model=model, dataset=data)
+    assert sorted(put) == [2] and gradients.exists(miner_state_key(1, 2, "before"))
+    assert not gradients.exists(miner_state_key(1, 1, "before"))
+    assert mine(2, [1])[0].momentum == "zeros"  # nothing of window 1 to carry on from
 
 
 def test_a_node_mends_a_minority_s_miss_in_a_window_of_its_period(dataset, tmp_path):

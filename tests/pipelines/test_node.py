@@ -8,7 +8,7 @@ import pytest
 
 from templar_lib.chain import ChainError, LocalChain
 from templar_lib.state import StateStore
-from templar_pipelines.node import run_node
+from templar_pipelines.node import run_backfill, run_node
 from templar_lib.schedule import advanced, due_runs, initial_cursor
 import dagster as dg
 
@@ -101,7 +101,8 @@ def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
 def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_not_watch(network_home, network_env):
     """Down for windows 2-4, the node runs their jobs late on its restart, in order, as the aggregator needs; its watch
     saw none of their files, so it scores nobody there (no uid is missed, the ratings stand) instead of every uid
-    "missing". With spot checks on, the files it sees after the gap are recorded and every miner is paid again
+    "missing". With spot checks on, its miners do not mine the windows that closed before their runs started (nobody
+    would see the files); the files it sees after the gap are recorded and every miner is paid again
     (tests/lib/test_spot_check.py has a miner that carried its state on through the gap)."""
     from templar_lib.wire import evaluation_key, read_evaluation
     from templar_pipelines.resources import resources_from_env
@@ -120,6 +121,9 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
     assert all(run.success for run in runs)
     assert [(run.job, run.window) for run in runs if run.job == "validator_job"] == [
         ("validator_job", window) for window in range(2, 7)]
+    # a miner does not mine a window that closed before its run started: nobody would see the files
+    assert [(run.window, run.metadata["gradients"]["mined"]) for run in runs if run.job == "miner_job"] == [
+        (2, False), (3, False), (4, False), (5, True), (6, True)]
     resources = resources_from_env(environ)
     validator, bucket = resources["node"].validator(chain), resources["buckets"].gradients()
 
@@ -135,3 +139,6 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
     assert report(5).watched and sorted(report(5).commitments) == miners  # seen and recorded (not paid: no link)
     assert all(not report(6).scores[uid].reason and report(6).scores[uid].score > 0 for uid in miners)
     assert sorted(report(6).peers) == miners
+    # a backfill re-runs a closed window on purpose: it mines it
+    again = run_backfill(network_home, [6], jobs=["miner_job"], environ=environ)
+    assert [run.metadata["gradients"]["mined"] for run in again] == [True]
