@@ -332,8 +332,10 @@ class S3Bucket:
     def stat(self, key: str, deadline: float | None = None) -> ObjectInfo:
         with self._errors(key), self._until(deadline):
             response = self._client.head_object(Bucket=self.name, Key=self._key(key))
-        return ObjectInfo(size=int(response["ContentLength"]), modified=response["LastModified"],
-                          etag=str(response.get("ETag", ""))[:200])
+        size, modified = response.get("ContentLength"), response.get("LastModified")
+        if not isinstance(size, int) or size < 0 or not isinstance(modified, datetime):  # a stranger's endpoint
+            raise BucketUnreachable(f"{key}: {self.url} answered without a valid size and time")
+        return ObjectInfo(size=size, modified=modified, etag=str(response.get("ETag", ""))[:200])
 
     def list(self, prefix: str = "") -> list[str]:
         keys = []

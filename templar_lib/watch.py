@@ -131,6 +131,12 @@ class Watch:
             return None, f"timeout: no answer within {self.poll_timeout:g}s"
         except BucketError as error:
             return None, f"unreachable: {error}"
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - what a hostile endpoint makes a client raise: that uid's look
+            # only, never the poll (which records nothing then: the whole window would go unwatched)
+            log.warning("uid %d: looking at %s raised %s", uid, key, type(error).__name__, exc_info=True)
+            return None, f"unreachable: {type(error).__name__} looking at {key}"
         digest = hashlib.sha256(data).hexdigest()
         if before is not None and before.sha256 == digest:
             return None, None

@@ -34,6 +34,7 @@ class NetworkHealth:
     closing_block: int  # the first block after the window
     weights_status: str  # "set", or why not
     weights_block: int | None  # the block this validator's weights were last set at (None: unknown)
+    watched: bool = True  # False: the watch never looked at the window while it was open (nobody scored)
 
 
 def window_record(report: EvaluationReport, ratings: Ratings, weights: dict[int, float] | None) -> WindowRecord:
@@ -50,4 +51,4 @@ def network_health(report: EvaluationReport, *, chain: Chain, watch: Watch, weig
     return NetworkHealth(window=report.window, seen=len(watch.sightings()),
                          valid=sum(1 for score in report.scores.values() if not score.reason),
                          peers=len(report.peers), chain_block=chain.block(), closing_block=watch.closes,
-                         weights_status=weights_status, weights_block=weights_block)
+                         weights_status=weights_status, weights_block=weights_block, watched=report.watched)

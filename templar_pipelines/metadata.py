@@ -200,7 +200,7 @@ def aggregation_lines(result: AggregatorResult) -> list[str]:
 def network_metrics(health: NetworkHealth) -> dict[str, float | int]:
     """The window's health as numbers (plotted over windows; the same keys go to W&B)."""
     metrics: dict[str, float | int] = {
-        "miners_seen": health.seen, "valid": health.valid, "peers": health.peers,
+        "watched": int(health.watched), "miners_seen": health.seen, "valid": health.valid, "peers": health.peers,
         "valid_over_seen": health.valid / health.seen if health.seen else 0.0,
         "peers_over_valid": health.peers / health.valid if health.valid else 0.0,
         "chain_block": health.chain_block, "closing_block": health.closing_block,

@@ -205,7 +205,9 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     (the commitments the report of window − 1 recorded, {} in window 0); and why each other file with a commitment
     is not paid (the caller zeroes the ones it scores). Without a report of window − 1 (the validator was down),
     its own copies of that window's files stand in; without those either, a file that does not start fresh is
-    recorded (so its miner can go on) but not paid this window: nothing can tell whether its state was made up.
+    recorded (so its miner can go on) but not paid this window: nothing can tell whether its state was made up,
+    unless validators holding half the stake agree on another record of the uid's last file (`mend`): then it is
+    refused.
     mend(uid): the record of the uid's file of window − 1 that the other validators agreed on, for a file that does
     not start fresh where this validator recorded nothing of the uid in window − 1 (its watch missed the uid's last
     file, or it has no records), asked only then (Records.mendable: validators holding half the stake recorded it in
@@ -223,19 +225,25 @@ def record_commitments(window: int, *, watch: Watch, uids: Iterable[int], hparam
     lags, recorded, reasons = lags_of(files), {}, {}
     for uid, commitment in files.items():
         own = previous is not None and linked(commitment, previous, uid, hotkeys.get(uid))
-        if not own and _missed(uid, commitment, previous) and mend is not None and (agreed := mend(uid)) \
-                is not None and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
+        agreed = mend(uid) if not own and mend is not None and _missed(uid, commitment, previous) else None
+        if agreed is not None and linked(commitment, {uid: agreed}, uid, hotkeys.get(uid)):
             log.info("uid %d: its file of window %d links to the record the validators holding half the stake made "
                      "of its last file (this validator had none)", uid, window)
-        elif previous is not None and not own:
+        elif not own and (previous is not None or agreed is not None):
+            # with no records of its own, a state other than the one the others agree on is not taken on trust
             reasons[uid] = (f"state: it continues a state no file of window {window - 1} this validator saw "
-                            f"committed to (a fresh start or its last file's state after)")
+                            f"committed to (a fresh start or its last file's state after)" if previous is not None
+                            else f"state: it continues another state than the one validators holding half the "
+                                 f"stake recorded of its file of window {window - 1}")
             continue
         elif previous is None and commitment.before != ZEROS:
             reasons[uid] = f"state: this validator has no record of window {window - 1} to link it to"
         if isinstance(lags.get(uid), int):
             recorded[uid] = Recorded(commitment.before, commitment.after, lags[uid], hotkeys.get(uid, ""))
     return recorded, reasons
+
+
+_REFUSED = Recorded(ZEROS, "", 0, "")  # a record no file links to (a state after is 64 hex digits)
 
 
 def _missed(uid: int, commitment: Commitment, previous: Mapping[int, Recorded] | None) -> bool:
@@ -260,16 +268,20 @@ def mender(window: int, *, files: Mapping[int, Commitment], previous: Evaluation
     checks, and waited for at most MEND_WAIT_SECONDS when first asked; not ready, or failing in any way, nothing is
     mended this window (logged; the miner's schedule is the net), and an unfinished read holds up neither the
     evaluation nor its process's exit. The draw it excludes is window − 1's closing hash. published(): this
-    validator's own report of `window` where an earlier run wrote one: a re-run takes the mends it made instead
-    (so it gives the same bytes, whatever the reads give now)."""
+    validator's own report of `window` where an earlier run wrote one: a re-run takes the decisions it made instead
+    (linked to the record, recorded unpaid, or refused: so it gives the same bytes, whatever the reads give now)."""
     recorded = None if previous is None else previous.commitments
     if others is None or window <= 0 or hparams.spot_check_probability <= 0 or not any(
             _missed(uid, commitment, recorded) for uid, commitment in files.items()):
         return None
     if (done := published()) is not None:
-        def again(uid: int) -> Recorded | None:  # what the file linked to, where the earlier run recorded it
-            record = done.commitments.get(uid)
-            return None if record is None else Recorded(ZEROS, record.before, 0, record.hotkey)
+        def again(uid: int) -> Recorded | None:  # the earlier run's decision: the record it linked the file to
+            # (recorded, not unpaid for its state), none (recorded unpaid) or one it does not link to (refused)
+            record, score = done.commitments.get(uid), done.scores.get(uid)
+            if record is None:
+                return _REFUSED
+            unpaid = score is not None and score.reason.startswith("state:")
+            return None if unpaid else Recorded(ZEROS, record.before, 0, record.hotkey)
         return again
     seed = chain.block_hash(window * hparams.blocks_per_window)
     future: Future[Records] = Future()

@@ -4,6 +4,7 @@
     silent    accepts the connection and never answers (a HEAD or GET that hangs)
     trickle   answers the headers of a large object, then sends its body at one byte a second
     endless   answers a chunked body and sends data as fast as it can, forever
+    bare      answers 200 with no size, no time and no body, and closes (what no S3 server sends)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class HostileServer:
                                b"\r\nLast-Modified: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n")
             while not self._stop.wait(1.0):
                 connection.sendall(b"x")
+        elif self.mode == "bare":
+            connection.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
         elif self.mode == "endless":
             connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: binary/octet-stream"
                                b"\r\n\r\n")

@@ -153,7 +153,7 @@ def read_evaluation(data: bytes, *, window: int, validator: int,
     expect(set(raw) - optional == {"format", "window", "validator", "step", "random_loss", "peers", "uids",
                                    "random_pages", "seed_block", "unsampled"}, "evaluation file has the wrong fields")
     checks, commitments, watched = raw.get("checks", {}), raw.get("commitments", {}), raw.get("watched", True)
-    expect(watched is True or (watched is False and not raw["uids"] and not raw["peers"] and not commitments),
+    expect("watched" not in raw or (watched is False and not raw["uids"] and not raw["peers"] and not commitments),
            "watched, where present, must be false, in a report that scores and records nothing")
     expect(isinstance(checks, dict) and all(_uid_key(uid) and isinstance(why, str) for uid, why in checks.items()),
            "checks must map uids to reasons")

@@ -18,9 +18,9 @@ from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, 
 from templar_lib.commitments import PeerBuckets
 import templar_lib.roles.spot_checks as spot_checks
 from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDING, Records, kept_windows,
-                                           record_commitments, reset_period, validator_records)
+                                           file_commitments, record_commitments, reset_period, validator_records)
 from templar_lib.roles.validator import evaluate_window
-from templar_lib.scoring import zero_score
+from templar_lib.scoring import Score, zero_score
 from templar_lib.simulate.adversaries import kept_back
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
@@ -514,6 +514,21 @@ def test_a_file_that_links_only_to_the_others_record_of_the_last_file_is_recorde
     assert record(None, None)[1][1].startswith("state: this validator has no record of window 0")  # unpaid
     recorded, reasons = record(None, {1: agreed}.get)
     assert 1 in recorded and 1 not in reasons
+    for wrong in (agreed._replace(hotkey="another"), agreed._replace(after="d" * 64)):  # no records of its own, and
+        recorded, reasons = record(None, {1: wrong}.get)  # the others agree on another state: not taken on trust
+        assert 1 not in recorded and reasons[1].startswith("state: it continues another state than the one")
+    # a re-run (a retry, a backfill) takes each decision its published report made, whatever the others say now
+    files = file_commitments(watch, hparams=hparams)
+    for previous, mend in ((None, {1: agreed}.get), (None, {1: agreed._replace(after="d" * 64)}.get), (None, None),
+                           ({}, None), ({}, {1: agreed}.get)):
+        recorded, reasons = record(previous, mend)
+        done = EvaluationReport(1, 0, 1, 1.0, [], {1: zero_score(1, reasons[1]) if 1 in reasons else Score(1, 0.5, 1)},
+                                commitments=recorded)
+        again = spot_checks.mender(
+            1, files=files, previous=None if previous is None else EvaluationReport(0, 0, 0, 1.0, [], {},
+                                                                                 commitments=previous),
+            others=lambda window: None, chain=None, hparams=hparams, published=lambda: done)
+        assert record(previous, again) == (recorded, reasons), (previous, mend)
 
 
 def test_a_validator_whose_watch_missed_a_file_pays_the_next_one_through_the_others_reports(dataset, tmp_path,

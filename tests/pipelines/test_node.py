@@ -136,7 +136,7 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
         assert not report(window).watched and report(window).scores == {} and report(window).peers == []
     after_gap = store.load_ratings(4)
     assert {uid: r.recent for uid, r in after_gap.by_uid.items()} == {uid: r.recent for uid, r in rated.by_uid.items()}
-    assert report(5).watched and sorted(report(5).commitments) == miners  # seen and recorded (not paid: no link)
+    assert report(5).watched and sorted(report(5).commitments) == miners  # seen and recorded (fresh starts)
     assert all(not report(6).scores[uid].reason and report(6).scores[uid].score > 0 for uid in miners)
     assert sorted(report(6).peers) == miners
     # a backfill re-runs a closed window on purpose: it mines it

@@ -159,6 +159,26 @@ def test_local_peers_read_only_their_own_regular_files(tmp_path):
         LocalBucket(bucket_dir, peer=True).get(f"sub/{gradient_key(WINDOW, 3)}")
 
 
+def test_an_endpoint_that_answers_without_a_size_or_a_time_costs_its_uid_a_reason_not_the_validator_its_poll(
+        servers, tmp_path):
+    """A HEAD answered 200 with neither Content-Length nor Last-Modified made the bucket raise KeyError, which the
+    watch's poll let out: nothing was recorded, so a miner could leave a validator's window unwatched (nobody
+    scored) or its view stale (later uploads "missing"), and a resident node's loop died. Now its own uid has a
+    reason and every other uid is seen."""
+    from templar_lib.buckets import BucketUnreachable
+    from templar_lib.watch import Watch
+
+    bare, honest = servers("bare"), LocalBucket(tmp_path / "honest")
+    with pytest.raises(BucketUnreachable, match="without a valid size and time"):
+        peer(bare.url).stat(gradient_key(WINDOW, 2))
+    honest.put(gradient_key(WINDOW, 1), honest_bytes(1))
+    watch = Watch(WINDOW, blocks_per_window=7, state=LocalBucket(tmp_path / "validator"),
+                  peers=PeerBuckets.of({1: honest, 2: peer(bare.url)}), uids=[1, 2], max_bytes=1 << 20,
+                  poll_timeout=5.0)
+    assert watch.poll(WINDOW * 7 + 1) == 1
+    assert watch.watched and list(watch.sightings()) == [1] and watch.reasons()[2].startswith("unreachable")
+
+
 def test_a_miner_reads_the_validators_reports_by_its_deadline_whatever_their_endpoints_do(servers, tmp_path):
     """Before it mines, a spot-checked miner reads every validator's report of the last window (roles/spot_checks.py
     validator_records), side by side: validators whose endpoints trickle or never answer cost it the deadline at
