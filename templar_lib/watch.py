@@ -133,8 +133,11 @@ class Watch:
             return None, f"unreachable: {error}"
         except MemoryError:
             raise
-        except Exception as error:  # noqa: BLE001 - what a hostile endpoint makes a client raise: that uid's look
-            # only, never the poll (which records nothing then: the whole window would go unwatched)
+        except Exception as error:  # noqa: BLE001 - what a stranger's endpoint makes a client raise: that uid's
+            # look only, never the poll (which records nothing then: the window would go unwatched); a directory's
+            # error on a local network is the operator's, and fails the poll as before
+            if isinstance(bucket, LocalBucket):
+                raise
             log.warning("uid %d: looking at %s raised %s", uid, key, type(error).__name__, exc_info=True)
             return None, f"unreachable: {type(error).__name__} looking at {key}"
         digest = hashlib.sha256(data).hexdigest()

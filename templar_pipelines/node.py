@@ -40,7 +40,7 @@ from templar_lib.watch import Watch
 from templar_lib.wire.keys import NODE_CURSOR
 from templar_pipelines.in_process import execute_window, node_instance
 from templar_pipelines.jobs import JOB_ROLES, JOBS
-from templar_pipelines.partitions import BACKFILL_TAG
+from templar_pipelines.partitions import BACKFILL_TAG, RUN_KEY_TAG
 from templar_pipelines.resources import resources_from_env
 from templar_pipelines.sensors import load_cursor
 
@@ -198,7 +198,7 @@ def _execute(job: dg.JobDefinition, window: int, *, instance: dg.DagsterInstance
     """One run of `job` for `window`; its place in the schedule is tagged by the job (templar_pipelines.partitions)."""
     started = time.perf_counter()
     result = execute_window(job, window, instance=instance, resources=resources, source=source,
-                            tags={"templar/run_key": f"{job.name}:{window}", **(tags or {})}, raise_on_error=False)
+                            tags={RUN_KEY_TAG: f"{job.name}:{window}", **(tags or {})}, raise_on_error=False)
     metadata = {}
     for event in result.get_asset_materialization_events() if result.success else []:
         materialization = event.step_materialization_data.materialization

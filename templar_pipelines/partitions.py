@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import (AUTO_RETRY_RUN_ID_TAG, BACKFILL_ID_TAG, MAX_RETRIES_TAG, PARTITION_NAME_TAG,
-                                        PRIORITY_TAG, WILL_RETRY_TAG)
+                                        PRIORITY_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG)
 
 from templar_lib import schedule
 
@@ -42,6 +42,7 @@ LANE = "templar/lane"
 MODEL_LANE, WATCH_LANE = {LANE: "model"}, {LANE: "watch"}
 ROLE_TAG = "templar/role"  # the run's place in a window (templar_lib.schedule.ROLES)
 BACKFILL_TAG = "templar/backfill"  # the runs of one run_backfill (a Dagster backfill's runs carry dagster/backfill)
+RUN_KEY_TAG = "templar/run_key"  # `{job}:{window}` on the runs the resident node plans (the sensor's: a run key)
 
 UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
@@ -53,9 +54,12 @@ def partition_window(context: dg.AssetExecutionContext | dg.AssetCheckExecutionC
     return int(context.partition_key)
 
 
-def is_backfill(run: dg.DagsterRun) -> bool:
-    """Whether a run re-runs a past window on purpose: a Dagster backfill's, or `templar backfill`'s."""
-    return BACKFILL_ID_TAG in run.tags or BACKFILL_TAG in run.tags
+def is_scheduled(run: dg.DagsterRun) -> bool:
+    """Whether a run is one the chain's clock planned (the sensor's, the resident node's, and their retries), not
+    one someone asked for: a backfill (Dagster's or `templar backfill`), `dagster job execute`, a materialisation
+    from the UI."""
+    planned = SENSOR_NAME_TAG in run.tags or RUN_KEY_TAG in run.tags
+    return planned and BACKFILL_ID_TAG not in run.tags and BACKFILL_TAG not in run.tags
 
 
 def order_tags(role: str, window: int) -> dict[str, str]:

@@ -200,9 +200,11 @@ def _own_commitment(gradients: Bucket, uid: int, window: int, hparams: HParams) 
 def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket) -> list[int]:
     """Where miners are spot-checked, a window that closed before the node's run started is not mined: no validator
     would see its files, and the next window starts from no state either way (`continued`: its previous file is
-    missing). Marks the uids with no file of `window` in the bucket (an earlier attempt of the run may have put one
-    in time) as not mined, so no spot check of that window is answered for them (answer_spot_checks: none can be
-    asked, nothing was recorded, and a state put is up to twice the miner's state in size); returns them."""
+    missing). Marks the uids with no file of `window` in the bucket as not mined, so no spot check of that window
+    is answered for them (answer_spot_checks: none can be asked, nothing was recorded, and a state put is up to
+    twice the miner's state in size), and returns them. A uid an earlier attempt of the run put a file of is not
+    marked: validators may have recorded the file, and the caller mines it again, which saves the state a check of
+    it needs (the file stands: publish_once)."""
     unmined = [uid for uid in sorted(uids) if not gradients.exists(gradient_key(window, uid))]
     for uid in unmined:
         store.bucket.put(keys.unmined(uid).key(window), b'{"mined": false}')

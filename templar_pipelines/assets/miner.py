@@ -4,7 +4,7 @@ from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, 
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
-from templar_pipelines.partitions import is_backfill, partition_window, window_partitions
+from templar_pipelines.partitions import is_scheduled, partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
@@ -14,8 +14,8 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
               hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid}, under the network's strategy
     (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps). Where miners
-    are spot-checked, a window that closed before the run started is not mined (a node catching up after downtime):
-    only the spot checks it owes are answered."""
+    are spot-checked, a run the chain's clock planned for a window that had closed (a node catching up after
+    downtime) mines only the uids an earlier attempt put a file of; the spot checks owed are answered."""
     window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
     model, state = node.model_at(window, dataset)
     settings, uids, store = hparams.load(), node.miners(live_chain), node.store()
@@ -27,26 +27,32 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
         for back in (1, 2) if window - back >= 0}
     closes, spot_checked = (window + 1) * settings.blocks_per_window, settings.spot_check_probability > 0
     # where miners are spot-checked, a file of a closed window is worth nothing (no validator sees it, and the next
-    # window starts from no state either way): a node catching up after downtime does not mine it, unless a backfill
-    # re-runs the window on purpose
-    skipped = spot_checked and not is_backfill(context.run) and live_chain.block() >= closes
-    results = [] if skipped else mine_window(
-        window, uids, model=model, step=state.step, store=store, dataset=dataset, gradients=buckets.gradients(),
-        hparams=settings, model_hash=state.fingerprint,  # what the validators recorded of the last files:
-        records=buckets.validator_records(live_chain, window - 1) if spot_checked and window > 0 else None)
-    if skipped:
-        unmined = skip_window(window, uids, store=store, gradients=buckets.gradients())
-        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined (the next "
+    # window starts from no state either way): a run the clock planned (a node catching up after downtime) does not
+    # mine it for a uid with no file of it; one an earlier attempt put is mined again (its state, which a check of
+    # that file needs, is saved; the file stands). A run someone asked for (a backfill) mines it
+    unmined = skip_window(window, uids, store=store, gradients=buckets.gradients()) if spot_checked and \
+        is_scheduled(context.run) and live_chain.block() >= closes else []
+    if unmined:
+        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined (their next "
                             f"window starts from no state)")
-    elif spot_checked and live_chain.block() >= closes:
+    mined = [uid for uid in uids if uid not in unmined]
+    results = mine_window(
+        window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=buckets.gradients(),
+        hparams=settings, model_hash=state.fingerprint,  # what the validators recorded of the last files:
+        records=buckets.validator_records(live_chain, window - 1) if spot_checked and window > 0 else None
+    ) if mined else []
+    if results and spot_checked and live_chain.block() >= closes:
         context.log.warning(f"window {window} closed before the files landed: the next window starts from no state")
         mark_late(window, [result.uid for result in results], store=store)
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {
-        "mined": not skipped,  # False: the window had closed when the run started (spot checks on)
+        "mined": ", ".join(map(str, mined)) or "none",  # uids: not those whose window had closed (spot checks on)
         "spot_checks_answered": ", ".join(f"{uid} (window {checked})" for checked, put in sorted(answered.items())
                                           for uid in sorted(put)) or "none"}
     if results:
         wandb.log("miner", window, {"loss": metadata["loss"], "bytes": metadata["bytes"]})
+    else:  # nothing mined: no loss or size to plot, rather than a zero
+        metadata = {key: value for key, value in metadata.items()
+                    if key not in ("loss", "bytes", "compression_ratio", "tokens_per_second")}
     return dg.MaterializeResult(metadata=metadata)
