@@ -141,6 +141,10 @@ class WriteBehind:
         self._pending: dict[str, tuple[Future, Callable[[], object]]] = {}
         self.model: ModelState | None = None
         self.momentum: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # uid -> (window, momentum after it)
+        # uid -> (window, the momentum held, its state digest), as saved; moved to `handed` when a load hands the
+        # momentum over, for the miner to take once before it changes the tensors (StateStore.momentum_digest)
+        self.digests: dict[int, tuple[int, dict[str, torch.Tensor], str]] = {}
+        self.handed: dict[int, tuple[int, dict[str, torch.Tensor], str]] = {}
 
     def submit(self, key: str, write: Callable[[], object]) -> None:
         entry = (self._executor.submit(write), write)
@@ -275,18 +279,23 @@ class StateStore:
         return sorted(windows | ({held.window} if held is not None else set()))
 
     # ------------------------------------------------------------------ momentum
-    def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor], *, background: bool = True
-                      ) -> None:
+    def save_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor], *, background: bool = True,
+                      digest: str | None = None) -> None:
         """Save a miner's momentum after `window`. In the background (contract points 3, 4) the tensors are kept, as
-        they are, for the next window's load, and the file is queued: the caller must not modify them."""
+        they are, for the next window's load, and the file is queued: the caller must not modify them. digest: their
+        state digest (spot_check.state_digest), kept with them for the next window (momentum_digest)."""
         key = keys.momentum(uid).key(window)
         if self.writer is None or not background:
             if self.writer is not None:
                 self.writer.wait(key)  # a queued write of the same key must not land after this one
                 self.writer.momentum.pop(uid, None)
+                self.writer.digests.pop(uid, None)
             self._write_momentum(uid, window, momentum)
             return
         self.writer.momentum[uid] = (window, momentum)
+        self.writer.digests.pop(uid, None)
+        if digest is not None:
+            self.writer.digests[uid] = (window, momentum, digest)
         # so that a write that never lands is told from a miner with no state
         self.bucket.put(keys.momentum_pending(uid).key(window), b"")
         self.writer.submit(key, lambda: self._write_momentum(uid, window, momentum))
@@ -340,6 +349,9 @@ class StateStore:
             held = self.writer.momentum.get(uid)
             if held is not None and held[0] == window:
                 del self.writer.momentum[uid]
+                digest = self.writer.digests.pop(uid, None)
+                if digest is not None and digest[0] == window and digest[1] is held[1]:
+                    self.writer.handed[uid] = digest
                 return held[1]
         try:
             return load_file(self.bucket.local_path(key))
@@ -349,6 +361,15 @@ class StateStore:
             if self.momentum_pruned(uid, window):
                 self._pruned_momentum(uid, window)
             return None
+
+    def momentum_digest(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> str | None:
+        """The state digest saved with `momentum` (save_momentum's `digest`), where load_momentum just handed this
+        very object over from memory; once, so ask before changing its tensors. None otherwise (hash it): the miner
+        then hashes its state once a window instead of twice (its state after w is its state before w + 1)."""
+        handed = self.writer.handed.pop(uid, None) if self.writer is not None else None
+        if handed is None or handed[0] != window or handed[1] is not momentum:
+            return None
+        return handed[2]
 
     def check_momentum(self, uid: int, window: int) -> None:
         """Raise MomentumUnrecoverable when load_momentum(uid, window) would, without loading anything: a backfill

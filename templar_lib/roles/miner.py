@@ -41,6 +41,7 @@ class MinerResult:
     inner_losses: list[float] = dataclasses.field(default_factory=list)  # each inner step's (demo: the gradient's)
     # the miner's state after it (None: the published file is an earlier run's, whose state this run does not have)
     state: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    state_digest: str | None = None  # of `state`, where the network spot-checks (what the file commits to after)
 
     @property
     def tokens_per_second(self) -> float:
@@ -64,15 +65,19 @@ def compute_gradient(window: int, uid: int, *, model: torch.nn.Module, step: int
 
 
 def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, state: dict[str, torch.Tensor] | None,
-               dataset: Dataset, gradients: Bucket, hparams: HParams, model_hash: str | None = None) -> MinerResult:
+               dataset: Dataset, gradients: Bucket, hparams: HParams, model_hash: str | None = None,
+               state_before: str | None = None) -> MinerResult:
     """One window of mining on θ_w (the model's current weights, outer step `step`; model_hash its fingerprint) under
     the hyper-parameters' strategy, from the miner's state after window − 1 (None: zeros); the state after this
-    window is in the result (the caller saves it). The model holds θ_w again afterwards."""
+    window is in the result (the caller saves it). The model holds θ_w again afterwards. state_before: the digest
+    of `state`, where the caller has it (StateStore.momentum_digest); else it is hashed here."""
     started = time.perf_counter()
     strategy = strategy_of(hparams)
     pages, tokens = window_pages(window, uid, dataset=dataset, hparams=hparams)
     checked = hparams.spot_check_probability > 0
-    before = state_digest(state) if checked else None  # before mining: it updates the state's tensors in place
+    # before mining: it updates the state's tensors in place
+    before = (state_before if state is not None and state_before is not None else state_digest(state)) \
+        if checked else None
     mined = strategy.mine(model, state, tokens, step=step)
     parameters = parameters_of(model)
     digests = (before, state_digest(mined.state)) if checked else None
@@ -88,7 +93,8 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
         after = None
     dense_bytes = sum(p.numel() for p in parameters.values()) * 4
     return MinerResult(window, uid, mined.loss, tokens.numel(), len(data), dense_bytes / len(data), pages, key,
-                       time.perf_counter() - started, inner_losses=mined.inner_losses, state=after)
+                       time.perf_counter() - started, inner_losses=mined.inner_losses, state=after,
+                       state_digest=digests[1] if digests is not None and after is not None else None)
 
 
 def publish_once(gradients: Bucket, key: str, data: bytes, *, max_bytes: int) -> bytes:
@@ -138,16 +144,17 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
             before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams,
                                         gradients=gradients)
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
+        digest = store.momentum_digest(uid, window - 1, before) if before is not None else None
         before, zeroed = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
                                    expected=expected, records=records)
         if zeroed is not None:
             log.warning("uid %d, window %d: %s: starting from zeros", uid, window, zeroed)
             source = f"zeros ({zeroed})"
         result = miner_step(window, uid, model=model, step=step, state=before, dataset=dataset,
-                            gradients=gradients, hparams=hparams, model_hash=model_hash)
+                            gradients=gradients, hparams=hparams, model_hash=model_hash, state_before=digest)
         results.append(dataclasses.replace(result, momentum=source, state=None))
         if result.state is not None:  # None: the published file is an earlier run's, whose state stands
-            store.save_momentum(uid, window, result.state)
+            store.save_momentum(uid, window, result.state, digest=result.state_digest)
     return results
 
 

@@ -16,6 +16,7 @@ from templar_lib.hparams import HParams, HParamsError
 from templar_lib.model import build_model, parameters_of
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, skip_window
 from templar_lib.commitments import PeerBuckets
+import templar_lib.roles.miner as miner_role
 import templar_lib.roles.spot_checks as spot_checks
 from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDING, Records, kept_windows,
                                            file_commitments, record_commitments, reset_period, validator_records)
@@ -654,6 +655,31 @@ def test_a_window_a_node_did_not_mine_is_not_answered_but_one_an_earlier_attempt
     assert sorted(put) == [2] and gradients.exists(miner_state_key(1, 2, "before"))
     assert not gradients.exists(miner_state_key(1, 1, "before"))
     assert mine(2, [1])[0].momentum == "zeros"  # nothing of window 1 to carry on from
+
+
+def test_a_node_hashes_its_state_once_a_window_and_commits_to_the_same_digests(dataset, tmp_path, monkeypatch):
+    """A node that keeps its state in memory (a resident node's write-behind) takes the digest of its state before a
+    window from the one it committed to after the last window, where the load handed over that very state: one
+    digest a window instead of two, and files byte-identical to a node that hashes both (no write-behind). A state
+    handed to a spot check's answer first is loaded again from its file, and hashed again."""
+    data = Dataset.open(dataset)
+    hparams = FAST.replace(strategy="sparseloco", spot_check_probability=0.5)
+    digests = []
+    monkeypatch.setattr(miner_role, "state_digest", lambda state: digests.append(state) or state_digest(state))
+    files, hashed = {}, {}
+    for name, writer in (("behind", WriteBehind()), ("direct", None)):
+        model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+        store, gradients = StateStore(tmp_path / name, writer=writer), LocalBucket(tmp_path / f"{name}-gradients")
+        digests.clear()
+        for window in range(4):
+            mine_window(window, [1, 2], model=model, step=0, store=store, dataset=data, gradients=gradients,
+                        hparams=hparams)
+            if window == 2 and writer is not None:  # a check's answer takes uid 2's state first
+                assert store.load_momentum(2, 2) is not None
+        files[name] = [gradients.get(gradient_key(w, uid)) for w in range(4) for uid in (1, 2)]
+        hashed[name] = sum(state is not None for state in digests)
+    assert files["behind"] == files["direct"]
+    assert hashed["direct"] == 2 * 8 - 2 and hashed["behind"] == hashed["direct"] - 5  # windows 1-3, less the one
 
 
 def test_a_node_mends_a_minority_s_miss_in_a_window_of_its_period(dataset, tmp_path):
