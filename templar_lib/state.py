@@ -141,10 +141,9 @@ class WriteBehind:
         self._pending: dict[str, tuple[Future, Callable[[], object]]] = {}
         self.model: ModelState | None = None
         self.momentum: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}  # uid -> (window, momentum after it)
-        # uid -> (window, the momentum held, its state digest), as saved; moved to `handed` when a load hands the
-        # momentum over, for the miner to take once before it changes the tensors (StateStore.momentum_digest)
+        # uid -> (window, the momentum held, its state digest), as saved; handed over with it, once, and dropped with
+        # it (StateStore.load_momentum_with_digest)
         self.digests: dict[int, tuple[int, dict[str, torch.Tensor], str]] = {}
-        self.handed: dict[int, tuple[int, dict[str, torch.Tensor], str]] = {}
 
     def submit(self, key: str, write: Callable[[], object]) -> None:
         entry = (self._executor.submit(write), write)
@@ -283,7 +282,7 @@ class StateStore:
                       digest: str | None = None) -> None:
         """Save a miner's momentum after `window`. In the background (contract points 3, 4) the tensors are kept, as
         they are, for the next window's load, and the file is queued: the caller must not modify them. digest: their
-        state digest (spot_check.state_digest), kept with them for the next window (momentum_digest)."""
+        state digest (spot_check.state_digest), kept with them for the next window (load_momentum_with_digest)."""
         key = keys.momentum(uid).key(window)
         if self.writer is None or not background:
             if self.writer is not None:
@@ -343,33 +342,28 @@ class StateStore:
         handed over once its file has landed, and is no longer held. Raises MomentumLost when its background write
         never landed, MomentumPruned when keep_windows deleted it and it can be recomputed, MomentumUnrecoverable when
         it cannot (contract points 2 and 4)."""
+        return self.load_momentum_with_digest(uid, window)[0]
+
+    def load_momentum_with_digest(self, uid: int, window: int) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """load_momentum, and the state digest saved with the momentum (save_momentum's `digest`) where it is handed
+        over from memory, so that a miner hashes its state once a window instead of twice (its state after w − 1 is
+        its state before w); None where it is read from its file (hash it: the file has no checksum to trust)."""
         key = keys.momentum(uid).key(window)
         if self.writer is not None:
             self.writer.wait(key)
             held = self.writer.momentum.get(uid)
             if held is not None and held[0] == window:
                 del self.writer.momentum[uid]
-                digest = self.writer.digests.pop(uid, None)
-                if digest is not None and digest[0] == window and digest[1] is held[1]:
-                    self.writer.handed[uid] = digest
-                return held[1]
+                saved = self.writer.digests.pop(uid, None)
+                return held[1], saved[2] if saved is not None and saved[0] == window and saved[1] is held[1] else None
         try:
-            return load_file(self.bucket.local_path(key))
+            return load_file(self.bucket.local_path(key)), None
         except ObjectMissing:
             if self.bucket.exists(keys.momentum_pending(uid).key(window)):
                 raise MomentumLost(uid, window) from None
             if self.momentum_pruned(uid, window):
                 self._pruned_momentum(uid, window)
-            return None
-
-    def momentum_digest(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> str | None:
-        """The state digest saved with `momentum` (save_momentum's `digest`), where load_momentum just handed this
-        very object over from memory; once, so ask before changing its tensors. None otherwise (hash it): the miner
-        then hashes its state once a window instead of twice (its state after w is its state before w + 1)."""
-        handed = self.writer.handed.pop(uid, None) if self.writer is not None else None
-        if handed is None or handed[0] != window or handed[1] is not momentum:
-            return None
-        return handed[2]
+            return None, None
 
     def check_momentum(self, uid: int, window: int) -> None:
         """Raise MomentumUnrecoverable when load_momentum(uid, window) would, without loading anything: a backfill

@@ -70,7 +70,7 @@ def miner_step(window: int, uid: int, *, model: torch.nn.Module, step: int, stat
     """One window of mining on θ_w (the model's current weights, outer step `step`; model_hash its fingerprint) under
     the hyper-parameters' strategy, from the miner's state after window − 1 (None: zeros); the state after this
     window is in the result (the caller saves it). The model holds θ_w again afterwards. state_before: the digest
-    of `state`, where the caller has it (StateStore.momentum_digest); else it is hashed here."""
+    of `state`, where the caller has it (StateStore.load_momentum_with_digest); else it is hashed here."""
     started = time.perf_counter()
     strategy = strategy_of(hparams)
     pages, tokens = window_pages(window, uid, dataset=dataset, hparams=hparams)
@@ -137,14 +137,13 @@ def mine_window(window: int, uids: list[int], *, model: torch.nn.Module, step: i
     model_hash = model_hash or model_fingerprint(parameters_of(model))  # θ_w is the same for every uid of this node
     expected = strategy_of(hparams).state_shapes(parameters_of(model))  # what a state that fits holds
     for uid in sorted(uids):
-        try:
-            before = store.load_momentum(uid, window - 1)
+        try:  # the digest it committed to after window − 1, where its state is handed over from memory
+            before, digest = store.load_momentum_with_digest(uid, window - 1)
             source = "carried" if before is not None else "zeros"
         except MomentumLost as lost:
-            before = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams,
-                                        gradients=gradients)
+            before, digest = recompute_momentum(lost, model=model, store=store, dataset=dataset, hparams=hparams,
+                                                gradients=gradients), None
             source = "recomputed" if before is not None else "zeros (lost, not recomputable)"
-        digest = store.momentum_digest(uid, window - 1, before) if before is not None else None
         before, zeroed = continued(before, uid, window, store=store, gradients=gradients, hparams=hparams,
                                    expected=expected, records=records)
         if zeroed is not None:

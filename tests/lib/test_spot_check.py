@@ -675,7 +675,7 @@ def test_a_node_hashes_its_state_once_a_window_and_commits_to_the_same_digests(d
             mine_window(window, [1, 2], model=model, step=0, store=store, dataset=data, gradients=gradients,
                         hparams=hparams)
             if window == 2 and writer is not None:  # a check's answer takes uid 2's state first
-                assert store.load_momentum(2, 2) is not None
+                assert store.load_momentum(2, 2) is not None and 2 not in writer.digests  # nothing held after
         files[name] = [gradients.get(gradient_key(w, uid)) for w in range(4) for uid in (1, 2)]
         hashed[name] = sum(state is not None for state in digests)
     assert files["behind"] == files["direct"]
