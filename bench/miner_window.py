@@ -55,7 +55,7 @@ def main() -> None:
         built = time.perf_counter() - started
         model = build_model(args.preset, vocab_size=manifest.vocab_size, device=args.device)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        store, gradients = StateStore(work / "state", behind=WriteBehind()), LocalBucket(work / "gradients")
+        store, gradients = StateStore(work / "state", writer=WriteBehind()), LocalBucket(work / "gradients")
         print(f"{args.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters, vocabulary "
               f"{manifest.vocab_size}) on {args.device}"
               f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
@@ -81,7 +81,7 @@ def main() -> None:
                   f"gradient ({result.compression_ratio:.0f}x smaller than float32), momentum {result.momentum}; "
                   f"read back and validated: "
                   f"{len(read.tensors)} tensors, finite {finite}", flush=True)
-        store.behind.flush()
+        store.writer.flush()
         parts(model, dataset, manifest, hparams, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
