@@ -19,7 +19,8 @@ import pytest
 import yaml
 from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
-from dagster._core.storage.tags import MAX_RETRIES_TAG, PARTITION_NAME_TAG, PRIORITY_TAG, WILL_RETRY_TAG
+from dagster._core.storage.tags import (BACKFILL_ID_TAG, MAX_RETRIES_TAG, PARTITION_NAME_TAG, PRIORITY_TAG,
+                                        WILL_RETRY_TAG)
 from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
@@ -31,7 +32,7 @@ from templar_lib import schedule
 from templar_lib.chain import LocalChain
 from templar_pipelines import defs
 from templar_pipelines.instance import SQLITE_YAML
-from templar_pipelines.partitions import OutOfOrder, check_run_order
+from templar_pipelines.partitions import OutOfOrder, check_run_order, is_scheduled
 from templar_pipelines.resources import resources_from_env
 from tests.conftest import ROOT
 
@@ -170,6 +171,11 @@ def test_a_killed_miner_run_is_retried_before_the_runs_that_need_it(network_home
     assert [run.status for run in miner_runs] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
     assert miner_runs[0].parent_run_id == miner.run_id  # the run retry, not a second request
     assert miner_runs[0].tags[PRIORITY_TAG] == miner.tags[PRIORITY_TAG]
+    # the sensor's runs and their retries are the clock's: one for a closed window mines nothing new (the miner
+    # asset); a backfill's run or one asked for by hand is not
+    assert is_scheduled(miner) and is_scheduled(miner_runs[0])
+    assert not is_scheduled(dg.DagsterRun(job_name="miner_job", tags={**miner.tags, BACKFILL_ID_TAG: "b"}))
+    assert not is_scheduled(dg.DagsterRun(job_name="miner_job", tags={PARTITION_NAME_TAG: "8"}))
 
 
 def test_a_run_refuses_to_start_while_the_run_before_it_has_not_finished(network_home, network_env):
