@@ -17,27 +17,28 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     are spot-checked, a run the chain's clock planned for a window that had closed (a node catching up after
     downtime) mines only the uids an earlier attempt put a file of; the spot checks owed are answered."""
     window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
+    own_bucket = buckets.gradients()  # opened once (each call makes a client)
     model, state = node.model_at(window, dataset)
     settings, uids, store = hparams.load(), node.miners(live_chain), node.store()
     # a spot check of the previous window is answered first: this window's work updates the states it asks for;
     # one of the window before that too where its answer is not in the bucket (the node was down), asked once more
     answered = {window - back: answer_spot_checks(
         window - back, uids, seed=live_chain.block_hash((window - back + 1) * settings.blocks_per_window),
-        store=store, gradients=buckets.gradients(), hparams=settings, late=back == 2, model=model, dataset=dataset)
+        store=store, gradients=own_bucket, hparams=settings, late=back == 2, model=model, dataset=dataset)
         for back in (1, 2) if window - back >= 0}
     closes, spot_checked = (window + 1) * settings.blocks_per_window, settings.spot_check_probability > 0
     # where miners are spot-checked, a file of a closed window is worth nothing (no validator sees it, and the next
     # window starts from no state either way): a run the clock planned (a node catching up after downtime) does not
     # mine it for a uid with no file of it; one an earlier attempt put is mined again (its state, which a check of
     # that file needs, is saved; the file stands). A run someone asked for (a backfill) mines it
-    unmined = skip_window(window, uids, store=store, gradients=buckets.gradients()) if spot_checked and \
+    unmined = skip_window(window, uids, store=store, gradients=own_bucket) if spot_checked and \
         is_scheduled(context.run) and live_chain.block() >= closes else []
     if unmined:
         context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined (their next "
                             f"window starts from no state)")
     mined = [uid for uid in uids if uid not in unmined]
     results = mine_window(
-        window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=buckets.gradients(),
+        window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=own_bucket,
         hparams=settings, model_hash=state.fingerprint,  # what the validators recorded of the last files:
         records=buckets.validator_records(live_chain, window - 1) if spot_checked and window > 0 else None
     ) if mined else []

@@ -1,12 +1,9 @@
 import functools
 import time
-from collections.abc import Callable
 
 import dagster as dg
 
 from templar_lib.chain import Chain, LocalChain
-from templar_lib.hparams import HParams
-from templar_lib.ratings import Ratings
 from templar_lib.roles.validator import (EvaluationOptions, evaluate_window, rate_window, ratings_before,
                                          swaps_found)
 from templar_lib.wire import evaluation_key, read_evaluation
@@ -43,28 +40,22 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
                 hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Loss before/after each gradient the validator saw before the window closed, on θ_w; invalid, late or missing
     gradients score 0 with a reason. Publishes the signed peers list with the sha256 of every file scored."""
-    window, dataset = partition_window(context), buckets.dataset()
-    validator_chain = chain.open_as(node.validator(chain.open()))
+    window, dataset, own_bucket = partition_window(context), buckets.dataset(), buckets.gradients()
+    validator = node.validator(chain.open())
+    validator_chain = chain.open_as(validator)
     model, state = node.model_at(window, dataset)
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
-    before = _ratings_before(window, validator_chain, buckets, node, settings,
-                             shapes={name: tuple(p.shape) for name, p in model.named_parameters()},
-                             hotkeys=lambda: _hotkeys(validator_chain))
+    before = ratings_before(window, store=store, own_bucket=own_bucket, validator=validator,
+                           aggregator=buckets.aggregator(), hparams=settings, hotkeys=lambda: _hotkeys(validator_chain),
+                           shapes={name: tuple(p.shape) for name, p in model.named_parameters()})
     evaluation = evaluate_window(window, chain=validator_chain, model=model, state=state, dataset=dataset,
-                                 watch=watch, own_bucket=buckets.gradients(), hparams=settings, ratings=before,
+                                 watch=watch, own_bucket=own_bucket, hparams=settings, ratings=before,
                                  history=store.parameters_at, options=EvaluationOptions(),
                                  others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
         context.log.info(line)
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
-
-
-def _ratings_before(window: int, chain: Chain, buckets: BucketsResource, node: NodeResource, settings: HParams, *,
-                    shapes: dict[str, tuple[int, ...]], hotkeys: Callable[[], dict[int, str]]) -> Ratings:
-    """roles.validator.ratings_before for this node: its state store, its own reports, the aggregator's files."""
-    return ratings_before(window, store=node.store(), own_bucket=buckets.gradients(), validator=node.validator(chain),
-                          aggregator=buckets.aggregator(), hparams=settings, hotkeys=hotkeys, shapes=shapes)
 
 
 def _hotkeys(chain: Chain) -> dict[int, str]:
@@ -79,14 +70,14 @@ def ratings(context: dg.AssetExecutionContext, chain: ChainResource, buckets: Bu
     with other bytes than were scored is banned."""
     window, store, settings = partition_window(context), node.store(), hparams.load()
     live_chain = chain.open()
-    validator = node.validator(live_chain)
-    report = read_evaluation(buckets.gradients().get(evaluation_key(window, validator)), window=window,
-                             validator=validator)
+    validator, own_bucket, aggregator = node.validator(live_chain), buckets.gradients(), buckets.aggregator()
+    report = read_evaluation(own_bucket.get(evaluation_key(window, validator)), window=window, validator=validator)
     model = node.training.model(buckets.dataset().vocab_size)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    banned = swaps_found(buckets.aggregator(), window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
+    banned = swaps_found(aggregator, window - 1, shapes=shapes, hparams=settings) if window > 0 else {}
     hotkeys = _hotkeys(live_chain)
-    before = _ratings_before(window, live_chain, buckets, node, settings, shapes=shapes, hotkeys=lambda: hotkeys)
+    before = ratings_before(window, store=store, own_bucket=own_bucket, validator=validator, aggregator=aggregator,
+                            hparams=settings, hotkeys=lambda: hotkeys, shapes=shapes)
     updated, weights = rate_window(report, before, hotkeys, settings, banned=banned)
     store.save_ratings(updated, weights)
     return dg.MaterializeResult(metadata=ratings_metadata(updated))
