@@ -7,6 +7,8 @@ validator's ratings and weights, and the held-out losses people plot. File names
                                           replaced and written after it: it never describes another θ
     momentum-{uid}-{window}.safetensors   miner `uid`'s momentum after folding in window `window`
     momentum-{uid}-{window}.pending       that momentum file was promised by a write in the background
+    carried-{uid}-{window}.json           the momentum after `window` is the one after window − 1 (the miner did not
+                                          mine `window`: roles.miner.skip_window); loads follow it back
     pruned-momentum-{uid}.json            the windows whose momentum files keep_windows deleted
     ratings-{window}.json                 validator ratings after window `window`
     weights-{window}.json                 the chain weights those ratings give
@@ -284,6 +286,7 @@ class StateStore:
         they are, for the next window's load, and the file is queued: the caller must not modify them. digest: their
         state digest (spot_check.state_digest), kept with them for the next window (load_momentum_with_digest)."""
         key = keys.momentum(uid).key(window)
+        self.bucket.delete(keys.carried(uid).key(window))  # mined after all (a backfill): this state, not the carried
         if self.writer is None or not background:
             if self.writer is not None:
                 self.writer.wait(key)  # a queued write of the same key must not land after this one
@@ -298,6 +301,21 @@ class StateStore:
         # so that a write that never lands is told from a miner with no state
         self.bucket.put(keys.momentum_pending(uid).key(window), b"")
         self.writer.submit(key, lambda: self._write_momentum(uid, window, momentum))
+
+    def carry_momentum(self, uid: int, window: int) -> None:
+        """Record that uid's momentum after `window` is its momentum after window − 1: the miner did not mine
+        `window`. Nothing is copied (a state is up to three times θ's size): loads of `window` follow the mark back to
+        the newest window it mined, whose file (or write behind, or recomputation) stands for both, and a save of
+        `window` (a backfill mining it after all) replaces the mark."""
+        self.bucket.put(keys.carried(uid).key(window), json.dumps({"uid": uid, "window": window,
+                                                                   "carried_from": window - 1}).encode())
+
+    def _mined(self, uid: int, window: int) -> int:
+        """The newest window ≤ `window` whose momentum uid's miner made: `window` itself unless it was carried over
+        (carry_momentum), possibly across several windows in a row."""
+        while window >= 0 and self.bucket.exists(keys.carried(uid).key(window)):
+            window -= 1
+        return window
 
     def _write_momentum(self, uid: int, window: int, momentum: dict[str, torch.Tensor]) -> None:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
@@ -347,7 +365,11 @@ class StateStore:
     def load_momentum_with_digest(self, uid: int, window: int) -> tuple[dict[str, torch.Tensor] | None, str | None]:
         """load_momentum, and the state digest saved with the momentum (save_momentum's `digest`) where it is handed
         over from memory, so that a miner hashes its state once a window instead of twice (its state after w − 1 is
-        its state before w); None where it is read from its file (hash it: the file has no checksum to trust)."""
+        its state before w); None where it is read from its file (hash it: the file has no checksum to trust). A
+        window carried over (carry_momentum) is the newest one before it that the miner mined."""
+        window = self._mined(uid, window)
+        if window < 0:
+            return None, None
         key = keys.momentum(uid).key(window)
         if self.writer is not None:
             self.writer.wait(key)
@@ -368,6 +390,8 @@ class StateStore:
     def check_momentum(self, uid: int, window: int) -> None:
         """Raise MomentumUnrecoverable when load_momentum(uid, window) would, without loading anything: a backfill
         checks its first window before it starts."""
+        if (window := self._mined(uid, window)) < 0:
+            return
         held = self.writer is not None and self.writer.momentum.get(uid, (None,))[0] == window
         if held or self.bucket.exists(keys.momentum(uid).key(window)):
             return

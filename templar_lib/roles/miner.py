@@ -203,17 +203,27 @@ def _own_commitment(gradients: Bucket, uid: int, window: int, hparams: HParams) 
                      uid=uid, hparams=hparams)
 
 
-def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket) -> list[int]:
-    """Where miners are spot-checked, a window that closed before the node's run started is not mined: no validator
-    would see its files, and the next window starts from no state either way (`continued`: its previous file is
-    missing). Marks the uids with no file of `window` in the bucket as not mined, so no spot check of that window
-    is answered for them (answer_spot_checks: none can be asked, nothing was recorded, and a state put is up to
-    twice the miner's state in size), and returns them. A uid an earlier attempt of the run put a file of is not
-    marked: validators may have recorded the file, and the caller mines it again, which saves the state a check of
-    it needs (the file stands: publish_once)."""
+def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket,
+                hparams: HParams) -> list[int]:
+    """A window that closed before the node's run started is not mined: no validator would see its files, so the
+    compute is wasted, and a node down D windows would spend D windows' compute before it mined the present one.
+    Returns the uids with no file of `window` in the bucket, which the caller does not mine. A uid an earlier attempt
+    of the run put a file of is left to the caller to mine again: validators may have seen that file (the file
+    stands: publish_once), and the state after it is the one that follows it.
+
+    Where miners are spot-checked, the skipped uids are marked unmined, so no check of that window is answered for
+    them (answer_spot_checks: none can be asked, nothing was recorded, and a state put is up to twice the miner's
+    state in size); their next window starts from no state either way (`continued`: its previous file is missing).
+    Where they are not, each skipped uid's state carries over the window (StateStore.carry_momentum): its state
+    after `window` is its state after window − 1, as if the window had not been. Mining it instead would fold in a
+    pseudo-gradient nobody applies and then subtract what it "sent" from the error feedback: carrying over loses
+    nothing the network received."""
     unmined = [uid for uid in sorted(uids) if not gradients.exists(gradient_key(window, uid))]
     for uid in unmined:
-        store.bucket.put(keys.unmined(uid).key(window), b'{"mined": false}')
+        if hparams.spot_check_probability > 0:
+            store.bucket.put(keys.unmined(uid).key(window), b'{"mined": false}')
+        else:
+            store.carry_momentum(uid, window)
     return unmined
 
 

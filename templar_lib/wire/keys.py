@@ -107,6 +107,13 @@ def unmined(uid: int) -> Family:
     return Family(f"unmined-{uid}-", ".json")
 
 
+def carried(uid: int) -> Family:
+    """A miner node's mark that uid's state after a window is its state after the window before: the node did not
+    mine that window (it had closed when the run started) and the network does not spot-check, so the state carries
+    over the gap (state.py StateStore.carry_momentum; roles/miner.py skip_window)."""
+    return Family(f"carried-{uid}-", ".json")
+
+
 def momentum_pending(uid: int) -> Family:
     """The markers of momentum files promised by a write in the background."""
     return Family(f"momentum-{uid}-", ".pending")

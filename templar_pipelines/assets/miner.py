@@ -13,9 +13,9 @@ from templar_pipelines.resources import BucketsResource, ChainResource, HParamsR
 def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: BucketsResource,
               hparams: HParamsResource, node: NodeResource, wandb: WandbResource) -> dg.MaterializeResult:
     """Every served miner trains θ_w on its pages and uploads gradient-{window}-{uid}, under the network's strategy
-    (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps). Where miners
-    are spot-checked, a run the chain's clock planned for a window that had closed (a node catching up after
-    downtime) mines only the uids an earlier attempt put a file of; the spot checks owed are answered."""
+    (demo: compressed momentum; sparseloco: a 2-bit sparse pseudo-gradient of its inner AdamW steps). A run the
+    chain's clock planned for a window that had closed (a node catching up after downtime) mines only the uids an
+    earlier attempt put a file of (roles.miner.skip_window); the spot checks owed are answered."""
     window, dataset, live_chain = partition_window(context), buckets.dataset(), chain.open()
     own_bucket = buckets.gradients()  # opened once (each call makes a client)
     model, state = node.model_at(window, dataset)
@@ -27,15 +27,16 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
         store=store, gradients=own_bucket, hparams=settings, late=back == 2, model=model, dataset=dataset)
         for back in (1, 2) if window - back >= 0}
     closes, spot_checked = (window + 1) * settings.blocks_per_window, settings.spot_check_probability > 0
-    # where miners are spot-checked, a file of a closed window is worth nothing (no validator sees it, and the next
-    # window starts from no state either way): a run the clock planned (a node catching up after downtime) does not
-    # mine it for a uid with no file of it; one an earlier attempt put is mined again (its state, which a check of
-    # that file needs, is saved; the file stands). A run someone asked for (a backfill) mines it
-    unmined = skip_window(window, uids, store=store, gradients=own_bucket) if spot_checked and \
-        is_scheduled(context.run) and live_chain.block() >= closes else []
+    # a file of a closed window is worth nothing (no validator sees it): a run the clock planned (a node catching up
+    # after downtime) does not mine it for a uid with no file of it; one an earlier attempt put is mined again (its
+    # state, which the next window and a check of that file need, is saved; the file stands). A run someone asked
+    # for (a backfill) mines it
+    unmined = skip_window(window, uids, store=store, gradients=own_bucket, hparams=settings) \
+        if is_scheduled(context.run) and live_chain.block() >= closes else []
     if unmined:
-        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined (their next "
-                            f"window starts from no state)")
+        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined ("
+                            + ("their next window starts from no state)" if spot_checked else
+                               "their states carry over to the next window)"))
     mined = [uid for uid in uids if uid not in unmined]
     results = mine_window(
         window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=own_bucket,
@@ -48,7 +49,7 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {
-        "mined": ", ".join(map(str, mined)) or "none",  # uids: not those whose window had closed (spot checks on)
+        "mined": ", ".join(map(str, mined)) or "none",  # uids: not those whose window had closed
         "spot_checks_answered": ", ".join(f"{uid} (window {checked})" for checked, put in sorted(answered.items())
                                           for uid in sorted(put)) or "none"}
     if results:

@@ -649,7 +649,7 @@ def test_a_window_a_node_did_not_mine_is_not_answered_but_one_an_earlier_attempt
                              hparams=hparams)
     mine(0, [1, 2])
     mine(1, [2])  # uid 2's earlier attempt put its file of window 1 before the window closed
-    assert skip_window(1, [1, 2], store=store, gradients=gradients) == [1]
+    assert skip_window(1, [1, 2], store=store, gradients=gradients, hparams=hparams) == [1]
     put = answer_spot_checks(1, [1, 2], seed="ab" * 32, store=store, gradients=gradients, hparams=hparams,
                              model=model, dataset=data)
     assert sorted(put) == [2] and gradients.exists(miner_state_key(1, 2, "before"))

@@ -15,7 +15,7 @@ from templar_lib.model import build_model
 from templar_lib.ratings import Ratings, UidRating
 from templar_lib.roles.validator import rate_window, ratings_before
 from templar_lib.scoring import Score
-from templar_lib.roles.miner import mine_window
+from templar_lib.roles.miner import mine_window, skip_window
 from templar_lib.strategies import new_feedback
 from templar_lib.wire import EvaluationReport, evaluation_key, write_evaluation
 from templar_lib.state import RATINGS_LOOKBACK, MomentumLost, StateMissing, StateStore, WriteBehind
@@ -139,6 +139,45 @@ def test_a_lost_momentum_write_is_recomputed_to_the_same_bytes(dataset, model, r
     assert files(tmp_path / "gradients") == files(reference / "gradients")
     assert files(tmp_path / "state") == files(reference / "state")
     assert all(torch.equal(p, theta(model, 2).parameters[n]) for n, p in model.named_parameters())  # θ_2 restored
+
+
+def test_windows_a_node_did_not_mine_carry_its_state_over_to_the_next_it_mines(dataset, model, tmp_path):
+    """Checks off, a node catching up does not mine windows that had closed (skip_window): each uid's state after
+    them is its state after the last window it mined, without a copy. Window 4's files are those of a node whose
+    state after window 1 were its state after window 3, whether the state is handed over in memory (a resident
+    node), read from its file, or recomputed because its write behind was lost across the gap; a backfill that
+    mines a carried window after all replaces the carried state with the one it mines."""
+    sparse, windows = FAST.replace(strategy="sparseloco"), {}
+    for name in ("resident", "lost", "reference"):
+        store = StateStore(tmp_path / name / "state", writer=WriteBehind() if name == "resident" else None)
+        gradients = LocalBucket(tmp_path / name / "gradients")
+        mine(store, range(2), model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+        if name == "reference":  # the state after window 1 as if windows 2 and 3 had not been
+            for uid in UIDS:
+                (store.root / f"momentum-{uid}-1.safetensors").rename(store.root / f"momentum-{uid}-3.safetensors")
+        else:
+            if name == "lost":  # uid 1's write of window 1 never landed: the node was killed, then caught up
+                (store.root / "momentum-1-1.safetensors").unlink()
+                (store.root / "momentum-1-1.pending").write_bytes(b"")
+            for window in (2, 3):
+                assert skip_window(window, UIDS, store=store, gradients=gradients, hparams=sparse) == UIDS
+        results = mine(store, [4], model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+        windows[name] = [r.momentum for r in results], files(tmp_path / name / "gradients")
+        if store.writer is not None:
+            store.writer.flush()
+        assert sorted(key for key in store.bucket.list("carried-")) == ([] if name == "reference" else [
+            "carried-1-2.json", "carried-1-3.json", "carried-2-2.json", "carried-2-3.json"])
+        if name == "resident":  # a backfill of window 3 mines it: its own state, not the carried one
+            before = store.load_momentum(1, 3)
+            mine(store, [3], model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+            store.writer.flush()
+            assert not store.bucket.exists("carried-1-3.json") and store.bucket.exists("carried-1-2.json")
+            assert not torch.equal(store.load_momentum(1, 3)["error.model.norm.weight"],
+                                   before["error.model.norm.weight"])
+    assert windows["resident"][0] == ["carried", "carried"] and windows["reference"][0] == ["carried", "carried"]
+    assert windows["lost"][0] == ["recomputed", "carried"]
+    assert windows["resident"][1] == windows["lost"][1] == windows["reference"][1]
+    assert sorted(windows["resident"][1]) == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 4) for uid in UIDS]
 
 
 def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, model, tmp_path, caplog):

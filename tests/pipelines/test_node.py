@@ -98,6 +98,30 @@ def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
 
 
+def test_a_node_back_from_downtime_without_spot_checks_carries_its_miners_states_over_the_closed_windows(
+        network_home, network_env):
+    """Checks off, down for windows 2-4: its miner runs for them (which the aggregator's order brings) mine nothing
+    (nobody would see the files, and a node down D windows would spend D windows' compute catching up); each uid's
+    state after them is its state after window 1, and window 5 is mined from it."""
+    chain, blocks = LocalChain(network_home / "chain.sqlite"), 7
+
+    def next_window(_seconds):
+        chain.advance(blocks)
+
+    assert all(run.success for run in run_node(network_home, until_window=1, environ=network_env, wait=next_window))
+    chain.advance(3 * blocks)
+    runs = run_node(network_home, until_window=5, environ=network_env, wait=next_window)
+    assert all(run.success for run in runs)
+    mined = {run.window: run.metadata["gradients"] for run in runs if run.job == "miner_job"}
+    assert {window: metadata["mined"] for window, metadata in mined.items()} == {
+        2: "none", 3: "none", 4: "none", 5: "1, 2, 3"}
+    assert [row.data["momentum"] for row in mined[5]["miners"].records] == ["carried"] * 3
+    state = StateStore(network_home / "state")
+    assert sorted(state.bucket.list("carried-")) == [f"carried-{uid}-{w}.json" for uid in (1, 2, 3) for w in (2, 3, 4)]
+    uploaded = sorted(name for name in os.listdir(network_home / "gradients") if name.startswith("gradient-"))
+    assert uploaded == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 5) for uid in (1, 2, 3)]
+
+
 def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_not_watch(network_home, network_env):
     """Down for windows 2-4, the node runs their jobs late on its restart, in order, as the aggregator needs; its watch
     saw none of their files, so it scores nobody there (no uid is missed, the ratings stand) instead of every uid
