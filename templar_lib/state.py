@@ -285,14 +285,14 @@ class StateStore:
         """Save a miner's momentum after `window`. In the background (contract points 3, 4) the tensors are kept, as
         they are, for the next window's load, and the file is queued: the caller must not modify them. digest: their
         state digest (spot_check.state_digest), kept with them for the next window (load_momentum_with_digest)."""
-        key = keys.momentum(uid).key(window)
-        self.bucket.delete(keys.carried(uid).key(window))  # mined after all (a backfill): this state, not the carried
+        key, carried = keys.momentum(uid).key(window), keys.carried(uid).key(window)
         if self.writer is None or not background:
             if self.writer is not None:
                 self.writer.wait(key)  # a queued write of the same key must not land after this one
                 self.writer.momentum.pop(uid, None)
                 self.writer.digests.pop(uid, None)
             self._write_momentum(uid, window, momentum)
+            self.bucket.delete(carried)  # mined after all: this state, not the one carried over
             return
         self.writer.momentum[uid] = (window, momentum)
         self.writer.digests.pop(uid, None)
@@ -300,13 +300,16 @@ class StateStore:
             self.writer.digests[uid] = (window, momentum, digest)
         # so that a write that never lands is told from a miner with no state
         self.bucket.put(keys.momentum_pending(uid).key(window), b"")
+        self.bucket.delete(carried)  # after the marker: a write that never lands is recomputed, not carried
         self.writer.submit(key, lambda: self._write_momentum(uid, window, momentum))
 
     def carry_momentum(self, uid: int, window: int) -> None:
         """Record that uid's momentum after `window` is its momentum after window − 1: the miner did not mine
         `window`. Nothing is copied (a state is up to three times θ's size): loads of `window` follow the mark back to
-        the newest window it mined, whose file (or write behind, or recomputation) stands for both, and a save of
-        `window` (a backfill mining it after all) replaces the mark."""
+        the newest window it mined, whose file (or write behind, or recomputation) stands for both and is kept as long
+        as they are (keep_windows counts it as the last window it stands for), and a save of `window` (mining it
+        after all) replaces the mark. A backfill through the gradients asset carries it again (roles.miner
+        .skip_window), as the node did live."""
         self.bucket.put(keys.carried(uid).key(window), json.dumps({"uid": uid, "window": window,
                                                                    "carried_from": window - 1}).encode())
 
@@ -321,8 +324,28 @@ class StateStore:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
         self.bucket.put_file(keys.momentum(uid).key(window), lambda path: save_file(tensors, path))
         self.bucket.delete(keys.momentum_pending(uid).key(window))
-        self._record_pruned(uid, self._prune(keys.momentum(uid), window))
+        self._record_pruned(uid, self._prune_momentum(uid, window))
         self._prune(keys.momentum_pending(uid), window)
+
+    def _prune_momentum(self, uid: int, window: int) -> list[int]:
+        """Delete uid's momentum files that stand for no window after window − keep_windows: a file stands for its
+        own window and for every window carried over from it (carry_momentum), so the state a carried window's load
+        resolves to is kept as long as that window is. Returns the windows deleted, carried ones included (their
+        marks stay: a load of one resolves to the deleted file, and recomputes it where it can)."""
+        if self.keep_windows is None:
+            return []
+        deleted = []
+        for key in self.bucket.list(keys.momentum(uid).prefix):
+            mined = keys.momentum(uid).window_of(key)
+            if mined is None:
+                continue
+            last = mined
+            while self.bucket.exists(keys.carried(uid).key(last + 1)):
+                last += 1
+            if last <= window - self.keep_windows:
+                self.bucket.delete(key)
+                deleted.extend(range(mined, last + 1))
+        return sorted(deleted)
 
     def _record_pruned(self, uid: int, windows: list[int]) -> None:
         """Add `windows` to the record of uid's momentum windows deleted (kept as [first, last] ranges)."""
@@ -404,7 +427,7 @@ class StateStore:
     def _pruned_momentum(self, uid: int, window: int) -> None:
         """Raise for uid's momentum after `window`, deleted by keep_windows: MomentumPruned when the miner can
         recompute it exactly (θ_window and the momentum before it are here), MomentumUnrecoverable otherwise."""
-        before = window - 1
+        before = self._mined(uid, window - 1)  # the state mining `window` started from
         held = self.writer is not None and self.writer.momentum.get(uid, (None,))[0] == before
         if self.has_model(window) and (before < 0 or held or self.bucket.exists(keys.momentum(uid).key(before))
                                        or not (self.momentum_pruned(uid, before)

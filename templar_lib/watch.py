@@ -14,7 +14,13 @@ combines only files whose sha256 the validator published. Polls after the window
 watch re-run later (a backfill) keeps what was seen live. Two uploads first seen in the same poll are a tie: their
 order is unknown, so neither is rejected as the other's copy (screening.py). A window no poll looked at while it
 was open (the validator was down) is not `watched`: nothing of it can be judged, and the validator scores nobody
-there (roles/validator.py) rather than every uid "missing".
+there (roles/validator.py) rather than every uid "missing". A watch that looked, then stopped before the close (the
+process died or the node went down, and came back after it) is not `closed`: a file uploaded after its last poll was
+never seen, so a uid it saw nothing of is not judged there (roles/validator.py), where it would have been "missing".
+`closed` is recorded only by a process that polled the window and then saw the chain reach its close
+(`saw_close`; a resident node that lost the chain meanwhile drops its watch instead), and the evaluation, in
+another run, waits for it a poll's length (`wait_closed`); a miner cannot keep it from being recorded, since no
+endpoint can make a poll fail or outlast poll_timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from templar_lib.buckets import (BucketAccessDenied, BucketError, BucketTimeout, LocalBucket, ObjectMissing,
@@ -59,6 +66,8 @@ class Watch:
         self._seen: dict[int, Sighting] = {}
         self._reasons: dict[int, str] = {}  # why a uid has nothing seen yet, from the last poll
         self.watched = False  # whether any poll looked while the window was open (its record is on disk)
+        self.closed = False  # whether the process that polled last was still looking when the window closed
+        self._polled = False  # whether this object polled while the window was open
         self._load()
 
     def at(self, window: int) -> Watch:
@@ -76,12 +85,16 @@ class Watch:
         except ObjectMissing:
             return
         self.watched = True
+        self.closed = record.get("closed", True) is not False  # absent: closed, or written before the field (judged
+        # whole, as it was then)
         self._seen = {int(uid): Sighting(**entry) for uid, entry in record["seen"].items()}
         self._reasons = {int(uid): reason for uid, reason in record["reasons"].items()}
 
     def _save(self) -> None:
         record = {"window": self.window, "seen": {str(u): asdict(s) for u, s in sorted(self._seen.items())},
-                  "reasons": {str(u): r for u, r in sorted(self._reasons.items())}}
+                  "reasons": {str(u): r for u, r in sorted(self._reasons.items())}} | (
+                      {} if self.closed else {"closed": False})  # written only while open: a closed record's bytes
+        # are those of a record written before the field
         self.state.put(self._record_key(), json.dumps(record, sort_keys=True).encode())
         self.watched = True
 
@@ -104,9 +117,33 @@ class Watch:
         for uid in late:
             if uid not in self._seen:
                 self._reasons[uid] = f"timeout: no answer within {self.poll_timeout:g}s"
+        self._polled = True
         self._save()
         log.debug("watch of window %d at block %d: %d new", self.window, block, new)
         return new
+
+    def saw_close(self, block: int) -> bool:
+        """Record that this watch's process, having polled the window, was still looking when the chain reached its
+        close (`block` ≥ the closing block): no file landed between its last poll and the close unlooked-for but by
+        the ordinary interval between two polls. Called by the loop that polls (the gradient_sightings asset, the
+        resident node, the simulation); a process that did not poll the window (a run after the close) records
+        nothing. Returns whether the watch is closed."""
+        if block >= self.closes and self._polled and not self.closed:
+            self.closed = True
+            self._save()
+        return self.closed
+
+    def wait_closed(self, seconds: float, *, sleep: Callable[[float], None] = time.sleep) -> bool:
+        """Where the watch looked but its record is not closed, read the record again until the process polling it
+        records the close, for at most `seconds` (its last poll may still be running: a poll lasts up to
+        poll_timeout, then the loop sleeps before it sees the close). The evaluation runs in another process than the
+        watch and may start as the window closes; without this wait it would judge only what it saw so far, and
+        leave every uid it had not seen unjudged. Returns whether the watch is closed."""
+        deadline = time.monotonic() + seconds
+        while self.watched and not self.closed and time.monotonic() < deadline:
+            sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._load()
+        return self.closed
 
     def _look(self, uid: int, block: int, deadline: float) -> tuple[Sighting | None, str | None]:
         """(a new sighting, None) when uid's content is new; (None, reason) when there is nothing to see."""

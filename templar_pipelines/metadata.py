@@ -86,6 +86,8 @@ def evaluations_metadata(evaluation: WindowEvaluation) -> dict:
     reasons = [f"- uid {uid}: {s.reason}" for uid, s in evaluation.scores.items() if s.reason]
     return {
         "watched": evaluation.report.watched,  # False: the watch never looked at the window, nobody is scored
+        # uids not judged: the watch stopped before the close, and saw nothing of them
+        "unjudged": ", ".join(map(str, evaluation.unjudged)) or "none",
         "valid_gradients": len(evaluation.valid_uids), "random_loss": evaluation.random_loss,
         "peers": ",".join(map(str, evaluation.peers)) or "(none)",
         "scores": _table([("uid", "int"), ("loss_before", "float"), ("loss_after", "float"), ("own_before", "float"),
@@ -115,7 +117,7 @@ def spot_checks_line(report) -> str:
 def sightings_metadata(watch) -> dict:
     rows = [{"uid": uid, "first_seen_block": s.block, "bytes": s.size, "sha256": s.sha256[:16]}
             for uid, s in watch.sightings().items()]
-    return {"seen": len(rows), "closing_block": watch.closes, "watched": watch.watched,
+    return {"seen": len(rows), "closing_block": watch.closes, "watched": watch.watched, "closed": watch.closed,
             "sightings": _table([("uid", "int"), ("first_seen_block", "int"), ("bytes", "int"), ("sha256", "string")],
                                 rows),
             "not_seen": dg.MetadataValue.md("\n".join(f"- uid {u}: {r}" for u, r in watch.reasons().items())
@@ -188,7 +190,10 @@ def evaluation_lines(evaluation: WindowEvaluation, sizes: Mapping[int, int]) -> 
     unsampled = evaluation.report.unsampled
     unwatched = [] if evaluation.report.watched else [
         f"window {evaluation.report.window}: not watched while it was open (this validator was down): nobody scored"]
-    return unwatched + lines + [f"uid {uid}: seen, not sampled this window (no score)" for uid in unsampled]
+    unjudged = [f"uid {uid}: not judged: this validator's watch stopped before the window closed and saw nothing of "
+                f"it" for uid in evaluation.unjudged]
+    return unwatched + lines + unjudged + [f"uid {uid}: seen, not sampled this window (no score)"
+                                           for uid in unsampled]
 
 
 def aggregation_lines(result: AggregatorResult) -> list[str]:

@@ -94,6 +94,8 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                 block = chain.block()
                 current = window_of(block, chain.blocks_per_window)
                 cursor = cursor if cursor is not None else schedule.initial_cursor(current)
+                for held in watches.values():  # still looking when its window closed (before its evaluation runs)
+                    held.saw_close(block)
                 if "watch" in roles and cursor["watch"] >= current > cursor["validator"]:
                     # the watch of the open window (a restarted node reopens it: its sightings are on disk)
                     watch = watches.get(current) or node.watch(current, chain)
@@ -101,6 +103,7 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                     watch.poll(block)
             except ChainError as error:  # a node outlives a chain endpoint's bad minute
                 log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
+                watches = {}  # not looking meanwhile: a window that closes before it looks again stays not closed
                 wait(poll_seconds)
                 continue
             due = [(role, window) for role, window in schedule.due_runs(current, cursor)

@@ -203,8 +203,8 @@ def _own_commitment(gradients: Bucket, uid: int, window: int, hparams: HParams) 
                      uid=uid, hparams=hparams)
 
 
-def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket,
-                hparams: HParams) -> list[int]:
+def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: Bucket, hparams: HParams,
+                planned: bool = True) -> list[int]:
     """A window that closed before the node's run started is not mined: no validator would see its files, so the
     compute is wasted, and a node down D windows would spend D windows' compute before it mined the present one.
     Returns the uids with no file of `window` in the bucket, which the caller does not mine. A uid an earlier attempt
@@ -217,7 +217,14 @@ def skip_window(window: int, uids: list[int], *, store: StateStore, gradients: B
     Where they are not, each skipped uid's state carries over the window (StateStore.carry_momentum): its state
     after `window` is its state after window − 1, as if the window had not been. Mining it instead would fold in a
     pseudo-gradient nobody applies and then subtract what it "sent" from the error feedback: carrying over loses
-    nothing the network received."""
+    nothing the network received.
+
+    planned False (any other run: the window's live run, a backfill, `dagster job execute`): only the uids whose
+    state a planned run carried over this window, and that have no file of it, are returned (nothing is written),
+    so that re-running a window reproduces what the node did live."""
+    if not planned:
+        return [uid for uid in sorted(uids) if store.bucket.exists(keys.carried(uid).key(window))
+                and not gradients.exists(gradient_key(window, uid))]
     unmined = [uid for uid in sorted(uids) if not gradients.exists(gradient_key(window, uid))]
     for uid in unmined:
         if hparams.spot_check_probability > 0:
@@ -271,7 +278,9 @@ def answer_spot_checks(window: int, uids: list[int], *, seed: str | None, store:
                                                           else "before")):
                 continue
             # the state after the window only where the check has a tolerance (spot_check.answer)
-            before, after = state_after(window - 1), state_after(window) if hparams.spot_check_tolerance > 0 else None
+            # a file that started fresh has no state before (`continued` zeroed it): none is loaded, or put
+            before = None if _started_fresh(gradients, uid, window, hparams) else state_after(window - 1)
+            after = state_after(window) if hparams.spot_check_tolerance > 0 else None
             put[uid] = answer(window, uid, seed=seed, before=before, after=after, bucket=gradients, hparams=hparams)
         except (StateMissing, MomentumUnrecoverable) as error:
             log.error("uid %d: drawn for a spot check of window %d, but its state is gone (%s): the check will fail",

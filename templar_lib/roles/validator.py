@@ -4,7 +4,9 @@ For window w, once it has closed, on the same θ_w the miners trained on:
 1. take what the validator's watch first saw of each uid's gradient before the close (watch.py: its own clock, chain
    blocks), validate each file, then screen them (stale model, unit norms, copies by first sight: screening.py).
    Everything else scores 0 with its reason. A window the watch never looked at while it was open (the validator
-   was down and runs it late) scores nobody: nothing of it can be judged, and its report says so (`watched`).
+   was down and runs it late) scores nobody: nothing of it can be judged, and its report says so (`watched`). One
+   it looked at but stopped watching before the close (`Watch.closed`: it died, or the node went down, and came back
+   after the close) judges only the uids it saw: the others' files may have landed after its last poll.
 2. the random pages: chosen by the hash of the block that closed w, which nobody knew while w was open and anyone
    can recompute afterwards (they are in the evaluation report); θ_w's loss on them, once.
 3. per valid uid, in ascending uid order, on one scratch copy of the model: load θ_w, loss on each of the uid's own
@@ -78,6 +80,7 @@ class WindowEvaluation:
     report: EvaluationReport
     keys: list[str]  # bucket keys written
     seconds: float
+    unjudged: list[int] = dataclasses.field(default_factory=list)  # not seen by a watch that stopped before the close
 
     @property
     def window(self) -> int:
@@ -215,6 +218,13 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     if not watch.watched:
         log.warning("window %d: this validator's watch never looked at it while it was open: nobody is scored",
                     window)
+    # a watch that stopped looking before the close (the validator died, and came back after it) never saw what
+    # landed after its last poll: a uid it saw nothing of is not judged ("missing" would be a miss nobody saw happen)
+    unjudged = [uid for uid in uids if uid not in watch.sightings()] if not watch.closed else []
+    if unjudged:
+        log.warning("window %d: this validator's watch stopped before the window closed: uids %s, of which it saw "
+                    "nothing, are not judged", window, unjudged)
+        uids = [uid for uid in uids if uid not in unjudged]
     hotkeys = {neuron.uid: neuron.hotkey for neuron in metagraph.neurons}
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
@@ -303,7 +313,7 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
                               unsampled, checks, commitments, watch.watched)
     keys = [publish_signed(chain, own_bucket, peers), evaluation_key(window, validator_uid)]
     own_bucket.put(keys[-1], write_evaluation(report))
-    return WindowEvaluation(report, keys, time.perf_counter() - started)
+    return WindowEvaluation(report, keys, time.perf_counter() - started, unjudged)
 
 
 def publish_signed(chain: Chain, bucket: Bucket, peers: Peers) -> str:

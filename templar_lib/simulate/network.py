@@ -248,6 +248,8 @@ def run_network(dataset: Bucket, home, *, miners: int, windows: int, adversaries
             chain.advance_to_block(block)
             window, offset = divmod(block, bpw)
             if offset == 0 and window >= 1:
+                if window - 1 in watches:
+                    watches[window - 1].saw_close(block)
                 act(window - 1, "close")  # too late: the watch of window − 1 stopped looking at its closing block
             if offset == PUBLIC_OFFSET and window in honest:
                 act(window, "public")

@@ -30,13 +30,14 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     # a file of a closed window is worth nothing (no validator sees it): a run the clock planned (a node catching up
     # after downtime) does not mine it for a uid with no file of it; one an earlier attempt put is mined again (its
     # state, which the next window and a check of that file need, is saved; the file stands). A run someone asked
-    # for (a backfill) mines it
-    unmined = skip_window(window, uids, store=store, gradients=own_bucket, hparams=settings) \
-        if is_scheduled(context.run) and live_chain.block() >= closes else []
+    # for (a backfill) mines it, but for the uids whose states such a run carried over (spot checks off)
+    planned = is_scheduled(context.run) and live_chain.block() >= closes
+    unmined = skip_window(window, uids, store=store, gradients=own_bucket, hparams=settings, planned=planned)
     if unmined:
-        context.log.warning(f"window {window} closed before this run started: uids {unmined} not mined ("
-                            + ("their next window starts from no state)" if spot_checked else
-                               "their states carry over to the next window)"))
+        why = ("its planned run had carried their states over it (re-run as it ran)" if not planned else
+               "it closed before this run started (their next window starts from no state)" if spot_checked else
+               "it closed before this run started (their states carry over to the next window)")
+        context.log.warning(f"window {window}: uids {unmined} not mined: {why}")
     mined = [uid for uid in uids if uid not in unmined]
     results = mine_window(
         window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=own_bucket,

@@ -15,13 +15,17 @@ from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
+WATCH_CLOSE_MARGIN_SECONDS = 5.0  # beyond a poll and a sleep, for the watch's run to record the close
+
+
 @dg.asset(partitions_def=window_partitions, group_name="validator", kinds={"s3"}, deps=[gradients])
 def gradient_sightings(context: dg.AssetExecutionContext, chain: ChainResource,
                        node: NodeResource) -> dg.MaterializeResult:
     """While the window is open, the validator looks at every miner's bucket every few seconds and keeps what it sees
     first, with the chain block it saw it at (templar_lib.watch): the clock lateness and copies are judged by. Ends
     when the window closes; on a window already closed it reports what was seen live. On a local chain with a manual
-    clock (a local network's window in one run) it looks once and then moves the clock to the close itself."""
+    clock (a local network's window in one run) it looks once and then moves the clock to the close itself. A run
+    that stops before the close leaves the watch not `closed`: its evaluation judges only the uids it saw."""
     window, live_chain = partition_window(context), chain.open()
     watch = node.watch(window, live_chain)
     while (block := live_chain.block()) < watch.closes:
@@ -31,6 +35,7 @@ def gradient_sightings(context: dg.AssetExecutionContext, chain: ChainResource,
             live_chain.advance_to_block(watch.closes)
         else:
             time.sleep(node.watch_poll_seconds)
+    watch.saw_close(block)  # it looked until the close: a uid it saw nothing of is "missing", not unjudged
     return dg.MaterializeResult(metadata=sightings_metadata(watch))
 
 
@@ -45,6 +50,10 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     validator_chain = chain.open_as(validator)
     model, state = node.model_at(window, dataset)
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
+    # the watch runs in its own run, which may still be in its last poll as the window closes and this run starts
+    if not watch.wait_closed(watch.poll_timeout + node.watch_poll_seconds + WATCH_CLOSE_MARGIN_SECONDS):
+        context.log.warning(f"window {window}: the watch stopped before the window closed: the uids it saw nothing "
+                            f"of are not judged" if watch.watched else f"window {window}: never watched")
     before = ratings_before(window, store=store, own_bucket=own_bucket, validator=validator,
                            aggregator=buckets.aggregator(), hparams=settings, hotkeys=lambda: _hotkeys(validator_chain),
                            shapes={name: tuple(p.shape) for name, p in model.named_parameters()})

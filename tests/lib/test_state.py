@@ -18,7 +18,8 @@ from templar_lib.scoring import Score
 from templar_lib.roles.miner import mine_window, skip_window
 from templar_lib.strategies import new_feedback
 from templar_lib.wire import EvaluationReport, evaluation_key, write_evaluation
-from templar_lib.state import RATINGS_LOOKBACK, MomentumLost, StateMissing, StateStore, WriteBehind
+from templar_lib.state import (RATINGS_LOOKBACK, MomentumLost, MomentumUnrecoverable, StateMissing, StateStore,
+                               WriteBehind)
 
 FAST = HParams(learning_rate=2e-3, warmup_steps=0, pages_per_window=2, batch_size=4)
 UIDS = [1, 2]
@@ -145,8 +146,8 @@ def test_windows_a_node_did_not_mine_carry_its_state_over_to_the_next_it_mines(d
     """Checks off, a node catching up does not mine windows that had closed (skip_window): each uid's state after
     them is its state after the last window it mined, without a copy. Window 4's files are those of a node whose
     state after window 1 were its state after window 3, whether the state is handed over in memory (a resident
-    node), read from its file, or recomputed because its write behind was lost across the gap; a backfill that
-    mines a carried window after all replaces the carried state with the one it mines."""
+    node), read from its file, or recomputed because its write behind was lost across the gap. Mining a carried
+    window after all (mine_window called for it) replaces the carried state with the one it mines."""
     sparse, windows = FAST.replace(strategy="sparseloco"), {}
     for name in ("resident", "lost", "reference"):
         store = StateStore(tmp_path / name / "state", writer=WriteBehind() if name == "resident" else None)
@@ -178,6 +179,34 @@ def test_windows_a_node_did_not_mine_carry_its_state_over_to_the_next_it_mines(d
     assert windows["lost"][0] == ["recomputed", "carried"]
     assert windows["resident"][1] == windows["lost"][1] == windows["reference"][1]
     assert sorted(windows["resident"][1]) == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 4) for uid in UIDS]
+
+
+def test_a_carried_state_is_kept_as_long_as_the_windows_it_stands_for_and_a_rerun_carries_again(dataset, model,
+                                                                                                   tmp_path):
+    """keep_windows 2: the state after window 1, which stands for windows 2-4 (carried over), outlives the save of
+    window 5 (it counts as window 4's), so a re-run of window 5 still starts from it; a re-run of a carried window
+    that is not planned (a backfill) carries it again instead of mining it. Once every window it stands for is older
+    than the windows kept, it goes, and loading one of them says it cannot be recomputed."""
+    sparse = FAST.replace(strategy="sparseloco")
+    store, gradients = StateStore(tmp_path / "state", keep_windows=2), LocalBucket(tmp_path / "gradients")
+    mine(store, range(2), model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+    for window in (2, 3, 4):
+        skip_window(window, UIDS, store=store, gradients=gradients, hparams=sparse)
+    first = files(tmp_path / "gradients")
+    mine(store, [5], model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+    assert not store.bucket.exists("momentum-1-0.safetensors") and store.bucket.exists("momentum-1-1.safetensors")
+    assert torch.equal(store.load_momentum(1, 4)["error.model.norm.weight"],
+                       StateStore(tmp_path / "state").load_momentum(1, 1)["error.model.norm.weight"])
+    assert [r.momentum for r in mine(store, [5], model=model, dataset=dataset, gradients=gradients,
+                                     hparams=sparse)] == ["carried", "carried"]  # a re-run of window 5
+    assert skip_window(3, UIDS, store=store, gradients=gradients, hparams=sparse, planned=False) == UIDS
+    assert skip_window(5, UIDS, store=store, gradients=gradients, hparams=sparse, planned=False) == []
+    assert sorted(files(tmp_path / "gradients")) == sorted(first) + ["gradient-5-1.safetensors",
+                                                                     "gradient-5-2.safetensors"]
+    mine(store, [6], model=model, dataset=dataset, gradients=gradients, hparams=sparse)
+    assert not store.bucket.exists("momentum-1-1.safetensors") and store.momentum_pruned(1, 3)
+    with pytest.raises(MomentumUnrecoverable, match="uid 1 after window 1 was deleted"):
+        store.load_momentum(1, 3)
 
 
 def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, model, tmp_path, caplog):

@@ -1,8 +1,11 @@
 """The validator's watch: first sightings by the chain's block, whatever times a miner's bucket reports."""
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
+import threading
 import time
 
 import pytest
@@ -130,3 +133,88 @@ def test_a_window_no_poll_looked_at_while_it_was_open_is_not_watched(tmp_path):
                    {"commitments": {1: Recorded("a" * 64, "b" * 64, 0, "")}}):
         with pytest.raises(InvalidFile, match="watched"):
             read_evaluation(write_evaluation(dataclasses.replace(unwatched, **scored)), window=WINDOW, validator=0)
+
+
+def test_a_watch_is_closed_only_where_the_process_that_polled_saw_the_close(tmp_path):
+    """A watch that polled and then saw the chain reach the close is `closed` (a uid it saw nothing of is then
+    "missing"); one whose process died after its last poll, and a process that opens it only after the close and
+    polls nothing, leave it open (the uids it saw nothing of are not judged). A retry that polls again before the
+    close closes it: a file that landed while the first process was down is seen by that poll. A record written
+    before the field existed counts as closed, as it was judged then."""
+    bucket = LocalBucket(tmp_path / "miner")
+    watch = watch_of(tmp_path, bucket)
+    watch.poll(22)
+    bucket.put(gradient_key(WINDOW, 1), gradient_bytes(1))  # after the last poll of a process that died here
+    after = watch_of(tmp_path, bucket)  # the validator came back after the close
+    assert not after.saw_close(28) and not watch_of(tmp_path, bucket).closed and after.watched
+    assert after.reasons() == {1: f"missing: no {gradient_key(WINDOW, 1)}", 2: f"missing: no {gradient_key(WINDOW, 2)}"}
+    assert not watch.saw_close(27 - 1)  # not yet closed: the block before the close
+    started = time.monotonic()
+    assert not after.wait_closed(0.3) and time.monotonic() - started >= 0.3  # nobody is polling it any more
+    retried, evaluation = watch_of(tmp_path, bucket), watch_of(tmp_path, bucket)
+    retried.poll(26)
+    assert not evaluation.closed and evaluation.sightings() == {}  # opened by the evaluation before the close
+    closing = threading.Timer(0.3, retried.saw_close, args=(28,))  # the watch's run, still in its last poll
+    closing.start()
+    assert evaluation.wait_closed(10) and list(evaluation.sightings()) == [1]  # what that poll saw, too
+    closing.join()
+    assert retried.closed and watch_of(tmp_path, bucket).closed and list(retried.sightings()) == [1]
+    record = json.loads((tmp_path / "validator" / "seen-3.json").read_text())
+    assert "closed" not in record  # written only while open: a closed record has the bytes it had before the field
+    record["closed"] = False
+    (tmp_path / "validator" / "seen-3.json").write_text(json.dumps(record))
+    assert not watch_of(tmp_path, bucket).closed
+
+
+def test_a_validator_whose_watch_stopped_before_the_close_judges_only_the_uids_it_saw(dataset, tmp_path):
+    """The validator's process died after its watch's last poll of window 0 and came back after the close: uid 1,
+    seen, is scored; uid 2, whose file landed after that poll, and uid 3, who never uploaded, are not judged (no
+    score, their ratings stand). A validator whose watch looked until the close scores both "missing"."""
+    from templar_lib.chain import LocalChain
+    from templar_lib.checkpoints import ModelState
+    from templar_lib.data import Dataset
+    from templar_lib.hparams import HParams
+    from templar_lib.model import build_model
+    from templar_lib.ratings import Ratings
+    from templar_lib.roles.miner import mine_window
+    from templar_lib.roles.validator import evaluate_window, rate_window
+    from templar_lib.state import StateStore
+    from tests.conftest import FAST_HPARAMS
+
+    data, hparams = Dataset.open(dataset), HParams.load(FAST_HPARAMS)
+    model = build_model("tiny", seed=0, vocab_size=data.vocab_size)
+    bpw = hparams.blocks_per_window
+    chain = LocalChain(tmp_path / "chain.sqlite", blocks_per_window=bpw)
+    validator = chain.register(hotkey="v", stake=100.0, validator_permit=True)
+    miners = [chain.register(hotkey=f"miner-{i}") for i in range(3)]
+    gradients, store = LocalBucket(tmp_path / "gradients"), StateStore(tmp_path / "miner-state")
+    watches = {name: Watch(0, blocks_per_window=bpw, state=LocalBucket(tmp_path / name),
+                           peers=PeerBuckets.of({uid: gradients for uid in miners}), uids=miners,
+                           max_bytes=hparams.max_gradient_bytes) for name in ("died", "stayed")}
+    mine = functools.partial(mine_window, 0, model=model, step=0, store=store, dataset=data, gradients=gradients,
+                             hparams=hparams)
+    mine(miners[:1])
+    for watch in watches.values():
+        watch.poll(1)
+    mine(miners[1:2])  # after the last poll of the validator that died
+    watches["stayed"].poll(bpw - 1)
+    chain.advance(bpw)
+    assert watches["stayed"].saw_close(chain.block())
+    state = ModelState(0, 0, {n: p.detach().clone() for n, p in model.named_parameters()})
+    results = {}
+    for name in watches:  # each evaluates in another process, as the evaluations asset does
+        watch = Watch(0, blocks_per_window=bpw, state=LocalBucket(tmp_path / name),
+                      peers=PeerBuckets.of({uid: gradients for uid in miners}), uids=miners,
+                      max_bytes=hparams.max_gradient_bytes)
+        results[name] = evaluate_window(0, chain=chain.as_uid(validator), model=model, state=state, dataset=data,
+                                        watch=watch, own_bucket=LocalBucket(tmp_path / f"{name}-reports"),
+                                        hparams=hparams)
+    died, stayed = results["died"], results["stayed"]
+    assert sorted(died.scores) == miners[:1] and not died.scores[miners[0]].reason and died.unjudged == miners[1:]
+    assert sorted(stayed.scores) == miners and stayed.unjudged == []
+    assert not stayed.scores[miners[1]].reason and stayed.scores[miners[2]].reason.startswith("missing")
+    hotkeys = {uid: f"miner-{i}" for i, uid in enumerate(miners)}
+    rated, _ = rate_window(died.report, Ratings(), hotkeys, hparams)
+    assert sorted(rated.by_uid) == miners[:1]  # nothing about the unjudged changes
+    missed, _ = rate_window(stayed.report, Ratings(), hotkeys, hparams)
+    assert missed.by_uid[miners[2]].recent.endswith("1")

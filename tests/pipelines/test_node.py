@@ -73,6 +73,46 @@ def test_an_unreachable_chain_is_polled_again_not_fatal(network_home, network_en
     assert len(waits) == 2  # one poll interval per failed chain read, then it went on
 
 
+def test_a_node_that_lost_the_chain_across_a_close_judges_only_what_its_watch_saw(network_home, network_env,
+                                                                                    monkeypatch):
+    """The node's watch of window 0 last looked before uid 3's file landed; then the chain read failed while the
+    window closed. The node did not look at the close, so it does not score uid 3 "missing": uid 3 is not judged,
+    and the uids it saw are scored. With the chain up, the next window it watches it looks at until the close."""
+    from templar_lib.watch import Watch
+
+    chain, blocks, armed, gradients = LocalChain(network_home / "chain.sqlite"), 7, [], network_home / "gradients"
+    hidden = (gradients / "gradient-0-3.safetensors", network_home / "uid-3-not-yet")
+
+    def flaky_block(self):
+        if armed:
+            armed.pop()
+            raise ChainError("endpoint down")
+        return self._real_block()
+
+    def wait(_seconds):
+        if hidden[1].exists():  # uid 3's file lands after the watch's last look, and the chain fails as it closes
+            hidden[1].rename(hidden[0])
+            armed.append(True)
+        chain.advance(blocks)
+
+    def hide(run):
+        if run.job == "miner_job" and run.window == 0:
+            hidden[0].rename(hidden[1])
+
+    monkeypatch.setattr(LocalChain, "_real_block", LocalChain.block, raising=False)
+    monkeypatch.setattr(LocalChain, "block", flaky_block)
+    monkeypatch.setattr(Watch, "wait_closed", lambda self, seconds, **_: self.closed)  # tests/lib/test_watch.py
+    runs = run_node(network_home, until_window=0, environ=network_env, wait=wait, on_run=hide)
+    assert all(run.success for run in runs) and not armed and not hidden[1].exists()
+    evaluated = next(run for run in runs if run.job == "validator_job").metadata["evaluations"]
+    assert evaluated["unjudged"] == "3" and evaluated["valid_gradients"] == 2
+    assert json.loads((network_home / "state" / "seen-0.json").read_text())["closed"] is False
+    again = run_node(network_home, until_window=2, environ=network_env, wait=lambda _seconds: chain.advance(blocks))
+    evaluated = {run.window: run.metadata["evaluations"] for run in again if run.job == "validator_job"}
+    assert evaluated[1]["watched"] is False  # window 1 opened and closed while the chain was down: never looked at
+    assert evaluated[2]["unjudged"] == "none" and evaluated[2]["valid_gradients"] == 3
+
+
 def test_runs_of_a_dead_node_process_are_failed_and_release_their_slots():
     """Runs a dead in-process runner left STARTED or NOT_STARTED (killed between creating and starting a run) are
     failed; a pid the kernel gave to another process (here this one, under another start time) reads as dead; runs of
@@ -102,7 +142,7 @@ def test_a_node_back_from_downtime_without_spot_checks_carries_its_miners_states
         network_home, network_env):
     """Checks off, down for windows 2-4: its miner runs for them (which the aggregator's order brings) mine nothing
     (nobody would see the files, and a node down D windows would spend D windows' compute catching up); each uid's
-    state after them is its state after window 1, and window 5 is mined from it."""
+    state after them is its state after window 1, and window 5 is mined from it; a backfill of them does the same."""
     chain, blocks = LocalChain(network_home / "chain.sqlite"), 7
 
     def next_window(_seconds):
@@ -118,6 +158,10 @@ def test_a_node_back_from_downtime_without_spot_checks_carries_its_miners_states
     assert [row.data["momentum"] for row in mined[5]["miners"].records] == ["carried"] * 3
     state = StateStore(network_home / "state")
     assert sorted(state.bucket.list("carried-")) == [f"carried-{uid}-{w}.json" for uid in (1, 2, 3) for w in (2, 3, 4)]
+    # a backfill re-runs the windows as the node ran them: the carried ones carried, the mined one mined
+    again = run_backfill(network_home, [3, 5], jobs=["miner_job"], environ=network_env)
+    assert [(run.window, run.metadata["gradients"]["mined"]) for run in again] == [(3, "none"), (5, "1, 2, 3")]
+    assert [row.data["momentum"] for row in again[1].metadata["gradients"]["miners"].records] == ["carried"] * 3
     uploaded = sorted(name for name in os.listdir(network_home / "gradients") if name.startswith("gradient-"))
     assert uploaded == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 5) for uid in (1, 2, 3)]
 

@@ -53,6 +53,7 @@ def test_validator_window_completes_with_the_reachable_peers(dataset, moto_serve
                       poll_timeout=6.0)
         watch.poll(chain.block())  # the validator's look while window 0 is open
         chain.advance(hparams.blocks_per_window)  # window 0 closes
+        assert watch.saw_close(chain.block())  # and the watch, still looking, saw it
         evaluation = evaluate_window(0, chain=chain.as_uid(validator), model=model, state=state, dataset=data,
                                      watch=watch, own_bucket=s3_bucket, hparams=hparams)
         elapsed = time.monotonic() - started
