@@ -13,6 +13,10 @@ validator's ratings and weights, and the held-out losses people plot. File names
     ratings-{window}.json                 validator ratings after window `window`
     weights-{window}.json                 the chain weights those ratings give
     held-out-{window}.json                held-out loss of θ_window
+    seen-{window}-{uid}.safetensors       the validator's copy of what its watch saw (watch.py); kept for the
+                                          windows an evaluation reads (prune_seen), the seen-{window}.json records
+                                          for good
+    pruned-seen.json                      the newest window whose copies prune_seen deleted
 
 The durability contract:
 
@@ -102,6 +106,9 @@ def pruned_momentum_key(uid: int) -> str:
     other state files)."""
     return f"pruned-momentum-{uid}.json"
 
+
+SEEN_PRUNED_KEY = "pruned-seen.json"
+SEEN_COPY_WINDOWS = 3  # windows of the watch's copies an evaluation of w reads: w's, and the checks' of w − 1, w − 2
 
 _RECORDS = threading.Lock()  # read-modify-write of the pruned-momentum records (the writer thread and the caller)
 
@@ -440,6 +447,36 @@ class StateStore:
             f"keep_windows windows are kept) and cannot be recomputed exactly: {gone} is gone too. Mining window "
             f"{window + 1} again would upload other bytes than it did live: backfill the windows in order from "
             f"window {first + 1} (each recomputes the momentum the next one needs)") from None
+
+    # ------------------------------------------------------------------ the watch's copies
+    def prune_seen(self, window: int) -> list[int]:
+        """After the evaluation of `window`: delete the watch's copies of the files of windows ≤ window −
+        max(keep_windows, SEEN_COPY_WINDOWS) (each window holds up to one file of max_gradient_bytes per uid, so a
+        validator's disk would fill) and record the newest such window; none with keep_windows None. The
+        `seen-{w}.json` records stay. Returns the windows whose copies were deleted."""
+        if self.keep_windows is None:
+            return []
+        horizon = window - max(self.keep_windows, SEEN_COPY_WINDOWS)
+        if horizon < 0:
+            return []
+        deleted = set()
+        for key in self.bucket.list("seen-"):
+            copied = keys.seen_bytes_window(key)
+            if copied is not None and copied <= horizon:
+                self.bucket.delete(key)
+                deleted.add(copied)
+        if horizon > self.seen_pruned_through():
+            self.bucket.put(SEEN_PRUNED_KEY, json.dumps({"through": horizon}).encode())
+        return sorted(deleted)
+
+    def seen_pruned_through(self) -> int:
+        """The newest window whose copies prune_seen deleted (−1: none): an evaluation of a window up to two after
+        it cannot be made again as it was (its scores and checks read those copies)."""
+        try:
+            through = json.loads(self.bucket.get(SEEN_PRUNED_KEY)).get("through")
+        except (ObjectMissing, ValueError, AttributeError):
+            return -1
+        return through if isinstance(through, int) else -1
 
     # ------------------------------------------------------------------ metrics
     def record_held_out_loss(self, window: int, loss: float) -> None:

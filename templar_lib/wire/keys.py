@@ -87,7 +87,15 @@ SEEN = Family("seen-", ".json")
 
 
 def seen_bytes_key(window: int, uid: int) -> str:
+    """A validator's copy of the bytes its watch first saw of uid's file of `window` (watch.py)."""
     return f"seen-{window}-{uid}.safetensors"
+
+
+def seen_bytes_window(key: str) -> int | None:
+    """The window of a seen_bytes_key ("seen-12-3.safetensors" -> 12), None for any other key."""
+    parts = key[len("seen-"):-len(".safetensors")].split("-") if key.startswith("seen-") and key.endswith(
+        ".safetensors") else []
+    return int(parts[0]) if len(parts) == 2 and all(_WINDOW.fullmatch(part) for part in parts) else None
 
 
 def late_upload(uid: int) -> Family:

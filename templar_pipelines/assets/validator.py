@@ -6,6 +6,7 @@ import dagster as dg
 from templar_lib.chain import Chain, LocalChain
 from templar_lib.roles.validator import (EvaluationOptions, evaluate_window, rate_window, ratings_before,
                                          swaps_found)
+from templar_lib.state import SEEN_COPY_WINDOWS
 from templar_lib.wire import evaluation_key, read_evaluation
 from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
 from templar_pipelines.assets.miner import gradients
@@ -50,6 +51,10 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     validator_chain = chain.open_as(validator)
     model, state = node.model_at(window, dataset)
     store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
+    if 0 <= (pruned := store.seen_pruned_through()) >= window - (SEEN_COPY_WINDOWS - 1):  # a re-run: it would change
+        raise dg.Failure(description=f"window {window} cannot be evaluated again as it was: this validator's copies "
+                                     f"of the files its watch saw up to window {pruned} were "
+                                     f"deleted (keep_windows); its published report stands", allow_retries=False)
     # the watch runs in its own run, which may still be in its last poll as the window closes and this run starts
     if not watch.wait_closed(watch.poll_timeout + node.watch_poll_seconds + WATCH_CLOSE_MARGIN_SECONDS):
         context.log.warning(f"window {window}: the watch stopped before the window closed: the uids it saw nothing "
@@ -63,6 +68,7 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
                                  others=functools.partial(buckets.validator_records, validator_chain))
     for line in evaluation_lines(evaluation, {uid: seen.size for uid, seen in watch.sightings().items()}):
         context.log.info(line)
+    store.prune_seen(window)  # the copies no later evaluation reads
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
 

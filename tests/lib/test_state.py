@@ -209,6 +209,26 @@ def test_a_carried_state_is_kept_as_long_as_the_windows_it_stands_for_and_a_reru
         store.load_momentum(1, 3)
 
 
+def test_the_watch_s_copies_are_kept_for_the_windows_an_evaluation_reads(tmp_path):
+    """A validator's copies of what its watch saw (up to max_gradient_bytes per uid and window) go once no evaluation
+    reads them: after window w, those of windows ≤ w − max(keep_windows, 3); the records stay, and the newest window
+    pruned is recorded. A store that keeps everything keeps them."""
+    for keep, through in ((4, 2), (1, 3), (None, -1)):
+        store = StateStore(tmp_path / str(keep), keep_windows=keep)
+        for window in range(7):
+            store.bucket.put(f"seen-{window}.json", b"{}")
+            for uid in (1, 12):
+                store.bucket.put(f"seen-{window}-{uid}.safetensors", b"copy")
+        store.bucket.put("seen-notes.safetensors", b"not a copy")
+        assert store.prune_seen(6) == list(range(through + 1)) and store.seen_pruned_through() == through
+        left = sorted(store.bucket.list("seen-"))
+        assert [key for key in left if key.endswith(".json")] == [f"seen-{w}.json" for w in range(7)]
+        assert sorted(key for key in left if key.endswith(".safetensors")) == sorted(
+            [f"seen-{w}-{uid}.safetensors" for w in range(through + 1, 7) for uid in (1, 12)]
+            + ["seen-notes.safetensors"])
+        assert store.prune_seen(5) == [] and store.seen_pruned_through() == through  # never moves back
+
+
 def test_a_lost_momentum_without_its_theta_restarts_from_zeros_loudly(dataset, model, tmp_path, caplog):
     store = StateStore(tmp_path / "state")
     (tmp_path / "state" / "momentum-1-6.pending").write_bytes(b"")

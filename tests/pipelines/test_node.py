@@ -8,7 +8,7 @@ import pytest
 
 from templar_lib.chain import ChainError, LocalChain
 from templar_lib.state import StateStore
-from templar_pipelines.node import run_backfill, run_node
+from templar_pipelines.node import BackfillStopped, run_backfill, run_node
 from templar_lib.schedule import advanced, due_runs, initial_cursor
 import dagster as dg
 
@@ -164,6 +164,11 @@ def test_a_node_back_from_downtime_without_spot_checks_carries_its_miners_states
     assert [row.data["momentum"] for row in again[1].metadata["gradients"]["miners"].records] == ["carried"] * 3
     uploaded = sorted(name for name in os.listdir(network_home / "gradients") if name.startswith("gradient-"))
     assert uploaded == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 5) for uid in (1, 2, 3)]
+    # the validator's copies of what its watch saw go once no evaluation reads them (keep_windows 4): an evaluation
+    # that read them is not made again with them gone
+    assert state.seen_pruned_through() == 1 and not list((network_home / "state").glob("seen-[01]-*"))
+    with pytest.raises(BackfillStopped, match="validator_job for window 3 failed"):
+        run_backfill(network_home, [3], jobs=["validator_job"], environ=network_env)
 
 
 def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_not_watch(network_home, network_env):
