@@ -323,7 +323,9 @@ class StateStore:
     def _mined(self, uid: int, window: int) -> int:
         """The newest window ≤ `window` whose momentum uid's miner made: `window` itself unless it was carried over
         (carry_momentum), possibly across several windows in a row."""
-        while window >= 0 and self.bucket.exists(keys.carried(uid).key(window)):
+        while window >= 0 and self.bucket.exists(keys.carried(uid).key(window)) and not (
+                self.bucket.exists(keys.momentum(uid).key(window))  # mined after all, killed before the mark went
+                or self.bucket.exists(keys.momentum_pending(uid).key(window))):
             window -= 1
         return window
 
@@ -459,14 +461,14 @@ class StateStore:
         horizon = window - max(self.keep_windows, SEEN_COPY_WINDOWS)
         if horizon < 0:
             return []
+        if horizon > self.seen_pruned_through():  # first: a kill while deleting leaves no evaluation to re-run
+            self.bucket.put(SEEN_PRUNED_KEY, json.dumps({"through": horizon}).encode())
         deleted = set()
         for key in self.bucket.list("seen-"):
             copied = keys.seen_bytes_window(key)
             if copied is not None and copied <= horizon:
                 self.bucket.delete(key)
                 deleted.add(copied)
-        if horizon > self.seen_pruned_through():
-            self.bucket.put(SEEN_PRUNED_KEY, json.dumps({"through": horizon}).encode())
         return sorted(deleted)
 
     def seen_pruned_through(self) -> int:

@@ -1,6 +1,7 @@
 import dagster as dg
 
 from templar_lib.roles.miner import answer_spot_checks, mark_late, mine_window, skip_window
+from templar_lib.wire import gradient_key
 from templar_pipelines.assets.common import GPU_TAGS, MODEL_STATE_POOL, NETWORK_RETRY
 from templar_pipelines.assets.data import dataset_pages
 from templar_pipelines.metadata import gradients_metadata, miner_lines, protocol_metadata
@@ -31,7 +32,8 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
     # after downtime) does not mine it for a uid with no file of it; one an earlier attempt put is mined again (its
     # state, which the next window and a check of that file need, is saved; the file stands). A run someone asked
     # for (a backfill) mines it, but for the uids whose states such a run carried over (spot checks off)
-    planned = is_scheduled(context.run) and live_chain.block() >= closes
+    closed = live_chain.block() >= closes  # when this run started
+    planned = is_scheduled(context.run) and closed
     unmined = skip_window(window, uids, store=store, gradients=own_bucket, hparams=settings, planned=planned)
     if unmined:
         why = ("its planned run had carried their states over it (re-run as it ran)" if not planned else
@@ -39,14 +41,20 @@ def gradients(context: dg.AssetExecutionContext, chain: ChainResource, buckets: 
                "it closed before this run started (their states carry over to the next window)")
         context.log.warning(f"window {window}: uids {unmined} not mined: {why}")
     mined = [uid for uid in uids if uid not in unmined]
+    # a file already there when a run that started after the close began, an earlier attempt put: in time, or late
+    # and marked so by that attempt; this run's upload of it is not late (publish_once keeps it)
+    landed = {uid for uid in mined if own_bucket.exists(gradient_key(window, uid))} if spot_checked and closed \
+        else set()
     results = mine_window(
         window, mined, model=model, step=state.step, store=store, dataset=dataset, gradients=own_bucket,
         hparams=settings, model_hash=state.fingerprint,  # what the validators recorded of the last files:
         records=buckets.validator_records(live_chain, window - 1) if spot_checked and window > 0 else None
     ) if mined else []
-    if results and spot_checked and live_chain.block() >= closes:
-        context.log.warning(f"window {window} closed before the files landed: the next window starts from no state")
-        mark_late(window, [result.uid for result in results], store=store)
+    late = [result.uid for result in results if result.uid not in landed]
+    if late and spot_checked and live_chain.block() >= closes:
+        context.log.warning(f"window {window} closed before the files of uids {late} landed: their next window "
+                            f"starts from no state")
+        mark_late(window, late, store=store)
     for line in miner_lines(results):
         context.log.info(line)
     metadata = gradients_metadata(results) | protocol_metadata(settings) | {

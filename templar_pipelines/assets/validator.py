@@ -4,8 +4,9 @@ import time
 import dagster as dg
 
 from templar_lib.chain import Chain, LocalChain
-from templar_lib.roles.validator import (EvaluationOptions, evaluate_window, rate_window, ratings_before,
-                                         swaps_found)
+from templar_lib.roles.spot_checks import own_report
+from templar_lib.roles.validator import (EvaluationOptions, WindowEvaluation, evaluate_window, rate_window,
+                                         ratings_before, swaps_found)
 from templar_lib.state import SEEN_COPY_WINDOWS
 from templar_lib.wire import evaluation_key, read_evaluation
 from templar_pipelines.assets.common import GPU_TAGS, NETWORK_RETRY
@@ -49,12 +50,11 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     window, dataset, own_bucket = partition_window(context), buckets.dataset(), buckets.gradients()
     validator = node.validator(chain.open())
     validator_chain = chain.open_as(validator)
+    store, settings = node.store(), hparams.load()
+    if 0 <= (pruned := store.seen_pruned_through()) >= window - (SEEN_COPY_WINDOWS - 1):  # a re-run (a backfill)
+        return _published(context, window, own_bucket, validator, pruned, settings)
     model, state = node.model_at(window, dataset)
-    store, watch, settings = node.store(), node.watch(window, validator_chain), hparams.load()
-    if 0 <= (pruned := store.seen_pruned_through()) >= window - (SEEN_COPY_WINDOWS - 1):  # a re-run: it would change
-        raise dg.Failure(description=f"window {window} cannot be evaluated again as it was: this validator's copies "
-                                     f"of the files its watch saw up to window {pruned} were "
-                                     f"deleted (keep_windows); its published report stands", allow_retries=False)
+    watch = node.watch(window, validator_chain)
     # the watch runs in its own run, which may still be in its last poll as the window closes and this run starts
     if not watch.wait_closed(watch.poll_timeout + node.watch_poll_seconds + WATCH_CLOSE_MARGIN_SECONDS):
         context.log.warning(f"window {window}: the watch stopped before the window closed: the uids it saw nothing "
@@ -71,6 +71,23 @@ def evaluations(context: dg.AssetExecutionContext, chain: ChainResource, buckets
     store.prune_seen(window)  # the copies no later evaluation reads
     wandb.log("validator", window, {"random_loss": evaluation.random_loss, "valid": len(evaluation.valid_uids)})
     return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings))
+
+
+def _published(context: dg.AssetExecutionContext, window: int, own_bucket, validator: int, pruned: int,
+               settings) -> dg.MaterializeResult:
+    """A re-run of an evaluation whose copies of what the watch saw were deleted (StateStore.prune_seen): it could
+    not score what it scored, so its published report and peers list stand, and are what the run reports; without
+    one it fails (no retry) rather than publish scores of files it no longer has."""
+    report = own_report(own_bucket, window, validator)
+    if report is None:
+        raise dg.Failure(description=f"window {window} cannot be evaluated: this validator's copies of the files its "
+                                     f"watch saw up to window {pruned} were deleted (keep_windows), and it has no "
+                                     f"report of it", allow_retries=False)
+    context.log.info(f"window {window}: the copies it read are deleted (up to window {pruned}): its published "
+                     f"report stands")
+    evaluation = WindowEvaluation(report, [evaluation_key(window, validator)], 0.0)
+    return dg.MaterializeResult(metadata=evaluations_metadata(evaluation) | protocol_metadata(settings) | {
+        "published_report_stands": True})
 
 
 def _hotkeys(chain: Chain) -> dict[int, str]:

@@ -209,6 +209,19 @@ def test_a_carried_state_is_kept_as_long_as_the_windows_it_stands_for_and_a_reru
         store.load_momentum(1, 3)
 
 
+def test_a_state_mined_over_a_carried_window_is_loaded_even_where_its_mark_outlived_it(tmp_path):
+    """Mining a carried window after all writes its state, then deletes the mark; killed in between, both are left,
+    and the load takes the state mined, not the one the mark carried."""
+    store = StateStore(tmp_path)
+    store.save_momentum(1, 0, {"m": torch.zeros(2)})
+    store.carry_momentum(1, 1)
+    assert torch.equal(store.load_momentum(1, 1)["m"], torch.zeros(2))
+    store.save_momentum(1, 1, {"m": torch.ones(2)})
+    assert not store.bucket.exists("carried-1-1.json")
+    store.carry_momentum(1, 1)  # as a kill between the write and the mark's deletion leaves it
+    assert torch.equal(store.load_momentum(1, 1)["m"], torch.ones(2))
+
+
 def test_the_watch_s_copies_are_kept_for_the_windows_an_evaluation_reads(tmp_path):
     """A validator's copies of what its watch saw (up to max_gradient_bytes per uid and window) go once no evaluation
     reads them: after window w, those of windows ≤ w − max(keep_windows, 3); the records stay, and the newest window

@@ -165,10 +165,16 @@ def test_a_node_back_from_downtime_without_spot_checks_carries_its_miners_states
     uploaded = sorted(name for name in os.listdir(network_home / "gradients") if name.startswith("gradient-"))
     assert uploaded == [f"gradient-{w}-{uid}.safetensors" for w in (0, 1, 5) for uid in (1, 2, 3)]
     # the validator's copies of what its watch saw go once no evaluation reads them (keep_windows 4): an evaluation
-    # that read them is not made again with them gone
+    # that may have read them is not made again with them gone; its published report stands, or without one it fails
     assert state.seen_pruned_through() == 1 and not list((network_home / "state").glob("seen-[01]-*"))
-    with pytest.raises(BackfillStopped, match="validator_job for window 3 failed"):
-        run_backfill(network_home, [3], jobs=["validator_job"], environ=network_env)
+    reports = {w: next((network_home / "gradients").glob(f"evaluation-{w}-*.json")) for w in (1, 3)}
+    published = reports[3].read_bytes()
+    [rerun] = run_backfill(network_home, [3], jobs=["validator_job"], environ=network_env)
+    assert rerun.success and rerun.metadata["evaluations"]["published_report_stands"] is True
+    assert reports[3].read_bytes() == published
+    reports[1].unlink()
+    with pytest.raises(BackfillStopped, match="validator_job for window 1 failed"):
+        run_backfill(network_home, [1], jobs=["validator_job"], environ=network_env)
 
 
 def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_not_watch(network_home, network_env):
@@ -225,3 +231,5 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
     # a backfill re-runs a closed window on purpose: it mines it
     again = run_backfill(network_home, [6], jobs=["miner_job"], environ=environ)
     assert [run.metadata["gradients"]["mined"] for run in again] == ["1, 2, 3"]
+    # no file it mined after a close was late: uid 1's of window 2 and window 6's had landed in time
+    assert sorted(path.name for path in (network_home / "state").glob("late-*")) == []
