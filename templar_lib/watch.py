@@ -133,6 +133,11 @@ class Watch:
             self._save()
         return self.closed
 
+    def lost_sight(self) -> None:
+        """The polling process could not look for a while (it could not read the chain's block): a close it sees
+        next is recorded only after it has looked again (saw_close)."""
+        self._polled = False
+
     def wait_closed(self, seconds: float, *, sleep: Callable[[float], None] = time.sleep) -> bool:
         """Where the watch looked but its record is not closed, read the record again until the process polling it
         records the close, for at most `seconds` (its last poll may still be running: a poll lasts up to

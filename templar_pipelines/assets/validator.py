@@ -3,7 +3,7 @@ import time
 
 import dagster as dg
 
-from templar_lib.chain import Chain, LocalChain
+from templar_lib.chain import Chain, ChainError, LocalChain
 from templar_lib.roles.spot_checks import own_report
 from templar_lib.roles.validator import (EvaluationOptions, WindowEvaluation, evaluate_window, rate_window,
                                          ratings_before, swaps_found)
@@ -17,6 +17,7 @@ from templar_pipelines.partitions import partition_window, window_partitions
 from templar_pipelines.resources import BucketsResource, ChainResource, HParamsResource, NodeResource, WandbResource
 
 
+WATCH_CHAIN_FAILURES = 100  # chain reads in a row the watch outlives (≈ 5 min at 3 s between looks)
 WATCH_CLOSE_MARGIN_SECONDS = 5.0  # beyond a poll and a sleep, for the watch's run to record the close
 
 
@@ -29,8 +30,20 @@ def gradient_sightings(context: dg.AssetExecutionContext, chain: ChainResource,
     clock (a local network's window in one run) it looks once and then moves the clock to the close itself. A run
     that stops before the close leaves the watch not `closed`: its evaluation judges only the uids it saw."""
     window, live_chain = partition_window(context), chain.open()
-    watch = node.watch(window, live_chain)
-    while (block := live_chain.block()) < watch.closes:
+    watch, failures = node.watch(window, live_chain), 0
+    while True:
+        try:
+            block = live_chain.block()
+        except ChainError as error:  # a chain endpoint's bad minute: look again once it answers
+            if (failures := failures + 1) > WATCH_CHAIN_FAILURES:
+                raise
+            context.log.warning(f"chain unreachable ({error}): looking again in {node.watch_poll_seconds:g} s")
+            watch.lost_sight()  # blind meanwhile: a close seen next counts only after another look
+            time.sleep(node.watch_poll_seconds)
+            continue
+        failures = 0
+        if block >= watch.closes:
+            break
         if block >= watch.opens:
             watch.poll(block)
         if isinstance(live_chain, LocalChain) and live_chain.manual:  # nothing else would move this clock

@@ -236,3 +236,50 @@ def test_compile_setting_compiles_the_nodes_model_in_place(tmp_path):
     assert cached_model("tiny", 512, "cpu", compile=True) is compiled
     plain = cached_model("tiny", 512, "cpu")
     assert plain is not compiled and plain._compiled_call_impl is None
+
+
+def test_the_watch_outlives_a_chain_read_that_fails_and_records_a_close_only_after_looking_again(
+        network_home, network_env, monkeypatch):
+    """The gradient_sightings asset on a manual clock: a failed chain read before its first look is looked past (the
+    watch looks, then sees the close: closed); one after its last look, as the window closes, leaves the watch not
+    closed (blind at the close: its evaluation judges only the uids it saw)."""
+    from templar_lib.chain import ChainError
+    from templar_lib.watch import Watch
+    from templar_pipelines.assets import validator as validator_assets
+    from templar_pipelines.assets.validator import gradient_sightings
+
+    countdown, failed = {}, []  # trigger -> the chain reads after it until the one that fails
+
+    def flaky_block(self):
+        for trigger, left in list(countdown.items()):
+            countdown[trigger] = left - 1
+            if left == 1:
+                del countdown[trigger]
+                failed.append(trigger)
+                raise ChainError("endpoint down")
+        return self._real_block()
+
+    def arm(method, trigger, reads):
+        def armed(watch, *args, **kwargs):
+            result = method(watch, *args, **kwargs)
+            if trigger in plan:
+                countdown[trigger] = reads
+            return result
+        return armed
+
+    plan = set()
+    monkeypatch.setattr(LocalChain, "_real_block", LocalChain.block, raising=False)
+    monkeypatch.setattr(LocalChain, "block", flaky_block)
+    monkeypatch.setattr(Watch, "__init__", arm(Watch.__init__, "before the first look", 1))
+    monkeypatch.setattr(Watch, "poll", arm(Watch.poll, "after the last look", 2))  # the clock's move reads it first
+    monkeypatch.setattr(validator_assets.time, "sleep", lambda seconds: None)
+    resources, instance = resources_from_env(network_env), dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("window", ["0", "1"])
+    for window, trigger, closed in ((0, "before the first look", True), (1, "after the last look", False)):
+        plan, failed[:] = {trigger}, []
+        result = dg.materialize([gradient_sightings], partition_key=str(window), resources=resources,
+                                instance=instance)
+        assert result.success and failed == [trigger]
+        plan = set()
+        assert Watch(window, blocks_per_window=7, state=resources["node"].store().bucket, peers=None, uids=[],
+                     max_bytes=1).closed is closed
