@@ -143,12 +143,20 @@ class Watch:
         records the close, for at most `seconds` (its last poll may still be running: a poll lasts up to
         poll_timeout, then the loop sleeps before it sees the close). The evaluation runs in another process than the
         watch and may start as the window closes; without this wait it would judge only what it saw so far, and
-        leave every uid it had not seen unjudged. Returns whether the watch is closed."""
+        leave every uid it had not seen unjudged. Every poll rewrites the record, so one written more than `seconds`
+        ago has nobody polling it any more (the process died): no wait then. Returns whether the watch is closed."""
         deadline = time.monotonic() + seconds
-        while self.watched and not self.closed and time.monotonic() < deadline:
+        while self.watched and not self.closed and time.monotonic() < deadline and self._record_age() < seconds:
             sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             self._load()
         return self.closed
+
+    def _record_age(self) -> float:
+        """Seconds since the record was last written (a poll's end, or the close)."""
+        try:
+            return time.time() - self.state.stat(self._record_key()).modified.timestamp()
+        except ObjectMissing:
+            return float("inf")
 
     def _look(self, uid: int, block: int, deadline: float) -> tuple[Sighting | None, str | None]:
         """(a new sighting, None) when uid's content is new; (None, reason) when there is nothing to see."""
