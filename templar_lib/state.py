@@ -196,17 +196,20 @@ class StateStore:
         self.writer = writer
         self.keep_origin = keep_origin
 
-    def _prune(self, family: keys.Family, window: int, *, keep: int | None = None) -> list[int]:
-        """Delete the files of `family` for windows <= window − keep_windows (none when keep_windows is None), but
-        not the one of window `keep`; returns the windows deleted."""
+    def _prune(self, family: keys.Family, window: int, *, keep: int | None = None,
+               through: Callable[[int], int] = lambda number: number) -> list[int]:
+        """Delete the files of `family` that stand for no window after window − keep_windows (none when keep_windows
+        is None), but not the one of window `keep`; a file of window n stands for the windows n to through(n) (a
+        momentum file, for those carried over from it too: carry_momentum). Returns the windows deleted files stood
+        for."""
         if self.keep_windows is None:
             return []
         deleted = []
         for key in self.bucket.list(family.prefix):
             number = family.window_of(key)
-            if number is not None and number <= window - self.keep_windows and number != keep:
+            if number is not None and number != keep and (last := through(number)) <= window - self.keep_windows:
                 self.bucket.delete(key)
-                deleted.append(number)
+                deleted.extend(range(number, last + 1))
         return sorted(deleted)
 
     def origin(self) -> int | None:
@@ -333,28 +336,18 @@ class StateStore:
         tensors = {name: m.detach().to("cpu").contiguous() for name, m in sorted(momentum.items())}
         self.bucket.put_file(keys.momentum(uid).key(window), lambda path: save_file(tensors, path))
         self.bucket.delete(keys.momentum_pending(uid).key(window))
-        self._record_pruned(uid, self._prune_momentum(uid, window))
+        # a state is kept as long as the windows carried over from it, whose loads resolve to it; their marks stay (a
+        # load of one resolves to the deleted file, and recomputes it where it can)
+        self._record_pruned(uid, self._prune(keys.momentum(uid), window,
+                                             through=lambda mined: self._carried_through(uid, mined)))
         self._prune(keys.momentum_pending(uid), window)
 
-    def _prune_momentum(self, uid: int, window: int) -> list[int]:
-        """Delete uid's momentum files that stand for no window after window − keep_windows: a file stands for its
-        own window and for every window carried over from it (carry_momentum), so the state a carried window's load
-        resolves to is kept as long as that window is. Returns the windows deleted, carried ones included (their
-        marks stay: a load of one resolves to the deleted file, and recomputes it where it can)."""
-        if self.keep_windows is None:
-            return []
-        deleted = []
-        for key in self.bucket.list(keys.momentum(uid).prefix):
-            mined = keys.momentum(uid).window_of(key)
-            if mined is None:
-                continue
-            last = mined
-            while self.bucket.exists(keys.carried(uid).key(last + 1)):
-                last += 1
-            if last <= window - self.keep_windows:
-                self.bucket.delete(key)
-                deleted.extend(range(mined, last + 1))
-        return sorted(deleted)
+    def _carried_through(self, uid: int, window: int) -> int:
+        """The last window uid's momentum after `window` stands for: `window`, and the windows carried over from it
+        in a row (carry_momentum)."""
+        while self.bucket.exists(keys.carried(uid).key(window + 1)):
+            window += 1
+        return window
 
     def _record_pruned(self, uid: int, windows: list[int]) -> None:
         """Add `windows` to the record of uid's momentum windows deleted (kept as [first, last] ranges)."""

@@ -220,7 +220,8 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
                     window)
     # a watch that stopped looking before the close (the validator died, and came back after it) never saw what
     # landed after its last poll: a uid it saw nothing of is not judged ("missing" would be a miss nobody saw happen)
-    unjudged = [uid for uid in uids if uid not in watch.sightings()] if not watch.closed else []
+    sightings = watch.sightings()
+    unjudged = [uid for uid in uids if uid not in sightings] if not watch.closed else []
     if unjudged:
         log.warning("window %d: this validator's watch stopped before the window closed: uids %s, of which it saw "
                     "nothing, are not judged", window, unjudged)
@@ -229,7 +230,7 @@ def evaluate_window(window: int, *, chain: Chain, model: torch.nn.Module, state:
     theta = {name: p.detach() for name, p in parameters_of(model).items()}
     shapes = {name: tuple(p.shape) for name, p in theta.items()}
 
-    sightings, gradients, reasons, strategy = watch.sightings(), {}, dict(watch.reasons()), strategy_of(hparams)
+    gradients, reasons, strategy = {}, dict(watch.reasons()), strategy_of(hparams)
     banned = {uid: f"{BANNED} {r.banned_until}" for uid, r in ratings.by_uid.items()  # its files stay out of the peers
               if r.banned_until >= window and hotkeys.get(uid) == r.hotkey and uid in sightings}
     # the spot checks of window − 1 (the drawn miners put their states during this window), and again those of
