@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,7 +69,8 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
     A failed run is retried on the next poll (or, with stop_on_failure, raises RuntimeError); the runs after it in that
     poll wait, so windows still run in order.
     A node that validates keeps the watch of each open window itself (`watch_job` is the daemon's way): it looks at
-    every miner's bucket at every poll, between its runs.
+    every miner's bucket at every poll, between its runs and, in a thread of its own, every poll_seconds while a run
+    lasts (`_Lookout`).
     """
     from templar_pipelines.definitions import defs
 
@@ -87,23 +89,18 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
     except ObjectMissing:
         cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
-    watches: dict[int, Watch] = {}
+    lookout = _Lookout(node, lambda current: "watch" in roles and cursor["watch"] >= current > cursor["validator"],
+                       open_chain=resources["chain"].open, poll_seconds=poll_seconds)
     with node_instance(home, environ) as instance, _flushing_state():
         while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
                 block = chain.block()
                 current = window_of(block, chain.blocks_per_window)
                 cursor = cursor if cursor is not None else schedule.initial_cursor(current)
-                for held in watches.values():  # still looking when its window closed (before its evaluation runs)
-                    held.saw_close(block)
-                if "watch" in roles and cursor["watch"] >= current > cursor["validator"]:
-                    # the watch of the open window (a restarted node reopens it: its sightings are on disk)
-                    watch = watches.get(current) or node.watch(current, chain)
-                    watches = {current: watch}
-                    watch.poll(block)
+                lookout.look(chain, block)
             except ChainError as error:  # a node outlives a chain endpoint's bad minute
                 log.warning("chain unreachable (%s); polling again in %.0f s", error, poll_seconds)
-                watches = {}  # not looking meanwhile: a window that closes before it looks again stays not closed
+                lookout.lost_sight()
                 wait(poll_seconds)
                 continue
             due = [(role, window) for role, window in schedule.due_runs(current, cursor)
@@ -112,9 +109,10 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                 wait(poll_seconds)
                 continue
             for role, window in due:
-                if role in roles and role != "watch":  # the watch is kept between runs (above)
-                    run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance, resources=resources,
-                                   source=source)
+                if role in roles and role != "watch":  # the watch is kept by the lookout (above, and during runs)
+                    with lookout.during() if "watch" in roles else contextlib.nullcontext():
+                        run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance,
+                                       resources=resources, source=source)
                     runs.append(run)
                     if on_run is not None:
                         on_run(run)
@@ -128,6 +126,69 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
                 cursor = schedule.advanced(cursor, [(role, window)])
                 state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
     return runs
+
+
+class _Lookout:
+    """The watch of the open window, kept by a resident node that validates: it looks between the node's runs
+    (`look`, from the loop) and, while a run lasts, every poll_seconds in a thread of its own (`during`).
+
+    Runs take most of a window (a miner's inner steps, the evaluation and aggregation of the window before), and the
+    watch's first sight is the clock that decides lateness and which of two similar files is the copy (watch.py): a
+    file that lands during a run must be seen then, not at the first poll after it (all such files would share that
+    poll's block, a tie), and a run that ends after the close must not leave its window never looked at (scored by
+    nobody) or looked at only before the run (every file that landed during it "missing"). The thread reads the chain
+    through its own handle (an SQLite connection or a websocket belongs to one thread), and one look runs at a time:
+    a run's end waits for the thread's look in flight.
+    """
+
+    def __init__(self, node, may_watch: Callable[[int], bool], *, open_chain: Callable[[], object],
+                 poll_seconds: float) -> None:
+        self._node, self._may_watch, self._open_chain = node, may_watch, open_chain
+        self._poll_seconds = poll_seconds
+        self._chain = None  # the thread's handle, opened on its first look
+        self._lock = threading.Lock()
+        self.watches: dict[int, Watch] = {}
+
+    def look(self, chain, block: int) -> None:
+        """Record the close of a held watch whose window has closed (before its evaluation runs), then poll the open
+        window's watch, if the node is to watch it (a restarted node reopens it: its sightings are on disk)."""
+        with self._lock:
+            current = window_of(block, chain.blocks_per_window)
+            for held in self.watches.values():
+                held.saw_close(block)
+            if self._may_watch(current):
+                watch = self.watches.get(current) or self._node.watch(current, chain)
+                self.watches = {current: watch}
+                watch.poll(block)
+
+    def lost_sight(self) -> None:
+        """Not looking for a while: a window that closes before the next look stays not closed."""
+        with self._lock:
+            self.watches = {}
+
+    @contextlib.contextmanager
+    def during(self) -> Iterator[None]:
+        """Look every poll_seconds in a thread while the block runs (the loop has just looked)."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self._keep_looking, args=(stop,), name="templar-watch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _keep_looking(self, stop: threading.Event) -> None:
+        while not stop.wait(self._poll_seconds):
+            try:
+                self._chain = self._chain or self._open_chain()
+                self.look(self._chain, self._chain.block())
+            except ChainError as error:
+                log.warning("chain unreachable during a run (%s); looking again in %.0f s", error, self._poll_seconds)
+                self.lost_sight()
+            except Exception:  # a bug here must not end the run it shadows; the loop's own look raises it
+                log.exception("the watch's look during a run failed")
+                self.lost_sight()
 
 
 class BackfillStopped(RuntimeError):

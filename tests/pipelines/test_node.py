@@ -233,3 +233,42 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
     assert [run.metadata["gradients"]["mined"] for run in again] == ["1, 2, 3"]
     # no file it mined after a close was late: uid 1's of window 2 and window 6's had landed in time
     assert sorted(path.name for path in (network_home / "state").glob("late-*")) == []
+
+
+def test_a_node_keeps_watching_while_a_run_lasts_past_the_close(network_home, network_env, monkeypatch):
+    """The miner run of window 0 uploads the node's three files, then lasts past the window's close (here the chain
+    moves on a window while it runs). The node's lookout thread saw the files while the run lasted and the close
+    after them, so window 0 is scored whole; between runs alone, the node would first have looked at window 0 after
+    its close: never watched, nobody scored."""
+    import time
+
+    import templar_pipelines.node as node_module
+
+    chain, blocks, record = LocalChain(network_home / "chain.sqlite"), 7, network_home / "state" / "seen-0.json"
+    real_execute, during = node_module._execute, {}
+
+    def until(condition, seconds=60.0):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return condition()
+
+    def seen():
+        return json.loads(record.read_text()) if record.exists() else {"seen": {}, "closed": False}
+
+    def execute(job, window, **kwargs):
+        run = real_execute(job, window, **kwargs)
+        if job.name == "miner_job" and window == 0:  # the run goes on: the thread looks meanwhile
+            during["block"] = chain.block()
+            during["saw"] = until(lambda: len(seen()["seen"]) == 3)
+            chain.advance(blocks)  # window 0 closes while the run lasts
+            during["closed"] = until(lambda: seen().get("closed", True))
+        return run
+
+    monkeypatch.setattr(node_module, "_execute", execute)
+    runs = run_node(network_home, until_window=0, environ=network_env, poll_seconds=0.1,
+                    wait=lambda _seconds: chain.advance(blocks))
+    assert all(run.success for run in runs) and during["saw"] and during["closed"]
+    assert {entry["block"] for entry in seen()["seen"].values()} == {during["block"]}  # seen as they landed
+    evaluated = next(run for run in runs if run.job == "validator_job").metadata["evaluations"]
+    assert evaluated["watched"] is True and evaluated["unjudged"] == "none" and evaluated["valid_gradients"] == 3
