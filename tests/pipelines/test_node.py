@@ -102,7 +102,8 @@ def test_a_node_that_lost_the_chain_across_a_close_judges_only_what_its_watch_sa
     monkeypatch.setattr(LocalChain, "_real_block", LocalChain.block, raising=False)
     monkeypatch.setattr(LocalChain, "block", flaky_block)
     monkeypatch.setattr(Watch, "wait_closed", lambda self, seconds, **_: self.closed)  # tests/lib/test_watch.py
-    runs = run_node(network_home, until_window=0, environ=network_env, wait=wait, on_run=hide)
+    # uid 3's file is hidden once the run that put it ends: the lookout thread must not see it during the run
+    runs = run_node(network_home, until_window=0, environ=network_env, wait=wait, on_run=hide, poll_seconds=3600)
     assert all(run.success for run in runs) and not armed and not hidden[1].exists()
     evaluated = next(run for run in runs if run.job == "validator_job").metadata["evaluations"]
     assert evaluated["unjudged"] == "3" and evaluated["valid_gradients"] == 2
