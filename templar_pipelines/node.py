@@ -89,8 +89,11 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
     except ObjectMissing:
         cursor = None  # a new node starts from the chain's present, once it can read it
     runs: list[NodeRun] = []
-    lookout = _Lookout(node, lambda current: "watch" in roles and cursor["watch"] >= current > cursor["validator"],
-                       open_chain=resources["chain"].open, poll_seconds=poll_seconds)
+    # the open window is watched from its first look, during the runs of the window before too (its evaluation and
+    # aggregation), until this node has evaluated it; none past until_window (this node will not evaluate it)
+    lookout = _Lookout(node, lambda current: "watch" in roles and cursor["validator"] < current <= (
+        until_window if until_window is not None else current), open_chain=resources["chain"].open,
+        poll_seconds=poll_seconds)
     with node_instance(home, environ) as instance, _flushing_state():
         while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
