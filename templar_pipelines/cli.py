@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     node_parser.add_argument("--jobs", default="aggregator_job,miner_job,validator_job",
                              help="comma-separated role jobs this node runs")
     node_parser.add_argument("--until-window", type=int, default=None, help="stop after this window (default: never)")
-    node_parser.add_argument("--poll", type=float, default=2.0, help="seconds between chain polls when idle")
+    node_parser.add_argument("--poll", type=float, default=2.0, help="seconds between chain polls when idle, and "
+                             "between the watch's looks while a run lasts")
     audit_parser = commands.add_parser("audit", help="audit the newest published checkpoint (exit 1 unless every "
                                                      "check passed)")
     audit_parser.add_argument("--window", type=int, default=None, help="audit this checkpoint (default: the newest)")
