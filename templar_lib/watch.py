@@ -101,8 +101,9 @@ class Watch:
     # ------------------------------------------------------------------ polling
     def poll(self, block: int) -> int:
         """Look at every uid's bucket once, at chain block `block`; returns how many new contents were seen. Nothing
-        is recorded at or after the window's closing block (nor before it opened)."""
-        if not self.opens <= block < self.closes:
+        is recorded at or after the window's closing block (nor before it opened), nor once the close is recorded (a
+        chain handle a block behind another must not reopen it)."""
+        if self.closed or not self.opens <= block < self.closes:
             return 0
         looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline), self.peers,
                                  timeout=self.poll_timeout)

@@ -111,51 +111,61 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
             if not due:
                 wait(poll_seconds)
                 continue
-            for role, window in due:
-                if role in roles and role != "watch":  # the watch is kept by the lookout (above, and during runs)
-                    with lookout.during() if "watch" in roles else contextlib.nullcontext():
+            failed = None
+            with lookout.during() if "watch" in roles else contextlib.nullcontext():  # the watch is the lookout's
+                for role, window in due:
+                    if role in roles and role != "watch":
                         run = _execute(defs.resolve_job_def(JOBS[role]), window, instance=instance,
                                        resources=resources, source=source)
-                    runs.append(run)
-                    if on_run is not None:
-                        on_run(run)
-                    if not run.success:
-                        if stop_on_failure:
-                            raise RuntimeError(f"{run.job} for window {window} failed (run {run.run_id}): its events "
-                                               f"are in the Dagster instance under {home / 'dagster'}")
-                        log.warning("%s for window %d is retried at the next poll", run.job, window)
-                        wait(poll_seconds)
-                        break
-                cursor = schedule.advanced(cursor, [(role, window)])
-                state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
+                        runs.append(run)
+                        if on_run is not None:
+                            on_run(run)
+                        if not run.success:
+                            failed = run
+                            break
+                    cursor = schedule.advanced(cursor, [(role, window)])
+                    state.put(NODE_CURSOR, json.dumps(cursor, sort_keys=True).encode())
+            if failed is not None:  # the runs after it wait, so windows still run in order
+                if stop_on_failure:
+                    raise RuntimeError(f"{failed.job} for window {failed.window} failed (run {failed.run_id}): its "
+                                       f"events are in the Dagster instance under {home / 'dagster'}")
+                log.warning("%s for window %d is retried at the next poll", failed.job, failed.window)
+                wait(poll_seconds)
     return runs
 
 
 class _Lookout:
     """The watch of the open window, kept by a resident node that validates: it looks between the node's runs
-    (`look`, from the loop) and, while a run lasts, every poll_seconds in a thread of its own (`during`).
+    (`look`, from the loop) and, while a batch of runs lasts, every poll_seconds in a thread of its own (`during`).
 
     Runs take most of a window (a miner's inner steps, the evaluation and aggregation of the window before), and the
     watch's first sight is the clock that decides lateness and which of two similar files is the copy (watch.py): a
     file that lands during a run must be seen then, not at the first poll after it (all such files would share that
     poll's block, a tie), and a run that ends after the close must not leave its window never looked at (scored by
-    nobody) or looked at only before the run (every file that landed during it "missing"). The thread reads the chain
-    through its own handle (an SQLite connection or a websocket belongs to one thread), and one look runs at a time:
-    a run's end waits for the thread's look in flight.
+    nobody) or looked at only before the run (every file that landed during it "missing").
+
+    The thread reads the chain through a handle of its own (never used by two threads at once: an SQLite connection
+    or a websocket is not shared), and the two handles may disagree by a block or two (two endpoints of one chain):
+    every look takes the highest block either has read, so a window once seen closed is never polled again (nor its
+    watch rebuilt from disk while its evaluation reads it). One look runs at a time; the end of a batch waits for
+    the thread's look in flight, at most a poll (`poll_timeout`): a miner whose endpoint holds every read open delays
+    the node by that much once a batch (once a window in steady state), on top of the loop's own look.
     """
 
     def __init__(self, node, may_watch: Callable[[int], bool], *, open_chain: Callable[[], object],
                  poll_seconds: float) -> None:
         self._node, self._may_watch, self._open_chain = node, may_watch, open_chain
         self._poll_seconds = poll_seconds
-        self._chain = None  # the thread's handle, opened on its first look
+        self._chain = None  # the thread's handle, opened on its first look (again after a chain error)
         self._lock = threading.Lock()
+        self._highest = -1  # the highest block a look has read, from either handle
         self.watches: dict[int, Watch] = {}
 
     def look(self, chain, block: int) -> None:
         """Record the close of a held watch whose window has closed (before its evaluation runs), then poll the open
         window's watch, if the node is to watch it (a restarted node reopens it: its sightings are on disk)."""
         with self._lock:
+            block = self._highest = max(self._highest, block)
             current = window_of(block, chain.blocks_per_window)
             for held in self.watches.values():
                 held.saw_close(block)
@@ -182,15 +192,19 @@ class _Lookout:
             thread.join()
 
     def _keep_looking(self, stop: threading.Event) -> None:
+        failed = False
         while not stop.wait(self._poll_seconds):
             try:
                 self._chain = self._chain or self._open_chain()
                 self.look(self._chain, self._chain.block())
             except ChainError as error:
                 log.warning("chain unreachable during a run (%s); looking again in %.0f s", error, self._poll_seconds)
+                self._chain = None  # a handle whose connection died is not used again
                 self.lost_sight()
-            except Exception:  # a bug here must not end the run it shadows; the loop's own look raises it
-                log.exception("the watch's look during a run failed")
+            except Exception:  # noqa: BLE001 - must not end the runs it shadows; the loop's next look meets it too
+                if not failed:  # once a batch: it would repeat every poll
+                    log.exception("the watch's look during a run failed; not looking until the runs end")
+                failed = True
                 self.lost_sight()
 
 

@@ -237,18 +237,27 @@ def test_a_node_restarted_after_downtime_scores_nothing_in_the_windows_it_did_no
 
 
 def test_a_node_keeps_watching_while_a_run_lasts_past_the_close(network_home, network_env, monkeypatch):
-    """The miner run of window 0 uploads the node's three files, then lasts past the window's close (here the chain
-    moves on a window while it runs). The node's lookout thread saw the files while the run lasted and the close
-    after them, so window 0 is scored whole; between runs alone, the node would first have looked at window 0 after
-    its close: never watched, nobody scored."""
+    """The miner run of window 0 uploads the node's files, then lasts past the window's close: uid 3's file lands a
+    block after the others, still during the run, and the chain moves on a window before the run ends. The node's
+    lookout thread saw each file at the block it landed and the close after them, so window 0 is scored whole;
+    looking between runs alone, the node would first have looked at window 0 after its close: never watched, nobody
+    scored (and files landing during a run would all share the block of the first look after it)."""
     import time
 
     import templar_pipelines.node as node_module
+    from templar_lib.buckets import LocalBucket
 
     chain, blocks, record = LocalChain(network_home / "chain.sqlite"), 7, network_home / "state" / "seen-0.json"
-    real_execute, during = node_module._execute, {}
+    gradients, held_back = network_home / "gradients", network_home / "uid-3-not-yet"
+    real_execute, real_put, during = node_module._execute, LocalBucket.put, {}
 
-    def until(condition, seconds=60.0):
+    def put(bucket, key, data):  # uid 3's upload of window 0 is held back, to land later in the run
+        if key == "gradient-0-3.safetensors" and bucket.root == gradients.resolve():
+            held_back.write_bytes(data)
+        else:
+            real_put(bucket, key, data)
+
+    def until(condition, seconds=30.0):
         deadline = time.monotonic() + seconds
         while not condition() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -260,16 +269,45 @@ def test_a_node_keeps_watching_while_a_run_lasts_past_the_close(network_home, ne
     def execute(job, window, **kwargs):
         run = real_execute(job, window, **kwargs)
         if job.name == "miner_job" and window == 0:  # the run goes on: the thread looks meanwhile
-            during["block"] = chain.block()
-            during["saw"] = until(lambda: len(seen()["seen"]) == 3)
+            during["first"] = chain.block()
+            during["saw_two"] = until(lambda: sorted(seen()["seen"]) == ["1", "2"])
+            chain.advance(1)
+            held_back.rename(gradients / "gradient-0-3.safetensors")  # lands a block later, within the window
+            during["saw_three"] = until(lambda: len(seen()["seen"]) == 3)
             chain.advance(blocks)  # window 0 closes while the run lasts
             during["closed"] = until(lambda: seen().get("closed", True))
         return run
 
+    monkeypatch.setattr(LocalBucket, "put", put)
     monkeypatch.setattr(node_module, "_execute", execute)
     runs = run_node(network_home, until_window=0, environ=network_env, poll_seconds=0.1,
                     wait=lambda _seconds: chain.advance(blocks))
-    assert all(run.success for run in runs) and during["saw"] and during["closed"]
-    assert {entry["block"] for entry in seen()["seen"].values()} == {during["block"]}  # seen as they landed
+    assert all(run.success for run in runs)
+    assert during["saw_two"] and during["saw_three"] and during["closed"], during
+    blocks_seen = {uid: entry["block"] for uid, entry in seen()["seen"].items()}
+    assert blocks_seen == {"1": during["first"], "2": during["first"], "3": during["first"] + 1}  # as they landed
     evaluated = next(run for run in runs if run.job == "validator_job").metadata["evaluations"]
     assert evaluated["watched"] is True and evaluated["unjudged"] == "none" and evaluated["valid_gradients"] == 3
+
+
+def test_the_lookout_takes_the_highest_block_either_chain_handle_read(network_home, network_env):
+    """The lookout thread's chain handle may trail the loop's by a block (two endpoints of one chain). A look at a
+    block before a close already recorded neither reopens that window's watch nor records a file that landed
+    after the close, and a watch whose close is recorded polls nothing, whatever block it is given."""
+    from templar_pipelines.node import _Lookout
+    from templar_pipelines.resources import resources_from_env
+
+    node, chain = resources_from_env(network_env)["node"], LocalChain(network_home / "chain.sqlite")
+    lookout = _Lookout(node, lambda current: current <= 1, open_chain=lambda: chain, poll_seconds=1.0)
+    lookout.look(chain, 3)  # window 0 open
+    lookout.look(chain, 7)  # window 1: window 0's close recorded, window 1 watched
+    record = network_home / "state" / "seen-0.json"
+    closed = record.read_bytes()
+    assert json.loads(closed).get("closed", True) and list(lookout.watches) == [1]
+    (network_home / "gradients").mkdir(exist_ok=True)
+    (network_home / "gradients" / "gradient-0-1.safetensors").write_bytes(b"after the close")
+    lookout.look(chain, 6)  # the other handle, a block behind
+    assert list(lookout.watches) == [1] and record.read_bytes() == closed
+    reopened = lookout.watches[1].at(0)  # window 0's watch as its record stands
+    assert reopened.closed and reopened.poll(6) == 0 and record.read_bytes() == closed
+    assert not (network_home / "state" / "seen-0-1.safetensors").exists()
