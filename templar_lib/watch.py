@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -68,6 +69,12 @@ class Watch:
         self.watched = False  # whether any poll looked while the window was open (its record is on disk)
         self.closed = False  # whether the process that polled last was still looking when the window closed
         self._polled = False  # whether this object polled while the window was open
+        # a poll's workers write each new content's copy; one whose worker outlived the poll's deadline wrote it all
+        # the same: the poll waits for the copies being written and records what they hold (_copies)
+        self._copying = threading.Condition()
+        self._writers = 0  # copies being written now
+        self._accepting = False  # whether a worker may start writing a copy (only while its poll runs)
+        self._copies: dict[int, Sighting] = {}  # what this poll's workers wrote, by uid
         self._load()
 
     def at(self, window: int) -> Watch:
@@ -105,8 +112,15 @@ class Watch:
         chain handle a block behind another must not reopen it)."""
         if self.closed or not self.opens <= block < self.closes:
             return 0
-        looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline), self.peers,
-                                 timeout=self.poll_timeout)
+        with self._copying:
+            self._accepting, self._copies = True, {}
+        try:
+            looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline), self.peers,
+                                     timeout=self.poll_timeout)
+        finally:
+            with self._copying:  # no copy is written after this poll, and none is left half-way
+                self._accepting = False
+                self._copying.wait_for(lambda: self._writers == 0)
         new = 0
         for uid, (sighting, reason) in looks.items():
             if sighting is not None:
@@ -116,7 +130,11 @@ class Watch:
             elif reason and uid not in self._seen:
                 self._reasons[uid] = reason
         for uid in late:
-            if uid not in self._seen:
+            if uid in self._copies:  # its worker wrote the copy after the deadline: the copy is what it saw
+                new += 1
+                self._seen[uid] = self._copies[uid]
+                self._reasons.pop(uid, None)
+            elif uid not in self._seen:
                 self._reasons[uid] = f"timeout: no answer within {self.poll_timeout:g}s"
         self._polled = True
         self._save()
@@ -194,8 +212,22 @@ class Watch:
         digest = hashlib.sha256(data).hexdigest()
         if before is not None and before.sha256 == digest:
             return None, None
-        self.state.put(keys.seen_bytes_key(self.window, uid), data)
-        return Sighting(uid, digest, block, len(data), modified), None
+        sighting = Sighting(uid, digest, block, len(data), modified)
+        with self._copying:
+            if not self._accepting:  # its poll has ended: the next one looks again
+                return None, None
+            self._writers += 1
+        written = False
+        try:
+            self.state.put(keys.seen_bytes_key(self.window, uid), data)  # atomic: on failure the old copy stands
+            written = True
+        finally:
+            with self._copying:
+                if written:
+                    self._copies[uid] = sighting
+                self._writers -= 1
+                self._copying.notify_all()
+        return sighting, None
 
     # ------------------------------------------------------------------ results
     def sightings(self) -> dict[int, Sighting]:

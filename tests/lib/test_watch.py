@@ -222,3 +222,39 @@ def test_a_validator_whose_watch_stopped_before_the_close_judges_only_the_uids_i
     assert sorted(rated.by_uid) == miners[:1]  # nothing about the unjudged changes
     missed, _ = rate_window(stayed.report, Ratings(), hotkeys, hparams)
     assert missed.by_uid[miners[2]].recent.endswith("1")
+
+
+def test_a_look_that_outlives_its_poll_never_leaves_a_copy_the_record_does_not_hold(tmp_path):
+    """A poll's worker may still be at work when the poll's deadline passes. One already writing its copy of a new
+    content finishes, and the poll records that content (at its block); one that has not started writing by then
+    writes nothing. Either way the record and the copy the evaluation reads agree (before, a copy written after the
+    deadline replaced the copy of the content the record held: that uid's file "does not hash", scored 0)."""
+    bucket = LocalBucket(tmp_path / "miner")
+    watch = watch_of(tmp_path, bucket, uids=(1,))
+    watch.poll_timeout = 0.3
+    first, second, third = (gradient_bytes(1, seed=seed) for seed in range(3))
+    bucket.put(gradient_key(WINDOW, 1), first)
+    watch.poll(21)
+    real_put, real_get = watch.state.put, bucket.get
+
+    def slow_copy(key, data):  # the validator's disk is slow: the copy lands after the poll's deadline
+        if key.endswith(".safetensors"):
+            time.sleep(1.0)
+        real_put(key, data)
+
+    bucket.put(gradient_key(WINDOW, 1), second)
+    watch.state.put = slow_copy
+    watch.poll(23)
+    watch.state.put = real_put
+    assert watch.sightings()[1].block == 23 and watch.read(1) == second
+
+    def slow_download(key, **kwargs):  # the download ends after the deadline, before any copy is written
+        time.sleep(1.0)
+        return real_get(key, **kwargs)
+
+    bucket.put(gradient_key(WINDOW, 1), third)
+    bucket.get = slow_download
+    watch.poll(24)
+    time.sleep(1.5)  # the worker is done by now
+    assert watch.sightings()[1].block == 23 and watch.read(1) == second
+    assert watch.reasons() == {}
