@@ -73,7 +73,7 @@ class Watch:
         # the same: the poll waits for the copies being written and records what they hold (_copies)
         self._copying = threading.Condition()
         self._writers = 0  # copies being written now
-        self._accepting = False  # whether a worker may start writing a copy (only while its poll runs)
+        self._generation = 0  # the poll running now, or the last: a worker of an earlier one writes nothing
         self._copies: dict[int, Sighting] = {}  # what this poll's workers wrote, by uid
         self._load()
 
@@ -113,13 +113,14 @@ class Watch:
         if self.closed or not self.opens <= block < self.closes:
             return 0
         with self._copying:
-            self._accepting, self._copies = True, {}
+            self._generation += 1
+            generation, self._copies = self._generation, {}
         try:
-            looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline), self.peers,
-                                     timeout=self.poll_timeout)
+            looks, late = fetch_each(self.uids, lambda uid, deadline: self._look(uid, block, deadline, generation),
+                                     self.peers, timeout=self.poll_timeout)
         finally:
             with self._copying:  # no copy is written after this poll, and none is left half-way
-                self._accepting = False
+                self._generation += 1
                 self._copying.wait_for(lambda: self._writers == 0)
         new = 0
         for uid, (sighting, reason) in looks.items():
@@ -177,7 +178,7 @@ class Watch:
         except ObjectMissing:
             return float("inf")
 
-    def _look(self, uid: int, block: int, deadline: float) -> tuple[Sighting | None, str | None]:
+    def _look(self, uid: int, block: int, deadline: float, generation: int) -> tuple[Sighting | None, str | None]:
         """(a new sighting, None) when uid's content is new; (None, reason) when there is nothing to see."""
         bucket = self.peers.buckets.get(uid)
         if bucket is None:
@@ -214,7 +215,9 @@ class Watch:
             return None, None
         sighting = Sighting(uid, digest, block, len(data), modified)
         with self._copying:
-            if not self._accepting:  # its poll has ended: the next one looks again
+            # a copy starts being written only within its poll, by its deadline: its poll waits for it (a disk's
+            # time, one file each); a worker past either writes nothing, and the next poll looks again
+            if generation != self._generation or time.monotonic() > deadline:
                 return None, None
             self._writers += 1
         written = False

@@ -248,13 +248,23 @@ def test_a_look_that_outlives_its_poll_never_leaves_a_copy_the_record_does_not_h
     watch.state.put = real_put
     assert watch.sightings()[1].block == 23 and watch.read(1) == second
 
-    def slow_download(key, **kwargs):  # the download ends after the deadline, before any copy is written
+    def slow_download(key, **kwargs):  # the worker has the bytes only after the deadline, before any copy is written
+        data = real_get(key, **kwargs)
+        bucket.get = real_get
         time.sleep(1.0)
-        return real_get(key, **kwargs)
+        return data
 
     bucket.put(gradient_key(WINDOW, 1), third)
     bucket.get = slow_download
     watch.poll(24)
-    time.sleep(1.5)  # the worker is done by now
     assert watch.sightings()[1].block == 23 and watch.read(1) == second
+    # the next poll starts at once and is still writing its own copy when poll 24's worker wakes: that one writes
+    # nothing (its poll is over), so the newest content's copy stands
+    fourth = gradient_bytes(1, seed=3)
+    bucket.put(gradient_key(WINDOW, 1), fourth)
+    watch.poll_timeout, watch.state.put = 5.0, slow_copy
+    watch.poll(25)
+    watch.state.put = real_put
+    time.sleep(0.5)  # poll 24's worker is done by now
+    assert watch.sightings()[1].block == 25 and watch.read(1) == fourth
     assert watch.reasons() == {}
