@@ -91,9 +91,8 @@ def run_node(home: str | Path, *, jobs: Sequence[str] = tuple(JOBS.values()), un
     runs: list[NodeRun] = []
     # the open window is watched from its first look, during the runs of the window before too (its evaluation and
     # aggregation), until this node has evaluated it; none past until_window (this node will not evaluate it)
-    lookout = _Lookout(node, lambda current: "watch" in roles and cursor["validator"] < current <= (
-        until_window if until_window is not None else current), open_chain=resources["chain"].open,
-        poll_seconds=poll_seconds)
+    lookout = _Lookout(node, lambda current: "watch" in roles and current > cursor["validator"] and (
+        until_window is None or current <= until_window), open_chain=resources["chain"].open, poll_seconds=poll_seconds)
     with node_instance(home, environ) as instance, _flushing_state():
         while cursor is None or until_window is None or min(cursor[role] for role in roles) < until_window:
             try:
@@ -202,8 +201,9 @@ class _Lookout:
                 self._chain = None  # a handle whose connection died is not used again
                 self.lost_sight()
             except Exception:  # noqa: BLE001 - must not end the runs it shadows; the loop's next look meets it too
-                if not failed:  # once a batch: it would repeat every poll
-                    log.exception("the watch's look during a run failed; not looking until the runs end")
+                if not failed:  # logged once a batch: it would repeat every poll
+                    log.exception("the watch's look during a run failed; looking again every %.0f s",
+                                  self._poll_seconds)
                 failed = True
                 self.lost_sight()
 

@@ -81,7 +81,7 @@ GATHER_AND_EXIT = textwrap.dedent("""
     from templar_lib.hparams import HParams
     from templar_lib.transport import Guard, Limits
     url, uids, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    limits = Limits(allow_private=True, connect_timeout=READ_LIMIT, read_timeout=READ_LIMIT)
+    limits = Limits(allow_private=True, connect_timeout=30.0, read_timeout=30.0)  # far past any deadline here
     buckets = {uid: S3Bucket("grads", endpoint_url=url, guard=Guard(limits)) for uid in range(uids)}
     result = gather(4, range(uids), PeerBuckets.of(buckets), shapes={"w": (64, 128), "b": (60,)}, hparams=HParams(),
                     timeout=timeout)
@@ -89,7 +89,7 @@ GATHER_AND_EXIT = textwrap.dedent("""
     import resource
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
     print(sorted(set(r.split(":")[0] for r in result.skipped.values())), flush=True)
-""").replace("READ_LIMIT", "30.0")  # seconds a socket read may wait: far past any deadline here
+""")
 
 
 def run_gather(url: str, uids: int, timeout: float, *disabled: str) -> tuple[float, float, int, str]:
