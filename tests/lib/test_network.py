@@ -249,34 +249,46 @@ def test_a_miner_whose_file_the_validator_missed_starts_fresh_and_is_paid_again(
     assert report.windows[3].weights.get(missed, 0.0) > 0
 
 
+STEERED = STRATEGIES["sparseloco"].replace(spot_check_probability=1.0)
+
+
+@pytest.fixture(scope="module")
+def bit_for_bit_steer(dataset, tmp_path_factory):
+    """A steering kind's network with bit-for-bit checks (tolerance 0), where it has no room and sends its honest
+    file: `steer` and `steer_carried` alike, so one network (and its home) stands for both."""
+    home = tmp_path_factory.mktemp("steer-bit-for-bit")
+    return home, run_network(dataset, home, miners=5, windows=4, adversaries={"steer": 1},
+                             hparams=STEERED.replace(spot_check_tolerance=0.0), random_page_count=2)
+
+
 @pytest.mark.parametrize("kind", ["steer", "steer_carried"])
-def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more_than_its_honest_work(dataset,
-                                                                                                      tmp_path, kind):
+def test_a_file_steered_within_the_spot_check_tolerance_passes_and_earns_no_more_than_its_honest_work(
+        dataset, tmp_path, bit_for_bit_steer, kind):
     """`steer`: its honest file moved toward `gradient_sign`'s as far as the default tolerance lets it pass (the room
     a tolerance for other kernels' rounding leaves a miner; spot_check.py), its error feedback keeping back the excess;
     `steer_carried`: the same from a carried state without keeping anything back, each parameter within the state
     check's room. Every check passes them, and each earns no more than the same uid in the same network with
     bit-for-bit checks, where it can send only its honest file."""
-    hparams = STRATEGIES["sparseloco"].replace(spot_check_probability=1.0)
-    runs = {tolerance: run_network(dataset, tmp_path / str(tolerance), miners=5, windows=4, adversaries={kind: 1},
-                                   hparams=hparams.replace(spot_check_tolerance=tolerance), random_page_count=2)
-            for tolerance in (0.0, hparams.spot_check_tolerance)}
-    report = runs[hparams.spot_check_tolerance]
+    tolerance = STEERED.spot_check_tolerance
+    report = run_network(dataset, tmp_path, miners=5, windows=4, adversaries={kind: 1}, hparams=STEERED,
+                         random_page_count=2)
+    honest_home, honest = bit_for_bit_steer
     [cheat] = [uid for uid, role in report.roles.items() if role == kind]
+    assert honest.roles[cheat] == "steer"
     assert not any(uid in window.reasons for window in report.windows for uid in report.roles), report.windows[-1]
-    checks = [json.loads((tmp_path / str(hparams.spot_check_tolerance) / "gradients" / f"evaluation-{window}-0.json"
-                          ).read_bytes())["checks"] for window in range(1, 4)]
+    checks = [json.loads((tmp_path / "gradients" / f"evaluation-{window}-0.json").read_bytes())["checks"]
+              for window in range(1, 4)]
     assert all(check == "" for window in checks for check in window.values()) and len(checks[0]) == 5, checks
     model = build_model("tiny", vocab_size=Dataset.open(dataset).vocab_size)  # the simulation's shapes
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     # the first window it steers, on the same θ in both runs: window 0 (a fresh start, allowed FRESH_START_SLACK ×
     # the tolerance) for `steer`; window 1 for `steer_carried`, whose window 0 is honest work
-    window, slack = (0, strategy_of(hparams).FRESH_START_SLACK) if kind == "steer" else (1, 1.0)
-    first = [strategy_of(hparams.replace(spot_check_tolerance=t)).read_gradient(
-        (tmp_path / str(t) / "gradients" / gradient_key(window, cheat)).read_bytes(), window=window, uid=cheat,
-        shapes=shapes).tensors for t in runs]
-    assert 0 < values_difference(first[0], first[1]) <= slack * hparams.spot_check_tolerance  # it steered
-    assert weight_per_compute(report, [cheat]) <= 1.05 * weight_per_compute(runs[0.0], [cheat])
+    window, slack = (0, strategy_of(STEERED).FRESH_START_SLACK) if kind == "steer" else (1, 1.0)
+    first = [strategy_of(STEERED.replace(spot_check_tolerance=t)).read_gradient(
+        (home / "gradients" / gradient_key(window, cheat)).read_bytes(), window=window, uid=cheat,
+        shapes=shapes).tensors for t, home in ((0.0, honest_home), (tolerance, tmp_path))]
+    assert 0 < values_difference(first[0], first[1]) <= slack * tolerance  # it steered
+    assert weight_per_compute(report, [cheat]) <= 1.05 * weight_per_compute(honest, [cheat])
 
 
 def test_mixed_forty_percent_adversaries_rank_below_every_honest_miner(dataset, tmp_path):
