@@ -147,8 +147,9 @@ class _Lookout:
     or a websocket is not shared), and the two handles may disagree by a block or two (two endpoints of one chain):
     every look takes the highest block either has read, so a window once seen closed is never polled again (nor its
     watch rebuilt from disk while its evaluation reads it). One look runs at a time; the end of a batch waits for
-    the thread's look in flight, at most a poll (`poll_timeout`): a miner whose endpoint holds every read open delays
-    the node by that much once a batch (once a window in steady state), on top of the loop's own look.
+    the thread's look in flight, at most a poll (`poll_timeout`, and the disk time of copies begun by its deadline):
+    a miner whose endpoint holds every read open delays the node by that much once a batch (once a window in steady
+    state), on top of the loop's own look.
     """
 
     def __init__(self, node, may_watch: Callable[[int], bool], *, open_chain: Callable[[], object],
