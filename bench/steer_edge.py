@@ -13,12 +13,16 @@ tol · ‖β·e + Δ‖ of its error feedback, so that nothing is owed):
 - `uniform`: kind `steer_carried` (simulate/adversaries.py): a uniform share of each parameter's room toward
   `gradient_sign`'s file;
 - `by room`: the same budget spent on the parameters with the largest state room first, each moved toward
-  `gradient_sign`'s file as far as its own room lets it, the rest sent honestly (the allocation a read-only review
-  suggested: each parameter turned by up to its room instead of one share everywhere);
+  `gradient_sign`'s file as far as its own room lets it, the rest sent honestly;
 - `descent`: the same allocation toward sign(g) of its own pages' raw gradient on the positions its honest file
   keeps (a direction the encoder can express without moving a position, where a blend toward another top-k mostly
-  re-encodes back to the honest positions).
-Beside them, for scale, `gradient_sign`'s file whole (what no check lets pass: it is far outside both rooms).
+  re-encodes back to the honest positions);
+- `descent, turn`: the same, the parameters ranked by their room over their sent norm (the largest turn of a
+  direction first: the validator scales each parameter to a fixed norm, so a turn is what it sees);
+- `aimed, turn`: that ranking toward sign(g_worst − g_generic) on its kept positions, a first-order direction aimed
+  at the score itself (the worst own page's improvement minus the random pages').
+Beside them, for scale, `gradient_sign`'s file whole (what no check lets pass: it is far outside both rooms). A
+variant the norm rule would refuse scores 0, as the validator scores it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import machine, scratch_dataset  # noqa: E402
 from templar_lib.data import random_pages  # noqa: E402
 from templar_lib.roles.validator import evaluate_gradient  # noqa: E402
-from templar_lib.scoring import score_losses  # noqa: E402
+from templar_lib.scoring import Losses, score_losses  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from templar_lib.simulate.adversaries import KINDS, Adversary, Turn, _greedy_sent, _sign, _steer_carried  # noqa: E402
 from templar_lib.sparseloco import decode_delta  # noqa: E402
@@ -52,52 +56,83 @@ def norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x))
 
 
-def by_room(turn: Turn, honest, target: dict[str, torch.Tensor]) -> dict:
-    """`honest`'s values moved toward the dense `target`, parameter by parameter from the largest state room down,
-    each as far as its room lets it (a share cut by 2^(1/4) until it re-encodes within), while the file stays within
-    the values' room (turn.miner.own: the state after the honest work)."""
+def steered(turn: Turn, honest, target: dict[str, torch.Tensor], *, relative: bool = False) -> dict:
+    """`honest`'s values moved toward the dense `target`, parameter by parameter from the largest state room down
+    (`relative`: the largest room over the parameter's sent norm, the largest turn of its direction, which is what
+    the validator's per-parameter scale sees), each as far as its room lets it (a share cut by 2^(1/4) until it
+    re-encodes within), while the file stays within the values' room (turn.miner.own: the state after the honest
+    work)."""
     tolerance = turn.hparams.spot_check_tolerance
     owed = turn.strategy.tie_free_state(turn.miner.own, honest.tensors)
     room = {name: 0.9 * tolerance * norm(owed["error." + name]) for name in honest.tensors}
+    rank = {name: room[name] / max(norm(decode_delta(honest.tensors[name])), 1e-30) if relative else room[name]
+            for name in room}
     sent = dict(honest.tensors)
-    for name in sorted(room, key=room.get, reverse=True):
+    for name in sorted(rank, key=rank.get, reverse=True):
         delta = honest.tensors[name]
         away = target[name] - decode_delta(delta)
         for share in (min(1.0, room[name] / max(norm(away), 1e-30)) * 2.0 ** (-n / 4) for n in range(32)):
-            [steered] = turn.strategy.encode({name: decode_delta(delta) + share * away}, None)[0].values()
-            if norm(decode_delta(steered) - decode_delta(delta)) <= room[name] and \
-                    values_difference(honest.tensors, {**sent, name: steered}) <= 0.9 * tolerance:
-                sent[name] = steered
+            [moved] = turn.strategy.encode({name: decode_delta(delta) + share * away}, None)[0].values()
+            if norm(decode_delta(moved) - decode_delta(delta)) <= room[name] and \
+                    values_difference(honest.tensors, {**sent, name: moved}) <= 0.9 * tolerance:
+                sent[name] = moved
                 break
     return sent
 
 
-def descent_on_its_positions(turn: Turn, honest) -> dict[str, torch.Tensor]:
-    """sign(g) of the uid's own pages' raw gradient g on the positions its honest file keeps, each parameter at its
-    honest values' norm: steepest descent (in the validator's per-parameter metric, roughly) that the encoder can
-    express without moving a position."""
-    _, gradients = loss_and_gradients(turn.model, turn.dataset.tokens(turn.own_pages()), turn.hparams.batch_size)
-    turn.model.zero_grad(set_to_none=True)
+def on_its_positions(honest, direction: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sign(direction) on the positions `honest` keeps, each parameter at its honest values' norm: a target the
+    encoder can express without moving a position."""
     target = {}
     for name, delta in honest.tensors.items():
         dense = decode_delta(delta)
-        direction = torch.where(dense != 0, torch.sign(gradients[name]), torch.zeros_like(dense))
-        target[name] = direction * (norm(dense) / max(norm(direction), 1e-30))
+        signs = torch.where(dense != 0, torch.sign(direction[name]), torch.zeros_like(dense))
+        target[name] = signs * (norm(dense) / max(norm(signs), 1e-30))
     return target
 
 
-def score(turn: Turn, gradient) -> float:
-    """The validator's score of `gradient` alone on θ_w, the uid's own pages and this bench's random pages."""
+def gradients_on(turn: Turn, pages: list[int]) -> dict[str, torch.Tensor]:
+    _, gradients = loss_and_gradients(turn.model, turn.dataset.tokens(pages), turn.hparams.batch_size)
+    turn.model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def losses_of(turn: Turn, gradient, random_seed: str = "steer-edge") -> Losses | None:
+    """The validator's losses for `gradient` alone on θ_w: the uid's own pages, and 2 random pages (this bench's
+    draw, standing in for the validator's, which the miner cannot know); None where the norm rule refuses it."""
     hparams, model = turn.hparams, turn.model
     theta = {name: p.detach().clone() for name, p in model.named_parameters()}
-    random = turn.dataset.tokens(random_pages(turn.window, "steer-edge", RANDOM_PAGES,
+    random = turn.dataset.tokens(random_pages(turn.window, random_seed, RANDOM_PAGES,
                                               turn.dataset.manifest.train_pages))
     reference = turn.strategy.reference(model, random, step=turn.state.step)
+    if turn.strategy.norm_reason(gradient, reference) is not None:
+        return None
     own = [turn.dataset.tokens([page]) for page in turn.own_pages()]
-    losses = evaluate_gradient(copy.deepcopy(model), theta, gradient, window=turn.window, step=turn.state.step,
-                               own=own, random=random, random_before=evaluate_loss(model, random, hparams.batch_size),
-                               hparams=hparams, reference=reference)
-    return score_losses(turn.miner.uid, losses).score
+    return evaluate_gradient(copy.deepcopy(model), theta, gradient, window=turn.window, step=turn.state.step,
+                             own=own, random=random, random_before=evaluate_loss(model, random, hparams.batch_size),
+                             hparams=hparams, reference=reference)
+
+
+def score_of(turn: Turn, gradient) -> float:
+    """The validator's score of `gradient` alone (0 where the norm rule refuses it)."""
+    losses = losses_of(turn, gradient)
+    return 0.0 if losses is None else score_losses(turn.miner.uid, losses).score
+
+
+def aimed(turn: Turn, honest) -> dict[str, torch.Tensor]:
+    """A first-order direction aimed at the score itself (the worst own page's improvement minus the random pages'):
+    sign(g_worst − g_generic) on its kept positions, where g_worst is the gradient on the own page its honest file
+    improves least and g_generic the gradient on 2 pages of its own random draw (the validator's are unknown to it)."""
+    pages = turn.own_pages()
+    improvements = [before - after for before, after in
+                    losses_of(turn, honest, random_seed=f"steer-edge-miner:{turn.miner.uid}").own_pages]
+    worst = gradients_on(turn, [pages[improvements.index(min(improvements))]])
+    generic = gradients_on(turn, random_pages(turn.window, f"steer-edge-miner:{turn.miner.uid}", RANDOM_PAGES,
+                                              turn.dataset.manifest.train_pages))
+    return on_its_positions(honest, {name: worst[name] - generic[name] for name in worst})
+
+
+VARIANTS = ("uniform", "by room", "descent", "descent, turn", "aimed, turn")
 
 
 def probe(rows: list[dict]):
@@ -111,11 +146,14 @@ def probe(rows: list[dict]):
         turn.miner.own = before  # and again, honestly, from the same state: the file it sends
         honest = turn.honest()
         greedy = _greedy_sent(turn, _sign, honest)
+        descent = on_its_positions(honest, gradients_on(turn, turn.own_pages()))
         variants = {"honest": honest.tensors, "uniform": uniform,
-                    "by room": by_room(turn, honest, {n: decode_delta(g) for n, g in greedy.items()}),
-                    "descent": by_room(turn, honest, descent_on_its_positions(turn, honest)), "greedy": greedy}
+                    "by room": steered(turn, honest, {n: decode_delta(g) for n, g in greedy.items()}),
+                    "descent": steered(turn, honest, descent),
+                    "descent, turn": steered(turn, honest, descent, relative=True),
+                    "aimed, turn": steered(turn, honest, aimed(turn, honest), relative=True), "greedy": greedy}
         rows.append({"window": turn.window,
-                     **{name: score(turn, honest.with_tensors(sent)) for name, sent in variants.items()},
+                     **{name: score_of(turn, honest.with_tensors(sent)) for name, sent in variants.items()},
                      **{f"moved {name}": values_difference(honest.tensors, sent) for name, sent in variants.items()},
                      **{f"parameters {name}": sum(not torch.equal(decode_delta(sent[n]), decode_delta(d))
                                                   for n, d in honest.tensors.items())
@@ -143,20 +181,21 @@ def main() -> None:
                                  seed=args.seed)
             reasons = {uid: why for window in report.windows for uid, why in window.reasons.items()}
             print(f"\ntolerance {tolerance:g}: zero scores in the run {reasons or 'none'}")
-            print("window | honest | uniform (× honest) | by room (× honest) | descent (× honest) | greedy whole "
-                  "(× honest) | moved: uniform, by room, descent, greedy | parameters moved: uniform, by room, descent")
+            print("window | honest | " + " | ".join(f"{name} (× honest)" for name in VARIANTS + ("greedy",))
+                  + " | moved: " + ", ".join(VARIANTS) + " | parameters moved: " + ", ".join(VARIANTS))
             for row in rows:
+                ratio = {name: row[name] / row["honest"] if row["honest"] > 0 else float("nan")
+                         for name in VARIANTS + ("greedy",)}
                 print(f"{row['window']} | {row['honest']:.5f} | "
-                      + " | ".join(f"{row[name]:.5f} ({row[name] / row['honest']:.3f})"
-                                   for name in ("uniform", "by room", "descent", "greedy"))
-                      + f" | {row['moved uniform']:.5f}, {row['moved by room']:.5f}, {row['moved descent']:.5f}, "
-                      f"{row['moved greedy']:.3f} | {row['parameters uniform']}, {row['parameters by room']}, "
-                      f"{row['parameters descent']}")
-            for name in ("uniform", "by room", "descent", "greedy"):
+                      + " | ".join(f"{row[name]:.5f} ({ratio[name]:.3f})" for name in VARIANTS + ("greedy",))
+                      + " | " + ", ".join(f"{row['moved ' + name]:.4f}" for name in VARIANTS)
+                      + " | " + ", ".join(str(row["parameters " + name]) for name in VARIANTS))
+            for name in VARIANTS + ("greedy",):
                 ratios = [row[name] / row["honest"] for row in rows if row["honest"] > 0]
+                gained = statistics.mean(row[name] - row["honest"] for row in rows)
                 print(f"{name}: score over honest, mean {statistics.mean(ratios):.4f}, min {min(ratios):.4f}, "
-                      f"max {max(ratios):.4f} over {len(ratios)} windows")
-
+                      f"max {max(ratios):.4f} over {len(ratios)} windows; score gained, mean {gained:+.2e} "
+                      f"(honest mean {statistics.mean(row['honest'] for row in rows):.2e})")
 
 if __name__ == "__main__":
     main()

@@ -337,8 +337,8 @@ def _steer_carried(turn: Turn) -> bytes:
     without keeping back what it sent beyond (its state stays its honest work's), each parameter only as far as the
     state check's room (tol · ‖β·e + Δ‖ of its error feedback, 0.9 of it) and the whole file as far as the values'
     (0.9 of the tolerance); honest work at a fresh start (nothing carried: the state check would catch the values'
-    20× room there, `steer_unpaid`). A uniform share of each parameter's room toward one greedy file; a stronger
-    allocation and a direction the encoder expresses gained ≤ 0.22 % of a window's score on average at the cap
+    20× room there, `steer_unpaid`). A uniform share of each parameter's room toward one greedy file; other
+    allocations and directions the encoder expresses gained ≤ 0.4 % of a window's score on average at the cap
     (scored paired: bench/steer_edge.py, bench/RESULTS.md "Replay tolerance")."""
     fresh = turn.miner.own is None
     honest = turn.honest()
