@@ -97,38 +97,45 @@ def gradients_on(turn: Turn, pages: list[int]) -> dict[str, torch.Tensor]:
     return gradients
 
 
-def losses_of(turn: Turn, gradient, random_seed: str = "steer-edge") -> Losses | None:
-    """The validator's losses for `gradient` alone on θ_w: the uid's own pages, and 2 random pages (this bench's
-    draw, standing in for the validator's, which the miner cannot know); None where the norm rule refuses it."""
-    hparams, model = turn.hparams, turn.model
-    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
-    random = turn.dataset.tokens(random_pages(turn.window, random_seed, RANDOM_PAGES,
-                                              turn.dataset.manifest.train_pages))
-    reference = turn.strategy.reference(model, random, step=turn.state.step)
-    if turn.strategy.norm_reason(gradient, reference) is not None:
-        return None
-    own = [turn.dataset.tokens([page]) for page in turn.own_pages()]
-    return evaluate_gradient(copy.deepcopy(model), theta, gradient, window=turn.window, step=turn.state.step,
-                             own=own, random=random, random_before=evaluate_loss(model, random, hparams.batch_size),
-                             hparams=hparams, reference=reference)
+class Scorer:
+    """The validator's scoring of one file alone on θ_w, set up once a window (θ, the random pages, the norm rule's
+    reference from its inner steps, the losses before) and shared by every file scored there: the uid's own pages,
+    and 2 random pages drawn with `seed` (this bench's draw standing in for the validator's, which the miner cannot
+    know)."""
 
+    def __init__(self, turn: Turn, seed: str) -> None:
+        self.turn, model, hparams = turn, turn.model, turn.hparams
+        self.theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.random_ids = random_pages(turn.window, seed, RANDOM_PAGES, turn.dataset.manifest.train_pages)
+        self.random = turn.dataset.tokens(self.random_ids)
+        self.reference = turn.strategy.reference(model, self.random, step=turn.state.step)
+        self.random_before = evaluate_loss(model, self.random, hparams.batch_size)
+        self.own = [turn.dataset.tokens([page]) for page in turn.own_pages()]
+        self.scratch = copy.deepcopy(model)
 
-def score_of(turn: Turn, gradient) -> float:
-    """The validator's score of `gradient` alone (0 where the norm rule refuses it)."""
-    losses = losses_of(turn, gradient)
-    return 0.0 if losses is None else score_losses(turn.miner.uid, losses).score
+    def losses(self, gradient) -> Losses | None:
+        """None where the norm rule refuses `gradient`."""
+        turn = self.turn
+        if turn.strategy.norm_reason(gradient, self.reference) is not None:
+            return None
+        return evaluate_gradient(self.scratch, self.theta, gradient, window=turn.window, step=turn.state.step,
+                                 own=self.own, random=self.random, random_before=self.random_before,
+                                 hparams=turn.hparams, reference=self.reference)
+
+    def score(self, gradient) -> float:
+        """The validator's score of `gradient` alone (0 where the norm rule refuses it)."""
+        losses = self.losses(gradient)
+        return 0.0 if losses is None else score_losses(self.turn.miner.uid, losses).score
 
 
 def aimed(turn: Turn, honest) -> dict[str, torch.Tensor]:
     """A first-order direction aimed at the score itself (the worst own page's improvement minus the random pages'):
     sign(g_worst − g_generic) on its kept positions, where g_worst is the gradient on the own page its honest file
     improves least and g_generic the gradient on 2 pages of its own random draw (the validator's are unknown to it)."""
-    pages = turn.own_pages()
-    improvements = [before - after for before, after in
-                    losses_of(turn, honest, random_seed=f"steer-edge-miner:{turn.miner.uid}").own_pages]
-    worst = gradients_on(turn, [pages[improvements.index(min(improvements))]])
-    generic = gradients_on(turn, random_pages(turn.window, f"steer-edge-miner:{turn.miner.uid}", RANDOM_PAGES,
-                                              turn.dataset.manifest.train_pages))
+    own = Scorer(turn, seed=f"steer-edge-miner:{turn.miner.uid}")
+    improvements = [before - after for before, after in own.losses(honest).own_pages]
+    worst = gradients_on(turn, [turn.own_pages()[improvements.index(min(improvements))]])
+    generic = gradients_on(turn, own.random_ids)
     return on_its_positions(honest, {name: worst[name] - generic[name] for name in worst})
 
 
@@ -152,8 +159,9 @@ def probe(rows: list[dict]):
                     "descent": steered(turn, honest, descent),
                     "descent, turn": steered(turn, honest, descent, relative=True),
                     "aimed, turn": steered(turn, honest, aimed(turn, honest), relative=True), "greedy": greedy}
+        validator = Scorer(turn, seed="steer-edge")
         rows.append({"window": turn.window,
-                     **{name: score_of(turn, honest.with_tensors(sent)) for name, sent in variants.items()},
+                     **{name: validator.score(honest.with_tensors(sent)) for name, sent in variants.items()},
                      **{f"moved {name}": values_difference(honest.tensors, sent) for name, sent in variants.items()},
                      **{f"parameters {name}": sum(not torch.equal(decode_delta(sent[n]), decode_delta(d))
                                                   for n, d in honest.tensors.items())
