@@ -166,13 +166,13 @@ def replayed_once(monkeypatch, strategy) -> None:
     """From here on the strategy's class replays each (step, state before) once: the checks that follow weigh one
     replay against several tolerances (replays are bit for bit in one process, so each would give the same)."""
     cls, made = type(strategy), {}
+    replay = cls.mine
 
     def mine(self, model, state, tokens, *, step):
         key = (step, None if state is None else state_digest(state))
         if key not in made:
-            made[key] = cls_mine(self, model, state, tokens, step=step)
+            made[key] = replay(self, model, state, tokens, step=step)
         return copy.deepcopy(made[key])
-    cls_mine = cls.mine
     monkeypatch.setattr(cls, "mine", mine)
 
 
