@@ -2,12 +2,18 @@
 
     python bench/convergence.py [--rounds 200] [--strategies sparseloco,demo,dense-adamw,local-sgd]
                                 [--every 20] [--set sparseloco:outer_learning_rate=0.7 ...] [--seed 0]
+                                [--aggregator templar|no-clip|upper-median|mean-all|no-clip-mean-all]
 
 The tiny preset, 4 miners, each with 3 pages of 2 × 128 tokens per round (6 sequences: the issue's calibration),
 from the same θ_0 (`--seed`, 0) and the same pages per (round, miner) under every strategy (templar_lib.simulate.train).
 Each strategy runs with deploy/simulate-hparams.yaml plus its own settings below (tuned on this setting, see
 bench/RESULTS.md; `--set strategy:field=value` overrides one). Prints a row every `--every` rounds, then per strategy
 the final held-out loss, its ratio to dense AdamW's and the bytes one miner sends per round against dense bf16.
+
+`--aggregator` measures what the aggregator's robustness costs honest miners (sparseloco only; bench/RESULTS.md
+"What the aggregator's rule costs"): Templar's rule (the default, and the only one a network runs) clips each peer of a
+parameter to the lower median of the peers' norms and takes the mean over the peers that chose a position; the
+variants, patched into this process only, leave the clip out, clip to the upper median, or divide by all P peers.
 """
 
 from __future__ import annotations
@@ -15,12 +21,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workspace import machine, scratch_dataset  # noqa: E402
+from templar_lib import sparseloco  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
+from templar_lib.wire import sparse as sparse_wire  # noqa: E402
 from templar_lib.simulate import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +47,37 @@ TUNED = {  # per strategy: what the sweep in bench/RESULTS.md chose for this set
     # (0.6, 2e-3) is within noise, 2.5e-3 and 3e-3 end higher. β₂ 0.99 from the tuning at β₁ 0.9 (0.95 ended higher,
     # 0.999 within noise) and again at 0.7 (0.95 3.0 % higher on seeds 0 and 1); ε 1e-5 no different from 1e-8
     "dense-adamw": dict(inner_learning_rate=2e-3, inner_beta1=0.7, inner_beta2=0.99),
+}
+
+
+def _upper_median_clip(peers):
+    """clip_factors with the upper middle norm of an even P (the lower one is Templar's)."""
+    clipping = TEMPLAR_CLIP(peers)
+    median = clipping.norms.sort().values[len(peers) // 2]
+    factors = (median / (clipping.norms + sparseloco.CLIP_EPS)).clamp(max=1.0)
+    return sparseloco.Clipping(clipping.norms, median, torch.where(torch.isfinite(clipping.norms), factors, 0.0))
+
+
+def _no_clip(peers):
+    clipping = TEMPLAR_CLIP(peers)
+    return sparseloco.Clipping(clipping.norms, clipping.median, torch.ones_like(clipping.factors))
+
+
+def _mean_over_all(peers):
+    """combine_deltas with each position's sum divided by all P peers instead of by the peers that chose it."""
+    chosen = [replace(peer, codes=torch.zeros_like(peer.codes), shift=0.0, table=torch.ones_like(peer.table))
+              for peer in peers]  # 1 at each kept position
+    choosers = sum(sparseloco.decode_delta(peer) for peer in chosen)
+    return TEMPLAR_COMBINE(peers) * choosers / len(peers)
+
+
+TEMPLAR_CLIP, TEMPLAR_COMBINE = sparseloco.clip_factors, sparse_wire.combine_deltas
+AGGREGATORS = {  # name: (clip_factors, combine_deltas) this process replays sparseloco's aggregations with
+    "templar": (TEMPLAR_CLIP, TEMPLAR_COMBINE),
+    "no-clip": (_no_clip, TEMPLAR_COMBINE),
+    "upper-median": (_upper_median_clip, TEMPLAR_COMBINE),
+    "mean-all": (TEMPLAR_CLIP, _mean_over_all),
+    "no-clip-mean-all": (_no_clip, _mean_over_all),
 }
 
 
@@ -56,11 +98,15 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], help="strategy:field=value")
     parser.add_argument("--seed", type=int, default=0, help="θ_0's seed (the pages are the same for every seed)")
+    parser.add_argument("--aggregator", choices=sorted(AGGREGATORS), default="templar",
+                        help="sparseloco's combine: Templar's, or a variant that measures what its clip costs")
     args = parser.parse_args()
+    sparseloco.clip_factors, sparse_wire.combine_deltas = AGGREGATORS[args.aggregator]
     strategies = args.strategies.split(",")
     with scratch_dataset("bench-convergence-") as (work, dataset):
         print(f"{machine()}; "
-              f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds, seed {args.seed}", flush=True)
+              f"tiny preset, 4 miners × 6 × 128 tokens per round, {args.rounds} rounds, seed {args.seed}, "
+              f"aggregator {args.aggregator}", flush=True)
         reports = {}
         for strategy in strategies:
             started = time.perf_counter()

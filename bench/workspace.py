@@ -33,5 +33,17 @@ def scratch_dataset(prefix: str, *, sequence_length: int = 128, held_out_pages: 
 
 
 def machine() -> str:
-    """Today's date, the CPU count and the processor: where a printed figure comes from."""
-    return f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    """Today's date, the CPU count and the processor's model: where a printed figure comes from. The model matters
+    beyond speed: another CPU's kernels round otherwise, and a 200-round training run ends up to 1.5 % apart on one
+    seed (bench/RESULTS.md "What the aggregator's rule costs")."""
+    return f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {_cpu_model()}"
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's "model name" where there is one (Linux), else what `platform` says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return f"{value.strip()} ({platform.machine()})"
+    return platform.processor() or platform.machine()
