@@ -4,8 +4,10 @@ noise ε (Δ · (1 + ε·N(0, 1)), a stand-in for other kernels' rounding; bf16'
 differences pass through the inner steps and are correlated, which this does not model) and encoded from the same
 error feedback. Printed per ε (0: the control, Δ as rebuilt from the state, which carries float32 rounding): the
 file's values as one vector against the unperturbed file (what a check weighs against its tolerance), how many kept
-positions moved, how many codes moved at the positions both keep, and the largest tie-free state tensor's difference
-(what the state check weighs).
+positions moved and the largest selection gap among them (sparseloco.selection_gaps: how far below the unperturbed
+top-k's smallest |β·e + Δ| in its chunk, relative; a check refuses a position above its values' tolerance), how many
+codes moved at the positions both keep, and the largest tie-free state tensor's difference (what the state check
+weighs).
 
     python bench/replay_noise.py                  # tiny, CPU
     python bench/replay_noise.py --preset small
@@ -28,7 +30,7 @@ from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, load_parameters_, parameters_of  # noqa: E402
-from templar_lib.sparseloco import flat_positions  # noqa: E402
+from templar_lib.sparseloco import flat_positions, selection_gaps  # noqa: E402
 from templar_lib.spot_check import relative_difference, values_difference  # noqa: E402
 from templar_lib.strategies import strategy_of  # noqa: E402
 
@@ -64,21 +66,24 @@ def main() -> None:
     delta = {name: accumulated[f"error.{name}"] - hparams.error_decay * errors[name] for name in sent}
     print(f"{platform.machine()}, torch {torch.__version__}; {args.preset}, window {args.windows - 1} (carried), "
           f"{sum(s.idx.numel() for s in sent.values())} kept values")
-    print("| ε | values, whole file | kept positions moved | codes moved (positions both keep) | largest tie-free "
-          "state tensor |")
-    print("|---|---|---|---|---|")
+    print("| ε | values, whole file | kept positions moved | their largest selection gap | codes moved (positions "
+          "both keep) | largest tie-free state tensor |")
+    print("|---|---|---|---|---|---|")
     noise = torch.Generator().manual_seed(0)
     for eps in (float(e) for e in args.noise.split(",")):
         rounded, after = strategy.encode({name: d * (1 + eps * torch.randn(d.shape, generator=noise))
                                           for name, d in delta.items()}, errors)
         moved = codes = 0
+        gap = 0.0
         for name in sent:
             ours, theirs = kept(sent[name]), kept(rounded[name])
             moved += len(theirs.keys() - ours.keys())
+            gap = max(gap, float(selection_gaps(accumulated[f"error.{name}"], sent[name], rounded[name]).max()))
             codes += sum(ours[p] != theirs[p] for p in ours.keys() & theirs.keys())
         free_state = strategy.tie_free_state({f"error.{n}": e for n, e in after.items()}, rounded)
         free = max(relative_difference(free_state[key], accumulated[key]) for key in free_state)
-        print(f"| {eps:g} | {values_difference(rounded, sent):.3g} | {moved} | {codes} | {free:.3g} |", flush=True)
+        print(f"| {eps:g} | {values_difference(rounded, sent):.3g} | {moved} | {gap:.2g} | {codes} | {free:.3g} |",
+              flush=True)
 
 
 if __name__ == "__main__":

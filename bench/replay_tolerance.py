@@ -3,7 +3,9 @@ as a one-peer outer step between them), then its last window is replayed from th
 that run other kernels: the same settings again, one thread, and the AVX2 kernels of this build (ATen, MKL and oneDNN
 capped at AVX2: a validator on an older CPU than its miner). Each replay is compared with the miner's file the way a
 check compares them: the file's bytes, its values as one vector (relative L2), each parameter's values, each tensor of
-the state after.
+the state after, and (sparseloco) how far from a tie of the replay's top-k the positions the miner kept and the
+replay did not are: 1 − |a_j| / t_c, t_c the smallest |β·e + Δ| the replay kept in the chunk (a check refuses a file
+where that is above the values' tolerance: sparseloco.off_selection).
 
     python bench/replay_tolerance.py                                   # tiny and small, both strategies, CPU
     python bench/replay_tolerance.py --presets 1b --device cuda --sequence-length 2048   (GPU: pending, no device lent)
@@ -30,6 +32,7 @@ from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, load_parameters_  # noqa: E402
+from templar_lib.sparseloco import flat_positions, selection_gaps  # noqa: E402
 from templar_lib.spot_check import ZEROS, relative_difference, sent_values, values_difference  # noqa: E402
 from templar_lib.strategies import strategy_of  # noqa: E402
 
@@ -95,7 +98,7 @@ def compare(args, miner: Path, replay: Path) -> str:
     read = [strategy.read_gradient(p.joinpath("file").read_bytes(), window=args.windows - 1, uid=1, shapes=shapes)
             for p in (miner, replay)]
     if miner.joinpath("file").read_bytes() == replay.joinpath("file").read_bytes():
-        return "bit for bit | 0 | 0 | 0 | 0 |"
+        return "bit for bit | 0 | 0 | 0 | 0 | 0 | 0 |"
     whole = values_difference(read[1].tensors, read[0].tensors)
     name, largest = max(((n, relative_difference(sent_values(read[1].tensors[n]), sent_values(read[0].tensors[n])))
                          for n in shapes), key=lambda x: x[1])
@@ -105,8 +108,24 @@ def compare(args, miner: Path, replay: Path) -> str:
     tie_free = [strategy.tie_free_state(s, g.tensors) for s, g in zip(states, read)]  # what a check compares
     free_key, free = max(((k, relative_difference(tie_free[1][k], v)) for k, v in tie_free[0].items()),
                          key=lambda x: x[1])
+    moved, gap = off_ties(tie_free[1], read[1].tensors, read[0].tensors)
     return (f"other bytes | {whole:.2g} | {largest:.2g} ({name[6:40]}) | {state:.2g} ({key[:40]}) | {free:.2g} "
-            f"({free_key[:40]}) |")
+            f"({free_key[:40]}) | {moved} | {gap:.2g} |")
+
+
+def off_ties(replay_state, replay, sent) -> tuple[int | str, float]:
+    """(how many positions `sent` keeps that `replay` does not, the largest selection gap among them:
+    sparseloco.selection_gaps against the replay's accumulation β·e + Δ). ("–", 0) for demo."""
+    if not all(f"error.{name}" in replay_state for name in sent):
+        return "–", 0.0
+    moved, gap = 0, 0.0
+    for name, delta in sent.items():
+        kept = set(flat_positions(replay[name]).reshape(-1).tolist())
+        new = torch.tensor([p not in kept for p in flat_positions(delta).reshape(-1).tolist()]).view(delta.idx.shape)
+        moved += int(new.sum())
+        if new.any():
+            gap = max(gap, float(selection_gaps(replay_state[f"error.{name}"], replay[name], delta)[new].max()))
+    return moved, gap
 
 
 def run_case(args, preset: str, strategy: str, windows: int) -> None:
@@ -157,8 +176,9 @@ def main() -> None:
               f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}; {args.pages} pages × 2 × "
               f"{args.sequence_length} tokens a window")
         print("| preset | strategy | window replayed | replay | file | values, whole file (rel. L2) | largest "
-              "parameter | largest state tensor | largest tie-free state tensor (what a check compares) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "parameter | largest state tensor | largest tie-free state tensor (what a check compares) | positions "
+              "kept otherwise | their largest gap to a tie |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         cases = [(preset, strategy, int(windows)) for preset in args.presets.split(",")
                  for strategy in args.strategies.split(",") for windows in args.windows.split(",")]
         for case in cases:

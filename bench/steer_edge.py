@@ -20,7 +20,15 @@ tol · ‖β·e + Δ‖ of its error feedback, so that nothing is owed):
 - `descent, turn`: the same, the parameters ranked by their room over their sent norm (the largest turn of a
   direction first: the validator scales each parameter to a fixed norm, so a turn is what it sees);
 - `aimed, turn`: that ranking toward sign(g_worst − g_generic) on its kept positions, a first-order direction aimed
-  at the score itself (the worst own page's improvement minus the random pages').
+  at the score itself (the worst own page's improvement minus the random pages');
+- `swap`: positions moved instead of values: in a chunk, the kept value least aligned with g is given up for the
+  position outside the file with the largest |g|, at the quantisation level that gains most per unit of the values'
+  room, the chunks whose swap gains most (weighted by the scale the validator scores each parameter at, estimated
+  on the miner's own random draw) first. A check's state room does not see a swap: the state it compares, error
+  feedback plus what was sent, is the accumulation either way; only the values' room bounds it, and since
+  2026-12-08 the check's rule on positions (sparseloco.off_selection: a position the replay does not keep must be
+  a near-tie of its top-k);
+- `swap, near-ties`: the same among the positions that rule lets pass.
 Beside them, for scale, `gradient_sign`'s file whole (what no check lets pass: it is far outside both rooms). A
 variant the norm rule would refuse scores 0, as the validator scores it.
 """
@@ -43,7 +51,7 @@ from templar_lib.roles.validator import evaluate_gradient  # noqa: E402
 from templar_lib.scoring import Losses, score_losses  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from templar_lib.simulate.adversaries import KINDS, Adversary, Turn, _greedy_sent, _sign, _steer_carried  # noqa: E402
-from templar_lib.sparseloco import decode_delta  # noqa: E402
+from templar_lib.sparseloco import SparseDelta, _to_rows, decode_delta, off_selection  # noqa: E402
 from templar_lib.spot_check import values_difference  # noqa: E402
 from templar_lib.training import evaluate_loss, loss_and_gradients  # noqa: E402
 from tests.lib.test_network import STRATEGIES  # noqa: E402
@@ -128,18 +136,67 @@ class Scorer:
         return 0.0 if losses is None else score_losses(self.turn.miner.uid, losses).score
 
 
-def aimed(turn: Turn, honest) -> dict[str, torch.Tensor]:
+def swapped(honest, direction: dict[str, torch.Tensor], weights: dict[str, float], tolerance: float,
+            accumulation: dict[str, torch.Tensor] | None = None) -> dict[str, SparseDelta]:
+    """`honest` with at most one position a chunk swapped, within 0.9 of the values' room (module docstring, `swap`).
+    A swap in a chunk gives up its kept value v_i least aligned with g (the smallest v_i·g_i) for the position j
+    outside the file with the largest |g_j| at level c of the parameter's 4: to first order the file's step gains
+    w·(c·g_j − v_i·g_i) (w the parameter's scoring scale) for c² + v_i² of the values' squared room. With
+    `accumulation` (β·e + Δ per parameter), j only among the near-ties a check lets pass (sparseloco.off_selection
+    at the tolerance)."""
+    sent = {name: decode_delta(delta) for name, delta in honest.tensors.items()}
+    budget = (0.9 * tolerance) ** 2 * sum(norm(dense) ** 2 for dense in sent.values())
+    candidates = []  # (gain per room, room, name, chunk, slot given up, position taken, code)
+    for name, delta in honest.tensors.items():
+        g = _to_rows(direction[name].float(), delta.view, delta.chunk)  # (n_chunks, chunk_size)
+        values = delta.values()  # (n_chunks, k)
+        aligned = values * g.gather(1, delta.idx)
+        slot = aligned.argmin(1, keepdim=True)  # (n_chunks, 1)
+        candidates_g = g.abs().scatter(1, delta.idx, -1.0)  # -1: kept positions out of the running
+        if accumulation is not None:  # and positions the check would refuse
+            a = _to_rows(accumulation[name].float(), delta.view, delta.chunk).abs()
+            near = a >= (1.0 - tolerance) * a.gather(1, delta.idx).amin(dim=1, keepdim=True)
+            candidates_g = torch.where(near, candidates_g, torch.full_like(candidates_g, -1.0))
+        outside, taken = candidates_g.max(1, keepdim=True)  # the largest |g| outside the file
+        levels = (delta.table.float() + delta.shift)[None, :]  # (1, bins)
+        gain = levels * g.gather(1, taken) - aligned.gather(1, slot)  # (n_chunks, bins)
+        room = levels ** 2 + values.gather(1, slot) ** 2
+        ratio = torch.where((gain > 0) & (outside >= 0), weights[name] * gain / room, torch.zeros_like(gain))
+        # (outside < 0: no position the file does not keep, or none the check lets pass)
+        best, code = ratio.max(1)
+        for chunk in torch.nonzero(best > 0).flatten().tolist():
+            c = int(code[chunk])
+            candidates.append((float(best[chunk]), float(room[chunk, c]), name, chunk, int(slot[chunk]),
+                               int(taken[chunk]), c))
+    swaps: dict[str, list[tuple[int, int, int, int]]] = {}
+    for _, cost, name, *swap in sorted(candidates, reverse=True):
+        if cost <= budget:
+            budget -= cost
+            swaps.setdefault(name, []).append(tuple(swap))
+    moved = dict(honest.tensors)
+    for name, chosen in swaps.items():
+        delta = honest.tensors[name]
+        idx, codes = delta.idx.clone(), delta.codes.clone()
+        for chunk, slot, taken, code in chosen:
+            idx[chunk, slot], codes[chunk, slot] = taken, code
+        order = idx.argsort(1)  # positions increasing within a chunk, as the wire writes them
+        moved[name] = SparseDelta(delta.shape, delta.chunk, idx.gather(1, order), codes.gather(1, order),
+                                  delta.shift, delta.table)
+    return moved
+
+
+def aimed(turn: Turn, honest, own: Scorer) -> dict[str, torch.Tensor]:
     """A first-order direction aimed at the score itself (the worst own page's improvement minus the random pages'):
     sign(g_worst − g_generic) on its kept positions, where g_worst is the gradient on the own page its honest file
-    improves least and g_generic the gradient on 2 pages of its own random draw (the validator's are unknown to it)."""
-    own = Scorer(turn, seed=f"steer-edge-miner:{turn.miner.uid}")
+    improves least and g_generic the gradient on 2 pages of `own`'s random draw (the miner's stand-in for the
+    validator's, which are unknown to it)."""
     improvements = [before - after for before, after in own.losses(honest).own_pages]
     worst = gradients_on(turn, [turn.own_pages()[improvements.index(min(improvements))]])
     generic = gradients_on(turn, own.random_ids)
     return on_its_positions(honest, {name: worst[name] - generic[name] for name in worst})
 
 
-VARIANTS = ("uniform", "by room", "descent", "descent, turn", "aimed, turn")
+VARIANTS = ("uniform", "by room", "descent", "descent, turn", "aimed, turn", "swap", "swap, near-ties")
 
 
 def probe(rows: list[dict]):
@@ -153,18 +210,31 @@ def probe(rows: list[dict]):
         turn.miner.own = before  # and again, honestly, from the same state: the file it sends
         honest = turn.honest()
         greedy = _greedy_sent(turn, _sign, honest)
-        descent = on_its_positions(honest, gradients_on(turn, turn.own_pages()))
+        gradient = gradients_on(turn, turn.own_pages())
+        owed = turn.strategy.tie_free_state(turn.miner.own, honest.tensors)  # β·e + Δ: what the top-k chose from
+        descent = on_its_positions(honest, gradient)
+        miners_view = Scorer(turn, seed=f"steer-edge-miner:{turn.miner.uid}")  # the miner's own random draw
+        weights = {name: turn.strategy.scoring_scale(name, decode_delta(delta), miners_view.reference)
+                   for name, delta in honest.tensors.items()}
         variants = {"honest": honest.tensors, "uniform": uniform,
                     "by room": steered(turn, honest, {n: decode_delta(g) for n, g in greedy.items()}),
                     "descent": steered(turn, honest, descent),
                     "descent, turn": steered(turn, honest, descent, relative=True),
-                    "aimed, turn": steered(turn, honest, aimed(turn, honest), relative=True), "greedy": greedy}
+                    "aimed, turn": steered(turn, honest, aimed(turn, honest, miners_view), relative=True),
+                    "swap": swapped(honest, gradient, weights, turn.hparams.spot_check_tolerance),
+                    "swap, near-ties": swapped(honest, gradient, weights, turn.hparams.spot_check_tolerance,
+                                               {name: owed["error." + name] for name in honest.tensors}),
+                    "greedy": greedy}
         validator = Scorer(turn, seed="steer-edge")
         rows.append({"window": turn.window,
                      **{name: validator.score(honest.with_tensors(sent)) for name, sent in variants.items()},
                      **{f"moved {name}": values_difference(honest.tensors, sent) for name, sent in variants.items()},
                      **{f"parameters {name}": sum(not torch.equal(decode_delta(sent[n]), decode_delta(d))
                                                   for n, d in honest.tensors.items())
+                        for name, sent in variants.items()},
+                     **{f"strays {name}": sum(off_selection(owed["error." + n], d, sent[n],
+                                                            turn.hparams.spot_check_tolerance)
+                                              for n, d in honest.tensors.items())
                         for name, sent in variants.items()}})
         return turn.write(honest)
     return upload
@@ -201,9 +271,11 @@ def main() -> None:
             for name in VARIANTS + ("greedy",):
                 ratios = [row[name] / row["honest"] for row in rows if row["honest"] > 0]
                 gained = statistics.mean(row[name] - row["honest"] for row in rows)
+                strays = statistics.mean(row["strays " + name] for row in rows)
                 print(f"{name}: score over honest, mean {statistics.mean(ratios):.4f}, min {min(ratios):.4f}, "
                       f"max {max(ratios):.4f} over {len(ratios)} windows; score gained, mean {gained:+.2e} "
-                      f"(honest mean {statistics.mean(row['honest'] for row in rows):.2e})")
+                      f"(honest mean {statistics.mean(row['honest'] for row in rows):.2e}); positions a check "
+                      f"refuses (sparseloco.off_selection), mean {strays:.1f} a window")
 
 if __name__ == "__main__":
     main()

@@ -270,6 +270,24 @@ def decode_delta(sent: SparseDelta) -> torch.Tensor:
     return _from_rows(rows, sent.shape, sent.view, sent.chunk)
 
 
+def selection_gaps(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta) -> torch.Tensor:
+    """How far each position `sent` keeps is from the top-k of `accumulation` (β·e + Δ, the parameter's shape) that
+    `replay` is: 1 − |a_j| / t_c, t_c the smallest |a| the replay keeps in chunk c. (n_chunks, k) float32 in sent's
+    order: ≤ 0 where the replay keeps the position too (or it ties t_c), > 0 by how much it fell short; NaN in a
+    chunk whose t_c is 0 (nothing there to choose). replay, sent: of accumulation's shape, in the same chunks."""
+    rows = _to_rows(accumulation.float(), replay.view, replay.chunk).abs()  # (n_chunks, chunk_size)
+    threshold = rows.gather(1, replay.idx).amin(dim=1, keepdim=True)  # (n_chunks, 1)
+    return 1.0 - rows.gather(1, sent.idx) / threshold
+
+
+def off_selection(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta, slack: float) -> int:
+    """How many positions `sent` keeps that the top-k of `accumulation` would not choose with its ties and near-ties
+    broken any other way: a selection gap above `slack` (selection_gaps). Rounding on other kernels moves a_j and t_c
+    by about its own scale, so an honest file passes at a slack above it, and a position taken from anywhere else in
+    the chunk does not."""
+    return int((selection_gaps(accumulation, replay, sent) > slack).sum())
+
+
 def feedback_gain(decay: float, windows: int, topk: int = TOPK, chunk_size: int = TARGET_CHUNK ** 2) -> float:
     """How much an error feedback of decay β amplifies what it sends: ‖top-k(e_t)‖ / ‖Δ_t‖ in the t-th window
     (t = windows ≥ 1, capped at GAIN_WINDOWS) when every window adds an independent Δ_t ~ N(0, 1) per value and

@@ -31,7 +31,8 @@ from templar_lib.hparams import MAX_INNER_BETA1, MAX_INNER_BETA2, MIN_INNER_BETA
 from templar_lib.inner import InnerState, inner_steps
 from templar_lib.model import parameters_of
 from templar_lib.screening import norm_reason
-from templar_lib.sparseloco import SparseDelta, combine_deltas, decode_delta, encode_delta, feedback_gain
+from templar_lib.sparseloco import (SparseDelta, combine_deltas, decode_delta, encode_delta, feedback_gain,
+                                    off_selection)
 from templar_lib.training import loss_and_gradients, miner_autocast
 from templar_lib.wire import (Aggregation, Gradient, gradient_byte_limit, max_aggregation_bytes, read_aggregation,
                               read_gradient, write_aggregation, write_gradient)
@@ -98,6 +99,12 @@ class DemoStrategy:
         was seen on CPU (bench/RESULTS.md "Replay tolerance"); weighed as one vector instead, a small parameter's
         momentum could be made up within the whole's tolerance, and demo's file gives every parameter unit norm."""
         return dict(state)
+
+    def stray_positions(self, replay_state: Mapping[str, torch.Tensor], replay: Mapping[str, Sparse],
+                        sent: Mapping[str, Sparse], slack: float) -> str | None:
+        """Nothing: demo's file is checked by its values and its momentum only (a DCT coefficient kept in place of
+        the replay's moves the momentum at both, within a large tensor's tolerance; not measured)."""
+        return None
 
     def state_shapes(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """What a miner's state holds: the error feedback's momentum, one tensor per parameter."""
@@ -360,6 +367,21 @@ class SparseLoCoStrategy:
         sum; and a file that sends more than its replay must have kept that much less back."""
         return {name: t + decode_delta(sent[name[6:]]).to(t.device, t.dtype) if name.startswith("error.") else t
                 for name, t in state.items()}
+
+    def stray_positions(self, replay_state: Mapping[str, torch.Tensor], replay: Mapping[str, SparseDelta],
+                        sent: Mapping[str, SparseDelta], slack: float) -> str | None:
+        """Why `sent` keeps a position its replay's top-k could not have chosen, or None: per parameter,
+        sparseloco.off_selection against the replay's accumulation (replay_state: tie_free_state of the replay).
+        Neither room of a check sees a position moved: the values' room is of the file as one vector, and the state
+        it compares is the accumulation, the same whichever positions were sent. Unchecked, a miner could give up its
+        least useful kept values for the positions its own gradient favours (bench/steer_edge.py, `swap`); here only
+        ties and near-ties within `slack` of the chunk's k-th largest |β·e + Δ| may differ."""
+        for name in sorted(sent):
+            strays = off_selection(replay_state["error." + name], replay[name], sent[name], slack)
+            if strays:
+                return (f"{name[:80]} keeps {strays} position(s) its replay's top-k would not choose (below "
+                        f"{1 - slack:g} of the chunk's k-th largest accumulated value)")
+        return None
 
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,
                      step: int, reference: NormReference | None = None) -> None:

@@ -309,7 +309,9 @@ def _steer(turn: Turn, *, pays: bool = True, fresh_every_window: bool = False) -
     what it sent beyond its honest file (as the check's tie-free state requires: `pays`; without, it keeps back
     nothing and the state check alone stands in its way), from no state every window where `fresh_every_window`
     (the values' room at a fresh start, and nothing owed carried on). What it earns over honest work is what the
-    tolerance leaves a miner (spot_check.py)."""
+    tolerance leaves a miner (spot_check.py). At a fresh start (its first window) the blend re-encodes some
+    positions away from the top-k's near-ties, which a check's rule on positions refuses: it is banned at its first
+    check (since 2026-12-08; before, it passed every check and earned no more than honest work)."""
     if fresh_every_window:
         turn.miner.own = None
     fresh = turn.miner.own is None

@@ -24,6 +24,7 @@ from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDI
 from templar_lib.roles.validator import evaluate_window
 from templar_lib.scoring import Score, zero_score
 from templar_lib.simulate.adversaries import kept_back
+from templar_lib.sparseloco import _to_rows
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
 from templar_lib.state import StateStore, WriteBehind
@@ -148,18 +149,34 @@ def test_a_tolerance_passes_a_near_replay_and_names_what_differs(name, model_and
     assert "relative difference" in run(thin)
 
 
-def tie_broken_otherwise(sent):
+def tie_broken_otherwise(sent, accumulation=None, *, far=False):
     """One parameter's entry with its first chunk's smallest kept value moved to a position it did not keep: what a
-    top-k tie broken the other way by another machine's rounding does (a tie at the k-th largest)."""
+    top-k tie broken the other way by another machine's rounding does. Where the top-k's accumulation is known
+    (sparseloco: β·e + Δ), to the position next in line (the largest |a| not kept; `far`: the smallest, which no
+    rounding would choose); otherwise to the first position not kept."""
     values = sent.vals[0].float() if hasattr(sent, "vals") else sent.table[sent.codes[0].long()] + sent.shift
     idx, kept, smallest = sent.idx.clone(), set(sent.idx[0].tolist()), int(values.abs().argmin())
-    idx[0, smallest] = next(p for p in range(int(torch.tensor(sent.chunk).prod())) if p not in kept)
+    unkept = [p for p in range(int(torch.tensor(sent.chunk).prod())) if p not in kept]
+    if accumulation is not None:
+        row = _to_rows(accumulation, sent.view, sent.chunk)[0].abs()
+        unkept = sorted(unkept, key=lambda p: float(row[p]), reverse=not far)
+    idx[0, smallest] = unkept[0]
     order = idx[0].argsort()
     idx[0] = idx[0][order]
     field = "codes" if hasattr(sent, "codes") else "vals"
     values = getattr(sent, field).clone()
     values[0] = values[0][order]
     return dataclasses.replace(sent, idx=idx, **{field: values})
+
+
+def tie_gap(sent, moved, accumulation) -> float:
+    """How far from a tie `moved` took its new position: 1 − |a_new| / t, t the smallest |a| `sent` keeps in the
+    first chunk (0 where the accumulation is not known: demo)."""
+    if accumulation is None:
+        return 0.0
+    row = _to_rows(accumulation, sent.view, sent.chunk)[0].abs()
+    new = set(moved.idx[0].tolist()) - set(sent.idx[0].tolist())
+    return 1.0 - float(row[list(new)].min()) / float(row[sent.idx[0]].min())
 
 
 def replayed_once(monkeypatch, strategy) -> None:
@@ -183,7 +200,9 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
     start), and what the miner keeps back moves with it. The values are weighed as one vector, so a tolerance above
     the file's share passes it, however large the parameter's own share; a tolerance below it does not, except at a
     sparseloco fresh start (FRESH_START_SLACK times it: such ties are many). The state after is weighed in a form
-    the tie does not move, so a file that sends more than its replay and keeps back nothing less fails there."""
+    the tie does not move, so a file that sends more than its replay and keeps back nothing less fails there. And
+    under sparseloco the position must be a near-tie of the replay's top-k: the same move to a position no rounding
+    would choose, within both rooms, fails (bench/steer_edge.py, `swap`)."""
     data = Dataset.open(dataset)  # the small preset: a file of ≈ 200 k values, where one moved is ≈ 0.3 % of it
     model = build_model("small", seed=0, vocab_size=data.vocab_size)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -195,32 +214,51 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
     for start, (file, before, after) in files.items():
         sent = read_sent(bit_for_bit, file, model)
         smallest = min((n for n in shapes if len(shapes[n]) == 2), key=lambda n: float(sent_values(sent[n]).norm()))
-        moved = {**sent, smallest: tie_broken_otherwise(sent[smallest])}
-        of_file = values_difference(moved, sent)
-        of_parameter = relative_difference(sent_values(moved[smallest]), sent_values(sent[smallest]))
+        accumulation = bit_for_bit.tie_free_state(after, sent)["error." + smallest] if name == "sparseloco" else None
+        moves = {"tie": tie_broken_otherwise(sent[smallest], accumulation)}
+        if accumulation is not None:
+            moves["far"] = tie_broken_otherwise(sent[smallest], accumulation, far=True)
+        moved = {move: {**sent, smallest: entry} for move, entry in moves.items()}
+        of_file = values_difference(moved["tie"], sent)
+        of_parameter = relative_difference(sent_values(moved["tie"][smallest]), sent_values(sent[smallest]))
         assert 0 < 3 * of_file < of_parameter  # demo: every parameter's values have unit norm, a share of √(#params)
         fresh_passes = start == "fresh" and bit_for_bit.FRESH_START_SLACK > 2
-        states_after = {"kept back": kept_back(after, moved, sent), "as without the tie": after}
-        cases = [((of_file * of_parameter) ** 0.5, "kept back", True),
-                 (of_file / 2, "kept back", fresh_passes),
-                 (of_file / (2 * bit_for_bit.FRESH_START_SLACK), "kept back", False)]
+        slack = bit_for_bit.FRESH_START_SLACK if start == "fresh" else 1.0
+        # a tolerance the values pass, and the position too: the next in line is a tie within it (a real one at
+        # rounding's scale, this one at its gap)
+        gap = tie_gap(sent[smallest], moves["tie"], accumulation)
+        passing = max((of_file * of_parameter) ** 0.5, 1.01 * gap / slack)
+        states_after = {(move, "kept back"): kept_back(after, moved[move], sent) for move in moved}
+        states_after["tie", "as without the tie"] = after
+        cases = [(passing, "tie", "kept back", True),
+                 (of_file / 2, "tie", "kept back", fresh_passes),
+                 (of_file / (2 * bit_for_bit.FRESH_START_SLACK), "tie", "kept back", False)]
         if name == "sparseloco":  # the same file from a miner that kept back what it would have without the tie:
-            slack = bit_for_bit.FRESH_START_SLACK if start == "fresh" else 1.0  # the values just pass
-            cases.append((1.01 * of_file / slack, "as without the tie", "state"))
+            cases.append((1.01 * of_file / slack, "tie", "as without the tie", "state"))  # the values just pass
+            # a position far from any tie, what the miner keeps back and its values within both rooms: the position
+            far = tie_gap(sent[smallest], moves["far"], accumulation)
+            assert values_difference(moved["far"], sent) <= passing and passing * slack < far  # its value: the tie's
+            cases.append((passing, "far", "kept back", "position"))
         buckets = {}  # what the miner puts depends on its state alone (every tolerance here is above 0): put once
-        for n, (tolerance, state, passes) in enumerate(cases):
+        for n, (tolerance, move, state, passes) in enumerate(cases):
             hparams = FAST.replace(strategy=name, spot_check_tolerance=tolerance)
-            strategy, state_after = strategy_of(hparams), states_after[state]
-            if state not in buckets:
-                buckets[state] = LocalBucket(tmp_path / f"miner-{start}-{len(buckets)}")
-                answer(1, 1, seed="close", before=before, after=state_after, bucket=buckets[state], hparams=hparams)
-            near = strategy.write_gradient(1, 1, moved, model_hash="ab" * 16, state=commitment(before, state_after))
-            reason = checker(strategy, model, data, buckets[state], 1, 1)(near)
+            strategy, state_after = strategy_of(hparams), states_after[move, state]
+            if (move, state) not in buckets:
+                buckets[move, state] = LocalBucket(tmp_path / f"miner-{start}-{len(buckets)}")
+                answer(1, 1, seed="close", before=before, after=state_after, bucket=buckets[move, state],
+                       hparams=hparams)
+            near = strategy.write_gradient(1, 1, moved[move], model_hash="ab" * 16,
+                                           state=commitment(before, state_after))
+            reason = checker(strategy, model, data, buckets[move, state], 1, 1)(near)
             if passes is True:
                 assert reason is None, (start, n, reason)
             elif passes == "state":
                 assert reason.startswith(f"replaying its window from its committed state gives another state error."
                                          f"{smallest}"), (start, reason)
+            elif passes == "position":
+                assert reason == (f"replaying its window from its committed state: {smallest} keeps 1 position(s) "
+                                  f"its replay's top-k would not choose (below {1 - tolerance * slack:g} of the "
+                                  f"chunk's k-th largest accumulated value)"), (start, reason)
             else:
                 assert reason.startswith("replaying its window from its committed state gives other values"), reason
 
