@@ -121,7 +121,7 @@ def main() -> None:
     kernels.SETTINGS = dataclasses.replace(kernels.SETTINGS, decode_warps=decode_warps)
     round_trip = median_ms(lambda: kernels.round_trip(m, g, decay=0.999, lr=1e-3, topk=args.topk, target_chunk=64,
                                                       value_dtype="int8"), device, args.repeats)
-    report(f"round trip (int8 values), fastest settings", round_trip, 20)
+    report("round trip (int8 values), fastest settings", round_trip, 20)
     print(f"  settings used below: {kernels.SETTINGS}", flush=True)
     if args.preset:
         del g, m, sparse

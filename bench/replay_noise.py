@@ -4,8 +4,9 @@ noise ε (Δ · (1 + ε·N(0, 1)), a stand-in for other kernels' rounding; bf16'
 differences pass through the inner steps and are correlated, which this does not model) and encoded from the same
 error feedback. Printed per ε (0: the control, Δ as rebuilt from the state, which carries float32 rounding): the
 file's values as one vector against the unperturbed file (what a check weighs against its tolerance), how many kept
-positions moved and the largest selection gap among them (sparseloco.selection_gaps: how far below the unperturbed
-top-k's smallest |β·e + Δ| in its chunk, relative; a check refuses a position above its values' tolerance), how many
+positions moved and the largest selection gap of a position kept or dropped otherwise (sparseloco.selection_gaps:
+how far below the unperturbed top-k's smallest |β·e + Δ| in its chunk, or above the largest it did not keep,
+relative; a check refuses a position moved beyond its tolerance), how many
 codes moved at the positions both keep, and the largest tie-free state tensor's difference (what the state check
 weighs).
 
@@ -78,7 +79,8 @@ def main() -> None:
         for name in sent:
             ours, theirs = kept(sent[name]), kept(rounded[name])
             moved += len(theirs.keys() - ours.keys())
-            gap = max(gap, float(selection_gaps(accumulated[f"error.{name}"], sent[name], rounded[name]).max()))
+            sides = selection_gaps(accumulated[f"error.{name}"], sent[name], rounded[name])
+            gap = max([gap, *(float(side.max()) for side in sides if side.numel())])
             codes += sum(ours[p] != theirs[p] for p in ours.keys() & theirs.keys())
         free_state = strategy.tie_free_state({f"error.{n}": e for n, e in after.items()}, rounded)
         free = max(relative_difference(free_state[key], accumulated[key]) for key in free_state)

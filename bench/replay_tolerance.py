@@ -4,8 +4,9 @@ that run other kernels: the same settings again, one thread, and the AVX2 kernel
 capped at AVX2: a validator on an older CPU than its miner). Each replay is compared with the miner's file the way a
 check compares them: the file's bytes, its values as one vector (relative L2), each parameter's values, each tensor of
 the state after, and (sparseloco) how far from a tie of the replay's top-k the positions the miner kept and the
-replay did not are: 1 − |a_j| / t_c, t_c the smallest |β·e + Δ| the replay kept in the chunk (a check refuses a file
-where that is above the values' tolerance: sparseloco.off_selection).
+replay did not, and those it dropped, are (sparseloco.selection_gaps: 1 − |a_j| / t_c and |a_i| / u_c − 1, t_c the
+smallest |β·e + Δ| the replay kept in the chunk, u_c the largest it did not; a check refuses a file where either is
+above the tolerance: sparseloco.off_selection).
 
     python bench/replay_tolerance.py                                   # tiny and small, both strategies, CPU
     python bench/replay_tolerance.py --presets 1b --device cuda --sequence-length 2048   (GPU: pending, no device lent)
@@ -32,7 +33,7 @@ from templar_lib.buckets import LocalBucket  # noqa: E402
 from templar_lib.data import Dataset, build_dataset  # noqa: E402
 from templar_lib.hparams import HParams  # noqa: E402
 from templar_lib.model import build_model, load_parameters_  # noqa: E402
-from templar_lib.sparseloco import flat_positions, selection_gaps  # noqa: E402
+from templar_lib.sparseloco import selection_gaps  # noqa: E402
 from templar_lib.spot_check import ZEROS, relative_difference, sent_values, values_difference  # noqa: E402
 from templar_lib.strategies import strategy_of  # noqa: E402
 
@@ -114,17 +115,15 @@ def compare(args, miner: Path, replay: Path) -> str:
 
 
 def off_ties(replay_state, replay, sent) -> tuple[int | str, float]:
-    """(how many positions `sent` keeps that `replay` does not, the largest selection gap among them:
-    sparseloco.selection_gaps against the replay's accumulation β·e + Δ). ("–", 0) for demo."""
+    """(how many positions `sent` keeps that `replay` does not, the largest selection gap of a position kept or
+    dropped otherwise: sparseloco.selection_gaps against the replay's accumulation β·e + Δ). ("–", 0) for demo."""
     if not all(f"error.{name}" in replay_state for name in sent):
         return "–", 0.0
     moved, gap = 0, 0.0
     for name, delta in sent.items():
-        kept = set(flat_positions(replay[name]).reshape(-1).tolist())
-        new = torch.tensor([p not in kept for p in flat_positions(delta).reshape(-1).tolist()]).view(delta.idx.shape)
-        moved += int(new.sum())
-        if new.any():
-            gap = max(gap, float(selection_gaps(replay_state[f"error.{name}"], replay[name], delta)[new].max()))
+        added, dropped = selection_gaps(replay_state[f"error.{name}"], replay[name], delta)
+        moved += added.numel()
+        gap = max([gap, *(float(side.max()) for side in (added, dropped) if side.numel())])
     return moved, gap
 
 

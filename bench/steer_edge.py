@@ -142,8 +142,8 @@ def swapped(honest, direction: dict[str, torch.Tensor], weights: dict[str, float
     A swap in a chunk gives up its kept value v_i least aligned with g (the smallest v_i·g_i) for the position j
     outside the file with the largest |g_j| at level c of the parameter's 4: to first order the file's step gains
     w·(c·g_j − v_i·g_i) (w the parameter's scoring scale) for c² + v_i² of the values' squared room. With
-    `accumulation` (β·e + Δ per parameter), j only among the near-ties a check lets pass (sparseloco.off_selection
-    at the tolerance)."""
+    `accumulation` (β·e + Δ per parameter), i and j only among the near-ties a check lets pass on either side
+    (sparseloco.off_selection at the tolerance: |a_i| ≤ (1 + tol)·u_c, |a_j| ≥ (1 − tol)·t_c)."""
     sent = {name: decode_delta(delta) for name, delta in honest.tensors.items()}
     budget = (0.9 * tolerance) ** 2 * sum(norm(dense) ** 2 for dense in sent.values())
     candidates = []  # (gain per room, room, name, chunk, slot given up, position taken, code)
@@ -151,18 +151,22 @@ def swapped(honest, direction: dict[str, torch.Tensor], weights: dict[str, float
         g = _to_rows(direction[name].float(), delta.view, delta.chunk)  # (n_chunks, chunk_size)
         values = delta.values()  # (n_chunks, k)
         aligned = values * g.gather(1, delta.idx)
-        slot = aligned.argmin(1, keepdim=True)  # (n_chunks, 1)
         candidates_g = g.abs().scatter(1, delta.idx, -1.0)  # -1: kept positions out of the running
-        if accumulation is not None:  # and positions the check would refuse
+        if accumulation is not None:  # and positions the check would refuse, on either side
             a = _to_rows(accumulation[name].float(), delta.view, delta.chunk).abs()
-            near = a >= (1.0 - tolerance) * a.gather(1, delta.idx).amin(dim=1, keepdim=True)
+            kept = a.gather(1, delta.idx)
+            largest_not_kept = a.scatter(1, delta.idx, -1.0).amax(dim=1, keepdim=True)
+            near = a >= (1.0 - tolerance) * kept.amin(dim=1, keepdim=True)
             candidates_g = torch.where(near, candidates_g, torch.full_like(candidates_g, -1.0))
+            aligned = torch.where(kept <= (1.0 + tolerance) * largest_not_kept, aligned,
+                                  torch.full_like(aligned, torch.inf))
+        slot = aligned.argmin(1, keepdim=True)  # (n_chunks, 1)
         outside, taken = candidates_g.max(1, keepdim=True)  # the largest |g| outside the file
         levels = (delta.table.float() + delta.shift)[None, :]  # (1, bins)
         gain = levels * g.gather(1, taken) - aligned.gather(1, slot)  # (n_chunks, bins)
         room = levels ** 2 + values.gather(1, slot) ** 2
-        ratio = torch.where((gain > 0) & (outside >= 0), weights[name] * gain / room, torch.zeros_like(gain))
-        # (outside < 0: no position the file does not keep, or none the check lets pass)
+        possible = (outside >= 0) & torch.isfinite(aligned.gather(1, slot))  # a position to take and one to give up
+        ratio = torch.where((gain > 0) & possible, weights[name] * gain / room, torch.zeros_like(gain))
         best, code = ratio.max(1)
         for chunk in torch.nonzero(best > 0).flatten().tolist():
             c = int(code[chunk])

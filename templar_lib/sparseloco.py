@@ -270,22 +270,42 @@ def decode_delta(sent: SparseDelta) -> torch.Tensor:
     return _from_rows(rows, sent.shape, sent.view, sent.chunk)
 
 
-def selection_gaps(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta) -> torch.Tensor:
-    """How far each position `sent` keeps is from the top-k of `accumulation` (β·e + Δ, the parameter's shape) that
-    `replay` is: 1 − |a_j| / t_c, t_c the smallest |a| the replay keeps in chunk c. (n_chunks, k) float32 in sent's
-    order: ≤ 0 where the replay keeps the position too (or it ties t_c), > 0 by how much it fell short; NaN in a
-    chunk whose t_c is 0 (nothing there to choose). replay, sent: of accumulation's shape, in the same chunks."""
-    rows = _to_rows(accumulation.float(), replay.view, replay.chunk).abs()  # (n_chunks, chunk_size)
-    threshold = rows.gather(1, replay.idx).amin(dim=1, keepdim=True)  # (n_chunks, 1)
-    return 1.0 - rows.gather(1, sent.idx) / threshold
+def _selection(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta):
+    """(|a| in chunks, the replay's kept mask, sent's kept mask, t_c, u_c): t_c the smallest |a| the replay keeps in
+    chunk c, u_c the largest it does not (−inf where it keeps every position). (n_chunks, chunk_size) and
+    (n_chunks, 1)."""
+    rows = _to_rows(accumulation.float().to(replay.idx.device), replay.view, replay.chunk).abs()
+    kept = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, replay.idx, True)
+    chosen = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, sent.idx, True)
+    t = torch.where(kept, rows, torch.full_like(rows, torch.inf)).amin(dim=1, keepdim=True)
+    u = torch.where(kept, torch.full_like(rows, -torch.inf), rows).amax(dim=1, keepdim=True)
+    return rows, kept, chosen, t, u
+
+
+def selection_gaps(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far from a tie of the top-k of `accumulation` (β·e + Δ, the parameter's shape) that `replay` is, the
+    positions `sent` chose otherwise are: (1 − |a_j| / t_c for each position sent keeps and the replay does not,
+    |a_i| / u_c − 1 for each the replay keeps and sent does not), 1-D float32 each, ≥ 0; t_c is the smallest |a|
+    the replay keeps in chunk c, u_c the largest it does not. For benches: the check is off_selection."""
+    rows, kept, chosen, t, u = _selection(accumulation, replay, sent)
+    added, dropped = chosen & ~kept, kept & ~chosen
+    return (1.0 - rows / t)[added], (rows / u - 1.0)[dropped]
 
 
 def off_selection(accumulation: torch.Tensor, replay: SparseDelta, sent: SparseDelta, slack: float) -> int:
-    """How many positions `sent` keeps that the top-k of `accumulation` would not choose with its ties and near-ties
-    broken any other way: a selection gap above `slack` (selection_gaps). Rounding on other kernels moves a_j and t_c
-    by about its own scale, so an honest file passes at a slack above it, and a position taken from anywhere else in
-    the chunk does not."""
-    return int((selection_gaps(accumulation, replay, sent) > slack).sum())
+    """How many positions `sent` keeps or drops that no rounding of the top-k of `accumulation` would: a position
+    sent keeps and the replay does not needs |a_j| ≥ (1 − slack)·t_c, one the replay keeps and sent drops
+    |a_i| ≤ (1 + slack)·u_c (selection_gaps' t_c, u_c), so both sides of a position moved are near-ties of the
+    chunk's k-th largest. Other kernels' rounding moves a_j, t_c and u_c by about its own scale, so an honest file
+    passes at a slack above it. accumulation's kept entries are a rebuilt sum (e − v̂) + v̂ in float32 (the tie-free
+    state): each side allows 2⁻²² of the chunk's largest |v̂| for it. Compared by products, never divided, so a chunk
+    where everything is 0 (t_c = u_c = 0) passes whatever ties it breaks."""
+    rows, kept, chosen, t, u = _selection(accumulation, replay, sent)
+    slop = 2.0 ** -22 * replay.values().abs().amax(dim=1, keepdim=True).to(rows.device)  # (n_chunks, 1)
+    added = chosen & ~kept & (rows < (1.0 - slack) * t - slop)
+    dropped = kept & ~chosen & (rows > (1.0 + slack) * u + slop)
+    return int(added.sum()) + int(dropped.sum())
 
 
 def feedback_gain(decay: float, windows: int, topk: int = TOPK, chunk_size: int = TARGET_CHUNK ** 2) -> float:

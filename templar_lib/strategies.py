@@ -370,17 +370,17 @@ class SparseLoCoStrategy:
 
     def stray_positions(self, replay_state: Mapping[str, torch.Tensor], replay: Mapping[str, SparseDelta],
                         sent: Mapping[str, SparseDelta], slack: float) -> str | None:
-        """Why `sent` keeps a position its replay's top-k could not have chosen, or None: per parameter,
+        """Why `sent` keeps or drops a position its replay's top-k could not have, or None: per parameter,
         sparseloco.off_selection against the replay's accumulation (replay_state: tie_free_state of the replay).
         Neither room of a check sees a position moved: the values' room is of the file as one vector, and the state
         it compares is the accumulation, the same whichever positions were sent. Unchecked, a miner could give up its
-        least useful kept values for the positions its own gradient favours (bench/steer_edge.py, `swap`); here only
-        ties and near-ties within `slack` of the chunk's k-th largest |β·e + Δ| may differ."""
+        least useful kept values for the positions its own gradient favours (bench/steer_edge.py, `swap`); here both
+        sides of a position moved must be near-ties, within `slack` of the chunk's k-th largest |β·e + Δ|."""
         for name in sorted(sent):
             strays = off_selection(replay_state["error." + name], replay[name], sent[name], slack)
             if strays:
-                return (f"{name[:80]} keeps {strays} position(s) its replay's top-k would not choose (below "
-                        f"{1 - slack:g} of the chunk's k-th largest accumulated value)")
+                return (f"{name[:80]} keeps or drops {strays} position(s) no tie of its replay's top-k would "
+                        f"(beyond {slack:g} of the chunk's k-th largest accumulated value)")
         return None
 
     def apply_alone_(self, parameters: Mapping[str, torch.Tensor], gradient: SparseGradient, *, window: int,

@@ -24,7 +24,7 @@ from templar_lib.roles.spot_checks import (BANNED, MINORITY_RESET_WINDOWS, PENDI
 from templar_lib.roles.validator import evaluate_window
 from templar_lib.scoring import Score, zero_score
 from templar_lib.simulate.adversaries import kept_back
-from templar_lib.sparseloco import _to_rows
+from templar_lib.sparseloco import _to_rows, selection_gaps
 from templar_lib.spot_check import (ZEROS, answer, check, commitment, committed, drawn, linked, relative_difference,
                                     sent_values, state_digest, values_difference)
 from templar_lib.state import StateStore, WriteBehind
@@ -149,18 +149,22 @@ def test_a_tolerance_passes_a_near_replay_and_names_what_differs(name, model_and
     assert "relative difference" in run(thin)
 
 
-def tie_broken_otherwise(sent, accumulation=None, *, far=False):
-    """One parameter's entry with its first chunk's smallest kept value moved to a position it did not keep: what a
-    top-k tie broken the other way by another machine's rounding does. Where the top-k's accumulation is known
-    (sparseloco: β·e + Δ), to the position next in line (the largest |a| not kept; `far`: the smallest, which no
-    rounding would choose); otherwise to the first position not kept."""
+def tie_broken_otherwise(sent, accumulation=None, *, move="tie"):
+    """One parameter's entry with a kept value of its first chunk moved to a position it did not keep. Without the
+    top-k's accumulation (demo), its smallest value to the first position not kept. With it (sparseloco: β·e + Δ),
+    `move` says which: "tie", the kept position of the smallest |a| to the largest |a| not kept (what a tie broken
+    the other way by another machine's rounding does); "far", the same value to the smallest |a| not kept; "drop",
+    the kept position of the largest |a| to the largest |a| not kept (no rounding would do either)."""
     values = sent.vals[0].float() if hasattr(sent, "vals") else sent.table[sent.codes[0].long()] + sent.shift
-    idx, kept, smallest = sent.idx.clone(), set(sent.idx[0].tolist()), int(values.abs().argmin())
+    idx, kept = sent.idx.clone(), set(sent.idx[0].tolist())
     unkept = [p for p in range(int(torch.tensor(sent.chunk).prod())) if p not in kept]
-    if accumulation is not None:
+    if accumulation is None:
+        slot, new = int(values.abs().argmin()), unkept[0]
+    else:
         row = _to_rows(accumulation, sent.view, sent.chunk)[0].abs()
-        unkept = sorted(unkept, key=lambda p: float(row[p]), reverse=not far)
-    idx[0, smallest] = unkept[0]
+        slot = int(row[idx[0]].argmax() if move == "drop" else row[idx[0]].argmin())
+        new = min(unkept, key=lambda p: float(row[p])) if move == "far" else max(unkept, key=lambda p: float(row[p]))
+    idx[0, slot] = new
     order = idx[0].argsort()
     idx[0] = idx[0][order]
     field = "codes" if hasattr(sent, "codes") else "vals"
@@ -170,13 +174,11 @@ def tie_broken_otherwise(sent, accumulation=None, *, far=False):
 
 
 def tie_gap(sent, moved, accumulation) -> float:
-    """How far from a tie `moved` took its new position: 1 − |a_new| / t, t the smallest |a| `sent` keeps in the
-    first chunk (0 where the accumulation is not known: demo)."""
+    """How far from a tie of `sent`'s top-k `moved` took its positions, on either side (sparseloco.selection_gaps;
+    0 where the accumulation is not known: demo)."""
     if accumulation is None:
         return 0.0
-    row = _to_rows(accumulation, sent.view, sent.chunk)[0].abs()
-    new = set(moved.idx[0].tolist()) - set(sent.idx[0].tolist())
-    return 1.0 - float(row[list(new)].min()) / float(row[sent.idx[0]].min())
+    return max(float(side.max()) for side in selection_gaps(accumulation, sent, moved) if side.numel())
 
 
 def replayed_once(monkeypatch, strategy) -> None:
@@ -201,8 +203,9 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
     the file's share passes it, however large the parameter's own share; a tolerance below it does not, except at a
     sparseloco fresh start (FRESH_START_SLACK times it: such ties are many). The state after is weighed in a form
     the tie does not move, so a file that sends more than its replay and keeps back nothing less fails there. And
-    under sparseloco the position must be a near-tie of the replay's top-k: the same move to a position no rounding
-    would choose, within both rooms, fails (bench/steer_edge.py, `swap`)."""
+    under sparseloco both sides of a position moved must be near-ties of the replay's top-k: the value moved to a
+    position no rounding would choose, or the largest given up for the next in line, within both rooms, fails
+    (bench/steer_edge.py, `swap`)."""
     data = Dataset.open(dataset)  # the small preset: a file of ≈ 200 k values, where one moved is ≈ 0.3 % of it
     model = build_model("small", seed=0, vocab_size=data.vocab_size)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -217,17 +220,16 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
         accumulation = bit_for_bit.tie_free_state(after, sent)["error." + smallest] if name == "sparseloco" else None
         moves = {"tie": tie_broken_otherwise(sent[smallest], accumulation)}
         if accumulation is not None:
-            moves["far"] = tie_broken_otherwise(sent[smallest], accumulation, far=True)
+            moves |= {move: tie_broken_otherwise(sent[smallest], accumulation, move=move) for move in ("far", "drop")}
         moved = {move: {**sent, smallest: entry} for move, entry in moves.items()}
         of_file = values_difference(moved["tie"], sent)
         of_parameter = relative_difference(sent_values(moved["tie"][smallest]), sent_values(sent[smallest]))
         assert 0 < 3 * of_file < of_parameter  # demo: every parameter's values have unit norm, a share of √(#params)
         fresh_passes = start == "fresh" and bit_for_bit.FRESH_START_SLACK > 2
         slack = bit_for_bit.FRESH_START_SLACK if start == "fresh" else 1.0
-        # a tolerance the values pass, and the position too: the next in line is a tie within it (a real one at
-        # rounding's scale, this one at its gap)
-        gap = tie_gap(sent[smallest], moves["tie"], accumulation)
-        passing = max((of_file * of_parameter) ** 0.5, 1.01 * gap / slack)
+        # a tolerance the values pass, and the positions too: the next in line is a tie within it (a real one within
+        # rounding's scale, ≈ 5e-6; this one at its gap)
+        passing = max((of_file * of_parameter) ** 0.5, 1.01 * tie_gap(sent[smallest], moves["tie"], accumulation))
         states_after = {(move, "kept back"): kept_back(after, moved[move], sent) for move in moved}
         states_after["tie", "as without the tie"] = after
         cases = [(passing, "tie", "kept back", True),
@@ -235,10 +237,12 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
                  (of_file / (2 * bit_for_bit.FRESH_START_SLACK), "tie", "kept back", False)]
         if name == "sparseloco":  # the same file from a miner that kept back what it would have without the tie:
             cases.append((1.01 * of_file / slack, "tie", "as without the tie", "state"))  # the values just pass
-            # a position far from any tie, what the miner keeps back and its values within both rooms: the position
-            far = tie_gap(sent[smallest], moves["far"], accumulation)
-            assert values_difference(moved["far"], sent) <= passing and passing * slack < far  # its value: the tie's
-            cases.append((passing, "far", "kept back", "position"))
+            # a position moved far from any tie on one side, what the miner keeps back and its values within both
+            # rooms (the tolerance the tie passes, or its values' share): only the rule on positions refuses it
+            for move in ("far", "drop"):
+                tolerance = max(passing, 1.01 * values_difference(moved[move], sent) / slack)
+                assert tie_gap(sent[smallest], moves[move], accumulation) > tolerance
+                cases.append((tolerance, move, "kept back", "position"))
         buckets = {}  # what the miner puts depends on its state alone (every tolerance here is above 0): put once
         for n, (tolerance, move, state, passes) in enumerate(cases):
             hparams = FAST.replace(strategy=name, spot_check_tolerance=tolerance)
@@ -256,9 +260,9 @@ def test_a_tolerance_weighs_a_tie_broken_otherwise_against_the_whole_file(name, 
                 assert reason.startswith(f"replaying its window from its committed state gives another state error."
                                          f"{smallest}"), (start, reason)
             elif passes == "position":
-                assert reason == (f"replaying its window from its committed state: {smallest} keeps 1 position(s) "
-                                  f"its replay's top-k would not choose (below {1 - tolerance * slack:g} of the "
-                                  f"chunk's k-th largest accumulated value)"), (start, reason)
+                assert reason == (f"replaying its window from its committed state: {smallest} keeps or drops 1 "
+                                  f"position(s) no tie of its replay's top-k would (beyond {tolerance:g} of the "
+                                  f"chunk's k-th largest accumulated value)"), (start, move, reason)
             else:
                 assert reason.startswith("replaying its window from its committed state gives other values"), reason
 
