@@ -26,8 +26,8 @@ tol · ‖β·e + Δ‖ of its error feedback, so that nothing is owed):
   room, the chunks whose swap gains most (weighted by the scale the validator scores each parameter at, estimated
   on the miner's own random draw) first. A check's state room does not see a swap: the state it compares, error
   feedback plus what was sent, is the accumulation either way; only the values' room bounds it, and since
-  2026-12-08 the check's rule on positions (sparseloco.off_selection: a position the replay does not keep must be
-  a near-tie of its top-k);
+  2026-12-08 the check's rule on positions (sparseloco.off_selection: both sides of a position moved must be
+  near-ties of the replay's top-k);
 - `swap, near-ties`: the same among the positions that rule lets pass.
 Beside them, for scale, `gradient_sign`'s file whole (what no check lets pass: it is far outside both rooms). A
 variant the norm rule would refuse scores 0, as the validator scores it.
@@ -51,7 +51,7 @@ from templar_lib.roles.validator import evaluate_gradient  # noqa: E402
 from templar_lib.scoring import Losses, score_losses  # noqa: E402
 from templar_lib.simulate import run_network  # noqa: E402
 from templar_lib.simulate.adversaries import KINDS, Adversary, Turn, _greedy_sent, _sign, _steer_carried  # noqa: E402
-from templar_lib.sparseloco import SparseDelta, _to_rows, decode_delta, off_selection  # noqa: E402
+from templar_lib.sparseloco import SparseDelta, _selection, _to_rows, decode_delta, off_selection  # noqa: E402
 from templar_lib.spot_check import values_difference  # noqa: E402
 from templar_lib.training import evaluate_loss, loss_and_gradients  # noqa: E402
 from tests.lib.test_network import STRATEGIES  # noqa: E402
@@ -153,12 +153,9 @@ def swapped(honest, direction: dict[str, torch.Tensor], weights: dict[str, float
         aligned = values * g.gather(1, delta.idx)
         candidates_g = g.abs().scatter(1, delta.idx, -1.0)  # -1: kept positions out of the running
         if accumulation is not None:  # and positions the check would refuse, on either side
-            a = _to_rows(accumulation[name].float(), delta.view, delta.chunk).abs()
-            kept = a.gather(1, delta.idx)
-            largest_not_kept = a.scatter(1, delta.idx, -1.0).amax(dim=1, keepdim=True)
-            near = a >= (1.0 - tolerance) * kept.amin(dim=1, keepdim=True)
-            candidates_g = torch.where(near, candidates_g, torch.full_like(candidates_g, -1.0))
-            aligned = torch.where(kept <= (1.0 + tolerance) * largest_not_kept, aligned,
+            a, _, _, t, u = _selection(accumulation[name], delta, delta)  # the check's t_c and u_c
+            candidates_g = torch.where(a >= (1.0 - tolerance) * t, candidates_g, torch.full_like(candidates_g, -1.0))
+            aligned = torch.where(a.gather(1, delta.idx) <= (1.0 + tolerance) * u, aligned,
                                   torch.full_like(aligned, torch.inf))
         slot = aligned.argmin(1, keepdim=True)  # (n_chunks, 1)
         outside, taken = candidates_g.max(1, keepdim=True)  # the largest |g| outside the file
